@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Both create .venv with the pinned versions from pyproject.toml on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv venv-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.base: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+demo: venv
+	$(BIN)/spatialavatar demo --out out
+
+# pytest exits 5 when it collected no test: that is a failure here.
+test: venv-test
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc

@@ -1,0 +1,60 @@
+"""Which head model to use: a real FLAME from a user path, or the built-in head."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from backend.errors import HeadModelError
+from backend.head.model import HeadModel, HeadModelData
+
+FLAME_ENV = "SPATIALAVATAR_FLAME"
+BUILTIN = "builtin"
+
+
+def resolve_flame_path(flame: str | os.PathLike | None) -> str:
+    """The explicit path, else $SPATIALAVATAR_FLAME, else "builtin"."""
+    if flame:
+        return str(flame)
+    return os.environ.get(FLAME_ENV) or BUILTIN
+
+
+@lru_cache(maxsize=4)
+def _load_data(source: str) -> HeadModelData:
+    if source == BUILTIN:
+        from backend.head.builtin import build_builtin_head
+
+        return build_builtin_head()
+    from backend.head.flame_files import read_flame
+
+    return read_flame(Path(source))
+
+
+def load_head_data(flame: str | os.PathLike | None = None) -> HeadModelData:
+    return _load_data(resolve_flame_path(flame))
+
+
+def load_head_model(flame: str | os.PathLike | None = None) -> HeadModel:
+    """A HeadModel on the CPU. ``flame``: a FLAME folder or file, or None for the default."""
+    return HeadModel(load_head_data(flame))
+
+
+def fingerprint(data: HeadModelData) -> str:
+    """Short hash of topology and template: an avatar only fits the model it was made on."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(data.faces, dtype=np.int64).tobytes())
+    h.update(np.round(np.asarray(data.v_template, np.float64), 6).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_fits(data: HeadModelData, head_name: str, head_fingerprint: str) -> None:
+    """Raise HeadModelError if an avatar made on (head_name, head_fingerprint) does not fit ``data``."""
+    if fingerprint(data) != head_fingerprint:
+        raise HeadModelError(
+            f"this avatar was made on head model '{head_name}' ({head_fingerprint}), but the loaded model is "
+            f"'{data.name}' ({fingerprint(data)}); pass the same FLAME model with --flame"
+        )
