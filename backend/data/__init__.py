@@ -1,0 +1,1 @@
+"""The subject format and synthetic subjects."""

@@ -1,0 +1,72 @@
+"""Animations of FLAME parameters: random motion for synthetic captures, and a scripted showcase."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+
+
+def _smooth_curve(rng: np.random.Generator, t: np.ndarray, amplitude: float, components: int = 3) -> np.ndarray:
+    """A smooth random curve over t in [0, 1]: a few sinusoids of 0.3-2 cycles."""
+    out = np.zeros_like(t)
+    for _ in range(components):
+        out += np.sin(2 * np.pi * (rng.uniform(0.3, 2.0) * t + rng.uniform())) * rng.uniform(0.3, 1.0)
+    return amplitude * out / components
+
+
+def random_trajectory(head: HeadModel, frames: int, rng: np.random.Generator, motion: float, moving_head: bool) -> FlameParams:
+    """Expression, jaw, neck, eyes and (for monocular captures) global head motion over T frames."""
+    t = np.linspace(0.0, 1.0, frames, dtype=np.float64)
+    params = head.neutral_params(frames)
+    expr = np.zeros((frames, head.n_expr))
+    named = len(head.expr_names)
+    # A few named units at a time read as expressions; all of them at once reads as noise.
+    active = rng.choice(named, size=min(5, named), replace=False) if named else []
+    for i in active:
+        expr[:, i] = np.maximum(_smooth_curve(rng, t, 3.0), 0.0)
+    for i in range(named, head.n_expr):
+        expr[:, i] = _smooth_curve(rng, t, 0.3)
+    jaw = np.maximum(_smooth_curve(rng, t, 0.5), 0.0)
+    params.expr = torch.tensor(expr * motion, dtype=torch.float32)
+    params.jaw_pose[:, 0] = torch.tensor(jaw * motion, dtype=torch.float32)
+    params.neck_pose = torch.tensor(np.stack([_smooth_curve(rng, t, 0.1), _smooth_curve(rng, t, 0.15), _smooth_curve(rng, t, 0.05)], 1) * motion, dtype=torch.float32)
+    gaze = np.stack([_smooth_curve(rng, t, 0.15), _smooth_curve(rng, t, 0.25), np.zeros_like(t)], 1)
+    params.eyes_pose = torch.tensor(np.concatenate([gaze, gaze], 1) * motion, dtype=torch.float32)
+    if moving_head:
+        rot = np.stack([_smooth_curve(rng, t, 0.2), _smooth_curve(rng, t, 0.5), _smooth_curve(rng, t, 0.1)], 1)
+        params.rotation = torch.tensor(rot * motion, dtype=torch.float32)
+        params.translation = torch.tensor(np.stack([_smooth_curve(rng, t, 0.01) for _ in range(3)], 1) * motion, dtype=torch.float32)
+    return params
+
+
+def _pulse(t: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """A smooth bump of height 1 at ``centre`` (t and widths in [0, 1] animation time)."""
+    return np.exp(-0.5 * ((t - centre) / width) ** 2)
+
+
+def showcase_animation(head: HeadModel, frames: int = 48) -> FlameParams:
+    """A short scripted performance: head turn, smile, blinks, brow raise and a jaw opening.
+
+    Named expression units are looked up by name, so it works on any head model that names
+    them (the built-in head does); unknown names are skipped.
+    """
+    t = np.linspace(0.0, 1.0, frames)
+    params = head.neutral_params(frames)
+    curves = {
+        "smile_L": 2.0 * _pulse(t, 0.35, 0.12),
+        "smile_R": 2.0 * _pulse(t, 0.35, 0.12),
+        "blink_L": 3.0 * (_pulse(t, 0.2, 0.025) + _pulse(t, 0.7, 0.025)),
+        "blink_R": 3.0 * (_pulse(t, 0.2, 0.025) + _pulse(t, 0.7, 0.025)),
+        "brow_raise_L": 2.0 * _pulse(t, 0.85, 0.08),
+        "brow_raise_R": 2.0 * _pulse(t, 0.85, 0.08),
+    }
+    for name, curve in curves.items():
+        if name in head.expr_names:
+            params.expr[:, head.expr_names.index(name)] = torch.tensor(curve, dtype=torch.float32)
+    params.jaw_pose[:, 0] = torch.tensor(0.3 * _pulse(t, 0.6, 0.08), dtype=torch.float32)
+    params.rotation[:, 1] = torch.tensor(0.35 * np.sin(2 * np.pi * t), dtype=torch.float32)
+    params.rotation[:, 0] = torch.tensor(0.08 * np.sin(4 * np.pi * t), dtype=torch.float32)
+    return params

@@ -1,0 +1,1 @@
+"""Mesh-bound Gaussians: layouts, triangle frames, deformation, avatar files."""

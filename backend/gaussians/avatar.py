@@ -1,0 +1,155 @@
+"""The avatar: Gaussians bound to a head model's triangles, and their deformation.
+
+Local parameters live in each parent triangle's frame (see frames.py). Posing the head
+with FLAME parameters moves, turns and scales every Gaussian with its triangle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from backend.errors import InputError
+from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
+from backend.gaussians.layout import Binding
+from backend.gaussians.splats import Splats
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+
+SH_C0 = 0.28209479177387814  # Y_0^0: colour = 0.5 + SH_C0 * f_dc
+
+
+@dataclass
+class LocalGaussians:
+    """Per-Gaussian parameters in the parent triangle's frame (the optimized quantities).
+
+    Attributes:
+        offset: [N, 3] position relative to the bound surface point, in triangle units (k).
+        rotation: [N, 4] quaternion (w, x, y, z) relative to the triangle frame; any norm.
+        log_scale: [N, 3] log of the standard deviations in triangle units.
+        opacity_logit: [N] logit of the opacity.
+        sh: [N, K, 3] spherical-harmonics colour coefficients, K = (degree + 1)^2
+            (3DGS convention: colour = 0.5 + SH_C0 * sh[:, 0] for degree 0).
+    """
+
+    offset: torch.Tensor
+    rotation: torch.Tensor
+    log_scale: torch.Tensor
+    opacity_logit: torch.Tensor
+    sh: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.offset.shape[0])
+
+    @property
+    def sh_degree(self) -> int:
+        return int(math.isqrt(self.sh.shape[1])) - 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def map(self, fn) -> LocalGaussians:  # type: ignore[no-untyped-def]
+        return LocalGaussians(**{k: fn(v) for k, v in self.tensors().items()})
+
+    def validate(self, count: int) -> None:
+        expect = {"offset": (count, 3), "rotation": (count, 4), "log_scale": (count, 3), "opacity_logit": (count,)}
+        for name, shape in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise InputError(f"avatar '{name}' has shape {list(got)}, expected {list(shape)}")
+        k = self.sh.shape[1] if self.sh.ndim == 3 else -1
+        if self.sh.ndim != 3 or self.sh.shape[0] != count or self.sh.shape[2] != 3 or math.isqrt(k) ** 2 != k:
+            raise InputError(f"avatar 'sh' has shape {list(self.sh.shape)}, expected [{count}, (degree+1)^2, 3]")
+        for name, t in self.tensors().items():
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"avatar '{name}' contains NaN or Inf")
+
+
+@dataclass
+class Avatar:
+    """A complete avatar: which head model, the identity, the binding and local parameters.
+
+    Attributes:
+        head_name: name of the head model it is bound to (e.g. "builtin-v1").
+        head_fingerprint: hash of that model's topology and template (see head.registry).
+        shape: [S] identity coefficients of the subject.
+        static_offset: optional [V, 3] per-vertex template offset, metres.
+        binding: parent faces and barycentric coordinates (frozen).
+        local: per-Gaussian parameters.
+        meta: free-form JSON-able metadata (source, creation time, notes).
+    """
+
+    head_name: str
+    head_fingerprint: str
+    shape: torch.Tensor
+    binding: Binding
+    local: LocalGaussians
+    static_offset: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return self.binding.count
+
+    def params_for(self, params: FlameParams) -> FlameParams:
+        """``params`` with this avatar's identity and static offset."""
+        return replace(params, shape=self.shape.to(params.expr), static_offset=None if self.static_offset is None else self.static_offset.to(params.expr))
+
+    def to(self, device: torch.device | str) -> Avatar:
+        return replace(
+            self,
+            shape=self.shape.to(device),
+            binding=self.binding.to(device),
+            local=self.local.map(lambda t: t.to(device)),
+            static_offset=None if self.static_offset is None else self.static_offset.to(device),
+        )
+
+
+def deform_local(vertices: torch.Tensor, faces: torch.Tensor, binding: Binding, local: LocalGaussians) -> Splats:
+    """World-space Gaussians for posed vertices (the functional core; differentiable).
+
+    Args:
+        vertices: [B, V, 3] posed vertices, metres.
+        faces: [F, 3] vertex indices.
+        binding: N bound Gaussians.
+        local: their local parameters.
+    Returns:
+        Splats with means/quats/scales [B, N, ...]; opacities [N] and colours shared by the batch.
+    """
+    frames = triangle_frames(vertices, faces)
+    rot = frames.rotation[:, binding.face_idx]  # [B, N, 3, 3]
+    size = frames.size[:, binding.face_idx, None]  # [B, N, 1]
+    anchor = surface_points(vertices, faces, binding.face_idx, binding.bary)
+    means = anchor + size * (rot @ local.offset[None, :, :, None]).squeeze(-1)
+    quats = matrix_to_quat(rot @ quat_to_matrix(local.rotation)[None])
+    scales = size * torch.exp(local.log_scale)[None]
+    opacities = torch.sigmoid(local.opacity_logit)
+    if local.sh_degree == 0:
+        return Splats(means, quats, scales, opacities, (0.5 + SH_C0 * local.sh[:, 0]).clamp_min(0.0))
+    return Splats(means, quats, scales, opacities, local.sh, sh_degree=local.sh_degree)
+
+
+def deform(avatar: Avatar, head: HeadModel, params: FlameParams) -> Splats:
+    """Pose ``avatar`` for a batch of B FLAME parameter sets in one call -> Splats [B, N, ...]."""
+    out = head(avatar.params_for(params))
+    return deform_local(out.vertices, head.faces, avatar.binding, avatar.local)
+
+
+def identity_rotation(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N, 4] identity quaternions."""
+    q = torch.zeros(count, 4, device=device)
+    q[:, 0] = 1.0
+    return q
+
+
+def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
+    """[..., 3] colour in [0, 1] -> degree-0 SH coefficient."""
+    return (rgb - 0.5) / SH_C0
+
+
+def logit(p: torch.Tensor | float) -> torch.Tensor:
+    p = torch.as_tensor(p).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)

@@ -1,0 +1,1 @@
+"""Stage 2: the starting avatar on a subject and its layout-preserving refinement."""

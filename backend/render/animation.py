@@ -1,0 +1,101 @@
+"""Rendering an avatar over an animation: frame by frame, in small batches, to PNG files."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.gaussians.avatar import Avatar, deform
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+from backend.render.camera import Cameras, intrinsics, look_at
+from backend.render.rasterize import RenderOutput, render
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """A camera framing the head.
+
+    Attributes:
+        size: image width and height, pixels.
+        distance: metres from the head centre.
+        focal: focal length as a multiple of ``size`` (2.0 is about 28 degrees).
+        turntable_degrees: yaw swept over the animation (0 = a fixed frontal camera).
+        elevation_degrees: camera height angle above the head centre.
+        background: RGB in [0, 1].
+    """
+
+    size: int = 512
+    distance: float = 0.75
+    focal: float = 2.0
+    turntable_degrees: float = 0.0
+    elevation_degrees: float = 5.0
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def view_cameras(view: ViewConfig, frames: int) -> Cameras:
+    """[T, 1] cameras, one per frame, sweeping ``turntable_degrees`` of yaw about +y."""
+    yaw = torch.linspace(-0.5, 0.5, frames) * math.radians(view.turntable_degrees) if frames > 1 else torch.zeros(1)
+    el = math.radians(view.elevation_degrees)
+    eye = view.distance * torch.stack([torch.sin(yaw) * math.cos(el), torch.full_like(yaw, math.sin(el)), torch.cos(yaw) * math.cos(el)], dim=-1)
+    w2c = look_at(eye, (0.0, 0.0, 0.0))[:, None]
+    K = intrinsics(view.size, view.size, focal_px=view.focal * view.size).expand(frames, 1, 3, 3)
+    return Cameras(K.contiguous(), w2c.contiguous(), view.size, view.size)
+
+
+@torch.no_grad()
+def render_animation(
+    avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor, batch: int = 8
+) -> Iterator[RenderOutput]:
+    """Render frame t of ``params`` with ``cameras.frame(t)``; yields one RenderOutput per frame ([C, H, W, k])."""
+    device = avatar.local.offset.device
+    for start in range(0, params.batch_size, batch):
+        idx = list(range(start, min(start + batch, params.batch_size)))
+        splats = deform(avatar, head, params.index(idx).to(device))
+        for i, t in enumerate(idx):
+            yield render(splats.frame(i), cameras.frame(t).to(device), background.to(device))
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """[H, W, 3] float in [0, 1] -> uint8."""
+    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def contact_sheet(images: list[np.ndarray], columns: int = 8, max_tiles: int = 48) -> np.ndarray:
+    """Tile up to ``max_tiles`` evenly chosen [H, W, 3] uint8 images into one image."""
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    pick = np.unique(np.round(np.linspace(0, len(images) - 1, min(max_tiles, len(images)))).astype(int))
+    tiles = [images[i] for i in pick]
+    h, w = tiles[0].shape[:2]
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    sheet = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    return sheet
+
+
+def write_frames(
+    frames: Iterator[RenderOutput], out: Path, total: int, progress: Callable[[int, int], None] | None = None
+) -> list[Path]:
+    """Write camera 0 of every frame as out/frame_TTTT.png plus out/contact_sheet.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = [], []
+    for t, result in enumerate(frames):
+        img = to_uint8(result.rgb[0])
+        path = out / f"frame_{t:04d}.png"
+        Image.fromarray(img).save(path)
+        paths.append(path)
+        images.append(img)
+        if progress:
+            progress(t + 1, total)
+    Image.fromarray(contact_sheet(images)).save(out / "contact_sheet.png")
+    return paths

@@ -1,0 +1,65 @@
+"""The spatialavatar command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from plyfile import PlyData
+
+from backend.gaussians.files import load_avatar
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spatialavatar {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def test_info_json() -> None:
+    info = json.loads(run("info", "--json").stdout)
+    assert info["head_model"]["name"] == "builtin-v1"
+    assert info["head_model"]["expression_components"] >= 50
+    assert "smile_L" in info["head_model"]["expression_names"]
+
+
+def test_unknown_flag_is_a_clear_error() -> None:
+    proc = run("info", "--no-such-flag", check=False)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in proc.stderr
+
+
+def test_missing_files_are_one_line_errors(tmp_path) -> None:
+    proc = run("export-ply", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x.ply"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"spatialavatar export-ply: error: avatar file not found: {tmp_path / 'nope.npz'}"]
+    proc = run("info", "--flame", str(tmp_path / "flame"), check=False)
+    assert proc.returncode == 2 and "FLAME path does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synth_init_render_export(tmp_path) -> None:
+    subject = tmp_path / "subject"
+    out = json.loads(run("synth", str(subject), "--frames", "3", "--size", "64", "--reference-gaussians", "20000", "--json").stdout)
+    assert out["frames"] == 3
+    avatar_path = tmp_path / "avatar.npz"
+    out = json.loads(run("init", str(subject), "--out", str(avatar_path), "--gaussians", "3000", "--json").stdout)
+    assert out["gaussians"] == 3000 and out["visible_share"] > 0.2
+    assert load_avatar(avatar_path).count == 3000
+    frames = tmp_path / "frames"
+    out = json.loads(run("render", str(avatar_path), "--anim", str(subject / "flame_param.npz"), "--out", str(frames), "--size", "64", "--json").stdout)
+    assert out["frames"] == 3
+    img = np.asarray(Image.open(frames / "frame_0001.png"))
+    assert img.shape == (64, 64, 3) and img.std() > 10  # a head on a white background, not a blank frame
+    assert (frames / "contact_sheet.png").is_file()
+    ply = tmp_path / "a.ply"
+    run("export-ply", str(avatar_path), "--out", str(ply), "--anim", str(subject / "flame_param.npz"), "--frame", "2")
+    assert PlyData.read(str(ply))["vertex"].count == 3000
+    proc = run("export-ply", str(avatar_path), "--out", str(ply), "--anim", str(subject / "flame_param.npz"), "--frame", "9", check=False)
+    assert proc.returncode == 2 and "frame 9" in proc.stderr
