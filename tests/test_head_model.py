@@ -67,6 +67,7 @@ def test_chumpy_pickles_are_read_without_chumpy(head: HeadModel, tmp_path) -> No
 
     fake = types.ModuleType("chumpy.ch")
     fake.Ch = Ch  # type: ignore[attr-defined]
+    sys.modules["chumpy"] = types.ModuleType("chumpy")
     sys.modules["chumpy.ch"] = fake
     try:
         data["shapedirs"] = Ch(data["shapedirs"])
@@ -74,7 +75,7 @@ def test_chumpy_pickles_are_read_without_chumpy(head: HeadModel, tmp_path) -> No
         with open(model, "wb") as fh:
             pickle.dump(data, fh, protocol=2)
     finally:
-        del sys.modules["chumpy.ch"]
+        del sys.modules["chumpy.ch"], sys.modules["chumpy"]
     again = read_flame(folder, n_shape=head.n_shape, n_expr=head.n_expr)
     np.testing.assert_allclose(again.shapedirs, head.data.shapedirs, atol=1e-6)
 

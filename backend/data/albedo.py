@@ -91,7 +91,7 @@ def surface_albedo(head: HeadModelData, params: AlbedoParams, face_idx: torch.Te
         direction = torch.nn.functional.normalize(points - centre, dim=-1)
         cos = direction[:, 2]
         eye = torch.from_numpy(SCLERA).expand_as(colour).clone()
-        eye[cos > IRIS_COS] = torch.tensor(params.iris)
+        eye[cos > IRIS_COS] = torch.tensor(params.iris, dtype=torch.float32)
         eye[cos > PUPIL_COS] = torch.from_numpy(PUPIL)
         colour = torch.where(on_eye[:, None], eye, colour)
     return colour.float()

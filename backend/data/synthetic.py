@@ -97,8 +97,8 @@ def reference_head(head: HeadModel, config: SynthConfig, rng: np.random.Generato
 
 
 @torch.no_grad()
-def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, device: str = "cpu", progress: Progress | None = None) -> Path:
-    """Write a synthetic subject to ``out``; returns the folder."""
+def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, progress: Progress | None = None) -> Path:
+    """Write a synthetic subject to ``out``, rendering on the head model's device; returns the folder."""
     config.check()
     rng = np.random.default_rng(config.seed)
     ref, albedo = reference_head(head, config, rng)
@@ -120,14 +120,14 @@ def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, device: st
     )
     t_cams = config.frames
     write_subject(root, info, params, cams.K.expand(t_cams, *cams.K.shape), cams.world_to_cam.expand(t_cams, *cams.world_to_cam.shape))
-    head_dev, ref_dev, cams_dev = head.to(device), ref.to(device), cams.to(device)
+    device = head.v_template.device
+    ref_dev, cams_dev = ref.to(device), cams.to(device)
     background = torch.tensor(config.background, device=device)
     for t in range(config.frames):
-        splats = deform(ref_dev, head_dev, params.index([t]).to(device)).frame(0)
+        splats = deform(ref_dev, head, params.index([t]).to(device)).frame(0)
         out_t = render(splats, cams_dev, background)
         for c in range(config.views):
             write_frame(root, t, c, out_t.rgb[c].cpu().numpy(), out_t.alpha[c, ..., 0].cpu().numpy())
         if progress:
             progress(t + 1, config.frames)
-    head.to("cpu")
     return root

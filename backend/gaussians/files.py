@@ -18,6 +18,7 @@ Avatar .npz (format "spatialavatar.avatar", version 1), all little-endian, no pi
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -39,10 +40,8 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype("<f4")
 
 
-def save_avatar(avatar: Avatar, path: str | Path) -> Path:
-    """Write ``avatar`` to ``path`` (.npz); written to a temporary file first, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def avatar_arrays(avatar: Avatar) -> dict[str, np.ndarray]:
+    """The avatar as the named little-endian arrays of the .npz layout above."""
     arrays: dict[str, np.ndarray] = {
         "format": np.array(FORMAT),
         "version": np.array(VERSION, "<i8"),
@@ -58,44 +57,32 @@ def save_avatar(avatar: Avatar, path: str | Path) -> Path:
     }
     if avatar.static_offset is not None:
         arrays["static_offset"] = _f32(avatar.static_offset)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(path)
-    return path
+    return arrays
 
 
-def load_avatar(path: str | Path) -> Avatar:
-    """Read and validate an avatar .npz; every problem is an InputError naming the file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"avatar file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable avatar .npz (truncated or corrupt: {exc})") from exc
+def avatar_from_arrays(arrays: dict[str, np.ndarray], source: str) -> Avatar:
+    """Validate arrays in the .npz layout and build the Avatar; errors name ``source`` and the field."""
     if str(arrays.get("format", "")) != FORMAT:
-        raise InputError(f"{path}: not a SpatialAvatar avatar file (format field missing or different)")
+        raise InputError(f"{source}: not a SpatialAvatar avatar file (format field missing or different)")
     version = int(arrays.get("version", -1))
     if version != VERSION:
-        raise InputError(f"{path}: avatar format version {version}; this build reads version {VERSION}")
+        raise InputError(f"{source}: avatar format version {version}; this build reads version {VERSION}")
     required = ("meta", "head_name", "head_fingerprint", "shape", "face_idx", "bary", "texel", "layout_resolution", *_LOCAL_KEYS)
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise InputError(f"{path}: missing arrays {missing}")
+        raise InputError(f"{source}: missing arrays {missing}")
     try:
         meta = json.loads(str(arrays["meta"]))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: 'meta' is not valid JSON ({exc})") from exc
+        raise InputError(f"{source}: 'meta' is not valid JSON ({exc})") from exc
     n = arrays["face_idx"].shape[0]
     if arrays["face_idx"].ndim != 1 or arrays["bary"].shape != (n, 3) or arrays["texel"].shape != (n, 2):
-        raise InputError(f"{path}: binding arrays disagree (face_idx {arrays['face_idx'].shape}, bary {arrays['bary'].shape}, texel {arrays['texel'].shape})")
+        raise InputError(f"{source}: binding arrays disagree (face_idx {arrays['face_idx'].shape}, bary {arrays['bary'].shape}, texel {arrays['texel'].shape})")
     t = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in arrays if arrays[k].dtype.kind in "fiu"}
     local = LocalGaussians(**{k: t[k].float() for k in _LOCAL_KEYS})
     local.validate(n)
     if not bool(torch.isfinite(t["bary"]).all()) or not bool(torch.isfinite(t["shape"]).all()):
-        raise InputError(f"{path}: binding or shape contains NaN or Inf")
+        raise InputError(f"{source}: binding or shape contains NaN or Inf")
     return Avatar(
         head_name=str(arrays["head_name"]),
         head_fingerprint=str(arrays["head_fingerprint"]),
@@ -105,6 +92,45 @@ def load_avatar(path: str | Path) -> Avatar:
         static_offset=t["static_offset"].float() if "static_offset" in t else None,
         meta=meta,
     )
+
+
+def avatar_to_bytes(avatar: Avatar) -> bytes:
+    """The bytes of the avatar's .npz file."""
+    buf = io.BytesIO()
+    np.savez(buf, **avatar_arrays(avatar))
+    return buf.getvalue()
+
+
+def save_avatar(avatar: Avatar, path: str | Path) -> Path:
+    """Write ``avatar`` to ``path`` (.npz); written to a temporary file first, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(avatar_to_bytes(avatar))
+    tmp.replace(path)
+    return path
+
+
+def avatar_from_bytes(data: bytes, source: str = "avatar bytes") -> Avatar:
+    """An avatar from the bytes of an .npz file (e.g. received over the wire)."""
+    return _load(io.BytesIO(data), source)
+
+
+def load_avatar(path: str | Path) -> Avatar:
+    """Read and validate an avatar .npz; every problem is an InputError naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"avatar file not found: {path}")
+    return _load(path, str(path))
+
+
+def _load(file: Path | io.BytesIO, source: str) -> Avatar:
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{source}: not a readable avatar .npz (truncated or corrupt: {exc})") from exc
+    return avatar_from_arrays(arrays, source)
 
 
 def export_ply(splats: Splats, sh: torch.Tensor, path: str | Path) -> Path:

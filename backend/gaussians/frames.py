@@ -43,6 +43,8 @@ def triangle_frames(vertices: torch.Tensor, faces: torch.Tensor) -> TriangleFram
     double_area = cross.norm(dim=-1)
     t = F.normalize(e1, dim=-1, eps=_EPS)
     n = cross / (double_area[..., None] + _EPS)
+    # Re-orthogonalize: for near-degenerate triangles the float32 cross product drifts off e1.
+    n = F.normalize(n - (n * t).sum(-1, keepdim=True) * t, dim=-1, eps=_EPS)
     b = torch.cross(n, t, dim=-1)
     rotation = torch.stack([t, b, n], dim=-1)
     return TriangleFrames(rotation, torch.sqrt(double_area + _EPS))

@@ -43,11 +43,13 @@ def surface_local(head: HeadModel, shape: torch.Tensor, binding: Binding, colour
 
     Args:
         colours: [N, 3] linear RGB in [0, 1].
+    Returns local parameters on the CPU, whatever device the head model is on.
     """
     verts = head(neutral_with_shape(head, shape)).vertices[0]
-    spacing = texel_footprint(verts, head.faces, head.uv_coords, head.uv_faces, binding)  # [N] metres
-    size = triangle_frames(verts, head.faces).size[binding.face_idx]  # [N] metres
-    in_plane = torch.log(init.in_plane * spacing / size)
+    on_device = binding.to(verts.device)
+    spacing = texel_footprint(verts, head.faces, head.uv_coords, head.uv_faces, on_device)  # [N] metres
+    size = triangle_frames(verts, head.faces).size[on_device.face_idx]  # [N] metres
+    in_plane = torch.log(init.in_plane * spacing / size).cpu()
     log_scale = torch.stack([in_plane, in_plane, in_plane + torch.log(torch.tensor(init.thickness))], dim=-1)
     n = binding.count
     sh = torch.zeros(n, (init.sh_degree + 1) ** 2, 3)

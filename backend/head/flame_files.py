@@ -30,6 +30,7 @@ FLAME_DOWNLOAD_HINT = (
     "from the FLAME project website (flame.is.tue.mpg.de), then pass the folder with --flame PATH or "
     "set SPATIALAVATAR_FLAME."
 )
+KNOWN_MODEL_NAMES = {"generic_model.pkl": "flame2020", "flame2023.pkl": "flame2023"}
 MODEL_FILE_NAMES = ("FLAME_NEUTRAL.pkl", "generic_model.pkl", "flame2023.pkl", "FLAME_GENERIC.pkl")
 STATIC_EMBEDDING = "flame_static_embedding.pkl"
 DYNAMIC_EMBEDDING = "flame_dynamic_embedding.npy"
@@ -180,7 +181,7 @@ def read_flame(path: str | Path, n_shape: int = 100, n_expr: int = 50) -> HeadMo
     expr_names = tuple(str(n) for n in data.get("expr_names", ()))
     part_masks = {k[len("part_mask_"):]: np.asarray(v, bool) for k, v in data.items() if k.startswith("part_mask_")}
     head = HeadModelData(
-        name=str(data.get("model_name", model_file.stem)),
+        name=str(data.get("model_name", KNOWN_MODEL_NAMES.get(model_file.name, model_file.stem))),
         v_template=_require(data, "v_template", model_file).astype(np.float32),
         faces=faces,
         shapedirs=shapedirs,

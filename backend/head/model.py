@@ -156,8 +156,10 @@ class HeadModel(torch.nn.Module):
     def neutral_params(self, batch: int = 1) -> FlameParams:
         return FlameParams.neutral(batch, self.n_shape, self.n_expr, device=self.v_template.device)
 
-    def forward(self, params: FlameParams) -> HeadOutput:
-        params.validate()
+    def forward(self, params: FlameParams, check: bool = True) -> HeadOutput:
+        """Pose the model. ``check=False`` skips validation (a device sync) in inner loops."""
+        if check:
+            params.validate()
         # Files from other tools carry 300 / 100 coefficients, ours may carry fewer: pad or trim losslessly.
         params = params.conformed(self.n_shape, self.n_expr)
         b = params.batch_size

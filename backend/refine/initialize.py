@@ -58,17 +58,18 @@ def initialize_on_subject(head: HeadModel, subject: Subject, config: InitConfig 
     shape = subject.params.shape
     grey = lambda f, b: torch.full((f.shape[0], 3), NEUTRAL_GREY)  # noqa: E731
     avatar = surface_avatar(head, shape, config.gaussians, grey, config.surface, meta={"init": "surface", "reference_frame": t, "reference_camera": c})
-    splats = deform(avatar, head, subject.params.index([t])).frame(0)
+    dev = head.v_template.device
+    splats = deform(avatar.to(dev), head, subject.params.index([t]).to(dev)).frame(0)
     cams = subject.cameras(t)
-    cam = Cameras(cams.K[c : c + 1], cams.world_to_cam[c : c + 1], cams.width, cams.height)
-    rendered = render(splats, cam, subject.background())
+    cam = Cameras(cams.K[c : c + 1], cams.world_to_cam[c : c + 1], cams.width, cams.height).to(dev)
+    rendered = render(splats, cam, subject.background().to(dev))
     xy, depth = project(splats.means, cam)
     xy, depth = xy[0], depth[0]
     h, w = cam.height, cam.width
     inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h) & (depth > 0)
     seen_depth = _sample(rendered.depth[0], xy)[:, 0]
     seen_alpha = _sample(rendered.alpha[0], xy)[:, 0]
-    mask = _sample(subject.mask(t, c), xy)[:, 0]
+    mask = _sample(subject.mask(t, c).to(dev), xy)[:, 0]
     normals = quat_to_matrix(splats.quats)[..., :, 2]  # the flat axis: the surface normal
     to_cam = torch.nn.functional.normalize(cam.centers[0] - splats.means, dim=-1)
     cos = (to_cam * normals).sum(-1)
@@ -76,8 +77,8 @@ def initialize_on_subject(head: HeadModel, subject: Subject, config: InitConfig 
     pixel = depth / cam.K[0, 0, 0]
     tolerance = config.depth_tolerance + 2.0 * pixel / cos.clamp_min(0.2)
     visible = inside & (cos > 0) & (seen_alpha > 0.5) & (mask > 0.5) & (depth <= seen_depth + tolerance)
-    colours = _sample(subject.image(t, c), xy)
-    colours = fill_missing(avatar.binding, colours, visible)
+    colours = _sample(subject.image(t, c).to(dev), xy).cpu()
+    colours = fill_missing(avatar.binding, colours, visible.cpu())
     avatar.local.sh[:, 0] = rgb_to_sh_dc(colours)
     avatar.meta["visible_share"] = float(visible.float().mean())
     return avatar
