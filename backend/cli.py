@@ -82,7 +82,7 @@ def cmd_synth(args: argparse.Namespace) -> dict:
 
     config = SynthConfig(frames=args.frames, views=args.views, size=args.size, seed=args.seed, reference_gaussians=args.reference_gaussians)
     t0 = time.perf_counter()
-    root = synthesize(_head(args), args.out, config, device=_device(args.device), progress=_progress("synth", not args.json))
+    root = synthesize(_head(args).to(_device(args.device)), args.out, config, progress=_progress("synth", not args.json))
     return {"subject": str(root), "frames": config.frames, "views": config.views, "size": config.size, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -128,6 +128,127 @@ def cmd_render(args: argparse.Namespace) -> dict:
     return {"frames": len(paths), "out": str(args.out), "seconds": round(seconds, 2), "contact_sheet": str(Path(args.out) / "contact_sheet.png")}
 
 
+def cmd_refine(args: argparse.Namespace) -> dict:
+    """Stage 2 on a subject; Ctrl-C writes a checkpoint that --resume continues from."""
+    import signal
+
+    from tqdm import tqdm
+
+    from backend.data.subject import Subject
+    from backend.gaussians.files import save_avatar
+    from backend.refine.config import preset
+    from backend.refine.refine import RefineState, refine
+
+    device = _device(args.device)
+    avatar, head = _load_avatar(args, device)
+    subject = Subject.load(args.subject)
+    ckpt_path = Path(str(args.out) + ".ckpt")
+    resume = RefineState.load(ckpt_path) if args.resume else None
+    config = preset(args.preset, iterations=args.iters, finetune_flame=args.finetune_flame, seed=args.seed)
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
+        interrupted["flag"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = tqdm(total=config.iterations, initial=resume.iteration if resume else 0, desc="refine", file=sys.stderr, unit="it", disable=args.json)
+
+    def progress(done: int, total: int, stats: dict) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}")
+
+    try:
+        result = refine(avatar, head, subject, config, progress=progress, should_stop=lambda: interrupted["flag"], checkpoint=lambda st: st.save(ckpt_path), resume=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    if result.stopped_early:
+        raise SpatialAvatarError(f"interrupted at iteration {result.avatar.meta['refined_iterations']}; checkpoint written to {ckpt_path}, continue with --resume")
+    save_avatar(result.avatar, args.out)
+    ckpt_path.unlink(missing_ok=True)
+    wall = result.timings["wall"]
+    return {"avatar": str(args.out), "iterations": config.iterations, "gaussians": result.avatar.count, "seconds": round(wall, 2), "final": result.history[-1] if result.history else {}}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from backend.data.subject import Subject
+    from backend.refine.evaluate import evaluate
+
+    avatar, head = _load_avatar(args, _device(args.device))
+    return evaluate(avatar, head, Subject.load(args.subject), split=args.split, worst_view_png=args.worst_view)
+
+
+def cmd_convert(args: argparse.Namespace) -> dict:
+    from backend.data.imavatar import convert_imavatar
+
+    root = convert_imavatar(args.folder, args.out, test_frames=args.test_frames, progress=_progress("convert", not args.json))
+    return {"subject": str(root)}
+
+
+def cmd_track(args: argparse.Namespace) -> dict:
+    """Photos / a video / a folder of frames of one person -> a subject folder (offline)."""
+    from backend.tracking import TrackConfig, track
+    from backend.tracking.crop import CropConfig
+    from backend.tracking.video import FrameRange
+
+    config = TrackConfig(crop=CropConfig(size=args.size), frames=FrameRange(stride=args.stride, start=args.start, end=args.end, max_frames=args.max_frames))
+
+    def warn(message: str) -> None:
+        print(f"spatialavatar track: warning: {message}", file=sys.stderr)
+
+    result = track(args.inputs, args.out, _head(args), config, progress=lambda desc: _progress(desc, not args.json), warn=warn)
+    return result.summary()
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    """Stage 1 training (phase 1 or 2); run again to resume; under torchrun, one process per GPU."""
+    from backend.generate.model import preset as model_preset
+    from backend.generate.train import phase_defaults, train, with_overrides
+
+    config = with_overrides(
+        phase_defaults(args.phase),
+        steps=args.steps,
+        batch=args.batch,
+        targets=args.targets,
+        lr=args.lr,
+        l2sp=args.l2sp,
+        cross_time=args.cross_time,
+        lpips_weight=args.lpips,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    overrides = {"gaussians": args.gaussians} if args.gaussians else {}
+    model_config = model_preset(args.preset, **overrides)
+    return train(config, model_config, args.data, args.run, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    """1 to 4 portraits (tracked on the fly) or a subject folder's chosen views -> avatar .npz."""
+    from backend.data.subject import Subject
+    from backend.gaussians.files import save_avatar
+    from backend.generate.checkpoint import DEFAULT_CHECKPOINT, load_generator, read_generator_file
+    from backend.generate.generate import generate_avatar, parse_views, split_inputs, track_portraits
+
+    subject_dir, images = split_inputs(args.inputs)
+    if images and args.frames:
+        raise SpatialAvatarError("--frames picks views of a subject folder; with portrait files every portrait is a source")
+    device = _device(args.device)
+    read_generator_file(args.checkpoint or DEFAULT_CHECKPOINT)  # a missing checkpoint fails before any tracking
+    head = _head(args)
+    model, info = load_generator(args.checkpoint, head)
+    if images:
+        tracked = args.subject_out or args.out.with_name(args.out.stem + "_subject")
+        subject = track_portraits(images, tracked, head)
+        views = [(t, 0) for t in range(subject.num_frames)]
+    else:
+        subject = Subject.load(subject_dir)
+        views = parse_views(args.frames, subject)
+    avatar = generate_avatar(model.to(device), head.to(device), subject, views, pool=args.pool, meta={"checkpoint_info": {k: info.get(k) for k in ("phase", "steps_done")}})
+    save_avatar(avatar, args.out)
+    return {"avatar": str(args.out), "subject": str(subject.root), "sources": len(views), "gaussians": avatar.count, "generate_ms": avatar.meta["generate_ms"], "seen_share": round(avatar.meta["seen_share"], 3)}
+
+
 def cmd_export_ply(args: argparse.Namespace) -> dict:
     from backend.gaussians.avatar import deform
     from backend.gaussians.files import export_ply
@@ -160,13 +281,14 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     head = _head(args)
     show = not args.json
     t0 = time.perf_counter()
-    subject_dir = synthesize(head, out / "subject", SynthConfig(frames=4, size=args.size, seed=args.seed, reference_gaussians=150_000), device, _progress("synthetic subject", show))
+    head = head.to(device)
+    subject_dir = synthesize(head, out / "subject", SynthConfig(frames=4, size=args.size, seed=args.seed, reference_gaussians=150_000), _progress("synthetic subject", show))
     avatar = initialize_on_subject(head, Subject.load(subject_dir), InitConfig(gaussians=args.gaussians))
     save_avatar(avatar, out / "avatar.npz")
     params = showcase_animation(head, args.frames)
     params.save(out / "animation.npz")
     view = ViewConfig(size=args.size, turntable_degrees=120.0)
-    frames = render_animation(avatar.to(device), head.to(device), params, view_cameras(view, args.frames), torch.tensor(view.background))
+    frames = render_animation(avatar.to(device), head, params, view_cameras(view, args.frames), torch.tensor(view.background))
     paths = write_frames(frames, out / "frames", args.frames, _progress("turntable", show))
     return {
         "subject": str(subject_dir),
@@ -176,6 +298,34 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         "device": device,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    """Run the ZeroMQ service until Ctrl-C, SIGTERM or a shutdown request."""
+    import logging
+    import signal
+
+    from backend.server.config import ServiceConfig, default_store
+    from backend.server.service import Service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    config = ServiceConfig(bind=args.bind, store=args.store or default_store(), device=args.device, flame=args.flame, keys=args.keys)
+    service = Service(config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: service.request_stop())
+    d = service.engine.describe()
+    secure = "CurveZMQ" if args.keys else "no encryption (loopback only)"
+    print(f"spatialavatar serve: listening on {service.endpoint} (device {d['device']}, {d['rasterizer']}; {secure}; store {config.store})", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    service.serve_forever()
+    return {"endpoint": service.endpoint, "requests": service.requests, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cmd_keys(args: argparse.Namespace) -> dict:
+    from backend.server.security import generate_keys
+
+    written = generate_keys(args.dir, args.client)
+    return written | {"serve": f"spatialavatar serve --bind tcp://0.0.0.0:5555 --keys {args.dir}"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +366,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turntable", type=float, default=0.0, metavar="DEGREES", help="yaw swept by the camera over the animation")
     p.set_defaults(fn=cmd_render)
 
+    p = sub.add_parser("refine", parents=[common], help="refine an avatar on a subject (layout and count frozen)")
+    p.add_argument("avatar", type=Path)
+    p.add_argument("subject", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--iters", type=int, default=10_000)
+    p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
+    p.add_argument("--finetune-flame", action="store_true", help="also fine-tune per-frame FLAME parameters (for tracked subjects)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")
+    p.set_defaults(fn=cmd_refine)
+
+    p = sub.add_parser("evaluate", parents=[common], help="PSNR/SSIM on a subject's split, spike statistics")
+    p.add_argument("avatar", type=Path)
+    p.add_argument("subject", type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--worst-view", type=Path, metavar="PNG", help="write the worst view (ground truth | render)")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("convert", parents=[common], help="convert a benchmark dataset layout into a subject")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--from", dest="layout", choices=("imavatar",), required=True, help="the layout of FOLDER (IMavatar / SplattingAvatar)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--test-frames", type=int, default=350, help="the benchmark tests on the last 350 frames")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("track", parents=[common], help="track portrait photos, a video or a folder of frames of one person into a subject")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="1 to N photos of one person, a video file, or a folder of frames")
+    p.add_argument("--out", type=Path, required=True, metavar="SUBJECT")
+    p.add_argument("--size", type=int, default=512, help="width and height of the square crops")
+    p.add_argument("--stride", type=int, default=1, help="video / folder: keep every N-th frame")
+    p.add_argument("--start", type=float, metavar="SECONDS", help="video / folder: first time to use")
+    p.add_argument("--end", type=float, metavar="SECONDS", help="video / folder: time to stop at")
+    p.add_argument("--max-frames", type=int, metavar="N", help="video / folder: at most N frames")
+    p.set_defaults(fn=cmd_track)
+
+    p = sub.add_parser("train", parents=[common], help="train the Stage 1 generator (phase 1 or 2); run again to resume")
+    p.add_argument("--phase", type=int, choices=(1, 2), required=True, help="1: monocular-temporal; 2: multi-view-spatial (needs --init)")
+    p.add_argument("--data", nargs="+", type=Path, required=True, metavar="DIR", help="subject folders, or folders holding them")
+    p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run folder: checkpoint.pt, generator.pt, log.jsonl, summary.json")
+    p.add_argument("--init", type=Path, metavar="PATH", help="phase 2: the phase-1 run folder or generator file (also the L2-SP anchor); phase 1: weights to warm-start from")
+    p.add_argument("--preset", choices=("default", "small", "tiny"), default="default", help="architecture of a new phase-1 network")
+    p.add_argument("--gaussians", type=int, help="override the preset's Gaussian count")
+    p.add_argument("--steps", type=int, help="total steps of the run (phase 1: 6000, phase 2: 3000)")
+    p.add_argument("--batch", type=int, help="samples per step per process (default 8)")
+    p.add_argument("--targets", type=int, help="target views per sample (default 2)")
+    p.add_argument("--lr", type=float, help="peak learning rate (phase 1: 4e-4, phase 2: 2e-4)")
+    p.add_argument("--l2sp", type=float, help="L2-SP weight toward the phase-1 weights (phase 2 default 1e-2; 0 = off)")
+    p.add_argument("--cross-time", type=float, help="phase 2 share of samples with targets from another time (default 0.25)")
+    p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS (needs the lpips package and its weights locally)")
+    p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes; the same command continues")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", parents=[common], help="generate an avatar from 1 to 4 portraits or a subject's views")
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="1 to 4 portrait files, or one subject folder")
+    p.add_argument("--out", type=Path, required=True, metavar="AVATAR.npz")
+    p.add_argument("--frames", nargs="+", metavar="T[:C]", help="subject views to use as sources, e.g. 0 12 or 0:0,0:3 (default: 0)")
+    p.add_argument("--checkpoint", type=Path, help="generator weights (default: the shipped backend/generate/weights/generator.pt)")
+    p.add_argument("--pool", choices=("mean", "best"), default="mean", help="mean over sources (the model) or the best source per Gaussian (ablation)")
+    p.add_argument("--subject-out", type=Path, metavar="DIR", help="where tracked portraits are written (default: next to --out)")
+    p.set_defaults(fn=cmd_generate)
+
     p = sub.add_parser("export-ply", parents=[common], help="export a standard 3DGS .ply at a pose")
     p.add_argument("avatar", type=Path)
     p.add_argument("--out", type=Path, required=True)
@@ -230,6 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gaussians", type=int, default=40_000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("serve", parents=[common], help="run the ZeroMQ service the Blender add-on talks to")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; anything but loopback needs --keys (default: %(default)s)")
+    p.add_argument("--store", type=Path, help="folder of avatars, subjects and jobs (default: $SPATIALAVATAR_STORE, else the user data folder)")
+    p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("keys", parents=[common], help="make CurveZMQ keys for the service and one client")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--client", default="blender", help="name of the client key pair (default: %(default)s)")
+    p.set_defaults(fn=cmd_keys)
     return parser
 
 

@@ -1,0 +1,109 @@
+"""Stage 2 configuration: one schema, named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from backend.refine.regularizers import AntiSpike
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """Adam learning rates per parameter group (per iteration; offsets in triangle units).
+
+    ``offset`` decays exponentially from ``offset`` to ``offset_final`` over the run, as
+    3DGS does for positions; the others are constant.
+    """
+
+    offset: float = 2e-3
+    offset_final: float = 2e-5
+    rotation: float = 1e-3
+    log_scale: float = 5e-3
+    opacity_logit: float = 2.5e-2
+    sh_dc: float = 2.5e-3
+    sh_rest: float = 1.25e-4
+    flame_expr: float = 1e-3
+    flame_pose: float = 1e-5
+    flame_translation: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Densify:
+    """Adaptive density control, GaussianAvatars-style: used only by baseline (a).
+
+    Attributes:
+        start, stop, every: iterations between which, and how often, Gaussians are cloned,
+            split and pruned.
+        grad_threshold: mean view-space positional gradient (NDC units, as 3DGS) above which a
+            Gaussian is densified.
+        clone_max_scale: Gaussians whose largest axis is below this (triangle units) are
+            cloned, larger ones are split in two.
+        min_opacity: Gaussians below it are pruned (keeping at least one per face).
+        reset_every: opacities are reset to ``reset_opacity`` this often.
+        max_count: no growth beyond this many Gaussians.
+    """
+
+    start: int = 500
+    stop: int = 7500
+    every: int = 500
+    grad_threshold: float = 2e-4
+    clone_max_scale: float = 0.3
+    min_opacity: float = 0.005
+    reset_every: int = 3000
+    reset_opacity: float = 0.01
+    max_count: int = 400_000
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Everything the refinement loop reads.
+
+    Attributes:
+        iterations: optimizer steps.
+        views_per_step: (frame, camera) pairs rendered and averaged per step.
+        ssim_weight: lambda in (1 - lambda) L1 + lambda D-SSIM.
+        anti_spike: the three hinges; all-zero weights switch them off (baseline b).
+        finetune_flame: also optimize per-frame expression, jaw, neck, eyes, global pose and
+            translation with small learning rates (on for tracked real subjects).
+        densify: None keeps the layout frozen (ours); set only for baseline (a).
+        lr: learning rates.
+        seed: view sampling.
+        log_every: iterations between progress reports (each costs one device sync).
+        checkpoint_every: iterations between checkpoints (0: only on stop).
+    """
+
+    iterations: int = 10_000
+    views_per_step: int = 1
+    ssim_weight: float = 0.2
+    anti_spike: AntiSpike = field(default_factory=AntiSpike)
+    finetune_flame: bool = False
+    densify: Densify | None = None
+    lr: LearningRates = field(default_factory=LearningRates)
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RefineConfig:
+        d = dict(d)
+        d["anti_spike"] = AntiSpike(**d.get("anti_spike", {}))
+        d["lr"] = LearningRates(**d.get("lr", {}))
+        d["densify"] = Densify(**d["densify"]) if d.get("densify") else None
+        return cls(**d)
+
+
+def preset(name: str, **overrides: object) -> RefineConfig:
+    """Named configurations: "ours", "no-antispike" (baseline b), "densify" (baseline a)."""
+    base = RefineConfig()
+    presets = {
+        "ours": base,
+        "no-antispike": replace(base, anti_spike=AntiSpike(scale_weight=0.0, aniso_weight=0.0, offset_weight=0.0)),
+        # GaussianAvatars keeps its own two local hinges beside densification.
+        "densify": replace(base, anti_spike=AntiSpike(scale_weight=1.0, aniso_weight=0.0, offset_weight=0.01), densify=Densify()),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    return replace(presets[name], **overrides)  # type: ignore[arg-type]

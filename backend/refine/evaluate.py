@@ -1,0 +1,91 @@
+"""Metrics of an avatar on a subject's split: PSNR and SSIM (full image and within the mask),
+spike statistics and the Gaussian count.
+
+LPIPS needs network weights that cannot be downloaded here; it is reported only when a
+local weights file is given (see docs/refinement.md), and otherwise listed as unavailable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.data.subject import Subject
+from backend.errors import InputError
+from backend.gaussians.avatar import Avatar, deform
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+from backend.refine.losses import psnr, ssim
+from backend.refine.regularizers import AntiSpike, spike_stats
+from backend.render.camera import Cameras
+from backend.render.rasterize import render
+
+
+@dataclass(frozen=True)
+class ViewScore:
+    frame: int
+    camera: int
+    psnr: float
+    psnr_mask: float
+    ssim: float
+    ssim_mask: float
+
+
+@torch.no_grad()
+def render_view(avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor) -> torch.Tensor:
+    """[C, H, W, 3] renders of one frame (params with batch 1) in every camera of ``cameras``."""
+    splats = deform(avatar, head, params).frame(0)
+    return render(splats, cameras, background).rgb
+
+
+@torch.no_grad()
+def evaluate(
+    avatar: Avatar,
+    head: HeadModel,
+    subject: Subject,
+    split: str = "test",
+    anti_spike: AntiSpike = AntiSpike(),
+    worst_view_png: str | Path | None = None,
+) -> dict:
+    """Scores averaged over every (frame, camera) of ``split``; see module doc."""
+    frames = subject.split.get(split, [])
+    if not frames:
+        raise InputError(f"subject {subject.root} has no '{split}' frames")
+    device = head.v_template.device
+    avatar = avatar.to(device)
+    bg = subject.background().to(device)
+    scores: list[ViewScore] = []
+    worst: tuple[float, np.ndarray] | None = None
+    for t in frames:
+        rgb = render_view(avatar, head, subject.params.index([t]).to(device), subject.cameras(t).to(device), bg).cpu()
+        for c in range(subject.num_cameras):
+            m = subject.mask(t, c)
+            target = subject.image(t, c) * m + subject.background() * (1 - m)
+            s = ViewScore(t, c, psnr(rgb[c], target), psnr(rgb[c], target, m), float(ssim(rgb[c], target)), float(ssim(rgb[c], target, m)))
+            scores.append(s)
+            if worst is None or s.psnr < worst[0]:
+                worst = (s.psnr, np.concatenate([target.numpy(), rgb[c].clamp(0, 1).numpy()], axis=1))
+    if worst_view_png is not None and worst is not None:
+        Path(worst_view_png).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((worst[1] * 255 + 0.5).astype(np.uint8)).save(worst_view_png)
+
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(s, key) for s in scores]))
+
+    return {
+        "split": split,
+        "views": len(scores),
+        "psnr": mean("psnr"),
+        "psnr_mask": mean("psnr_mask"),
+        "ssim": mean("ssim"),
+        "ssim_mask": mean("ssim_mask"),
+        "lpips": None,
+        "lpips_note": "not computed: LPIPS needs network weights that are not available offline",
+        "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},
+        "gaussians": avatar.count,
+        **spike_stats(avatar.local, anti_spike),
+    }

@@ -1,0 +1,82 @@
+"""Image losses and metrics: L1, SSIM / D-SSIM, PSNR, masked variants.
+
+SSIM is the usual one (Wang et al. 2004): an 11x11 Gaussian window with sigma 1.5,
+K1 = 0.01, K2 = 0.03, data range 1, computed per channel and averaged; it matches
+scikit-image's ``structural_similarity(..., gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1)`` away from the borders (a test checks it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_WINDOW = 11
+_SIGMA = 1.5
+_C1 = 0.01**2
+_C2 = 0.03**2
+
+
+def _gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(_WINDOW, device=device, dtype=dtype) - _WINDOW // 2
+    g = torch.exp(-(x**2) / (2 * _SIGMA**2))
+    return g / g.sum()
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM of images [..., H, W, C] in [0, 1] -> [..., H, W] (mean over channels).
+
+    Borders are zero-padded, as in the 3DGS training code, so the map has the image's size.
+    """
+    lead = a.shape[:-3]
+    h, w, c = a.shape[-3:]
+    x = a.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    y = b.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    g = _gaussian_window(a.device, a.dtype)
+    gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, gx, padding=(0, _WINDOW // 2)), gy, padding=(_WINDOW // 2, 0))
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + _C1) * (2 * sxy + _C2)) / ((mu_x**2 + mu_y**2 + _C1) * (sxx + syy + _C2))
+    return s.reshape(-1, c, h, w).mean(1).reshape(*lead, h, w)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean SSIM of [..., H, W, C] images; within ``mask`` [..., H, W, 1] when given."""
+    m = ssim_map(a, b)
+    if mask is None:
+        return m.mean()
+    w = mask[..., 0]
+    return (m * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().mean()
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    if mask is None:
+        return ((a - b) ** 2).mean()
+    w = mask.expand_as(a)
+    return (((a - b) ** 2) * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in dB for images in [0, 1], over all pixels or within ``mask``."""
+    err = float(mse(a, b, mask))
+    return float("inf") if err == 0 else -10.0 * math.log10(err)
+
+
+def photometric_loss(rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    """(1 - w) L1 + w (1 - SSIM), the 3DGS photometric loss, on [..., H, W, 3] images."""
+    loss = (1.0 - ssim_weight) * l1(rendered, target)
+    if ssim_weight > 0:
+        loss = loss + ssim_weight * (1.0 - ssim_map(rendered, target).mean())
+    return loss

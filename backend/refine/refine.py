@@ -1,0 +1,282 @@
+"""Stage 2: layout-preserving per-subject refinement.
+
+Optimizes every Gaussian's local parameters (offset, rotation, log-scale, opacity, colour)
+against a subject's training frames; optionally fine-tunes the per-frame FLAME parameters.
+The binding and the Gaussian count never change (unless baseline (a)'s densification is
+configured), so everything keyed against the avatar in Blender still fits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backend.data.subject import Subject
+from backend.errors import InputError
+from backend.gaussians.avatar import Avatar, LocalGaussians, deform_local
+from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+from backend.refine.config import RefineConfig
+from backend.refine.densify import DensityControl
+from backend.refine.losses import photometric_loss, psnr
+from backend.refine.regularizers import spike_loss
+from backend.render.camera import Cameras
+from backend.render.rasterize import render
+
+ProgressFn = Callable[[int, int, dict], None]
+StopFn = Callable[[], bool]
+CheckpointFn = Callable[["RefineState"], None]
+
+_FLAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
+
+
+@dataclass
+class RefineState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    iteration: int
+    avatar: Avatar
+    optimizer: dict
+    generator: torch.Tensor
+    flame: dict[str, torch.Tensor]
+    config: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Tensors, numbers and strings only, so ``torch.load(weights_only=True)`` reads it."""
+        blob = bytearray(avatar_to_bytes(self.avatar))
+        return {
+            "iteration": self.iteration,
+            "avatar": torch.frombuffer(blob, dtype=torch.uint8).clone(),
+            "optimizer": self.optimizer,
+            "generator": self.generator,
+            "flame": self.flame,
+            "config": self.config,
+            "timings": self.timings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RefineState:
+        avatar = avatar_from_bytes(d["avatar"].numpy().tobytes(), "checkpoint")
+        return cls(d["iteration"], avatar, d["optimizer"], d["generator"], d["flame"], d["config"], d.get("timings", {}))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        torch.save(self.to_dict(), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RefineState:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
+        try:
+            data = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch raises several types for damaged files
+            raise InputError(f"{path}: not a readable refinement checkpoint ({exc})") from exc
+        return cls.from_dict(data)
+
+
+@dataclass
+class RefineResult:
+    avatar: Avatar
+    train_params: FlameParams  # parameters of the training frames, fine-tuned when configured
+    history: list[dict]
+    timings: dict[str, float]
+    stopped_early: bool
+
+
+class _Targets:
+    """Training images composited over the background, kept on the device as uint8."""
+
+    def __init__(self, subject: Subject, frames: list[int], device: torch.device) -> None:
+        bg = subject.background()
+        imgs = []
+        for t in frames:
+            for c in range(subject.num_cameras):
+                m = subject.mask(t, c)
+                imgs.append(subject.image(t, c) * m + bg * (1 - m))
+        self.images = (torch.stack(imgs) * 255 + 0.5).to(torch.uint8).to(device)  # [T*C, H, W, 3]
+        self.cameras = subject.num_cameras
+
+    def get(self, i: int, c: int) -> torch.Tensor:
+        return self.images[i * self.cameras + c].float() / 255.0
+
+
+def _param_groups(local: LocalGaussians, config: RefineConfig) -> list[dict]:
+    lr = config.lr
+    return [
+        {"name": "offset", "params": [local.offset], "lr": lr.offset},
+        {"name": "rotation", "params": [local.rotation], "lr": lr.rotation},
+        {"name": "log_scale", "params": [local.log_scale], "lr": lr.log_scale},
+        {"name": "opacity_logit", "params": [local.opacity_logit], "lr": lr.opacity_logit},
+        {"name": "sh", "params": [local.sh], "lr": lr.sh_dc},
+    ]
+
+
+def _offset_lr(config: RefineConfig, step: int) -> float:
+    t = min(step / max(config.iterations, 1), 1.0)
+    return math.exp((1 - t) * math.log(config.lr.offset) + t * math.log(config.lr.offset_final))
+
+
+def refine(
+    avatar: Avatar,
+    head: HeadModel,
+    subject: Subject,
+    config: RefineConfig = RefineConfig(),
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    checkpoint: CheckpointFn | None = None,
+    resume: RefineState | None = None,
+    profile: bool = False,
+) -> RefineResult:
+    """Refine ``avatar`` on ``subject``'s training frames; the input avatar is not modified.
+
+    Args:
+        head: the avatar's head model, on the device to compute on.
+        progress: called every ``config.log_every`` steps with (step, total, stats).
+        should_stop: polled every step; True ends the run early (a checkpoint is written).
+        checkpoint: receives the state every ``config.checkpoint_every`` steps and at the end.
+        resume: a state from an earlier run of the same configuration to continue.
+        profile: synchronize around each stage to fill ``timings`` (slower).
+    """
+    device = head.v_template.device
+    frames = subject.split["train"]
+    if not frames:
+        raise InputError(f"subject {subject.root} has no training frames")
+    gen = torch.Generator().manual_seed(config.seed)
+    source = resume.avatar if resume else avatar
+    local = source.local.map(lambda t: t.detach().clone().to(device).requires_grad_(True))
+    binding = source.binding.to(device)
+    params = subject.params.to(device)
+    params = replace(params, shape=source.shape.to(device), static_offset=None if source.static_offset is None else source.static_offset.to(device))
+    flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
+    if resume:
+        flame = {k: v.to(device) for k, v in resume.flame.items()}
+        gen.set_state(resume.generator)
+    for v in flame.values():
+        v.requires_grad_(config.finetune_flame)
+    targets = _Targets(subject, frames, device)
+    cams = subject.cameras(frames).to(device)  # [T, C]
+    background = subject.background().to(device)
+    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15)
+    flame_opt = None
+    if config.finetune_flame:
+        lr = config.lr
+        flame_opt = torch.optim.Adam(
+            [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
+            + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")]
+        )
+    density = DensityControl(config.densify, binding, subject) if config.densify else None
+    if resume:
+        optimizer.load_state_dict(resume.optimizer["gaussians"])
+        if flame_opt is not None and "flame" in resume.optimizer:
+            flame_opt.load_state_dict(resume.optimizer["flame"])
+    # Posed vertices of every training frame, computed once when FLAME is not fine-tuned.
+    fixed_verts = None
+    if not config.finetune_flame:
+        with torch.no_grad():
+            fixed_verts = head(replace(params, **flame), check=False).vertices
+
+    timings = {k: 0.0 for k in ("deform", "render", "loss", "backward", "optimizer")} | (dict(resume.timings) if resume else {})
+    history: list[dict] = []
+    start = resume.iteration if resume else 0
+    stopped = False
+    sync = (lambda: torch.cuda.synchronize(device)) if (profile and device.type == "cuda") else (lambda: None)
+
+    def state(step: int) -> RefineState:
+        opt = {"gaussians": optimizer.state_dict()}
+        if flame_opt is not None:
+            opt["flame"] = flame_opt.state_dict()
+        current = replace(source, binding=binding, local=local.map(lambda t: t.detach().clone()))
+        return RefineState(step, current, opt, gen.get_state(), {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
+
+    t_start = time.perf_counter()
+    step = start
+    for step in range(start, config.iterations):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        for g in optimizer.param_groups:
+            if g["name"] == "offset":
+                g["lr"] = _offset_lr(config, step)
+        idx = torch.randint(len(frames), (config.views_per_step,), generator=gen).tolist()
+        cam_idx = torch.randint(subject.num_cameras, (config.views_per_step,), generator=gen).tolist()
+
+        t0 = time.perf_counter()
+        if fixed_verts is not None:
+            verts = fixed_verts[idx]
+        else:
+            batch = replace(params, **{k: v[idx] for k, v in flame.items()})
+            verts = head(batch, check=False).vertices
+        splats = deform_local(verts, head.faces, binding, local)
+        if density is not None:
+            splats.means.retain_grad()
+        sync()
+        t1 = time.perf_counter()
+        view = Cameras(
+            torch.stack([cams.K[i, c : c + 1] for i, c in zip(idx, cam_idx)]),
+            torch.stack([cams.world_to_cam[i, c : c + 1] for i, c in zip(idx, cam_idx)]),
+            cams.width,
+            cams.height,
+        )
+        out = render(splats, view, background)
+        sync()
+        t2 = time.perf_counter()
+        target = torch.stack([targets.get(i, c) for i, c in zip(idx, cam_idx)])[:, None]
+        loss = photometric_loss(out.rgb, target, config.ssim_weight)
+        if config.anti_spike.enabled:
+            loss = loss + spike_loss(local, config.anti_spike)
+        sync()
+        t3 = time.perf_counter()
+        loss.backward()
+        sync()
+        t4 = time.perf_counter()
+        if density is not None:
+            density.observe(splats, splats.means.grad, view)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if flame_opt is not None:
+            flame_opt.step()
+            flame_opt.zero_grad(set_to_none=True)
+        if density is not None:
+            local, binding, optimizer = density.step(step + 1, local, binding, optimizer, lambda l: _param_groups(l, config))
+        sync()
+        t5 = time.perf_counter()
+        for key, dt in zip(("deform", "render", "loss", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            timings[key] += dt
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.iterations:
+            stats = {
+                "loss": float(loss.detach()),
+                "psnr": psnr(out.rgb.detach(), target),
+                "count": binding.count,
+                "seconds": time.perf_counter() - t_start,
+            }
+            history.append({"iteration": done, **stats})
+            if progress is not None:
+                progress(done, config.iterations, stats)
+        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
+            checkpoint(state(done))
+    else:
+        step = config.iterations
+    final_step = step if stopped else config.iterations
+    timings["wall"] = timings.get("wall", 0.0) + time.perf_counter() - t_start
+    final = state(final_step)
+    if checkpoint is not None:
+        checkpoint(final)
+    tuned = replace(params, **{k: v.detach().clone() for k, v in flame.items()})
+    if binding.count != source.binding.count and density is None:
+        raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
+    out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=binding.to("cpu"))
+    out_avatar.meta = dict(source.meta) | {"refined_iterations": final_step, "refine_config": config.to_dict()}
+    return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped)

@@ -1,0 +1,75 @@
+"""The three-component anti-spike regularization and its statistics.
+
+All three act on local parameters, so their thresholds are in units of the parent
+triangle's size k (see gaussians/frames.py); formulas in docs/refinement.md:
+
+    scale:       mean_i relu(max_a s_ia - tau_s)            s = exp(log_scale)
+    anisotropy:  mean_i relu(log(max_a s_ia / min_a s_ia) - log r)
+    offset:      mean_i relu(||o_i|| - tau_o)                o = local offset
+
+The anisotropy hinge works on the log ratio so its gradient does not blow up for very thin
+Gaussians. Densification keeps Gaussians well shaped by splitting large ones; with the
+layout frozen, these hinges do that job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from backend.gaussians.avatar import LocalGaussians
+
+
+@dataclass(frozen=True)
+class AntiSpike:
+    """Weights and thresholds of the three hinges (thresholds in triangle units).
+
+    Attributes:
+        scale_weight, max_scale: hinge on the largest axis above ``max_scale`` x k.
+        aniso_weight, max_ratio: hinge on max/min axis ratio above ``max_ratio``.
+        offset_weight, max_offset: hinge on the distance from the bound surface point
+            above ``max_offset`` x k.
+    """
+
+    scale_weight: float = 1.0
+    max_scale: float = 0.6
+    aniso_weight: float = 0.1
+    max_ratio: float = 10.0
+    offset_weight: float = 0.1
+    max_offset: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale_weight > 0 or self.aniso_weight > 0 or self.offset_weight > 0
+
+
+def spike_terms(local: LocalGaussians, config: AntiSpike) -> dict[str, torch.Tensor]:
+    """The three hinge values (unweighted), each a scalar tensor."""
+    log_s = local.log_scale
+    return {
+        "scale": torch.relu(log_s.max(dim=-1).values.exp() - config.max_scale).mean(),
+        "aniso": torch.relu(log_s.max(dim=-1).values - log_s.min(dim=-1).values - math.log(config.max_ratio)).mean(),
+        "offset": torch.relu(local.offset.norm(dim=-1) - config.max_offset).mean(),
+    }
+
+
+def spike_loss(local: LocalGaussians, config: AntiSpike) -> torch.Tensor:
+    terms = spike_terms(local, config)
+    return config.scale_weight * terms["scale"] + config.aniso_weight * terms["aniso"] + config.offset_weight * terms["offset"]
+
+
+@torch.no_grad()
+def spike_stats(local: LocalGaussians, config: AntiSpike) -> dict[str, float]:
+    """Share of Gaussians over each threshold, and over any of them."""
+    log_s = local.log_scale
+    big = log_s.max(dim=-1).values.exp() > config.max_scale
+    thin = (log_s.max(dim=-1).values - log_s.min(dim=-1).values) > math.log(config.max_ratio)
+    far = local.offset.norm(dim=-1) > config.max_offset
+    return {
+        "scale_share": float(big.float().mean()),
+        "aniso_share": float(thin.float().mean()),
+        "offset_share": float(far.float().mean()),
+        "spike_share": float((big | thin | far).float().mean()),
+    }

@@ -1,0 +1,79 @@
+"""Deform + render throughput: a surface avatar of N Gaussians on the built-in head, posed
+for a batch of B frames and rendered at S x S, timed per frame.
+
+    python tests/benchmarks/bench_deform_render.py --gaussians 100000 --size 512 --batch 1 16
+    python tests/benchmarks/bench_deform_render.py --device cpu --gaussians 20000 --size 256 --batch 1
+
+Medians of several repeats after warm-up; CUDA timings use events around the region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from backend.gaussians.avatar import deform
+from backend.gaussians.surface import surface_avatar
+from backend.head.registry import load_head_model
+from backend.render.animation import ViewConfig, view_cameras
+from backend.render.rasterize import render
+from tests.helpers import random_params
+
+
+def time_it(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-ups."""
+    for _ in range(2):
+        fn()
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gaussians", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    head = load_head_model()
+    gen = torch.Generator().manual_seed(0)
+    avatar = surface_avatar(head, torch.randn(head.n_shape, generator=gen), args.gaussians, lambda f, b: torch.rand(f.shape[0], 3, generator=gen))
+    head, avatar = head.to(args.device), avatar.to(args.device)
+    bg = torch.ones(3, device=args.device)
+    for b in args.batch:
+        params = random_params(load_head_model(), b, gen).to(args.device)
+        cams = view_cameras(ViewConfig(size=args.size), b).to(args.device)
+
+        def deform_only() -> None:
+            deform(avatar, head, params)
+
+        def deform_render() -> None:
+            render(deform(avatar, head, params), cams, bg)
+
+        with torch.no_grad():
+            t_def = time_it(deform_only, args.device, args.repeats)
+            t_all = time_it(deform_render, args.device, args.repeats)
+        print(
+            f"device={args.device} gaussians={args.gaussians} size={args.size} batch={b}: "
+            f"deform {1000 * t_def / b:.3f} ms/frame, deform+render {1000 * t_all / b:.3f} ms/frame"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Stage 2 benchmark: ours vs baselines on synthetic monocular subjects.
+
+For each identity: synthesize a monocular subject, initialize a surface avatar, refine it
+with "ours", "no-antispike" (baseline b) and "densify" (baseline a) at the same iteration
+budget, and evaluate on the test split. Writes a JSON with every number and a picture of
+each method's worst test view (ground truth | render).
+
+    python tests/benchmarks/bench_refine.py --out DIR [--identities 3] [--size 512]
+        [--iters 10000] [--gaussians 100000] [--frames 100] [--methods ours,no-antispike,densify]
+        [--profile-iters 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from backend.data.subject import Subject
+from backend.data.synthetic import SynthConfig, synthesize
+from backend.head.registry import load_head_model
+from backend.refine.config import preset
+from backend.refine.evaluate import evaluate
+from backend.refine.initialize import InitConfig, initialize_on_subject
+from backend.refine.refine import refine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--identities", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--iters", type=int, default=10_000)
+    ap.add_argument("--gaussians", type=int, default=100_000)
+    ap.add_argument("--reference-gaussians", type=int, default=400_000)
+    ap.add_argument("--methods", default="ours,no-antispike,densify")
+    ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of ours (stage breakdown)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    head = load_head_model().to(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ident in range(args.identities):
+        t0 = time.perf_counter()
+        root = synthesize(head, args.out / f"subject{ident}", SynthConfig(frames=args.frames, size=args.size, seed=100 + ident, reference_gaussians=args.reference_gaussians))
+        subject = Subject.load(root)
+        synth_s = time.perf_counter() - t0
+        avatar = initialize_on_subject(head, subject, InitConfig(gaussians=args.gaussians))
+        init_scores = evaluate(avatar, head, subject)
+        rows.append({"identity": ident, "method": "init", "synth_seconds": synth_s, **init_scores})
+        print(json.dumps(rows[-1]), flush=True)
+        for method in args.methods.split(","):
+            config = preset(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            result = refine(avatar, head, subject, config)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t1
+            scores = evaluate(result.avatar, head, subject, worst_view_png=args.out / f"worst_{method}_id{ident}.png")
+            rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, **scores})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.profile_iters and ident == 0:
+            result = refine(avatar, head, subject, replace(preset("ours"), iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0), profile=True)
+            per_it = {k: 1000 * v / args.profile_iters for k, v in result.timings.items()}
+            rows.append({"identity": ident, "method": "ours-profile-ms-per-iteration", **per_it})
+            print(json.dumps(rows[-1]), flush=True)
+    (args.out / "bench_refine.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Stage 2: regularizers, losses against a reference implementation, the CPU refinement,
+frozen layout, checkpoint and resume, and refusal of damaged subjects."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from backend.data.subject import Subject
+from backend.data.synthetic import SynthConfig, synthesize
+from backend.gaussians.avatar import LocalGaussians
+from backend.head.model import HeadModel
+from backend.refine.config import RefineConfig, preset
+from backend.refine.evaluate import evaluate
+from backend.refine.initialize import InitConfig, initialize_on_subject
+from backend.refine.losses import psnr, ssim_map
+from backend.refine.refine import RefineState, refine
+from backend.refine.regularizers import AntiSpike, spike_stats, spike_terms
+
+
+def hand_built(log_scales: list[list[float]], offsets: list[list[float]]) -> LocalGaussians:
+    n = len(log_scales)
+    return LocalGaussians(
+        offset=torch.tensor(offsets, dtype=torch.float32),
+        rotation=torch.tensor([[1.0, 0, 0, 0]] * n),
+        log_scale=torch.tensor(log_scales, dtype=torch.float32),
+        opacity_logit=torch.zeros(n),
+        sh=torch.zeros(n, 1, 3),
+    )
+
+
+def test_each_regularizer_on_hand_built_gaussians() -> None:
+    cfg = AntiSpike(max_scale=0.6, max_ratio=10.0, max_offset=1.0)
+    g = hand_built(
+        [[math.log(0.5)] * 3, [math.log(0.9), math.log(0.3), math.log(0.3)], [math.log(0.5), math.log(0.5), math.log(0.01)]],
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 3.0, 4.0]],
+    )
+    terms = spike_terms(g, cfg)
+    # Only the second is too large (0.9 > 0.6), only the third too thin (50 > 10) and too far (5 > 1).
+    assert terms["scale"].item() == pytest.approx((0.9 - 0.6) / 3, rel=1e-5)
+    assert terms["aniso"].item() == pytest.approx((math.log(50) - math.log(10)) / 3, rel=1e-5)
+    assert terms["offset"].item() == pytest.approx((5.0 - 1.0) / 3, rel=1e-5)
+    stats = spike_stats(g, cfg)
+    assert stats["scale_share"] == pytest.approx(1 / 3) and stats["aniso_share"] == pytest.approx(1 / 3)
+    assert stats["spike_share"] == pytest.approx(2 / 3)
+    # Within every threshold: exactly zero.
+    ok = hand_built([[math.log(0.5), math.log(0.2), math.log(0.1)]], [[0.3, 0.0, 0.0]])
+    assert all(float(v) == 0.0 for v in spike_terms(ok, cfg).values())
+
+
+def test_ssim_matches_scikit_image(rng: torch.Generator) -> None:
+    a = torch.rand(40, 48, 3, generator=rng, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(40, 48, 3, generator=rng, dtype=torch.float64)).clamp(0, 1)
+    ours = ssim_map(a, b)[5:-5, 5:-5].mean().item()
+    ref = structural_similarity(a.numpy(), b.numpy(), channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True)[1]
+    assert ours == pytest.approx(ref[5:-5, 5:-5].mean(), abs=1e-6)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, torch.zeros_like(a) + a + 0.1) == pytest.approx(20.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(head: HeadModel, tmp_path_factory):  # type: ignore[no-untyped-def]
+    root = synthesize(head, tmp_path_factory.mktemp("refine") / "mono", SynthConfig(frames=10, size=128, seed=5, reference_gaussians=60_000))
+    subject = Subject.load(root)
+    avatar = initialize_on_subject(head, subject, InitConfig(gaussians=8_000))
+    return subject, avatar
+
+
+def test_cpu_refinement_improves_test_psnr_and_keeps_layout(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    before = evaluate(avatar, head, subject)
+    result = refine(avatar, head, subject, RefineConfig(iterations=200, log_every=50))
+    after = evaluate(result.avatar, head, subject)
+    assert after["psnr_mask"] >= before["psnr_mask"] + 3.0, (before, after)
+    # Layout frozen: same count, same binding, bit for bit.
+    assert result.avatar.count == avatar.count
+    assert torch.equal(result.avatar.binding.face_idx, avatar.binding.face_idx)
+    assert torch.equal(result.avatar.binding.bary, avatar.binding.bary)
+    assert torch.equal(result.avatar.binding.texel, avatar.binding.texel)
+    assert not torch.equal(result.avatar.local.sh, avatar.local.sh)
+    assert [h["iteration"] for h in result.history] == [50, 100, 150, 200]
+
+
+def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0)
+    full = refine(avatar, head, subject, config)
+    calls = {"n": 0}
+
+    def stop_after_5() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    saved: list[RefineState] = []
+    part = refine(avatar, head, subject, config, should_stop=stop_after_5, checkpoint=saved.append)
+    assert part.stopped_early and saved[-1].iteration == 5
+    path = saved[-1].save(tmp_path / "run.ckpt")
+    resumed = refine(avatar, head, subject, config, resume=RefineState.load(path))
+    for name, t in full.avatar.local.tensors().items():
+        assert torch.equal(resumed.avatar.local.tensors()[name], t), name
+
+
+def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    # Start from deliberately spiky Gaussians: a fifth of them stretched 8x along one axis.
+    spiky = avatar.local.map(lambda t: t.clone())
+    spiky.log_scale[::5, 0] += math.log(8.0)
+    start = replace(avatar, local=spiky)
+    ours = refine(start, head, subject, RefineConfig(iterations=40, log_every=40))
+    plain = refine(start, head, subject, preset("no-antispike", iterations=40, log_every=40))
+    s_ours, s_plain = spike_stats(ours.avatar.local, AntiSpike()), spike_stats(plain.avatar.local, AntiSpike())
+    assert s_ours["spike_share"] < 0.5 * s_plain["spike_share"], (s_ours, s_plain)
+
+
+def test_densify_baseline_grows_and_keeps_every_face(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    cfg = preset("densify", iterations=21, log_every=21)
+    cfg = replace(cfg, densify=replace(cfg.densify, start=10, stop=20, every=10, reset_every=1000, grad_threshold=1e-5))
+    result = refine(avatar, head, subject, cfg)
+    assert result.avatar.count != avatar.count
+    faces_before = set(avatar.binding.face_idx.tolist())
+    assert faces_before <= set(result.avatar.binding.face_idx.tolist())
+
+
+def test_damaged_subject_is_refused(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from backend.errors import InputError
+
+    subject, avatar = setup
+    root = tmp_path / "s"
+    shutil.copytree(subject.root, root)
+    np.savez(root / "flame_param.npz", expr=np.zeros((4, 100), np.float32))
+    with pytest.raises(InputError, match="has 4 frames"):
+        Subject.load(root)
