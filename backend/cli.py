@@ -7,6 +7,7 @@ to stderr. Errors print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -145,6 +146,8 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
     config = preset(args.preset, iterations=args.iters, finetune_flame=args.finetune_flame, seed=args.seed)
+    if args.max_scale is not None:
+        config = dataclasses.replace(config, anti_spike=dataclasses.replace(config.anti_spike, max_scale=args.max_scale))
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
@@ -373,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10_000)
     p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
     p.add_argument("--finetune-flame", action="store_true", help="also fine-tune per-frame FLAME parameters (for tracked subjects)")
+    p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")
     p.set_defaults(fn=cmd_refine)

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 from backend.errors import InputError
-from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
+from backend.gaussians.frames import TriangleFrames, quat_multiply, surface_points, triangle_frames
 from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
@@ -119,17 +120,59 @@ def deform_local(vertices: torch.Tensor, faces: torch.Tensor, binding: Binding, 
     Returns:
         Splats with means/quats/scales [B, N, ...]; opacities [N] and colours shared by the batch.
     """
-    frames = triangle_frames(vertices, faces)
-    rot = frames.rotation[:, binding.face_idx]  # [B, N, 3, 3]
-    size = frames.size[:, binding.face_idx, None]  # [B, N, 1]
-    anchor = surface_points(vertices, faces, binding.face_idx, binding.bary)
-    means = anchor + size * (rot @ local.offset[None, :, :, None]).squeeze(-1)
-    quats = matrix_to_quat(rot @ quat_to_matrix(local.rotation)[None])
-    scales = size * torch.exp(local.log_scale)[None]
+    means, quats, scales = deform_geometry(vertices, faces, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
+    return assemble_splats(means, quats, scales, local)
+
+
+def assemble_splats(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, local: LocalGaussians) -> Splats:
+    """Splats from posed geometry plus the local opacity and colour (plain RGB for SH degree 0)."""
     opacities = torch.sigmoid(local.opacity_logit)
     if local.sh_degree == 0:
         return Splats(means, quats, scales, opacities, (0.5 + SH_C0 * local.sh[:, 0]).clamp_min(0.0))
     return Splats(means, quats, scales, opacities, local.sh, sh_degree=local.sh_degree)
+
+
+def deform_geometry(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    face_idx: torch.Tensor,
+    bary: torch.Tensor,
+    offset: torch.Tensor,
+    rotation: torch.Tensor,
+    log_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors-only core of ``deform_local``: frames of the posed mesh, then ``place_gaussians``.
+
+    Args:
+        vertices: [B, V, 3]; faces: [F, 3]; face_idx: [N]; bary: [N, 3];
+        offset: [N, 3], rotation: [N, 4], log_scale: [N, 3] local parameters.
+    Returns:
+        means [B, N, 3] (metres), quats [B, N, 4] (unit, w first), scales [B, N, 3] (metres).
+    """
+    return place_gaussians(vertices, faces, triangle_frames(vertices, faces), face_idx, bary, offset, rotation, log_scale)
+
+
+def place_gaussians(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    frames: TriangleFrames,
+    face_idx: torch.Tensor,
+    bary: torch.Tensor,
+    offset: torch.Tensor,
+    rotation: torch.Tensor,
+    log_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """World Gaussians from posed vertices and their (possibly precomputed) triangle frames.
+
+    Rotations compose as quaternions: each face's frame quaternion is computed once per face,
+    F being far fewer than the N Gaussians. Same shapes as ``deform_geometry``.
+    """
+    size = frames.size[:, face_idx, None]  # [B, N, 1]
+    anchor = surface_points(vertices, faces, face_idx, bary)
+    means = anchor + size * torch.einsum("bnij,nj->bni", frames.rotation[:, face_idx], offset)
+    quats = quat_multiply(frames.quat[:, face_idx], F.normalize(rotation, dim=-1)[None])
+    scales = size * torch.exp(log_scale)[None]
+    return means, quats, scales
 
 
 def deform(avatar: Avatar, head: HeadModel, params: FlameParams) -> Splats:

@@ -26,6 +26,7 @@ _EPS = 1e-12
 
 class TriangleFrames(NamedTuple):
     rotation: torch.Tensor  # [..., F, 3, 3] columns t, b, n
+    quat: torch.Tensor  # [..., F, 4] the same rotation as a unit quaternion (w, x, y, z)
     size: torch.Tensor  # [..., F] k = sqrt(2 * area), metres
 
 
@@ -47,7 +48,7 @@ def triangle_frames(vertices: torch.Tensor, faces: torch.Tensor) -> TriangleFram
     n = F.normalize(n - (n * t).sum(-1, keepdim=True) * t, dim=-1, eps=_EPS)
     b = torch.cross(n, t, dim=-1)
     rotation = torch.stack([t, b, n], dim=-1)
-    return TriangleFrames(rotation, torch.sqrt(double_area + _EPS))
+    return TriangleFrames(rotation, matrix_to_quat(rotation), torch.sqrt(double_area + _EPS))
 
 
 def surface_points(vertices: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,21 @@ def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
         ],
         dim=-1,
     ).reshape(*q.shape[:-1], 3, 3)
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a * b of [..., 4] quaternions (w, x, y, z): rotate by b, then by a."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
 
 
 def matrix_to_quat(m: torch.Tensor) -> torch.Tensor:

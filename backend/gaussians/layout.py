@@ -96,7 +96,9 @@ def sample_layout(uv_coords: np.ndarray, uv_faces: np.ndarray, count: int) -> Bi
     """
     if not MIN_GAUSSIANS <= count <= MAX_GAUSSIANS:
         raise InputError(f"Gaussian count {count} is outside [{MIN_GAUSSIANS}, {MAX_GAUSSIANS}]")
-    uv_area = 0.5 * np.abs(np.cross(uv_coords[uv_faces[:, 1]] - uv_coords[uv_faces[:, 0]], uv_coords[uv_faces[:, 2]] - uv_coords[uv_faces[:, 0]])).sum()
+    e1 = uv_coords[uv_faces[:, 1]] - uv_coords[uv_faces[:, 0]]
+    e2 = uv_coords[uv_faces[:, 2]] - uv_coords[uv_faces[:, 0]]
+    uv_area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum()
     res = max(8, int(np.sqrt(count / max(uv_area, 1e-6))) - 2)
     while True:
         texel, face, bary = _rasterize_uv(uv_coords, uv_faces, res)

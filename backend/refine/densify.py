@@ -104,7 +104,7 @@ class DensityControl:
             new.log_scale[k:] -= torch.log(torch.tensor(_SPLIT_SHRINK))
         new = new.map(lambda p: p.requires_grad_(True))
         new_binding = Binding(binding.face_idx[src], binding.bary[src], binding.texel[src], binding.resolution)
-        new_opt = torch.optim.Adam(groups(new), eps=1e-15)
+        new_opt = torch.optim.Adam(groups(new), eps=1e-15, fused=device.type == "cuda")
         old_params = [g["params"][0] for g in optimizer.param_groups]
         for old_p, group in zip(old_params, new_opt.param_groups):
             old_state = optimizer.state.get(old_p)

@@ -18,7 +18,8 @@ import torch
 
 from backend.data.subject import Subject
 from backend.errors import InputError
-from backend.gaussians.avatar import Avatar, LocalGaussians, deform_local
+from backend.gaussians.avatar import Avatar, LocalGaussians, assemble_splats, place_gaussians
+from backend.gaussians.frames import TriangleFrames, triangle_frames
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
@@ -33,6 +34,7 @@ ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]
 CheckpointFn = Callable[["RefineState"], None]
 
+MAX_START_SHARE_OVER_SCALE = 0.25
 _FLAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
 
 
@@ -95,20 +97,43 @@ class RefineResult:
 
 
 class _Targets:
-    """Training images composited over the background, kept on the device as uint8."""
+    """Training images composited over the background, kept on the device as uint8 and
+    cropped to a fixed-size window around each view's mask (plus a margin): the background
+    outside it is matched by construction, so the loss need not look there."""
 
-    def __init__(self, subject: Subject, frames: list[int], device: torch.device) -> None:
+    def __init__(self, subject: Subject, frames: list[int], device: torch.device, margin: int) -> None:
         bg = subject.background()
-        imgs = []
+        h, w = subject.info.height, subject.info.width
+        imgs, boxes = [], []
         for t in frames:
             for c in range(subject.num_cameras):
                 m = subject.mask(t, c)
                 imgs.append(subject.image(t, c) * m + bg * (1 - m))
-        self.images = (torch.stack(imgs) * 255 + 0.5).to(torch.uint8).to(device)  # [T*C, H, W, 3]
-        self.cameras = subject.num_cameras
+                ys, xs = torch.nonzero(m[..., 0] > 0.5, as_tuple=True)
+                boxes.append((int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1))
+        self.crop_h = min(h, _round_up(max(b[1] - b[0] + 1 for b in boxes) + 2 * margin, 16))
+        self.crop_w = min(w, _round_up(max(b[3] - b[2] + 1 for b in boxes) + 2 * margin, 16))
+        self.windows = []  # (y0, x0) of each view's crop, centred on its mask
+        for y_lo, y_hi, x_lo, x_hi in boxes:
+            y0 = min(max((y_lo + y_hi + 1 - self.crop_h) // 2, 0), h - self.crop_h)
+            x0 = min(max((x_lo + x_hi + 1 - self.crop_w) // 2, 0), w - self.crop_w)
+            self.windows.append((y0, x0))
+        crops = [img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(imgs, self.windows)]
+        self.images = (torch.stack(crops) * 255 + 0.5).to(torch.uint8).to(device)  # [T*C, h, w, 3]
 
-    def get(self, i: int, c: int) -> torch.Tensor:
-        return self.images[i * self.cameras + c].float() / 255.0
+    def get(self, views: list[int]) -> torch.Tensor:
+        """[B, h, w, 3] float crops of flat view indices (frame index * C + camera)."""
+        return self.images[views].float() / 255.0
+
+    def crop(self, rgb: torch.Tensor, views: list[int]) -> torch.Tensor:
+        """Renders [B, H, W, 3] of ``views`` -> their crops [B, h, w, 3]."""
+        return torch.stack(
+            [rgb[b, y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for b, (y0, x0) in enumerate(self.windows[v] for v in views)]
+        )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 def _param_groups(local: LocalGaussians, config: RefineConfig) -> list[dict]:
@@ -120,6 +145,21 @@ def _param_groups(local: LocalGaussians, config: RefineConfig) -> list[dict]:
         {"name": "opacity_logit", "params": [local.opacity_logit], "lr": lr.opacity_logit},
         {"name": "sh", "params": [local.sh], "lr": lr.sh_dc},
     ]
+
+
+def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
+    """Refuse a scale threshold that most Gaussians already exceed: on a coarse layout (few
+    Gaussians per triangle) flat surface Gaussians are larger than 0.6 triangle sizes, and the
+    hinge would then shrink every one of them instead of catching spikes."""
+    if config.anti_spike.scale_weight <= 0:
+        return
+    share = float((local.log_scale.max(dim=-1).values.exp() > config.anti_spike.max_scale).float().mean())
+    if share > MAX_START_SHARE_OVER_SCALE:
+        raise InputError(
+            f"{100 * share:.0f}% of the starting Gaussians are already larger than the anti-spike scale threshold "
+            f"({config.anti_spike.max_scale} triangle sizes): the layout is coarse for this mesh; raise the threshold "
+            f"(--max-scale) or use more Gaussians"
+        )
 
 
 def _offset_lr(config: RefineConfig, step: int) -> float:
@@ -154,6 +194,7 @@ def refine(
         raise InputError(f"subject {subject.root} has no training frames")
     gen = torch.Generator().manual_seed(config.seed)
     source = resume.avatar if resume else avatar
+    _check_thresholds(source.local, config)
     local = source.local.map(lambda t: t.detach().clone().to(device).requires_grad_(True))
     binding = source.binding.to(device)
     params = subject.params.to(device)
@@ -164,10 +205,13 @@ def refine(
         gen.set_state(resume.generator)
     for v in flame.values():
         v.requires_grad_(config.finetune_flame)
-    targets = _Targets(subject, frames, device)
+    targets = _Targets(subject, frames, device, config.loss_margin)
     cams = subject.cameras(frames).to(device)  # [T, C]
+    view_K = cams.K.reshape(-1, 1, 3, 3)  # [T*C, 1, 3, 3], flat view index = frame index * C + camera
+    view_w2c = cams.world_to_cam.reshape(-1, 1, 4, 4)
     background = subject.background().to(device)
-    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15)
+    fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
+    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused)
     flame_opt = None
     if config.finetune_flame:
         lr = config.lr
@@ -180,11 +224,13 @@ def refine(
         optimizer.load_state_dict(resume.optimizer["gaussians"])
         if flame_opt is not None and "flame" in resume.optimizer:
             flame_opt.load_state_dict(resume.optimizer["flame"])
-    # Posed vertices of every training frame, computed once when FLAME is not fine-tuned.
-    fixed_verts = None
+    # Posed vertices and triangle frames of every training frame, computed once when FLAME is
+    # not fine-tuned: a step then only gathers them.
+    fixed: tuple[torch.Tensor, TriangleFrames] | None = None
     if not config.finetune_flame:
         with torch.no_grad():
-            fixed_verts = head(replace(params, **flame), check=False).vertices
+            verts_all = head(replace(params, **flame), check=False).vertices
+            fixed = (verts_all, triangle_frames(verts_all, head.faces))
 
     timings = {k: 0.0 for k in ("deform", "render", "loss", "backward", "optimizer")} | (dict(resume.timings) if resume else {})
     history: list[dict] = []
@@ -199,6 +245,18 @@ def refine(
         current = replace(source, binding=binding, local=local.map(lambda t: t.detach().clone()))
         return RefineState(step, current, opt, gen.get_state(), {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
+    def loss_fn(rgb: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        loss = photometric_loss(rgb, target, config.ssim_weight)
+        if config.anti_spike.enabled:
+            loss = loss + spike_loss(log_scale, offset, config.anti_spike)
+        return loss
+
+    # Deformation and loss are chains of small element-wise kernels: compiled, they fuse.
+    compiled = config.compile and device.type == "cuda"
+    place = torch.compile(place_gaussians, dynamic=density is not None) if compiled else place_gaussians
+    frames_of = torch.compile(triangle_frames) if compiled else triangle_frames
+    step_loss = torch.compile(loss_fn) if compiled else loss_fn
+
     t_start = time.perf_counter()
     step = start
     for step in range(start, config.iterations):
@@ -212,29 +270,23 @@ def refine(
         cam_idx = torch.randint(subject.num_cameras, (config.views_per_step,), generator=gen).tolist()
 
         t0 = time.perf_counter()
-        if fixed_verts is not None:
-            verts = fixed_verts[idx]
+        if fixed is not None:
+            verts, tri = fixed[0][idx], TriangleFrames(*(t[idx] for t in fixed[1]))
         else:
-            batch = replace(params, **{k: v[idx] for k, v in flame.items()})
-            verts = head(batch, check=False).vertices
-        splats = deform_local(verts, head.faces, binding, local)
+            verts = head(replace(params, **{k: v[idx] for k, v in flame.items()}), check=False).vertices
+            tri = frames_of(verts, head.faces)
+        means, quats, scales = place(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
+        splats = assemble_splats(means, quats, scales, local)
         if density is not None:
             splats.means.retain_grad()
         sync()
         t1 = time.perf_counter()
-        view = Cameras(
-            torch.stack([cams.K[i, c : c + 1] for i, c in zip(idx, cam_idx)]),
-            torch.stack([cams.world_to_cam[i, c : c + 1] for i, c in zip(idx, cam_idx)]),
-            cams.width,
-            cams.height,
-        )
+        flat = [i * subject.num_cameras + c for i, c in zip(idx, cam_idx)]
+        view = Cameras(view_K[flat], view_w2c[flat], cams.width, cams.height)
         out = render(splats, view, background)
         sync()
         t2 = time.perf_counter()
-        target = torch.stack([targets.get(i, c) for i, c in zip(idx, cam_idx)])[:, None]
-        loss = photometric_loss(out.rgb, target, config.ssim_weight)
-        if config.anti_spike.enabled:
-            loss = loss + spike_loss(local, config.anti_spike)
+        loss = step_loss(targets.crop(out.rgb[:, 0], flat), targets.get(flat), local.log_scale, local.offset)
         sync()
         t3 = time.perf_counter()
         loss.backward()
@@ -258,7 +310,7 @@ def refine(
         if done % config.log_every == 0 or done == config.iterations:
             stats = {
                 "loss": float(loss.detach()),
-                "psnr": psnr(out.rgb.detach(), target),
+                "psnr": psnr(targets.crop(out.rgb[:, 0].detach(), flat), targets.get(flat)),
                 "count": binding.count,
                 "seconds": time.perf_counter() - t_start,
             }

@@ -45,18 +45,18 @@ class AntiSpike:
         return self.scale_weight > 0 or self.aniso_weight > 0 or self.offset_weight > 0
 
 
-def spike_terms(local: LocalGaussians, config: AntiSpike) -> dict[str, torch.Tensor]:
-    """The three hinge values (unweighted), each a scalar tensor."""
-    log_s = local.log_scale
+def spike_terms(log_scale: torch.Tensor, offset: torch.Tensor, config: AntiSpike) -> dict[str, torch.Tensor]:
+    """The three hinge values (unweighted scalars) for log-scales [N, 3] and offsets [N, 3]."""
+    largest, smallest = log_scale.max(dim=-1).values, log_scale.min(dim=-1).values
     return {
-        "scale": torch.relu(log_s.max(dim=-1).values.exp() - config.max_scale).mean(),
-        "aniso": torch.relu(log_s.max(dim=-1).values - log_s.min(dim=-1).values - math.log(config.max_ratio)).mean(),
-        "offset": torch.relu(local.offset.norm(dim=-1) - config.max_offset).mean(),
+        "scale": torch.relu(largest.exp() - config.max_scale).mean(),
+        "aniso": torch.relu(largest - smallest - math.log(config.max_ratio)).mean(),
+        "offset": torch.relu(offset.norm(dim=-1) - config.max_offset).mean(),
     }
 
 
-def spike_loss(local: LocalGaussians, config: AntiSpike) -> torch.Tensor:
-    terms = spike_terms(local, config)
+def spike_loss(log_scale: torch.Tensor, offset: torch.Tensor, config: AntiSpike) -> torch.Tensor:
+    terms = spike_terms(log_scale, offset, config)
     return config.scale_weight * terms["scale"] + config.aniso_weight * terms["aniso"] + config.offset_weight * terms["offset"]
 
 

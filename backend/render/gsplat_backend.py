@@ -43,7 +43,7 @@ def rasterize_gsplat(
     backgrounds: torch.Tensor,
     settings: RasterSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Render with gsplat's fused CUDA kernels ("classic" mode, "RGB+ED", packed).
+    """Render with gsplat's fused CUDA kernels ("classic" mode, "RGB+ED").
 
     Same arguments and outputs as ``reference.rasterize_reference``; all tensors must be
     float32 on one CUDA device.
@@ -57,7 +57,8 @@ def rasterize_gsplat(
 
     # The kernels index raw memory: expanded (stride-0) views must be materialised.
     # gsplat 1.5.3 rejects per-image backgrounds when packed=True (it checks them against the
-    # packed shape), so the background is composited here: rgb + T * bg, as its kernel does.
+    # packed shape), so the background is composited here in both modes: rgb + T * bg, as its
+    # kernel does.
     render, alpha, _ = rasterization(
         means.contiguous(),
         quats.contiguous(),
@@ -71,7 +72,7 @@ def rasterize_gsplat(
         near_plane=settings.near_plane,
         far_plane=settings.far_plane,
         eps2d=settings.eps2d,
-        packed=True,
+        packed=settings.packed,
         tile_size=settings.tile_size,
         render_mode="RGB+ED",
         rasterize_mode="classic",

@@ -27,6 +27,8 @@ class RasterSettings:
             the box is also shrunk to where alpha can still reach ``alpha_min``.
         tile_size: pixels per side of gsplat's tiles; the reference splits the image into
             bands of whole tile rows.
+        packed: gsplat's packed mode (less memory for many cameras; it synchronizes with the
+            host every call, so the unpacked mode is faster for the one-view training steps).
         max_pairs_per_chunk: the reference's memory bound: at most about this many
             (Gaussian, pixel) pairs are evaluated at once (a band holds at least one tile
             row, so a single very dense row can exceed it).
@@ -41,3 +43,4 @@ class RasterSettings:
     extent_sigmas: float = 3.33
     tile_size: int = 16
     max_pairs_per_chunk: int = 1 << 21
+    packed: bool = False

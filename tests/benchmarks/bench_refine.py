@@ -7,7 +7,7 @@ each method's worst test view (ground truth | render).
 
     python tests/benchmarks/bench_refine.py --out DIR [--identities 3] [--size 512]
         [--iters 10000] [--gaussians 100000] [--frames 100] [--methods ours,no-antispike,densify]
-        [--profile-iters 500]
+        [--profile-iters 500] [--work DIR]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +30,8 @@ from backend.refine.refine import refine
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="results: bench_refine.json and worst-view pictures")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_refine"), help="where the synthetic subjects are written")
     ap.add_argument("--identities", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--frames", type=int, default=100)
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--gaussians", type=int, default=100_000)
     ap.add_argument("--reference-gaussians", type=int, default=400_000)
     ap.add_argument("--methods", default="ours,no-antispike,densify")
+    ap.add_argument("--no-compile", action="store_true", help="run without torch.compile")
     ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of ours (stage breakdown)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,7 +48,7 @@ def main() -> None:
     rows = []
     for ident in range(args.identities):
         t0 = time.perf_counter()
-        root = synthesize(head, args.out / f"subject{ident}", SynthConfig(frames=args.frames, size=args.size, seed=100 + ident, reference_gaussians=args.reference_gaussians))
+        root = synthesize(head, args.work / f"subject{ident}", SynthConfig(frames=args.frames, size=args.size, seed=100 + ident, reference_gaussians=args.reference_gaussians))
         subject = Subject.load(root)
         synth_s = time.perf_counter() - t0
         avatar = initialize_on_subject(head, subject, InitConfig(gaussians=args.gaussians))
@@ -55,7 +56,7 @@ def main() -> None:
         rows.append({"identity": ident, "method": "init", "synth_seconds": synth_s, **init_scores})
         print(json.dumps(rows[-1]), flush=True)
         for method in args.methods.split(","):
-            config = preset(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0)
+            config = preset(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0, compile=not args.no_compile)
             if device == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -67,7 +68,7 @@ def main() -> None:
             rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, **scores})
             print(json.dumps(rows[-1]), flush=True)
         if args.profile_iters and ident == 0:
-            result = refine(avatar, head, subject, replace(preset("ours"), iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0), profile=True)
+            result = refine(avatar, head, subject, preset("ours", iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0, compile=not args.no_compile), profile=True)
             per_it = {k: 1000 * v / args.profile_iters for k, v in result.timings.items()}
             rows.append({"identity": ident, "method": "ours-profile-ms-per-iteration", **per_it})
             print(json.dumps(rows[-1]), flush=True)
