@@ -1,0 +1,462 @@
+"""Two-phase training of the generator, on one device or many (torchrun DDP).
+
+    phase 1  monocular-temporal    sources and targets: one video, different times
+    phase 2  multi-view-spatial    sources and targets: different cameras; starts from the
+                                   phase-1 weights, L2-SP toward them, 25% cross-time mix
+
+Loss per step: (1 - w) L1 + w D-SSIM on the rendered target views (w = 0.2), plus the
+refinement's three anti-spike hinges on the predicted local parameters (scales measured
+against the layout's surface-init size, see ``relative_log_scales``), plus (phase 2)
+l2sp * sum ||theta - theta_phase1||^2, plus LPIPS when asked for and available locally.
+
+A run folder holds:
+
+    checkpoint.pt   everything needed to resume (fp32 weights, optimizer, step, clock,
+                    the L2-SP anchor); written every ``checkpoint_every`` steps, when the
+                    time limit is reached, and at the end
+    generator.pt    the compact weights (fp16) for `spatialavatar generate`
+    log.jsonl       one JSON line per ``log_every`` steps (loss terms, K, PSNR, lr, time)
+    summary.json    the run's configuration and final numbers (the model card's source)
+
+Running the same command again continues from checkpoint.pt, so a run longer than one
+session's time limit is a sequence of identical commands (``max_minutes`` each).
+
+Distributed: under torchrun (WORLD_SIZE > 1) every rank loads its shard of the subjects
+(rank r: subjects r, r + W, ...), samples with its own seed, and gradients are averaged by
+DistributedDataParallel (nccl on CUDA, gloo on CPU). Rank 0 writes files and the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from backend.errors import InputError
+from backend.gaussians.avatar import LocalGaussians
+from backend.generate.checkpoint import generator_from_state, read_generator_file, save_generator
+from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, shard
+from backend.generate.model import Generator, GeneratorConfig, deform_batched
+from backend.head.model import HeadModel
+from backend.refine.losses import l1, psnr, ssim_map
+from backend.refine.regularizers import AntiSpike, spike_loss
+from backend.render.camera import Cameras
+from backend.render.rasterize import render
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "generator.pt"
+LOG = "log.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+    phase: 1 (monocular-temporal) or 2 (multi-view-spatial).
+    steps: optimizer steps of the whole run (across resumed commands).
+    batch: samples per step per rank; each has K in 1..4 sources (one K per step).
+    targets: target views rendered per sample.
+    lr, lr_final, warmup: AdamW peak rate, final rate as a fraction of it (cosine decay),
+        linear warm-up steps.
+    weight_decay, grad_clip: AdamW decay; gradient-norm clip (0: off).
+    ssim_weight: w in (1 - w) L1 + w D-SSIM.
+    anti_spike: the refinement's three hinges on the predicted Gaussians.
+    l2sp: weight of sum ||theta - theta_anchor||^2 (phase 2; the anchor is the phase-1 weights).
+    cross_time: phase 2's share of samples with targets from another time.
+    lpips_weight: LPIPS term (needs the `lpips` package and its weights locally; 0 = off).
+    seed: sampling and initialization.
+    log_every, checkpoint_every: steps between log lines / checkpoints.
+    max_minutes: stop cleanly (checkpoint written) after this much wall time in one
+        command; 0 = no limit.
+    """
+
+    phase: int = 1
+    steps: int = 6_000
+    batch: int = 8
+    targets: int = 2
+    lr: float = 4e-4
+    lr_final: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ssim_weight: float = 0.2
+    anti_spike: AntiSpike = field(default_factory=AntiSpike)
+    l2sp: float = 0.0
+    cross_time: float = 0.25
+    lpips_weight: float = 0.0
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 500
+    max_minutes: float = 0.0
+
+    def check(self) -> None:
+        if self.phase not in (1, 2):
+            raise InputError(f"--phase must be 1 or 2, got {self.phase}")
+        if self.steps < 1 or self.batch < 1 or self.targets < 1:
+            raise InputError("steps, batch and targets must be positive")
+        if self.l2sp < 0 or self.lpips_weight < 0:
+            raise InputError("loss weights must be non-negative")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def phase_defaults(phase: int) -> TrainConfig:
+    """Phase 1: no anchor, no cross-time mix. Phase 2: L2-SP 1e-2, 25% cross-time, lower lr."""
+    if phase == 1:
+        return TrainConfig(phase=1, l2sp=0.0, cross_time=0.0)
+    return TrainConfig(phase=2, steps=3_000, lr=2e-4, warmup=100, l2sp=1e-2, cross_time=0.25)
+
+
+# -- losses --------------------------------------------------------------------------------
+
+
+def l2sp_penalty(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum over parameters of ||theta - theta_anchor||^2 (zero at the anchor)."""
+    total = None
+    for name, p in model.named_parameters():
+        if name in anchor:
+            d = (p - anchor[name]).pow(2).sum()
+            total = d if total is None else total + d
+    if total is None:
+        raise InputError("L2-SP anchor has none of the model's parameters")
+    return total
+
+
+class _Lpips:
+    """LPIPS through the `lpips` package, if it and its weights are present locally."""
+
+    def __init__(self, device: torch.device) -> None:
+        try:
+            import lpips  # type: ignore[import-not-found]
+
+            self.net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+        except Exception as exc:  # missing package or weights that cannot be downloaded
+            raise InputError(f"LPIPS was asked for (--lpips) but is not available locally ({type(exc).__name__}: {exc}); drop --lpips") from exc
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(a.permute(0, 3, 1, 2) * 2 - 1, b.permute(0, 3, 1, 2) * 2 - 1).mean()
+
+
+# The surface init's in-plane size in triangle units at the default layout density (~33K
+# Gaussians on the built-in head); see relative_log_scales.
+REFERENCE_IN_PLANE = 0.35
+
+
+def relative_log_scales(local: LocalGaussians, model: Generator) -> torch.Tensor:
+    """[..., N, 3] log-scales measured against the layout's own surface-init size.
+
+    The anti-spike thresholds are in triangle units, and the surface init's size in triangle
+    units grows as the layout gets coarser (a 5K layout starts above the 0.6 scale threshold).
+    Shifting every Gaussian's log-scale so that its surface-init in-plane size reads as 0.35
+    makes the hinges mean the same at every density: a Gaussian may grow to ~1.7x its initial
+    size, and to a 10:1 aspect ratio, before it is penalized. Identity at the default layout.
+    """
+    return local.log_scale - (model.base_log_scale[:, :1] - math.log(REFERENCE_IN_PLANE))
+
+
+def render_targets(model: Generator, local_batched, batch: Batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[B*T, H, W, 3] renders of the generated Gaussians in the batch's target views."""
+    t = batch.targets_per_sample
+    local = local_batched.map(lambda x: x.repeat_interleave(t, 0))
+    splats = deform_batched(batch.target_vertices, model.faces, model.binding, local)
+    h, w = batch.target_rgb.shape[1:3]
+    cams = Cameras(batch.target_K[:, None], batch.target_world_to_cam[:, None], w, h)
+    return render(splats, cams, batch.background).rgb[:, 0]
+
+
+def compute_loss(net: nn.Module, batch: Batch, config: TrainConfig, anchor: dict[str, torch.Tensor] | None = None, lpips: _Lpips | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one batch and its terms (detached).
+
+    ``net`` is the Generator or its DDP wrapper (the forward pass goes through it so DDP
+    sees it). Every term is a mean over pixels or Gaussians of equal-sized samples, so the
+    mean of per-rank losses equals the loss of the union batch.
+    """
+    model: Generator = net.module if hasattr(net, "module") else net  # type: ignore[assignment]
+    out = net(batch.sources)
+    rendered = render_targets(model, out.local, batch)
+    target = batch.target_rgb
+    term_l1 = l1(rendered, target)
+    term_dssim = 1.0 - ssim_map(rendered, target).mean()
+    loss = (1.0 - config.ssim_weight) * term_l1 + config.ssim_weight * term_dssim
+    terms = {"l1": term_l1, "dssim": term_dssim}
+    if config.anti_spike.enabled:
+        term_spike = spike_loss(relative_log_scales(out.local, model), out.local.offset, config.anti_spike)
+        loss = loss + term_spike
+        terms["spike"] = term_spike
+    if lpips is not None and config.lpips_weight > 0:
+        term_lpips = lpips(rendered, target)
+        loss = loss + config.lpips_weight * term_lpips
+        terms["lpips"] = term_lpips
+    if anchor is not None and config.l2sp > 0:
+        term_l2sp = l2sp_penalty(model, anchor)
+        loss = loss + config.l2sp * term_l2sp
+        terms["l2sp"] = term_l2sp
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["psnr"] = torch.tensor(psnr(rendered.detach().float(), target))
+    return loss, terms
+
+
+# -- distributed set-up --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def _all_true(flag: bool, info: DistInfo) -> bool:
+    if info.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / max(config.warmup, 1)
+    t = min((step - config.warmup) / max(config.steps - config.warmup, 1), 1.0)
+    return config.lr_final + (1 - config.lr_final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def load_init(path: Path, head: HeadModel) -> tuple[Generator, dict]:
+    """Phase 2's starting point: a phase-1 run folder (its fp32 checkpoint.pt, else
+    generator.pt) or a generator file. Returns the model and its summary info."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / CHECKPOINT
+        if ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model = generator_from_state(state["generator"], head, str(ckpt))
+            return model, json.loads(state.get("summary", "{}"))
+        path = path / WEIGHTS
+    data = read_generator_file(path)
+    return generator_from_state(data, head, str(path)), json.loads(data.get("info", "{}") or "{}")
+
+
+Log = Callable[[str], None]
+
+
+def train(
+    config: TrainConfig,
+    model_config: GeneratorConfig,
+    data: list[str | Path],
+    run_dir: str | Path,
+    head: HeadModel,
+    init: str | Path | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    log: Log | None = None,
+) -> dict:
+    """Train (or continue training) a generator; returns the run summary.
+
+    Args:
+        model_config: the architecture of a fresh phase-1 network (phase 2 takes the
+            architecture of ``init``).
+        data: subject folders, or folders holding them.
+        run_dir: the run folder (resumed when it holds a checkpoint of the same phase).
+        init: phase 2: the phase-1 run folder or generator file (also the L2-SP anchor);
+            phase 1: optional weights to start from (a warm start: fresh optimizer and steps).
+    """
+    config.check()
+    info = setup_distributed(device)
+    say = log if (log is not None and info.main) else (lambda msg: None)
+    run = Path(run_dir)
+    if info.main:
+        run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / CHECKPOINT
+    resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+    if resume is not None and resume["phase"] != config.phase:
+        raise InputError(f"{ckpt_path} is a phase-{resume['phase']} run; use another --run folder for phase {config.phase}")
+    torch.manual_seed(config.seed)
+
+    anchor_state: dict[str, torch.Tensor] | None = None
+    init_info: dict = {}
+    if resume is not None:
+        model = generator_from_state(resume["generator"], head, str(ckpt_path))
+        anchor_state = resume.get("anchor") or None
+        init_info = json.loads(resume.get("init_info", "{}"))
+    elif config.phase == 2:
+        if init is None:
+            raise InputError("phase 2 starts from phase 1: pass the phase-1 run folder or generator file with --init")
+        model, init_info = load_init(Path(init), head)
+        anchor_state = {k: v.detach().clone() for k, v in model.named_parameters()} if config.l2sp > 0 else None
+    elif init is not None:
+        # Phase 1 warm start (e.g. a generator.pt from an earlier machine): weights only.
+        model, init_info = load_init(Path(init), head)
+    else:
+        model = Generator.for_head(model_config, head)
+    model = model.to(info.device)
+    anchor = {k: v.to(info.device) for k, v in anchor_state.items()} if anchor_state else None
+    head = head.to(info.device)
+
+    roots = find_subjects(data)
+    my_roots = shard(roots, info.rank, info.world)
+    t_load = time.perf_counter()
+    corpus = Corpus(my_roots, head, info.device)
+    say(f"rank 0: {len(corpus)} of {len(roots)} subjects loaded in {time.perf_counter() - t_load:.1f} s ({corpus.width}x{corpus.height})")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    start = 0
+    elapsed = 0.0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        start = int(resume["step"])
+        elapsed = float(resume["seconds"])
+    sampler = PhaseSampler(corpus.layouts(), config.phase, config.targets, config.cross_time, seed=[config.seed, info.rank, start])
+    net: nn.Module = model
+    if info.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False)
+    lpips = _Lpips(info.device) if config.lpips_weight > 0 else None
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def summary(step: int, last: dict) -> dict:
+        return {
+            "phase": config.phase,
+            "steps_done": step,
+            "steps": config.steps,
+            "seconds": round(elapsed, 1),
+            "world_size": info.world,
+            "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+            "subjects": len(roots),
+            "data": [str(p) for p in data],
+            "image_size": [corpus.width, corpus.height],
+            "frames_per_subject": sorted({f for f, _ in corpus.layouts()}),
+            "cameras_per_subject": sorted({c for _, c in corpus.layouts()}),
+            "train_config": config.to_dict(),
+            "model_config": model.config.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "gaussians": model.config.gaussians,
+            # The run this one started from (phase 2: the phase-1 summary), without its own "init".
+            "init": {k: v for k, v in init_info.items() if k != "init"} if init_info.get("phase") else None,
+            "last": last,
+        }
+
+    def write_checkpoint(step: int, last: dict) -> None:
+        if not info.main:
+            return
+        from backend.generate.checkpoint import generator_state
+
+        state = {
+            "phase": config.phase,
+            "step": step,
+            "seconds": elapsed,
+            "generator": generator_state(model, half=False),
+            "optimizer": optimizer.state_dict(),
+            "anchor": {k: v.detach().cpu() for k, v in anchor.items()} if anchor else {},
+            "init_info": json.dumps(init_info),
+            "train_config": json.dumps(config.to_dict()),
+            "summary": json.dumps(summary(step, last)),
+        }
+        tmp = ckpt_path.with_name(CHECKPOINT + ".partial")
+        torch.save(state, tmp)
+        tmp.replace(ckpt_path)
+        save_generator(model, run / WEIGHTS, summary(step, last))
+        (run / SUMMARY).write_text(json.dumps(summary(step, last), indent=1))
+
+    bar = None
+    if show_progress and info.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=f"phase {config.phase}", unit="step", dynamic_ncols=True)
+    log_file = open(run / LOG, "a") if info.main else None
+    t0 = time.perf_counter()
+    t_last = t0
+    elapsed0 = elapsed
+    last: dict = {}
+    step = start
+    sums: dict[str, float] = {}
+    count = 0
+    try:
+        while step < config.steps:
+            over = config.max_minutes > 0 and time.perf_counter() - t0 > config.max_minutes * 60
+            if _all_true(over, info):
+                say(f"time limit of {config.max_minutes} min reached at step {step}; run the same command again to continue")
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = config.lr * _lr_factor(step, config)
+            k, samples = sampler.batch(config.batch)
+            batch = corpus.batch(samples)
+            model.train()
+            loss, terms = compute_loss(net, batch, config, anchor, lpips)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            for key, value in {"loss": loss.detach(), **terms}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            sums["k"] = sums.get("k", 0.0) + k
+            count += 1
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                elapsed = elapsed0 + now - t0
+                last = {key: round(v / count, 5) for key, v in sums.items()}
+                last |= {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 1), "steps_per_s": round(count / max(now - t_last, 1e-9), 2)}
+                if log_file is not None:
+                    log_file.write(json.dumps(last) + "\n")
+                    log_file.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}")
+                sums, count, t_last = {}, 0, now
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                elapsed = elapsed0 + time.perf_counter() - t0
+                write_checkpoint(step, last)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    elapsed = elapsed0 + time.perf_counter() - t0
+    write_checkpoint(step, last)
+    if info.world > 1:
+        dist.barrier()
+    result = summary(step, last) | {"run": str(run), "finished": step >= config.steps}
+    return result
+
+
+def with_overrides(base: TrainConfig, **overrides: object) -> TrainConfig:
+    """``base`` with the overrides that are not None."""
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
