@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="results: bench_refine.json and worst-view pictures")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_refine"), help="where the synthetic subjects are written")
     ap.add_argument("--identities", type=int, default=3)
+    ap.add_argument("--first-identity", type=int, default=0, help="to split the identities over several runs")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--iters", type=int, default=10_000)
@@ -46,7 +47,7 @@ def main() -> None:
     head = load_head_model().to(device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for ident in range(args.identities):
+    for ident in range(args.first_identity, args.first_identity + args.identities):
         t0 = time.perf_counter()
         root = synthesize(head, args.work / f"subject{ident}", SynthConfig(frames=args.frames, size=args.size, seed=100 + ident, reference_gaussians=args.reference_gaussians))
         subject = Subject.load(root)
@@ -67,7 +68,7 @@ def main() -> None:
             scores = evaluate(result.avatar, head, subject, worst_view_png=args.out / f"worst_{method}_id{ident}.png")
             rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, **scores})
             print(json.dumps(rows[-1]), flush=True)
-        if args.profile_iters and ident == 0:
+        if args.profile_iters and ident == args.first_identity:
             result = refine(avatar, head, subject, preset("ours", iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0, compile=not args.no_compile), profile=True)
             per_it = {k: 1000 * v / args.profile_iters for k, v in result.timings.items()}
             rows.append({"identity": ident, "method": "ours-profile-ms-per-iteration", **per_it})
