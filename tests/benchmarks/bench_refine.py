@@ -6,7 +6,7 @@ budget, and evaluate on the test split. Writes a JSON with every number and a pi
 each method's worst test view (ground truth | render).
 
     python tests/benchmarks/bench_refine.py --out DIR [--identities 3] [--size 512]
-        [--iters 10000] [--gaussians 100000] [--frames 100] [--methods ours,no-antispike,densify]
+        [--iters 10000] [--gaussians 100000] [--frames 100] [--methods 'ours;no-antispike;densify']
         [--profile-iters 500] [--work DIR]
 """
 
@@ -22,10 +22,21 @@ import torch
 from backend.data.subject import Subject
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.head.registry import load_head_model
-from backend.refine.config import preset
+from backend.refine.config import RefineConfig, preset
 from backend.refine.evaluate import evaluate
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.refine import refine
+
+
+def _config(method: str, **fields: object) -> RefineConfig:
+    """A preset name, or NAME={"anti_spike": {...}, "lr": {...}, ...}: overrides of "ours"."""
+    if "=" not in method:
+        return preset(method, **fields)
+    overrides = json.loads(method.split("=", 1)[1])
+    d = preset("ours", **fields).to_dict()
+    for key, value in overrides.items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) else value
+    return RefineConfig.from_dict(d)
 
 
 def main() -> None:
@@ -39,7 +50,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10_000)
     ap.add_argument("--gaussians", type=int, default=100_000)
     ap.add_argument("--reference-gaussians", type=int, default=400_000)
-    ap.add_argument("--methods", default="ours,no-antispike,densify")
+    ap.add_argument("--methods", default="ours;no-antispike;densify", help="';'-separated presets, or NAME=JSON overrides of 'ours'")
     ap.add_argument("--no-compile", action="store_true", help="run without torch.compile")
     ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of ours (stage breakdown)")
     args = ap.parse_args()
@@ -56,8 +67,9 @@ def main() -> None:
         init_scores = evaluate(avatar, head, subject)
         rows.append({"identity": ident, "method": "init", "synth_seconds": synth_s, **init_scores})
         print(json.dumps(rows[-1]), flush=True)
-        for method in args.methods.split(","):
-            config = preset(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0, compile=not args.no_compile)
+        for method in args.methods.split(";"):
+            config = _config(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0, compile=not args.no_compile)
+            method = method.split("=", 1)[0]
             if device == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
