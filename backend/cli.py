@@ -312,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from backend.server.service import Service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    config = ServiceConfig(bind=args.bind, store=args.store or default_store(), device=args.device, flame=args.flame, keys=args.keys)
+    config = ServiceConfig(bind=args.bind, store=args.store or default_store(), device=args.device, flame=args.flame, generator=args.generator, keys=args.keys)
     service = Service(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: service.request_stop())
@@ -452,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; anything but loopback needs --keys (default: %(default)s)")
     p.add_argument("--store", type=Path, help="folder of avatars, subjects and jobs (default: $SPATIALAVATAR_STORE, else the user data folder)")
     p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
+    p.add_argument("--generator", type=Path, metavar="FILE", help="stage-1 generator checkpoint (default: the one `spatialavatar generate` uses)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("keys", parents=[common], help="make CurveZMQ keys for the service and one client")

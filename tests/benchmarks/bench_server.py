@@ -1,0 +1,180 @@
+"""Service round-trip benchmark: transport and (de)serialization cost per rendered frame.
+
+    python -m tests.benchmarks.bench_server --device cpu --sizes 256 512
+    python -m tests.benchmarks.bench_server --device cuda --sizes 512 --gaussians 100000
+
+Starts ``spatialavatar serve`` as a separate process on a loopback port, imports an avatar,
+then, from this process, times (1) single-frame render requests, one at a time: the round
+trip against the ``render_ms`` the service reports for the same frame (posing, rasterizing,
+copying out), so overhead = round trip - render_ms is what the wire, the framing and the
+checks cost; and (2) one streamed render of many frames, in frames per second. For scale,
+it also times the same reply bytes through a bare ZeroMQ socket pair between two processes
+(the floor no service can go under). Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from backend.gaussians.files import avatar_to_bytes, load_avatar  # noqa: E402
+from backend.gaussians.surface import surface_avatar  # noqa: E402
+from backend.head.registry import load_head_model  # noqa: E402
+from backend.render.camera import intrinsics, look_at  # noqa: E402
+from backend.server.client import Client  # noqa: E402
+from backend.server.protocol import decode_reply, encode_reply, encode_request  # noqa: E402
+from tests.test_server_support import service_process  # noqa: E402
+
+
+def camera(size: int) -> dict[str, np.ndarray]:
+    return {
+        "intrinsics": intrinsics(size, size, focal_px=2.0 * size).numpy().astype("<f4"),
+        "world_to_cam": look_at((0.0, 0.02, 0.75), (0.0, 0.0, 0.0)).numpy().astype("<f4"),
+    }
+
+
+def expressions(n_expr: int, frames: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "expr": (rng.normal(size=(frames, n_expr)) * 0.5).astype("<f4"),
+        "jaw_pose": np.abs(rng.normal(size=(frames, 3)) * 0.1).astype("<f4"),
+    }
+
+
+def _floor_server(ports: mp.Queue, size: int, rgba: str) -> None:
+    """A bare ROUTER answering every message with one pre-encoded render reply."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    reply = encode_reply("floor", "render", {"frame": 0}, {"rgba": np.zeros((size, size, 4), rgba), "depth": np.zeros((size, size), "<f4")})
+    while True:
+        msg = sock.recv_multipart()
+        if msg[1] == b"stop":
+            break
+        sock.send_multipart([msg[0], *reply], copy=False)
+    sock.close()
+    ctx.term()
+
+
+def transport_floor(size: int, rgba: str, repeats: int = 30) -> float:
+    """Median ms of the same reply bytes through plain ZeroMQ between two processes: what
+    framing and loopback TCP cost with no service at all."""
+    spawn = mp.get_context("spawn")
+    ports: mp.Queue = spawn.Queue()
+    proc = spawn.Process(target=_floor_server, args=(ports, size, rgba))
+    proc.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=120)}")
+    times = []
+    _, request = encode_request("render", {"avatar": "av_0000000000000000", "width": size, "height": size})
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        sock.send_multipart(request)
+        decode_reply(sock.recv_multipart(copy=False), check_finite=False)
+        times.append(1e3 * (time.perf_counter() - t0))
+    sock.send_multipart([b"stop"])
+    sock.close()
+    proc.join(30)
+    return statistics.median(times[3:])
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--gaussians", type=int, default=20_000)
+    parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="single-frame round trips per size")
+    parser.add_argument("--frames", type=int, default=24, help="frames of the streamed render per size")
+    parser.add_argument("--avatar", type=Path, help="an avatar .npz to import instead of a surface avatar of --gaussians")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per size instead of a table")
+    args = parser.parse_args()
+
+    head = load_head_model()
+    if args.avatar:
+        avatar = load_avatar(args.avatar)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        avatar = surface_avatar(head, torch.zeros(head.n_shape), args.gaussians, lambda f, b: torch.rand(f.shape[0], 3, generator=gen))
+    rows = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        service_process(Path(tmp) / "store", device=args.device) as service,
+        Client(service.endpoint, timeout_s=600) as client,
+    ):
+        hello = client.call("hello").result
+        hellos = []
+        for _ in range(50):  # the floor: a round trip that never reaches the device worker
+            t0 = time.perf_counter()
+            client.call("hello")
+            hellos.append(1e3 * (time.perf_counter() - t0))
+        aid = client.call("import", {}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
+        for size in args.sizes:
+            req = {"avatar": aid, "width": size, "height": size, "rgba": args.rgba}
+            trips, renders = [], []
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                reply = client.call("render", req, expressions(head.n_expr, 1, i) | camera(size))
+                trip = 1e3 * (time.perf_counter() - t0)
+                if i >= args.warmup:
+                    trips.append(trip)
+                    renders.append(reply.result["render_ms"])
+            overhead = [t - r for t, r in zip(trips, renders)]
+            t0 = time.perf_counter()
+            streamed = list(client.stream("render", req, expressions(head.n_expr, args.frames, 99) | camera(size)))
+            wall = time.perf_counter() - t0
+            payload = sum(a.nbytes for a in streamed[0].arrays.values())
+            rows.append(
+                {
+                    "size": size,
+                    "round_trip_ms": round(statistics.median(trips), 2),
+                    "render_ms": round(statistics.median(renders), 2),
+                    "overhead_ms_median": round(statistics.median(overhead), 2),
+                    "overhead_ms_p90": round(percentile(overhead, 90), 2),
+                    "floor_ms": round(transport_floor(size, args.rgba), 2),
+                    "stream_fps": round(len(streamed) / wall, 2),
+                    "stream_render_fps": round(1e3 * len(streamed) / sum(r.result["render_ms"] for r in streamed), 2),
+                    "reply_mib": round(payload / 2**20, 2),
+                }
+            )
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(f"# hello round trip (no device work): median {statistics.median(hellos):.2f} ms")
+    print(
+        f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}; client and service on {machine}"
+    )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(
+        "| size | round trip ms | render ms | overhead ms (median / p90) | plain ZeroMQ floor ms | streamed fps | render-only fps | reply MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size']} | {r['round_trip_ms']} | {r['render_ms']} | {r['overhead_ms_median']} / {r['overhead_ms_p90']} "
+            f"| {r['floor_ms']} | {r['stream_fps']} | {r['stream_render_fps']} | {r['reply_mib']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Jobs over the wire: progress events, results, cancel, and renders answered while a job runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from backend.head.model import HeadModel
+from backend.server.client import Client
+from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
+from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_thread, small_avatar
+
+SUBJECT = {"frames": 3, "size": 32, "reference_gaussians": 1000, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, head: HeadModel) -> Iterator[tuple[Client, str, str]]:
+    """(client, avatar id, subject id) of a service with one avatar and one small synthetic subject."""
+    with service_thread(tmp_path_factory.mktemp("store")) as service, Client(service.endpoint, timeout_s=60) as client:
+        aid = client.call("import", {"name": "base"}, {"file": npz_buffer(small_avatar(head))}).result["avatar"]["id"]
+        job = client.call("synthesize", SUBJECT).result["job"]
+        final = client.call("watch", {"job": job["id"]}).result["job"]
+        assert final["state"] == "done", final
+        yield client, aid, final["result"]["subject"]
+
+
+def test_job_reports_progress_and_its_result(served) -> None:
+    client, _, subject = served
+    job = client.call("initialize", {"subject": subject, "gaussians": 1000, "name": "fitted"}).result["job"]
+    assert job["state"] == "queued" and job["result"]["avatar"].startswith("av_")
+    events = [r.result["job"] for r in client.stream("watch", {"job": job["id"]})]
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps) and events[-1]["state"] == "done"
+    assert events[-1]["step"] == events[-1]["total"] == SUBJECT["frames"] + 1
+    info = client.call("get", {"id": job["result"]["avatar"], "buffers": True}).result["avatar"]
+    assert info["name"] == "fitted" and info["gaussians"] == 1000
+    assert len(info["meta"]["fit"]["psnr"]) == SUBJECT["frames"] and info["meta"]["fit"]["psnr_mean"] > 10
+    with pytest.raises(WireError) as err:
+        client.call("cancel", {"job": job["id"]})
+    assert err.value.code == ErrorCode.CONFLICT
+    assert job["id"] in {j["id"] for j in client.call("list", {"kind": "jobs"}).result["jobs"]}
+
+
+def test_a_retried_submission_makes_one_job(served) -> None:
+    client, aid, subject = served
+    _, frames = encode_request(
+        "refine", {"avatar": aid, "subject": subject, "iterations": 2, "max_scale": 100.0}, request_id="retried-refine"
+    )
+    jobs = []
+    for _ in range(2):  # what a Lazy Pirate retry does: the same request on a fresh socket
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(client.endpoint)
+        try:
+            sock.send_multipart(frames)
+            assert sock.poll(30_000)
+            jobs.append(decode_reply(sock.recv_multipart()).result["job"]["id"])
+        finally:
+            sock.close()
+    assert jobs[0] == jobs[1]
+    assert client.call("watch", {"job": jobs[0]}).result["job"]["state"] == "done"
+
+
+def test_render_is_answered_while_a_refinement_runs(served, head: HeadModel) -> None:
+    client, aid, subject = served
+    job = client.call(
+        "refine", {"avatar": aid, "subject": subject, "iterations": 100_000, "checkpoint_every": 2, "max_scale": 100.0}
+    ).result["job"]
+    jid = job["id"]
+    try:
+        for event in client.stream("watch", {"job": jid}):  # until it is really running
+            if event.result["job"]["step"] > 0:
+                break
+        K, w2c = front_camera(32)
+        t0 = time.monotonic()
+        frames = list(
+            client.stream(
+                "render", {"avatar": aid, "width": 32, "height": 32}, flame_buffers(head, 3) | {"intrinsics": K, "world_to_cam": w2c}
+            )
+        )
+        waited = time.monotonic() - t0
+        during = client.call("get", {"id": jid}).result["job"]
+        assert [f.seq for f in frames] == [0, 1, 2]
+        assert during["state"] == "running" and during["step"] < during["total"], during
+        assert waited < 10.0
+    finally:
+        cancelled = client.call("cancel", {"job": jid}).result["job"]
+    assert cancelled["id"] == jid
+    final = client.call("watch", {"job": jid}).result["job"]
+    assert final["state"] == "cancelled" and not final["resumable"]
+    with pytest.raises(WireError) as err:
+        client.call("resume", {"job": jid})
+    assert err.value.code == ErrorCode.CONFLICT

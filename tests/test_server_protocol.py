@@ -1,0 +1,192 @@
+"""The wire protocol on its own: round trips, strict decoding, and no torch on the client side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from backend.server.args import Args
+from backend.server.protocol import (
+    DTYPES,
+    ErrorCode,
+    Limits,
+    WireError,
+    decode_reply,
+    decode_request,
+    encode_error,
+    encode_reply,
+    encode_request,
+    salvage_id,
+)
+from backend.server.security import check_bind, is_loopback
+
+BYTE_ORDERS = ("<", ">", "=")
+
+
+@st.composite
+def any_array(draw) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """An array of a wire dtype, in any byte order and memory layout, finite when floating."""
+    code = draw(st.sampled_from(DTYPES))
+    dtype = np.dtype(code).newbyteorder(draw(st.sampled_from(BYTE_ORDERS)))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    elements = st.floats(-1e4, 1e4, width=16 if code == "<f2" else 32) if code[1] == "f" else None
+    a = draw(hnp.arrays(dtype, shape, elements=elements))
+    return a.T if draw(st.booleans()) else a  # Fortran order too
+
+
+def _names(n: int) -> list[str]:
+    return [f"b{i}" for i in range(n)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(any_array(), max_size=4), st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=3))
+def test_request_round_trip_every_dtype_byte_order_and_shape(arrays: list[np.ndarray], args: dict) -> None:
+    named = dict(zip(_names(len(arrays)), arrays))
+    rid, frames = encode_request("render", args, named)
+    req = decode_request([bytes(f) for f in frames])
+    assert (req.id, req.op, req.args) == (rid, "render", args)
+    assert list(req.arrays) == list(named)
+    for name, a in named.items():
+        got = req.arrays[name]
+        assert got.dtype.str.replace("|", "<") == np.dtype(a.dtype).newbyteorder("<").str.replace("|", "<")
+        assert got.shape == a.shape
+        np.testing.assert_array_equal(got, a)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(any_array(), max_size=3), st.integers(0, 1000), st.booleans())
+def test_reply_round_trip(arrays: list[np.ndarray], seq: int, final: bool) -> None:
+    named = dict(zip(_names(len(arrays)), arrays))
+    reply = decode_reply([bytes(f) for f in encode_reply("abc", "deform", {"frame": 3}, named, seq, final)])
+    assert (reply.id, reply.op, reply.ok, reply.seq, reply.final, reply.result) == ("abc", "deform", True, seq, final, {"frame": 3})
+    for name, a in named.items():
+        np.testing.assert_array_equal(reply.arrays[name], a)
+
+
+def test_error_reply_round_trip() -> None:
+    reply = decode_reply(encode_error("abc", "get", ErrorCode.NOT_FOUND, "no avatar av_0"))
+    assert not reply.ok and reply.final
+    assert reply.error is not None and reply.error.code == ErrorCode.NOT_FOUND
+    with pytest.raises(WireError, match="get: no avatar av_0"):
+        reply.raise_for_error()
+
+
+def _request(header: dict, *buffers: bytes) -> list[bytes]:
+    return [json.dumps(header).encode(), *buffers]
+
+
+GOOD = {"protocol": 1, "id": "r1", "op": "render", "args": {}, "buffers": [{"name": "expr", "dtype": "<f4", "shape": [2]}]}
+F8 = np.zeros(2, "<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    "frames, code, words",
+    [
+        ([], ErrorCode.MALFORMED, "empty message"),
+        ([b"\xff\xfe"], ErrorCode.MALFORMED, "UTF-8"),
+        ([b"{not json"], ErrorCode.MALFORMED, "not valid JSON"),
+        ([b"[1, 2]"], ErrorCode.MALFORMED, "JSON object"),
+        ([b'{"protocol": NaN}'], ErrorCode.MALFORMED, "NaN is not allowed"),
+        (_request(GOOD | {"protocol": 2}, F8), ErrorCode.UNSUPPORTED_VERSION, "speaks protocol 1"),
+        (_request(GOOD | {"protocol": True}, F8), ErrorCode.MALFORMED, "'protocol'"),
+        (_request(GOOD | {"id": "../x y"}, F8), ErrorCode.MALFORMED, "'id'"),
+        (_request(GOOD | {"op": "Render"}, F8), ErrorCode.MALFORMED, "'op'"),
+        (_request(GOOD | {"extra": 1}, F8), ErrorCode.MALFORMED, "'extra'"),
+        (_request(GOOD | {"args": []}, F8), ErrorCode.MALFORMED, "'args'"),
+        (_request(GOOD), ErrorCode.MALFORMED, "1 buffers but the message has 0"),
+        (_request(GOOD, F8[:-1]), ErrorCode.MALFORMED, "buffer 'expr' should hold 8 bytes"),
+        (_request(GOOD | {"buffers": [{"name": "expr", "dtype": ">f4", "shape": [2]}]}, F8), ErrorCode.MALFORMED, "buffers[0].dtype"),
+        (_request(GOOD | {"buffers": [{"name": "expr", "dtype": "<f8", "shape": [1]}]}, F8), ErrorCode.MALFORMED, "buffers[0].dtype"),
+        (_request(GOOD | {"buffers": [{"name": "expr", "dtype": "<f4", "shape": [-2]}]}, F8), ErrorCode.MALFORMED, "buffers[0].shape"),
+        (_request(GOOD | {"buffers": [{"name": "expr", "dtype": "<f4", "shape": [2**62, 2**62]}]}, F8), ErrorCode.MALFORMED, "should hold"),
+        (_request(GOOD | {"buffers": [{"name": "EXPR", "dtype": "<f4", "shape": [2]}]}, F8), ErrorCode.MALFORMED, "buffers[0].name"),
+        (_request(GOOD, np.array([np.nan, 0], "<f4").tobytes()), ErrorCode.INVALID_ARGUMENT, "'expr' contains NaN"),
+        (_request(GOOD, np.array([np.inf, 0], "<f4").tobytes()), ErrorCode.INVALID_ARGUMENT, "'expr' contains NaN or Inf"),
+    ],
+)
+def test_decode_refuses_with_one_sentence_naming_the_field(frames: list[bytes], code: ErrorCode, words: str) -> None:
+    with pytest.raises(WireError) as info:
+        decode_request(frames)
+    assert info.value.code == code
+    assert words in str(info.value)
+
+
+def test_size_limits() -> None:
+    small = Limits(max_message_bytes=1000, max_header_bytes=200, max_buffers=2)
+    with pytest.raises(WireError) as info:
+        decode_request(_request(GOOD, b"\0" * 2000), small)
+    assert info.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(WireError) as info:
+        encode_request("render", {"text": "x" * 300}, limits=small)
+    assert info.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(WireError) as info:
+        encode_request("render", arrays={n: np.zeros(1, "<f4") for n in "abc"}, limits=small)
+    assert info.value.code == ErrorCode.TOO_LARGE
+
+
+def test_encode_refuses_dtypes_off_the_wire() -> None:
+    for bad in (np.zeros(2, np.float64), np.zeros(2, bool), np.array(["a"])):
+        with pytest.raises(WireError, match="cannot travel"):
+            encode_request("x", arrays={"a": bad})
+
+
+def test_salvage_id_of_broken_messages() -> None:
+    header = dict(GOOD)
+    assert salvage_id(_request(header)) == ("r1", "render")
+    assert salvage_id([b"garbage"]) == ("-", "malformed")
+    assert salvage_id(_request(header | {"id": 5, "op": "../"})) == ("-", "malformed")
+
+
+def test_args_accessors_name_the_field() -> None:
+    _, frames = encode_request("render", {"width": 0, "name": "x", "flag": "yes", "path": "/etc/passwd"}, {"expr": np.zeros((2, 3), "<f4")})
+    a = Args(decode_request([bytes(f) for f in frames]))
+    with pytest.raises(WireError, match="render: argument 'width' must be an integer in \\[1, 64\\], got 0"):
+        a.int("width", lo=1, hi=64)
+    with pytest.raises(WireError, match="argument 'flag' must be true or false"):
+        a.bool("flag", False)
+    with pytest.raises(WireError, match="buffer 'expr' must have shape \\[\\*, 4\\]"):
+        a.array("expr", ("<f4",), [(None, 4)])
+    assert a.str("name") == "x"
+    with pytest.raises(WireError, match="unknown argument 'path'"):
+        a.done()
+
+
+def test_pure_modules_import_neither_torch_nor_bpy() -> None:
+    code = (
+        "import sys; import backend.server.protocol, backend.server.client, backend.server.security, backend.server.args; "
+        "bad = [m for m in ('torch', 'bpy') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint, loopback",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.2:*", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc://spatialavatar.sock", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://192.168.1.10:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://example.org:5555", False),
+        ("nonsense", False),
+    ],
+)
+def test_loopback_rule(endpoint: str, loopback: bool) -> None:
+    assert is_loopback(endpoint) is loopback
+    if loopback:
+        check_bind(endpoint, None)
+    else:
+        with pytest.raises(Exception, match="refusing to bind"):
+            check_bind(endpoint, None)

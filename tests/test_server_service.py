@@ -1,0 +1,267 @@
+"""The service over real loopback sockets: every operation, errors, several clients, vanishing clients."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from PIL import Image
+from plyfile import PlyData
+
+from backend.gaussians.avatar import Avatar, deform
+from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
+from backend.head.model import HeadModel
+from backend.server.client import Client
+from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
+from backend.server.service import Service
+from tests.test_server_support import flame_buffers, front_camera, npz_buffer, reference_render, service_thread, small_avatar
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, head: HeadModel) -> Iterator[tuple[Service, Client, str, Avatar]]:
+    """One service with one imported avatar for the whole module."""
+    with service_thread(tmp_path_factory.mktemp("store")) as service:
+        client = Client(service.endpoint, timeout_s=30, retries=0)
+        avatar = small_avatar(head)
+        aid = client.call("import", {"name": "test head"}, {"file": npz_buffer(avatar)}).result["avatar"]["id"]
+        try:
+            yield service, client, aid, avatar
+        finally:
+            client.close()
+
+
+def render_request(aid: str, head: HeadModel, frames: int, **args: object) -> tuple[dict, dict]:
+    K, w2c = front_camera(SIZE)
+    return {"avatar": aid, "width": SIZE, "height": SIZE} | args, flame_buffers(head, frames) | {"intrinsics": K, "world_to_cam": w2c}
+
+
+def error_of(client: Client, op: str, args: dict | None = None, arrays: dict | None = None) -> WireError:
+    with pytest.raises(WireError) as info:
+        client.call(op, args, arrays)
+    return info.value
+
+
+def png_bytes(size: int = 32) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(buf, "PNG")
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def test_hello_says_what_the_service_can_do(served) -> None:
+    _, client, _, _ = served
+    hello = client.call("hello").result
+    assert hello["protocol"] == 1 and hello["device"] == "cpu" and "reference" in hello["rasterizer"]
+    caps = hello["capabilities"]
+    assert caps["render"]["available"] and caps["deform"]["available"] and caps["refine"]["available"]
+    assert caps["track"]["available"] == (importlib.util.find_spec("mediapipe") is not None)
+    assert not caps["generate"]["available"] and "generator checkpoint" in caps["generate"]["reason"]
+    assert hello["head"]["name"] == "builtin-v1" and hello["secure"] is False
+
+
+def test_store_operations(served, head: HeadModel) -> None:
+    _, client, aid, avatar = served
+    listed = {a["id"]: a for a in client.call("list").result["avatars"]}
+    assert listed[aid]["name"] == "test head" and listed[aid]["gaussians"] == avatar.count
+    got = client.call("get", {"id": aid, "buffers": True})
+    np.testing.assert_array_equal(got.arrays["offset"], avatar.local.offset.numpy())
+    np.testing.assert_array_equal(got.arrays["face_idx"], avatar.binding.face_idx.numpy())
+    np.testing.assert_array_equal(got.arrays["sh"], avatar.local.sh.numpy())
+    npz = client.call("export", {"avatar": aid, "format": "npz"}).arrays["file"]
+    again = avatar_from_bytes(npz.tobytes())
+    torch.testing.assert_close(again.local.log_scale, avatar.local.log_scale)
+    ply = client.call("export", {"avatar": aid, "format": "ply"}).arrays["file"]
+    assert PlyData.read(io.BytesIO(ply.tobytes()))["vertex"].count == avatar.count
+    other = client.call("import", {"name": "second"}, {"file": npz_buffer(small_avatar(head, 1000, seed=1))}).result["avatar"]["id"]
+    assert client.call("delete", {"id": other}).result == {"deleted": other}
+    assert other not in {a["id"] for a in client.call("list").result["avatars"]}
+    assert error_of(client, "get", {"id": other}).code == ErrorCode.NOT_FOUND
+
+
+def test_deform_matches_the_backend(served, head: HeadModel) -> None:
+    _, client, aid, avatar = served
+    buffers = flame_buffers(head, 3, seed=4)
+    replies = list(client.stream("deform", {"avatar": aid, "statics": True}, buffers))
+    assert [r.seq for r in replies] == [0, 1, 2] and [r.final for r in replies] == [False, False, True]
+    params = head.neutral_params(3)
+    for name, value in buffers.items():
+        setattr(params, name, torch.from_numpy(value.copy()))
+    with torch.no_grad():
+        splats = deform(avatar, head, avatar.params_for(params))
+    for t, r in enumerate(replies):
+        np.testing.assert_allclose(r.arrays["positions"], splats.means[t].numpy(), atol=1e-6)
+        np.testing.assert_allclose(r.arrays["scales"], splats.scales[t].numpy(), rtol=1e-5)
+    assert "opacities" in replies[0].arrays and "opacities" not in replies[1].arrays
+    small = list(client.stream("deform", {"avatar": aid, "max_gaussians": 100}, buffers))
+    index = small[0].arrays["index"]
+    assert index.shape == (100,) and len(np.unique(index)) == 100
+    np.testing.assert_allclose(small[2].arrays["positions"], splats.means[2].numpy()[index], atol=1e-6)
+
+
+def test_render_matches_the_backend_and_streams_in_order(served, head: HeadModel) -> None:
+    _, client, aid, avatar = served
+    args, arrays = render_request(aid, head, 3)
+    replies = list(client.stream("render", args, arrays))
+    assert [r.result["frame"] for r in replies] == [0, 1, 2] and replies[-1].final
+    assert all(r.result["render_ms"] > 0 for r in replies)
+    for r, (rgba, depth) in zip(replies, reference_render(avatar, head, arrays, SIZE)):
+        np.testing.assert_allclose(r.arrays["rgba"], rgba, atol=1e-5)
+        np.testing.assert_allclose(r.arrays["depth"], depth, atol=1e-5)
+    assert replies[0].arrays["rgba"][..., 3].max() > 0.9  # the head is in view
+    args, arrays = render_request(aid, head, 1, rgba="<u1", depth="none", background=[1.0, 1.0, 1.0])
+    reply = client.call("render", args, arrays)
+    assert reply.arrays["rgba"].dtype == np.uint8 and "depth" not in reply.arrays
+    assert reply.arrays["rgba"][0, 0, :3].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    "op, args, arrays, code, words",
+    [
+        ("nope", {}, {}, ErrorCode.UNKNOWN_OP, "unknown operation 'nope'"),
+        ("hello", {"path": "/etc/passwd"}, {}, ErrorCode.INVALID_ARGUMENT, "unknown argument 'path'"),
+        ("render", {"avatar": "av_0123456789abcdef", "width": 8, "height": 8}, {}, ErrorCode.NOT_FOUND, "no avatar"),
+        ("get", {"id": "../../etc/passwd"}, {}, ErrorCode.INVALID_ARGUMENT, "'id'"),
+        ("list", {"kind": "files"}, {}, ErrorCode.INVALID_ARGUMENT, "'kind' must be one of"),
+        ("import", {}, {"file": np.frombuffer(b"PK\x03\x04 not really", np.uint8)}, ErrorCode.INVALID_ARGUMENT, "the uploaded file"),
+        (
+            "track",
+            {},
+            {"image0": np.frombuffer(b"not an image", np.uint8)},
+            ErrorCode.INVALID_ARGUMENT,
+            "'image0' is not a decodable image",
+        ),
+        (
+            "track",
+            {},
+            {"image0": png_bytes(), "video": np.frombuffer(b"\0\0\0\0ftypisom", np.uint8)},
+            ErrorCode.INVALID_ARGUMENT,
+            "either portraits",
+        ),
+        ("track", {}, {"image1": png_bytes()}, ErrorCode.INVALID_ARGUMENT, "image0, image1"),
+        ("track", {}, {"video": np.frombuffer(b"\0" * 64, np.uint8)}, ErrorCode.INVALID_ARGUMENT, "not an MP4"),
+        ("generate", {}, {f"portrait{i}": png_bytes() for i in range(5)}, ErrorCode.INVALID_ARGUMENT, "1 to 4 portraits"),
+        ("generate", {}, {"portrait0": png_bytes(), "portrait1": png_bytes()}, ErrorCode.NOT_AVAILABLE, "generator checkpoint"),
+        ("generate", {"frames": "0"}, {"portrait0": png_bytes()}, ErrorCode.INVALID_ARGUMENT, "'frames' picks views"),
+        ("cancel", {"job": "jb_0123456789abcdef"}, {}, ErrorCode.NOT_FOUND, "no job"),
+    ],
+)
+def test_bad_requests_get_a_code_and_a_sentence(served, op: str, args: dict, arrays: dict, code: ErrorCode, words: str) -> None:
+    service, client, _, _ = served
+    err = error_of(client, op, args, arrays)
+    assert err.code == code and words in str(err)
+    assert str(service.store.root) not in str(err)  # no server paths in messages
+
+
+def test_render_arguments_are_checked(served, head: HeadModel) -> None:
+    _, client, aid, _ = served
+    args, arrays = render_request(aid, head, 2)
+    bent = arrays | {"world_to_cam": np.diag([1.0, 2.0, 1.0, 1.0]).astype("<f4")}
+    assert "rigid transforms" in str(error_of(client, "render", args, bent))
+    assert "'width' must be an integer" in str(error_of(client, "render", args | {"width": 0}, arrays))
+    assert "[2, 3, 3], got [3, 3, 3]" in str(
+        error_of(client, "render", args, arrays | {"intrinsics": np.eye(3, dtype="<f4")[None].repeat(3, 0)})
+    )
+    assert "'rotation' must have shape [2, 3]" in str(error_of(client, "render", args, arrays | {"rotation": np.zeros((2, 4), "<f4")}))
+
+
+def test_an_avatar_of_another_head_model_is_refused(served, head: HeadModel) -> None:
+    _, client, _, _ = served
+    foreign = small_avatar(head, 1000)
+    foreign.head_fingerprint = "0000000000000000"
+    assert error_of(client, "import", {}, {"file": np.frombuffer(avatar_to_bytes(foreign), np.uint8)}).code == ErrorCode.INCOMPATIBLE
+
+
+def test_non_blocking_poll_mode(served, head: HeadModel) -> None:
+    service, _, aid, _ = served
+    with Client(service.endpoint, timeout_s=30) as client:
+        render_id = client.submit("render", *render_request(aid, head, 4))
+        hello_id = client.submit("hello")
+        got: dict[str, list] = {render_id: [], hello_id: []}
+        deadline = time.monotonic() + 60
+        while client.pending and time.monotonic() < deadline:
+            for reply in client.poll():  # never blocks
+                got[reply.id].append(reply)
+            time.sleep(0.005)
+        assert [r.seq for r in got[render_id]] == [0, 1, 2, 3] and got[render_id][-1].final
+        assert got[hello_id][0].ok
+
+
+def test_a_req_socket_works_too(served) -> None:
+    service, _, _, _ = served
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(service.endpoint)
+    try:
+        sock.send_multipart(encode_request("hello")[1])
+        assert sock.poll(10_000)
+        assert decode_reply(sock.recv_multipart()).result["protocol"] == 1
+    finally:
+        sock.close()
+
+
+def test_several_clients_at_once(served, head: HeadModel) -> None:
+    service, _, aid, _ = served
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with Client(service.endpoint, timeout_s=60) as client:
+                for _ in range(3):
+                    assert client.call("hello").ok
+                    frames = list(client.stream("render", *render_request(aid, head, 2)))
+                    assert [f.seq for f in frames] == [0, 1]
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+def _long_stream(service: Service, aid: str, head: HeadModel, rcvhwm: int = 1000) -> zmq.Socket:
+    """A raw socket that asked for a 200-frame 256x256 render and read one frame."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.connect(service.endpoint)
+    K, w2c = front_camera(256)
+    args = {"avatar": aid, "width": 256, "height": 256}
+    sock.send_multipart(encode_request("render", args, flame_buffers(head, 200) | {"intrinsics": K, "world_to_cam": w2c})[1])
+    assert sock.poll(30_000)
+    assert decode_reply(sock.recv_multipart()).seq == 0
+    return sock
+
+
+def test_a_client_that_vanishes_mid_stream_does_not_wedge_the_service(served, head: HeadModel) -> None:
+    service, client, aid, _ = served
+    _long_stream(service, aid, head).close(linger=0)
+    t0 = time.monotonic()
+    assert client.call("hello").ok
+    assert client.call("render", *render_request(aid, head, 1)).final
+    # 200 frames would take several seconds; the abandoned stream stops at its next frame.
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_a_client_that_stops_reading_loses_its_stream(tmp_path: Path, head: HeadModel) -> None:
+    with service_thread(tmp_path / "store", send_hwm=2, send_timeout_s=0.2) as service, Client(service.endpoint, timeout_s=30) as client:
+        aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 1000))}).result["avatar"]["id"]
+        stuck = _long_stream(service, aid, head, rcvhwm=1)
+        try:
+            t0 = time.monotonic()
+            assert client.call("render", *render_request(aid, head, 1)).final
+            assert time.monotonic() - t0 < 5.0
+        finally:
+            stuck.close(linger=0)
