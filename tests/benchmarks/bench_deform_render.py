@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from backend.gaussians.avatar import deform
-from backend.gaussians.surface import surface_avatar
-from backend.head.registry import load_head_model
-from backend.render.animation import ViewConfig, view_cameras
-from backend.render.rasterize import render
-from tests.helpers import random_params
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from backend.gaussians.avatar import deform  # noqa: E402
+from backend.gaussians.surface import surface_avatar  # noqa: E402
+from backend.head.registry import load_head_model  # noqa: E402
+from backend.render.animation import ViewConfig, view_cameras  # noqa: E402
+from backend.render.rasterize import render  # noqa: E402
+from tests.helpers import random_params  # noqa: E402
 
 
 def time_it(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-def]

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from backend.data.subject import Subject
-from backend.data.synthetic import SynthConfig, synthesize
-from backend.head.registry import load_head_model
-from backend.refine.config import RefineConfig, preset
-from backend.refine.evaluate import evaluate
-from backend.refine.initialize import InitConfig, initialize_on_subject
-from backend.refine.refine import refine
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from backend.data.subject import Subject  # noqa: E402
+from backend.data.synthetic import SynthConfig, synthesize  # noqa: E402
+from backend.head.registry import load_head_model  # noqa: E402
+from backend.refine.config import RefineConfig, preset  # noqa: E402
+from backend.refine.evaluate import evaluate  # noqa: E402
+from backend.refine.initialize import InitConfig, initialize_on_subject  # noqa: E402
+from backend.refine.refine import refine  # noqa: E402
 
 
 def _config(method: str, **fields: object) -> RefineConfig:
