@@ -290,7 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     save_avatar(avatar, out / "avatar.npz")
     params = showcase_animation(head, args.frames)
     params.save(out / "animation.npz")
-    view = ViewConfig(size=args.size, turntable_degrees=120.0)
+    view = ViewConfig(size=args.size, turntable_degrees=60.0)
     frames = render_animation(avatar.to(device), head, params, view_cameras(view, args.frames), torch.tensor(view.background))
     paths = write_frames(frames, out / "frames", args.frames, _progress("turntable", show))
     return {
@@ -442,10 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the main job: synthetic subject -> avatar -> animated turntable")
     p.add_argument("--out", type=Path, default=Path("out"))
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, default=384)
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--gaussians", type=int, default=40_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=3, help="identity of the synthetic subject")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", parents=[common], help="run the ZeroMQ service the Blender add-on talks to")

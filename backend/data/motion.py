@@ -67,6 +67,6 @@ def showcase_animation(head: HeadModel, frames: int = 48) -> FlameParams:
         if name in head.expr_names:
             params.expr[:, head.expr_names.index(name)] = torch.tensor(curve, dtype=torch.float32)
     params.jaw_pose[:, 0] = torch.tensor(0.3 * _pulse(t, 0.6, 0.08), dtype=torch.float32)
-    params.rotation[:, 1] = torch.tensor(0.35 * np.sin(2 * np.pi * t), dtype=torch.float32)
+    params.rotation[:, 1] = torch.tensor(0.25 * np.sin(2 * np.pi * t), dtype=torch.float32)
     params.rotation[:, 0] = torch.tensor(0.08 * np.sin(4 * np.pi * t), dtype=torch.float32)
     return params
