@@ -19,7 +19,8 @@ from backend.render.blender_camera import (
 )
 from backend.render.camera import Cameras, intrinsics, look_at, orbit_cameras, project
 from backend.render.rasterize import render
-from backend.render.reference import project_gaussians, quat_to_rotmat
+from backend.gaussians.frames import quat_to_matrix as quat_to_rotmat
+from backend.render.reference import project_gaussians
 from backend.render.settings import RasterSettings
 from backend.render.sh import sh_basis, sh_to_rgb
 

@@ -7,7 +7,6 @@ procedural albedo), never from the avatar under test.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
-from backend.render.camera import Cameras, intrinsics, look_at
+from backend.render.camera import Cameras, sphere_cameras
 from backend.render.rasterize import render
 
 Progress = Callable[[int, int], None]
@@ -67,18 +66,13 @@ class SynthConfig:
 
 
 def capture_cameras(config: SynthConfig) -> Cameras:
-    """V cameras looking at the head centre: straight ahead for V = 1, else an arc ring."""
+    """V cameras looking at the head centre: straight ahead for V = 1, else an arc at three heights."""
     if config.views == 1:
-        yaws = np.zeros(1)
+        azimuth, elevation = torch.zeros(1), torch.zeros(1)
     else:
-        yaws = np.radians(np.linspace(-config.arc_degrees / 2, config.arc_degrees / 2, config.views))
-    w2c = []
-    for i, yaw in enumerate(yaws):
-        elevation = math.radians(8.0 * ((i % 3) - 1)) if config.views > 1 else 0.0
-        eye = config.distance * torch.tensor([math.sin(yaw) * math.cos(elevation), math.sin(elevation), math.cos(yaw) * math.cos(elevation)])
-        w2c.append(look_at(eye, (0.0, 0.0, 0.0)))
-    K = intrinsics(config.size, config.size, focal_px=config.focal * config.size)
-    return Cameras(K=K.expand(len(yaws), 3, 3).clone(), world_to_cam=torch.stack(w2c), width=config.size, height=config.size)
+        azimuth = torch.linspace(-config.arc_degrees / 2, config.arc_degrees / 2, config.views)
+        elevation = 8.0 * (torch.arange(config.views) % 3 - 1)
+    return sphere_cameras(azimuth, elevation, config.distance, config.size, config.size, focal_px=config.focal * config.size)
 
 
 def reference_head(head: HeadModel, config: SynthConfig, rng: np.random.Generator) -> tuple[Avatar, AlbedoParams]:

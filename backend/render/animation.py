@@ -14,7 +14,7 @@ from PIL import Image
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
-from backend.render.camera import Cameras, intrinsics, look_at
+from backend.render.camera import Cameras, sphere_cameras
 from backend.render.rasterize import RenderOutput, render
 
 
@@ -41,12 +41,9 @@ class ViewConfig:
 
 def view_cameras(view: ViewConfig, frames: int) -> Cameras:
     """[T, 1] cameras, one per frame, sweeping ``turntable_degrees`` of yaw about +y."""
-    yaw = torch.linspace(-0.5, 0.5, frames) * math.radians(view.turntable_degrees) if frames > 1 else torch.zeros(1)
-    el = math.radians(view.elevation_degrees)
-    eye = view.distance * torch.stack([torch.sin(yaw) * math.cos(el), torch.full_like(yaw, math.sin(el)), torch.cos(yaw) * math.cos(el)], dim=-1)
-    w2c = look_at(eye, (0.0, 0.0, 0.0))[:, None]
-    K = intrinsics(view.size, view.size, focal_px=view.focal * view.size).expand(frames, 1, 3, 3)
-    return Cameras(K.contiguous(), w2c.contiguous(), view.size, view.size)
+    azimuth = torch.linspace(-0.5, 0.5, frames) * view.turntable_degrees if frames > 1 else torch.zeros(1)
+    rig = sphere_cameras(azimuth, torch.tensor(view.elevation_degrees), view.distance, view.size, view.size, focal_px=view.focal * view.size)
+    return Cameras(rig.K[:, None].contiguous(), rig.world_to_cam[:, None].contiguous(), view.size, view.size)
 
 
 @torch.no_grad()

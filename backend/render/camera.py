@@ -187,6 +187,47 @@ def intrinsics(
     return torch.tensor([[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]], dtype=dtype)
 
 
+def sphere_cameras(
+    azimuth_deg: torch.Tensor,
+    elevation_deg: torch.Tensor,
+    radius: float,
+    width: int,
+    height: int,
+    *,
+    target: Vec3 = (0.0, 0.0, 0.0),
+    focal_px: float | None = None,
+    fov_deg: float | None = None,
+) -> Cameras:
+    """Cameras on a sphere around ``target`` in the y-up world, all looking at it with +y up.
+
+    Camera i sits at azimuth ``azimuth_deg[i]`` about +y, measured from +z toward +x
+    (azimuth 0 faces the FLAME face head-on), and ``elevation_deg[i]`` above the horizontal
+    plane (positive looks down on the target).
+
+    Args:
+        azimuth_deg, elevation_deg: [n] degrees.
+        radius: metres from ``target`` to every camera centre.
+        width, height: image size, pixels.
+        target: [3] world point looked at.
+        focal_px / fov_deg: exactly one; see ``intrinsics``.
+
+    Returns:
+        Cameras with K [n, 3, 3] and world_to_cam [n, 4, 4] (float32).
+    """
+    azimuth = torch.deg2rad(torch.as_tensor(azimuth_deg, dtype=torch.float64).reshape(-1))
+    elevation = torch.deg2rad(torch.as_tensor(elevation_deg, dtype=torch.float64).reshape(-1)).expand_as(azimuth)
+    n = azimuth.shape[0]
+    if n == 0 or radius <= 0.0:
+        raise ValueError(f"cameras need n > 0 and radius > 0, got n={n}, radius={radius}")
+    if bool((elevation.abs() >= math.pi / 2).any()):
+        raise ValueError("elevation must be in (-90, 90) degrees")
+    offsets = radius * torch.stack([elevation.cos() * azimuth.sin(), elevation.sin(), elevation.cos() * azimuth.cos()], dim=-1)
+    target_t = torch.as_tensor(target, dtype=torch.float64)
+    world_to_cam = look_at(target_t + offsets, target_t.expand(n, 3), (0.0, 1.0, 0.0))
+    K = intrinsics(width, height, focal_px=focal_px, fov_deg=fov_deg, dtype=torch.float64)
+    return Cameras(K.expand(n, 3, 3).float().contiguous(), world_to_cam.float(), width, height)
+
+
 def orbit_cameras(
     n: int,
     radius: float,
@@ -199,41 +240,12 @@ def orbit_cameras(
     fov_deg: float | None = None,
     azimuth_offset_deg: float = 0.0,
 ) -> Cameras:
-    """A turntable of ``n`` cameras on a ring around ``target`` in the y-up world.
-
-    Camera i sits at azimuth ``azimuth_offset_deg + 360 * i / n`` about +y, measured from +z
-    toward +x (azimuth 0 faces the FLAME face head-on), and at ``elevation_deg`` above the
-    ring's horizontal plane; all look at ``target`` with +y up.
-
-    Args:
-        n: number of cameras.
-        radius: metres from ``target`` to every camera centre.
-        width, height: image size, pixels.
-        elevation_deg: positive looks down on the target.
-        target: [3] world point the ring is centred on.
-        focal_px / fov_deg: exactly one; see ``intrinsics``.
-
-    Returns:
-        Cameras with K [n, 3, 3] and world_to_cam [n, 4, 4] (float32).
-    """
-    if n <= 0 or radius <= 0.0:
-        raise ValueError(f"orbit_cameras needs n > 0 and radius > 0, got n={n}, radius={radius}")
-    if not -90.0 < elevation_deg < 90.0:
-        raise ValueError(f"elevation must be in (-90, 90) degrees, got {elevation_deg}")
-    azimuth = torch.deg2rad(azimuth_offset_deg + 360.0 * torch.arange(n, dtype=torch.float64) / n)
-    elevation = math.radians(elevation_deg)
-    offsets = radius * torch.stack(
-        [
-            math.cos(elevation) * torch.sin(azimuth),
-            torch.full_like(azimuth, math.sin(elevation)),
-            math.cos(elevation) * torch.cos(azimuth),
-        ],
-        dim=-1,
-    )
-    target_t = torch.as_tensor(target, dtype=torch.float64)
-    world_to_cam = look_at(target_t + offsets, target_t.expand(n, 3), (0.0, 1.0, 0.0))
-    K = intrinsics(width, height, focal_px=focal_px, fov_deg=fov_deg, dtype=torch.float64)
-    return Cameras(K.expand(n, 3, 3).float().contiguous(), world_to_cam.float(), width, height)
+    """A turntable of ``n`` cameras evenly spaced on a ring: camera i at azimuth
+    ``azimuth_offset_deg + 360 * i / n``, all at ``elevation_deg`` (see ``sphere_cameras``)."""
+    if n <= 0:
+        raise ValueError(f"orbit_cameras needs n > 0, got n={n}")
+    azimuth = azimuth_offset_deg + 360.0 * torch.arange(n, dtype=torch.float64) / n
+    return sphere_cameras(azimuth, torch.tensor(elevation_deg), radius, width, height, target=target, focal_px=focal_px, fov_deg=fov_deg)
 
 
 def project(points: torch.Tensor, cameras: Cameras) -> tuple[torch.Tensor, torch.Tensor]:

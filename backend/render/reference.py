@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from backend.gaussians.frames import quat_to_matrix
 from backend.render.settings import RasterSettings
 
 # Order of the per-Gaussian columns gathered for every (Gaussian, pixel) pair.
@@ -52,19 +53,6 @@ class Projection(NamedTuple):
     conics: torch.Tensor
     depths: torch.Tensor
     radii: torch.Tensor
-
-
-def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
-    """[..., 4] quaternions (w, x, y, z), normalised here -> [..., 3, 3] rotations."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).unflatten(-1, (3, 3))
 
 
 def project_gaussians(
@@ -113,7 +101,7 @@ def project_gaussians(
         ],
         dim=-2,
     )  # [..., C, N, 2, 3]
-    M = quat_to_rotmat(quats) * scales[..., None, :]  # R S, [..., N, 3, 3]
+    M = quat_to_matrix(quats) * scales[..., None, :]  # R S, [..., N, 3, 3]
     # Broadcast products instead of matmul: batched 2x3 @ 3x3 products are slow on CPU.
     JWM = (JW[..., :, :, None] * M[..., None, :, None, :, :]).sum(dim=-2)  # [..., C, N, 2, 3]
     cov2d = (JWM[..., :, None, :] * JWM[..., None, :, :]).sum(dim=-1)  # [..., C, N, 2, 2]
