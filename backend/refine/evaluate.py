@@ -37,8 +37,9 @@ class ViewScore:
 
 @torch.no_grad()
 def render_view(avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor) -> torch.Tensor:
-    """[C, H, W, 3] renders of one frame (params with batch 1) in every camera of ``cameras``."""
-    splats = deform(avatar, head, params).frame(0)
+    """[C, H, W, 3] renders of one frame (params with batch 1) in every camera of ``cameras``,
+    computed on the head model's device."""
+    splats = deform(avatar.to(head.v_template.device), head, params).frame(0)
     return render(splats, cameras, background).rgb
 
 
