@@ -74,6 +74,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
             "shape_components": head.n_shape,
             "expression_components": head.n_expr,
             "expression_names": list(head.expr_names),
+            "sizes_m": {k: round(v, 4) for k, v in head.sizes().items()},
         },
     }
 

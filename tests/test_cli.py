@@ -28,6 +28,7 @@ def test_info_json() -> None:
     assert info["head_model"]["name"] == "builtin-v1"
     assert info["head_model"]["expression_components"] >= 50
     assert "smile_L" in info["head_model"]["expression_names"]
+    assert 0.2 < info["head_model"]["sizes_m"]["height"] < 0.5  # metres: chin-to-crown plus the neck
 
 
 def test_unknown_flag_is_a_clear_error() -> None:
