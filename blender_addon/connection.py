@@ -1,0 +1,97 @@
+"""The add-on's side of the ZeroMQ service: one Lazy Pirate ``Client`` from the shared wire modules.
+
+The built extension carries ``backend/server``'s torch-free modules as the ``wire``
+subpackage (see build.py); a development checkout imports them from ``backend.server``.
+Use ``call`` for blocking work (operators in background mode, the connection test) and
+``submit`` + ``poll`` from a timer in the UI, which never waits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    from .wire import client as wire_client
+    from .wire import errors as wire_errors
+    from .wire import protocol as wire_protocol
+    from .wire import security as wire_security
+except ImportError:  # a development checkout: the same modules, from the backend package
+    from backend import errors as wire_errors
+    from backend.server import client as wire_client
+    from backend.server import protocol as wire_protocol
+    from backend.server import security as wire_security
+
+UserError = wire_errors.SpatialAvatarError  # WireError, ServiceUnavailable and key-file errors alike
+WireError = wire_protocol.WireError
+ServiceUnavailable = wire_client.ServiceUnavailable
+Reply = wire_protocol.Reply
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the preferences say about reaching the backend."""
+
+    endpoint: str = wire_client.DEFAULT_ENDPOINT
+    timeout_s: float = 10.0
+    retries: int = 1
+    key_dir: str = ""
+
+
+def _keys(key_dir: str):
+    if not key_dir:
+        return None
+    return wire_security.ClientKeys.from_dir(Path(key_dir))
+
+
+def open_client(settings: Settings) -> wire_client.Client:
+    return wire_client.Client(settings.endpoint, timeout_s=settings.timeout_s, retries=settings.retries, keys=_keys(settings.key_dir))
+
+
+def hello(settings: Settings) -> dict[str, Any]:
+    """The backend's hello result (blocking); raises WireError / ServiceUnavailable."""
+    with open_client(settings) as c:
+        return c.call("hello").result
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for the status bar: version, device, head model."""
+    head = info.get("head") or {}
+    device = info.get("device_name") or info.get("device", "?")
+    return f"SpatialAvatar {info.get('server', '?')} on {device} ({info.get('rasterizer', '?')}), head {head.get('name', 'none')}"
+
+
+class Session:
+    """A long-lived client for timers: ``submit`` returns at once; ``pump`` hands finished replies to callbacks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = open_client(settings)
+        self._callbacks: dict[str, Callable[[Reply], None]] = {}
+
+    def submit(self, op: str, args: dict | None = None, arrays: dict | None = None, on_reply: Callable[[Reply], None] | None = None) -> str:
+        rid = self.client.submit(op, args, arrays)
+        if on_reply is not None:
+            self._callbacks[rid] = on_reply
+        return rid
+
+    def pump(self) -> int:
+        """Deliver what has arrived, never waiting; returns the number of replies handled."""
+        replies = self.client.poll()
+        for r in replies:
+            cb = self._callbacks.get(r.id)
+            if r.final:
+                self._callbacks.pop(r.id, None)
+            if cb is not None:
+                cb(r)
+        return len(replies)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.client.pending)
+
+    def close(self) -> None:
+        self.client.close()
+        self._callbacks.clear()

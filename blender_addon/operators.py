@@ -1,0 +1,130 @@
+"""Thin operators: read settings, call the plain modules, report errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+from bpy.props import FloatProperty, IntProperty, StringProperty
+from bpy_extras.io_utils import ExportHelper, ImportHelper
+
+from . import animation_io, connection, flame_data, preferences
+
+# What the panel shows; filled by the operators (not saved in the .blend).
+status: dict = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
+
+
+def _allowed(settings: connection.Settings) -> str | None:
+    """Why the endpoint may not be used now, or None (Blender's online-access switch)."""
+    if connection.wire_security.is_loopback(settings.endpoint):
+        return None
+    if getattr(bpy.app, "online_access", True):
+        return None
+    return f"{settings.endpoint} is not on this machine and online access is off (Preferences > System > Network)"
+
+
+def _fail(op: bpy.types.Operator, message: str) -> set[str]:
+    op.report({"ERROR"}, message)
+    return {"CANCELLED"}
+
+
+class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
+    """Ask the backend for its version and device"""
+
+    bl_idname = "spatialavatar.test_connection"
+    bl_label = "Test Connection"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        s = preferences.settings(context)
+        if why := _allowed(s):
+            return _fail(self, why)
+        try:
+            info = connection.hello(s)
+        except connection.UserError as e:
+            status.update(text=f"No backend: {e}", ok=False, info=None)
+            return _fail(self, f"Backend at {s.endpoint} did not answer: {e}")
+        status.update(text=connection.describe(info), ok=True, info=info)
+        self.report({"INFO"}, status["text"])
+        return {"FINISHED"}
+
+
+class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
+    """Fetch the list of avatars the backend stores"""
+
+    bl_idname = "spatialavatar.list_avatars"
+    bl_label = "Refresh Avatars"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        s = preferences.settings(context)
+        if why := _allowed(s):
+            return _fail(self, why)
+        try:
+            with connection.open_client(s) as c:
+                avatars = c.call("list", {"kind": "avatars"}).result.get("avatars", [])
+        except connection.UserError as e:
+            return _fail(self, f"Could not list avatars: {e}")
+        status["avatars"] = avatars
+        self.report({"INFO"}, f"{len(avatars)} avatar(s)")
+        return {"FINISHED"}
+
+
+class _NeedsObject:
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if context.active_object is None:
+            cls.poll_message_set("Select the avatar object first")
+            return False
+        return True
+
+
+class SPATIALAVATAR_OT_import_flame(_NeedsObject, bpy.types.Operator, ImportHelper):
+    """Key the active object's FLAME parameters from a flame_param.npz"""
+
+    bl_idname = "spatialavatar.import_flame"
+    bl_label = "Import FLAME Animation"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filename_ext = ".npz"
+    filter_glob: StringProperty(default="*.npz", options={"HIDDEN"})
+    frame_start: IntProperty(name="Start frame", default=1, description="Scene frame of the file's first frame")
+    file_fps: FloatProperty(name="File frame rate", default=25.0, min=0.001, description="Frames per second of the file; keys are spread to the scene's rate")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = context.scene
+        scene_fps = scene.render.fps / scene.render.fps_base
+        try:
+            anim = animation_io.import_file(context.active_object, self.filepath, self.frame_start, self.file_fps, scene_fps)
+        except (flame_data.FlameFileError, ValueError) as e:
+            return _fail(self, str(e))
+        self.report({"INFO"}, f"Imported {anim.frames} frames from {Path(self.filepath).name}")
+        return {"FINISHED"}
+
+
+class SPATIALAVATAR_OT_export_flame(_NeedsObject, bpy.types.Operator, ExportHelper):
+    """Write the active object's FLAME animation to a flame_param.npz (one frame per scene frame)"""
+
+    bl_idname = "spatialavatar.export_flame"
+    bl_label = "Export FLAME Animation"
+
+    filename_ext = ".npz"
+    filter_glob: StringProperty(default="*.npz", options={"HIDDEN"})
+    use_keyed_range: bpy.props.BoolProperty(name="Keyed range", default=True, description="Export the keyed frames (else the scene's frame range)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        obj = context.active_object
+        rng = animation_io.keyed_range(obj) if self.use_keyed_range else None
+        start, end = rng or (context.scene.frame_start, context.scene.frame_end)
+        try:
+            anim = animation_io.export_file(obj, self.filepath, start, end)
+        except (OSError, ValueError) as e:
+            return _fail(self, f"Could not write {self.filepath}: {e}")
+        self.report({"INFO"}, f"Wrote {anim.frames} frames to {Path(self.filepath).name}")
+        return {"FINISHED"}
+
+
+classes = (
+    SPATIALAVATAR_OT_test_connection,
+    SPATIALAVATAR_OT_list_avatars,
+    SPATIALAVATAR_OT_import_flame,
+    SPATIALAVATAR_OT_export_flame,
+)

@@ -1,0 +1,225 @@
+"""The add-on in real Blender (the bpy module, which behaves like ``blender -b --factory-startup``).
+
+The extension is built and validated with Blender's own tool, installed from the zip into a
+fresh extension repository and enabled; every test then starts from an empty file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "sa_test"
+MODULE = f"bl_ext.{REPO}.spatialavatar"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sys.path.insert(0, str(ROOT / "blender_addon"))
+    try:
+        import build
+    finally:
+        sys.path.pop(0)
+    zips = build.build(tmp_path_factory.mktemp("dist"))  # validates too
+    assert [z.name for z in zips] == ["spatialavatar-0.1.0.zip"]
+    return zips[0]
+
+
+@pytest.fixture(scope="module")
+def addon(built: Path, tmp_path_factory: pytest.TempPathFactory):
+    os.environ["BLENDER_USER_RESOURCES"] = str(tmp_path_factory.mktemp("user"))
+    import bpy
+
+    prefs = bpy.context.preferences
+    if REPO not in {r.module for r in prefs.extensions.repos}:
+        prefs.extensions.repos.new(name=REPO, module=REPO, custom_directory=str(tmp_path_factory.mktemp("repo")), source="USER")
+    assert bpy.ops.extensions.package_install_files(filepath=str(built), repo=REPO, enable_on_install=True) == {"FINISHED"}
+    assert MODULE in {a.module for a in prefs.addons}
+    for name in ("pointcloud", "flame_data", "animation_io", "operators"):
+        importlib.import_module(f"{MODULE}.{name}")  # the submodules as attributes of the package
+    yield sys.modules[MODULE]
+
+
+@pytest.fixture()
+def bpy_empty(addon):
+    import bpy
+
+    bpy.ops.wm.read_homefile(use_empty=True)  # keeps the preferences, so the add-on stays enabled
+    return bpy
+
+
+def _buffers(pc, n: int, seed: int = 0):
+    r = np.random.default_rng(seed)
+    return pc.GaussianBuffers(
+        positions=r.normal(size=(n, 3)).astype(np.float32),
+        scales=r.uniform(1e-3, 1e-2, (n, 3)).astype(np.float32),
+        rotations=r.normal(size=(n, 4)).astype(np.float32),
+        opacities=r.uniform(size=n).astype(np.float32),
+        colors=r.uniform(size=(n, 3)).astype(np.float32),
+    )
+
+
+def _anim(fd, t: int, seed: int = 1):
+    r = np.random.default_rng(seed)
+    poses = {k: r.normal(size=(t, w)).astype(np.float32) for k, w in fd.POSE_FIELDS.items()}
+    return fd.FlameAnimation(r.normal(size=(t, 100)).astype(np.float32), poses, r.normal(size=300).astype(np.float32))
+
+
+def test_zip_holds_addon_and_wire_only(built: Path) -> None:
+    names = set(zipfile.ZipFile(built).namelist())
+    assert {"__init__.py", "blender_manifest.toml", "wire/protocol.py", "wire/client.py", "wire/args.py"} <= names
+    assert not any(n.startswith(("backend/", "tests/")) or n.endswith("build.py") for n in names)
+
+
+def test_point_cloud_100k_and_save_reload(bpy_empty, addon, tmp_path: Path) -> None:
+    bpy = bpy_empty
+    pc, fd, aio = addon.pointcloud, addon.flame_data, addon.animation_io
+    g = _buffers(pc, 100_000)
+    t0 = time.perf_counter()
+    obj = pc.create_avatar_object("Avatar", g)
+    elapsed = time.perf_counter() - t0
+    print(f"100k points: {elapsed:.3f} s")
+    assert elapsed < 1.0
+    mesh = obj.data
+    assert len(mesh.vertices) == 100_000 and len(mesh.edges) == 0
+    mod = obj.modifiers[pc.MODIFIER]
+    assert mod.type == "NODES" and any(n.bl_idname == "GeometryNodeMeshToPoints" for n in mod.node_group.nodes)
+    geo = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).evaluated_geometry()
+    assert geo.pointcloud is not None and len(geo.pointcloud.points) == 100_000
+
+    anim = _anim(fd, 12)
+    aio.import_animation(obj, anim, 1, 1.0)
+    path = tmp_path / "avatar.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(path))
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert "Avatar" not in bpy.data.objects
+    bpy.ops.wm.open_mainfile(filepath=str(path))
+
+    obj = bpy.data.objects["Avatar"]
+    co = np.empty(300_000, np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    np.testing.assert_array_equal(co.reshape(-1, 3), g.positions)
+    np.testing.assert_array_equal(pc.read_attribute(obj.data, "opacity"), g.opacities)
+    np.testing.assert_array_equal(pc.read_attribute(obj.data, "scale"), g.scales)
+    np.testing.assert_array_equal(pc.read_attribute(obj.data, "rotation"), g.rotations)
+    np.testing.assert_array_equal(pc.read_attribute(obj.data, "color")[:, :3], g.colors)
+    assert obj.modifiers[pc.MODIFIER].node_group.name == pc.NODE_GROUP
+    back = aio.export_animation(obj, 1, 12)
+    np.testing.assert_array_equal(back.expr, anim.expr)
+    np.testing.assert_array_equal(back.poses["jaw_pose"], anim.poses["jaw_pose"])
+
+
+def test_import_export_flame_npz_operators(bpy_empty, addon, tmp_path: Path) -> None:
+    bpy = bpy_empty
+    fd, aio = addon.flame_data, addon.animation_io
+    obj = addon.pointcloud.create_avatar_object("Avatar", _buffers(addon.pointcloud, 100))
+    bpy.context.view_layer.objects.active = obj
+    anim = _anim(fd, 40)
+    src = fd.write_flame_npz(tmp_path / "flame_param.npz", anim)
+    bpy.context.scene.render.fps, bpy.context.scene.render.fps_base = 50, 1.0
+    assert bpy.ops.spatialavatar.import_flame(filepath=str(src), frame_start=10, file_fps=25.0) == {"FINISHED"}
+
+    fcurves = aio.fcurve_collection(obj, create=False)
+    assert len(fcurves) == 118
+    for prop, idx, column in (("expr_0", 3, anim.expr[:, 3]), ("expr_3", 24, anim.expr[:, 99]), ("eyes_pose", 5, anim.poses["eyes_pose"][:, 5])):
+        fc = fcurves.find(f"{fd.PROP_GROUP}.{prop}", index=idx)
+        got = [fc.evaluate(10 + 2 * k) for k in range(40)]  # 25 fps file in a 50 fps scene
+        np.testing.assert_allclose(got, column, rtol=0, atol=1e-6)
+    bpy.context.scene.frame_set(10 + 2 * 7)
+    np.testing.assert_allclose(obj.spatialavatar_flame.jaw_pose, anim.poses["jaw_pose"][7], atol=1e-6)
+
+    out = tmp_path / "out.npz"
+    # The keyed range holds 79 scene frames; exporting every other one gives the file back.
+    back = aio.export_file(obj, out, 10, 10 + 2 * 39, 2.0)
+    again = fd.read_flame_npz(out)
+    np.testing.assert_allclose(again.expr, anim.expr, atol=1e-6)
+    for k in fd.POSE_FIELDS:
+        np.testing.assert_allclose(again.poses[k], anim.poses[k], atol=1e-6)
+    np.testing.assert_allclose(again.shape, anim.shape, atol=1e-6)
+    assert back.frames == 40
+    assert bpy.ops.spatialavatar.export_flame(filepath=str(tmp_path / "op.npz")) == {"FINISHED"}
+    assert fd.read_flame_npz(tmp_path / "op.npz").frames == 79
+
+
+def test_import_reports_a_bad_file(bpy_empty, addon, tmp_path: Path) -> None:
+    bpy = bpy_empty
+    obj = addon.pointcloud.create_avatar_object("Avatar", _buffers(addon.pointcloud, 10))
+    bpy.context.view_layer.objects.active = obj
+    np.savez(tmp_path / "bad.npz", rotation=np.zeros((3, 3)))
+    with pytest.raises(RuntimeError, match="no 'expr' array"):
+        bpy.ops.spatialavatar.import_flame(filepath=str(tmp_path / "bad.npz"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def backend_process(tmp_path: Path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--store", str(tmp_path / "store"), "--device", "cpu"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(120):
+            pytest.fail("the backend did not start:\n" + "".join(lines[-20:]))
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _prefs(bpy, endpoint: str, timeout_s: float, retries: int):
+    p = bpy.context.preferences.addons[MODULE].preferences
+    p.endpoint, p.timeout_s, p.retries, p.key_dir = endpoint, timeout_s, retries, ""
+    return p
+
+
+def test_connection_to_a_real_backend(bpy_empty, addon, backend_process: str) -> None:
+    bpy = bpy_empty
+    _prefs(bpy, backend_process, 30.0, 1)
+    assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}
+    status = addon.operators.status
+    assert status["ok"] and status["info"]["device"] == "cpu"
+    assert re.match(r"SpatialAvatar \S+ on ", status["text"])
+    assert bpy.ops.spatialavatar.list_avatars() == {"FINISHED"}
+    assert status["avatars"] == []
+
+
+def test_connection_error_when_nothing_listens(bpy_empty, addon) -> None:
+    bpy = bpy_empty
+    _prefs(bpy, f"tcp://127.0.0.1:{_free_port()}", 0.3, 0)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="did not answer: hello: no reply"):
+        bpy.ops.spatialavatar.test_connection()
+    assert time.perf_counter() - t0 < 5
+    assert not addon.operators.status["ok"]
