@@ -465,8 +465,13 @@ def test_blender_conversions_match_bpy():
     from bpy_extras.object_utils import world_to_camera_view  # noqa: PLC0415
     from mathutils import Vector  # noqa: PLC0415
 
+    # An own camera: other tests may have left an empty scene behind in this process.
     scene = bpy.context.scene
-    cam = scene.camera
+    cam = bpy.data.objects.new("conversion_test_camera", bpy.data.cameras.new("conversion_test_camera"))
+    scene.collection.objects.link(cam)
+    cam.location = (7.36, -6.93, 4.96)
+    cam.rotation_euler = (1.11, 0.0, 0.81)
+    scene.camera = cam
     cases = [
         ("AUTO", 0.1, -0.2, 1080, 1920, 1.0, 1.0),
         ("VERTICAL", 0.05, 0.1, 1920, 1080, 1.0, 1.0),
