@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 try:
     from .wire import client as wire_client
     from .wire import errors as wire_errors
@@ -54,6 +56,14 @@ def hello(settings: Settings) -> dict[str, Any]:
     """The backend's hello result (blocking); raises WireError / ServiceUnavailable."""
     with open_client(settings) as c:
         return c.call("hello").result
+
+
+def neutral_gaussians(settings: Settings, avatar_id: str) -> dict[str, np.ndarray]:
+    """The avatar's Gaussians in the neutral pose with colours and opacities (``deform`` of one
+    zero frame with ``statics``): positions, scales, rotations, opacities, colors."""
+    with open_client(settings) as c:
+        reply = c.call("deform", {"avatar": avatar_id, "statics": True}, {"expr": np.zeros((1, 1), np.float32)})
+    return reply.arrays
 
 
 def describe(info: dict[str, Any]) -> str:

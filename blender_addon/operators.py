@@ -8,10 +8,13 @@ import bpy
 from bpy.props import FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import animation_io, connection, flame_data, preferences
+from . import animation_io, connection, flame_data, pointcloud, preferences
 
 # What the panel shows; filled by the operators (not saved in the .blend).
 status: dict = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
+
+
+AVATAR_ID = "spatialavatar_avatar"  # custom property on loaded objects: the backend's avatar id
 
 
 def _allowed(settings: connection.Settings) -> str | None:
@@ -65,6 +68,43 @@ class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
             return _fail(self, f"Could not list avatars: {e}")
         status["avatars"] = avatars
         self.report({"INFO"}, f"{len(avatars)} avatar(s)")
+        return {"FINISHED"}
+
+
+class SPATIALAVATAR_OT_load_avatar(bpy.types.Operator):
+    """Create a point-cloud object from a backend avatar in its neutral pose"""
+
+    bl_idname = "spatialavatar.load_avatar"
+    bl_label = "Load Avatar"
+    bl_options = {"REGISTER", "UNDO"}
+
+    avatar: StringProperty(name="Avatar", description="The backend's avatar id")
+    object_name: StringProperty(name="Object name", description="Default: the avatar id")
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if not status["ok"]:
+            cls.poll_message_set("Test the connection to the backend first")
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        s = preferences.settings(context)
+        if why := _allowed(s):
+            return _fail(self, why)
+        if not self.avatar:
+            return _fail(self, "No avatar id given")
+        try:
+            arrays = connection.neutral_gaussians(s, self.avatar)
+            g = pointcloud.GaussianBuffers(**{k: arrays[k] for k in ("positions", "scales", "rotations", "opacities", "colors")}).checked()
+        except connection.UserError as e:
+            return _fail(self, f"Could not load avatar {self.avatar}: {e}")
+        except (KeyError, ValueError) as e:
+            return _fail(self, f"Avatar {self.avatar}: unexpected reply from the backend: {e}")
+        obj = pointcloud.create_avatar_object(self.object_name or self.avatar, g, context.collection)
+        obj[AVATAR_ID] = self.avatar
+        context.view_layer.objects.active = obj
+        self.report({"INFO"}, f"Loaded {self.avatar} ({len(g.positions)} Gaussians)")
         return {"FINISHED"}
 
 
@@ -125,6 +165,7 @@ class SPATIALAVATAR_OT_export_flame(_NeedsObject, bpy.types.Operator, ExportHelp
 classes = (
     SPATIALAVATAR_OT_test_connection,
     SPATIALAVATAR_OT_list_avatars,
+    SPATIALAVATAR_OT_load_avatar,
     SPATIALAVATAR_OT_import_flame,
     SPATIALAVATAR_OT_export_flame,
 )

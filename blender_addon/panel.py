@@ -23,7 +23,10 @@ class SPATIALAVATAR_PT_main(bpy.types.Panel):
         col = layout.column(align=True)
         col.label(text="Avatars")
         for a in operators.status["avatars"][:20]:
-            col.label(text=f"{a.get('name') or a.get('id')}  ({a.get('gaussians', '?')} Gaussians)", icon="USER")
+            row = col.row(align=True)
+            row.label(text=f"{a.get('name') or a.get('id')}  ({a.get('gaussians', '?')} Gaussians)", icon="USER")
+            op = row.operator("spatialavatar.load_avatar", text="", icon="IMPORT")
+            op.avatar, op.object_name = a.get("id", ""), a.get("name") or ""
         col.operator("spatialavatar.list_avatars", icon="FILE_REFRESH")
 
         layout.separator()

@@ -215,6 +215,39 @@ def test_connection_to_a_real_backend(bpy_empty, addon, backend_process: str) ->
     assert status["avatars"] == []
 
 
+def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str) -> None:
+    import torch
+
+    from backend.gaussians.avatar import deform
+    from backend.gaussians.files import avatar_to_bytes
+    from backend.gaussians.surface import surface_avatar
+    from backend.head.registry import load_head_model
+    from backend.server.client import Client
+
+    head = load_head_model()
+    avatar = surface_avatar(head, torch.zeros(head.n_shape), 2000, lambda f, b: torch.full((f.shape[0], 3), 0.5))
+    with Client(backend_process, timeout_s=60.0, retries=0) as c:
+        aid = c.call("import", {"name": "probe"}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
+    with torch.no_grad():
+        means = deform(avatar, head, avatar.params_for(head.neutral_params(1))).means[0].numpy()
+
+    bpy = bpy_empty
+    _prefs(bpy, backend_process, 60.0, 0)
+    addon.operators.status["ok"] = False
+    assert not bpy.ops.spatialavatar.load_avatar.poll()
+    assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}
+    assert bpy.ops.spatialavatar.load_avatar(avatar=aid) == {"FINISHED"}
+    obj = bpy.context.view_layer.objects.active
+    assert obj.name == aid and obj[addon.operators.AVATAR_ID] == aid
+    assert len(obj.data.vertices) == 2000
+    co = np.empty(2000 * 3, np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    np.testing.assert_allclose(co.reshape(-1, 3), means, atol=1e-5)
+    np.testing.assert_allclose(addon.pointcloud.read_attribute(obj.data, "color")[:, :3], 0.5, atol=1e-3)
+    with pytest.raises(RuntimeError, match="Could not load avatar av_0000000000000000"):
+        bpy.ops.spatialavatar.load_avatar(avatar="av_0000000000000000")
+
+
 def test_connection_error_when_nothing_listens(bpy_empty, addon) -> None:
     bpy = bpy_empty
     _prefs(bpy, f"tcp://127.0.0.1:{_free_port()}", 0.3, 0)
