@@ -23,17 +23,9 @@ from backend.generate.data import Corpus, PhaseSampler, find_subjects, pose_rows
 from backend.generate.generate import check_source_count, generate_avatar, parse_views, split_inputs, subject_sources
 from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, push_pull_fill, source_visibility
 from backend.head.params import POSE_FIELDS
-from tests.test_generate_support import tiny_corpus, tiny_head
+from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: these small tensors gain nothing from more, and CI cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def head():  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from backend.data.synthetic import SynthConfig, synthesize
@@ -118,6 +119,15 @@ def tiny_corpus(root: Path, mono: int = 3, multi: int = 2, size: int = 64) -> tu
         for i in range(multi)
     ]
     return mono_dirs, multi_dirs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread: these small tensors gain nothing from more, and CI cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -19,17 +19,9 @@ from backend.generate.data import Batch, Corpus, Sample, find_subjects
 from backend.generate.model import Generator, preset
 from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, train
 from backend.head.flame_files import write_flame
-from tests.test_generate_support import tiny_corpus, tiny_head, tiny_head_data
+from tests.test_generate_support import one_thread, tiny_corpus, tiny_head, tiny_head_data  # noqa: F401 (autouse fixture)
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One intra-op thread: these small tensors gain nothing from more, and CI cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def corpus_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Path]]:
