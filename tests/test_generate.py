@@ -26,7 +26,6 @@ from backend.head.params import POSE_FIELDS
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 
 
-
 @pytest.fixture(scope="module")
 def head():  # type: ignore[no-untyped-def]
     return tiny_head()

@@ -22,7 +22,6 @@ from backend.head.flame_files import write_flame
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head, tiny_head_data  # noqa: F401 (autouse fixture)
 
 
-
 @pytest.fixture(scope="module")
 def corpus_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Path]]:
     return tiny_corpus(tmp_path_factory.mktemp("corpus"), mono=2, multi=1)
