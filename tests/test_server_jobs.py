@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -75,17 +74,14 @@ def test_render_is_answered_while_a_refinement_runs(served, head: HeadModel) -> 
             if event.result["job"]["step"] > 0:
                 break
         K, w2c = front_camera(32)
-        t0 = time.monotonic()
         frames = list(
             client.stream(
                 "render", {"avatar": aid, "width": 32, "height": 32}, flame_buffers(head, 3) | {"intrinsics": K, "world_to_cam": w2c}
             )
         )
-        waited = time.monotonic() - t0
         during = client.call("get", {"id": jid}).result["job"]
         assert [f.seq for f in frames] == [0, 1, 2]
         assert during["state"] == "running" and during["step"] < during["total"], during
-        assert waited < 10.0
     finally:
         cancelled = client.call("cancel", {"job": jid}).result["job"]
     assert cancelled["id"] == jid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import importlib.util
 import io
 import threading
@@ -245,23 +247,23 @@ def _long_stream(service: Service, aid: str, head: HeadModel, rcvhwm: int = 1000
     return sock
 
 
-def test_a_client_that_vanishes_mid_stream_does_not_wedge_the_service(served, head: HeadModel) -> None:
+def test_a_client_that_vanishes_mid_stream_does_not_wedge_the_service(served, head: HeadModel, caplog: pytest.LogCaptureFixture) -> None:
     service, client, aid, _ = served
+    caplog.set_level(logging.INFO, logger="spatialavatar.server")
     _long_stream(service, aid, head).close(linger=0)
-    t0 = time.monotonic()
     assert client.call("hello").ok
     assert client.call("render", *render_request(aid, head, 1)).final
-    # 200 frames would take several seconds; the abandoned stream stops at its next frame.
-    assert time.monotonic() - t0 < 3.0
+    # The abandoned 200-frame stream was cut short rather than rendered to the end.
+    assert "the rest of its stream is skipped" in caplog.text
 
 
-def test_a_client_that_stops_reading_loses_its_stream(tmp_path: Path, head: HeadModel) -> None:
+def test_a_client_that_stops_reading_loses_its_stream(tmp_path: Path, head: HeadModel, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spatialavatar.server")
     with service_thread(tmp_path / "store", send_hwm=2, send_timeout_s=0.2) as service, Client(service.endpoint, timeout_s=30) as client:
         aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 1000))}).result["avatar"]["id"]
         stuck = _long_stream(service, aid, head, rcvhwm=1)
         try:
-            t0 = time.monotonic()
             assert client.call("render", *render_request(aid, head, 1)).final
-            assert time.monotonic() - t0 < 5.0
+            assert "stopped reading" in caplog.text  # its stream was dropped, not waited on
         finally:
             stuck.close(linger=0)

@@ -324,6 +324,7 @@ class Service:
                 return
             if not task.abandoned.is_set() and not self._send(task.envelope, frames):
                 task.abandoned.set()
+                log.info("a client is gone or not reading: the rest of its stream is skipped")
 
     # -- job watchers ----------------------------------------------------------------------
 
