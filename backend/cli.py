@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="samples per step per process (default 8)")
     p.add_argument("--targets", type=int, help="target views per sample (default 2)")
     p.add_argument("--lr", type=float, help="peak learning rate (phase 1: 4e-4, phase 2: 2e-4)")
-    p.add_argument("--l2sp", type=float, help="L2-SP weight toward the phase-1 weights (phase 2 default 1e-2; 0 = off)")
+    p.add_argument("--l2sp", type=float, help="L2-SP weight toward the phase-1 weights (phase 2 default 1e-3; 0 = off)")
     p.add_argument("--cross-time", type=float, help="phase 2 share of samples with targets from another time (default 0.25)")
     p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS (needs the lpips package and its weights locally)")
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes; the same command continues")
