@@ -169,7 +169,9 @@ def place_gaussians(
     """
     size = frames.size[:, face_idx, None]  # [B, N, 1]
     anchor = surface_points(vertices, faces, face_idx, bary)
-    means = anchor + size * torch.einsum("bnij,nj->bni", frames.rotation[:, face_idx], offset)
+    # A broadcast product rather than a batched matmul: 3x3 matmuls are too small for BLAS,
+    # and as element-wise work torch.compile fuses them with the rest of the placement.
+    means = anchor + size * (frames.rotation[:, face_idx] * offset[None, :, None, :]).sum(-1)
     quats = quat_multiply(frames.quat[:, face_idx], F.normalize(rotation, dim=-1)[None])
     scales = size * torch.exp(log_scale)[None]
     return means, quats, scales

@@ -12,7 +12,8 @@ class LearningRates:
     """Adam learning rates per parameter group (per iteration; offsets in triangle units).
 
     ``offset`` decays exponentially from ``offset`` to ``offset_final`` over the run, as
-    3DGS does for positions; the others are constant.
+    3DGS does for positions; the other Gaussian groups decay exponentially to
+    ``final_factor`` times their rate (1.0 keeps them constant).
     """
 
     offset: float = 2e-3
@@ -22,6 +23,7 @@ class LearningRates:
     opacity_logit: float = 2.5e-2
     sh_dc: float = 2.5e-3
     sh_rest: float = 1.25e-4
+    final_factor: float = 1.0
     flame_expr: float = 1e-3
     flame_pose: float = 1e-5
     flame_translation: float = 1e-6

@@ -97,9 +97,18 @@ class RefineResult:
 
 
 class _Targets:
-    """Training images composited over the background, kept on the device as uint8 and
-    cropped to a fixed-size window around each view's mask (plus a margin): the background
-    outside it is matched by construction, so the loss need not look there."""
+    """Training views cropped to a fixed-size window around each view's mask (plus a margin).
+
+    The background outside the window is matched by construction, so the loss need not look
+    there, and the rasterizer need not draw it: each view's camera is shifted so that it
+    renders exactly its window. Images, intrinsics and extrinsics stay on the device; a step
+    picks views by slicing, with no host-to-device copy.
+
+    Attributes:
+        images: [V, h, w, 3] crops composited over the background, V = frames x cameras
+            (flat view index = frame index * C + camera).
+        K, world_to_cam: [V, 1, 3, 3] and [V, 1, 4, 4] cameras of the crops.
+    """
 
     def __init__(self, subject: Subject, frames: list[int], device: torch.device, margin: int) -> None:
         bg = subject.background()
@@ -113,23 +122,32 @@ class _Targets:
                 boxes.append((int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1))
         self.crop_h = min(h, _round_up(max(b[1] - b[0] + 1 for b in boxes) + 2 * margin, 16))
         self.crop_w = min(w, _round_up(max(b[3] - b[2] + 1 for b in boxes) + 2 * margin, 16))
-        self.windows = []  # (y0, x0) of each view's crop, centred on its mask
+        windows = []  # (y0, x0) of each view's crop, centred on its mask
         for y_lo, y_hi, x_lo, x_hi in boxes:
             y0 = min(max((y_lo + y_hi + 1 - self.crop_h) // 2, 0), h - self.crop_h)
             x0 = min(max((x_lo + x_hi + 1 - self.crop_w) // 2, 0), w - self.crop_w)
-            self.windows.append((y0, x0))
-        crops = [img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(imgs, self.windows)]
-        self.images = (torch.stack(crops) * 255 + 0.5).to(torch.uint8).to(device)  # [T*C, h, w, 3]
+            windows.append((y0, x0))
+        crops = [img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(imgs, windows)]
+        self.images = torch.stack(crops).to(device)
+        cams = subject.cameras(frames)  # [T, C]
+        K = cams.K.reshape(-1, 1, 3, 3).clone()
+        K[:, 0, 0, 2] -= torch.tensor([x0 for _, x0 in windows], dtype=K.dtype)
+        K[:, 0, 1, 2] -= torch.tensor([y0 for y0, _ in windows], dtype=K.dtype)
+        self.K = K.to(device)
+        self.world_to_cam = cams.world_to_cam.reshape(-1, 1, 4, 4).to(device)
+
+    def cameras(self, views: list[int]) -> Cameras:
+        """The crop cameras of flat view indices, [B, 1, ...]."""
+        return Cameras(_take(self.K, views), _take(self.world_to_cam, views), self.crop_w, self.crop_h)
 
     def get(self, views: list[int]) -> torch.Tensor:
-        """[B, h, w, 3] float crops of flat view indices (frame index * C + camera)."""
-        return self.images[views].float() / 255.0
+        """[B, h, w, 3] crops of flat view indices."""
+        return _take(self.images, views)
 
-    def crop(self, rgb: torch.Tensor, views: list[int]) -> torch.Tensor:
-        """Renders [B, H, W, 3] of ``views`` -> their crops [B, h, w, 3]."""
-        return torch.stack(
-            [rgb[b, y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for b, (y0, x0) in enumerate(self.windows[v] for v in views)]
-        )
+
+def _take(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``t[index]``; one index is a slice, which is a view and costs no copy or kernel."""
+    return t[index[0] : index[0] + 1] if len(index) == 1 else t[index]
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -138,13 +156,14 @@ def _round_up(x: int, multiple: int) -> int:
 
 def _param_groups(local: LocalGaussians, config: RefineConfig) -> list[dict]:
     lr = config.lr
-    return [
-        {"name": "offset", "params": [local.offset], "lr": lr.offset},
-        {"name": "rotation", "params": [local.rotation], "lr": lr.rotation},
-        {"name": "log_scale", "params": [local.log_scale], "lr": lr.log_scale},
-        {"name": "opacity_logit", "params": [local.opacity_logit], "lr": lr.opacity_logit},
-        {"name": "sh", "params": [local.sh], "lr": lr.sh_dc},
+    groups = [
+        ("offset", local.offset, lr.offset),
+        ("rotation", local.rotation, lr.rotation),
+        ("log_scale", local.log_scale, lr.log_scale),
+        ("opacity_logit", local.opacity_logit, lr.opacity_logit),
+        ("sh", local.sh, lr.sh_dc),
     ]
+    return [{"name": name, "params": [p], "lr": rate, "base_lr": rate} for name, p, rate in groups]
 
 
 def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
@@ -162,9 +181,11 @@ def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
         )
 
 
-def _offset_lr(config: RefineConfig, step: int) -> float:
+def _lr_scale(config: RefineConfig, group: str, step: int) -> float:
+    """Multiplier of a group's base rate at ``step``: an exponential decay over the run."""
     t = min(step / max(config.iterations, 1), 1.0)
-    return math.exp((1 - t) * math.log(config.lr.offset) + t * math.log(config.lr.offset_final))
+    final = config.lr.offset_final / config.lr.offset if group == "offset" else config.lr.final_factor
+    return math.exp(t * math.log(final))
 
 
 def refine(
@@ -206,9 +227,6 @@ def refine(
     for v in flame.values():
         v.requires_grad_(config.finetune_flame)
     targets = _Targets(subject, frames, device, config.loss_margin)
-    cams = subject.cameras(frames).to(device)  # [T, C]
-    view_K = cams.K.reshape(-1, 1, 3, 3)  # [T*C, 1, 3, 3], flat view index = frame index * C + camera
-    view_w2c = cams.world_to_cam.reshape(-1, 1, 4, 4)
     background = subject.background().to(device)
     fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
     optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused)
@@ -251,11 +269,14 @@ def refine(
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
         return loss
 
-    # Deformation and loss are chains of small element-wise kernels: compiled, they fuse.
+    # Deformation and loss are chains of small element-wise kernels: compiled, they fuse. With
+    # a frozen layout the shapes never change, so the compiled kernels are also replayed as
+    # CUDA graphs ("reduce-overhead"): the step is bound by kernel launches, not by the GPU.
     compiled = config.compile and device.type == "cuda"
-    place = torch.compile(place_gaussians, dynamic=density is not None) if compiled else place_gaussians
-    frames_of = torch.compile(triangle_frames) if compiled else triangle_frames
-    step_loss = torch.compile(loss_fn) if compiled else loss_fn
+    mode = None if density is not None else "reduce-overhead"
+    place = torch.compile(place_gaussians, dynamic=density is not None, mode=mode) if compiled else place_gaussians
+    frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
+    step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
     t_start = time.perf_counter()
     step = start
@@ -264,14 +285,13 @@ def refine(
             stopped = True
             break
         for g in optimizer.param_groups:
-            if g["name"] == "offset":
-                g["lr"] = _offset_lr(config, step)
+            g["lr"] = g["base_lr"] * _lr_scale(config, g["name"], step)
         idx = torch.randint(len(frames), (config.views_per_step,), generator=gen).tolist()
         cam_idx = torch.randint(subject.num_cameras, (config.views_per_step,), generator=gen).tolist()
 
         t0 = time.perf_counter()
         if fixed is not None:
-            verts, tri = fixed[0][idx], TriangleFrames(*(t[idx] for t in fixed[1]))
+            verts, tri = _take(fixed[0], idx), TriangleFrames(*(_take(t, idx) for t in fixed[1]))
         else:
             verts = head(replace(params, **{k: v[idx] for k, v in flame.items()}), check=False).vertices
             tri = frames_of(verts, head.faces)
@@ -282,11 +302,11 @@ def refine(
         sync()
         t1 = time.perf_counter()
         flat = [i * subject.num_cameras + c for i, c in zip(idx, cam_idx)]
-        view = Cameras(view_K[flat], view_w2c[flat], cams.width, cams.height)
+        view = targets.cameras(flat)
         out = render(splats, view, background)
         sync()
         t2 = time.perf_counter()
-        loss = step_loss(targets.crop(out.rgb[:, 0], flat), targets.get(flat), local.log_scale, local.offset)
+        loss = step_loss(out.rgb[:, 0], targets.get(flat), local.log_scale, local.offset)
         sync()
         t3 = time.perf_counter()
         loss.backward()
@@ -310,7 +330,7 @@ def refine(
         if done % config.log_every == 0 or done == config.iterations:
             stats = {
                 "loss": float(loss.detach()),
-                "psnr": psnr(targets.crop(out.rgb[:, 0].detach(), flat), targets.get(flat)),
+                "psnr": psnr(out.rgb[:, 0].detach(), targets.get(flat)),
                 "count": binding.count,
                 "seconds": time.perf_counter() - t_start,
             }

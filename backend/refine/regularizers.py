@@ -36,7 +36,7 @@ class AntiSpike:
     scale_weight: float = 1.0
     max_scale: float = 0.6
     aniso_weight: float = 0.1
-    max_ratio: float = 10.0
+    max_ratio: float = 30.0
     offset_weight: float = 0.1
     max_offset: float = 1.0
 

@@ -43,6 +43,29 @@ def _config(method: str, **fields: object) -> RefineConfig:
     return RefineConfig.from_dict(d)
 
 
+def _trace(avatar, head, subject, iters: int, compile: bool, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Kernel and operator tables of ``iters`` iterations of ours (after a warm-up run), and
+    the share of the wall time the GPU was busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    config = preset("ours", iterations=iters, log_every=iters, checkpoint_every=0, compile=compile)
+    refine(avatar, head, subject, config)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        refine(avatar, head, subject, config)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+    lines = [f"{iters} iterations: wall {wall:.3f} s ({1000 * wall / iters:.2f} ms/it), GPU busy {busy:.3f} s ({100 * busy / wall:.0f}%)", ""]
+    lines.append(events.table(sort_by="self_device_time_total", row_limit=40))
+    lines.append(events.table(sort_by="cpu_time_total", row_limit=40))
+    (out / "trace.txt").write_text("\n".join(lines))
+    print(lines[0], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True, help="results: bench_refine.json and worst-view pictures")
@@ -57,6 +80,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ours;no-antispike;densify", help="';'-separated presets, or NAME=JSON overrides of 'ours'")
     ap.add_argument("--no-compile", action="store_true", help="run without torch.compile")
     ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of ours (stage breakdown)")
+    ap.add_argument("--trace-iters", type=int, default=0, help="also run this many iterations of ours under torch.profiler (kernel tables)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     head = load_head_model().to(device)
@@ -89,6 +113,8 @@ def main() -> None:
             per_it = {k: 1000 * v / args.profile_iters for k, v in result.timings.items()}
             rows.append({"identity": ident, "method": "ours-profile-ms-per-iteration", **per_it})
             print(json.dumps(rows[-1]), flush=True)
+        if args.trace_iters and ident == args.first_identity:
+            _trace(avatar, head, subject, args.trace_iters, not args.no_compile, args.out)
     (args.out / "bench_refine.json").write_text(json.dumps(rows, indent=1))
 
 
