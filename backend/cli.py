@@ -332,6 +332,30 @@ def cmd_keys(args: argparse.Namespace) -> dict:
     return written | {"serve": f"spatialavatar serve --bind tcp://0.0.0.0:5555 --keys {args.dir}"}
 
 
+def cmd_blender_render(args: argparse.Namespace) -> dict:
+    from backend.batch.blender_render import BlenderRenderJob, parse_frames, render
+
+    job = BlenderRenderJob(
+        blend=args.blend,
+        frames=parse_frames(args.frames) if args.frames else None,
+        out=args.out,
+        blender=args.blender,
+        endpoint=args.endpoint,
+        store=args.store,
+        device=args.device,
+        flame=args.flame,
+    )
+    result = render(job, echo=not args.json)
+    return {
+        "blend": str(args.blend),
+        "frames": len(result.written),
+        "written": [str(p) for p in result.written],
+        "runner": result.runner,
+        "backend": "started and stopped" if result.started_backend else f"already running at {args.endpoint}",
+        "seconds": round(result.seconds, 1),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--flame", metavar="PATH", help="FLAME model folder or file (default: $SPATIALAVATAR_FLAME, else the built-in head)")
@@ -455,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
     p.add_argument("--generator", type=Path, metavar="FILE", help="stage-1 generator checkpoint (default: the one `spatialavatar generate` uses)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("blender-render", parents=[common], help="render a .blend with its avatars composited (starts a backend if none answers)")
+    p.add_argument("blend", type=Path)
+    p.add_argument("--frames", metavar="A..B", help="scene frames to render, inclusive (default: the file's range)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="folder for the frames (default: the file's output path)")
+    p.add_argument("--blender", type=Path, metavar="PATH", help="Blender executable (default: blender on PATH, else the bpy module)")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="the backend's address; one is started there if none answers (default: %(default)s)")
+    p.add_argument("--store", type=Path, help="store of a backend started here (default: as `serve`)")
+    p.set_defaults(fn=cmd_blender_render)
 
     p = sub.add_parser("keys", parents=[common], help="make CurveZMQ keys for the service and one client")
     p.add_argument("dir", type=Path)

@@ -4,9 +4,10 @@
 
 Steps:
 1. stage: copy the add-on modules (blender_addon/*.py but this file) to the staging root,
-   the torch-free wire modules of backend/server (protocol, client, args, security) and
-   backend/errors.py to ``wire/``, with their ``backend.*`` imports made relative, and the
-   repository's blender_manifest.toml; there is one copy of the protocol in git;
+   the torch-free wire modules of backend/server (protocol, client, args, security),
+   backend/errors.py and backend/render/blender_camera_math.py to ``wire/``, with their
+   ``backend.*`` imports made relative, and the repository's blender_manifest.toml; there is
+   one copy of the protocol and of the camera conversion in git;
 2. optionally (``--wheels``, registry access at build time only) download pyzmq 26.x
    wheels for CPython 3.11 (Blender 4.2-5.0) and 3.13 (5.1+) and list them in the manifest;
 3. run Blender's own extension tool ``blender_ext.py build`` and then ``validate``. The tool is
@@ -33,6 +34,7 @@ WIRE_FILES = (
     ("backend/server/args.py", "args.py"),
     ("backend/server/security.py", "security.py"),
     ("backend/errors.py", "errors.py"),
+    ("backend/render/blender_camera_math.py", "blender_camera_math.py"),  # the one Blender camera conversion
 )
 PYZMQ = "pyzmq==26.4.0"  # 27.x ships cp312-abi3 wheels, which Blender reads as "3.12 only"
 PYTHONS = ("3.11", "3.13")

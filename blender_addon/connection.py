@@ -58,12 +58,21 @@ def hello(settings: Settings) -> dict[str, Any]:
         return c.call("hello").result
 
 
-def neutral_gaussians(settings: Settings, avatar_id: str) -> dict[str, np.ndarray]:
-    """The avatar's Gaussians in the neutral pose with colours and opacities (``deform`` of one
-    zero frame with ``statics``): positions, scales, rotations, opacities, colors."""
+def neutral_args(avatar_id: str, gaussians: int, max_points: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Arguments and buffers of a ``deform`` of one zero frame with ``statics``: the avatar in its
+    neutral pose with colours and opacities. ``max_points`` > 0 asks for an evenly spread subset
+    (at most the avatar's ``gaussians``); the service picks the same subset for every frame."""
+    args: dict[str, Any] = {"avatar": avatar_id, "statics": True}
+    if 0 < max_points < gaussians:
+        args["max_gaussians"] = int(max_points)
+    return args, {"expr": np.zeros((1, 1), np.float32)}
+
+
+def neutral_gaussians(settings: Settings, avatar_id: str, max_points: int = 0) -> dict[str, np.ndarray]:
+    """Blocking ``get`` + ``deform`` (see ``neutral_args``): positions, scales, rotations, opacities, colors."""
     with open_client(settings) as c:
-        reply = c.call("deform", {"avatar": avatar_id, "statics": True}, {"expr": np.zeros((1, 1), np.float32)})
-    return reply.arrays
+        gaussians = int(c.call("get", {"id": avatar_id}).result["avatar"]["gaussians"])
+        return c.call("deform", *neutral_args(avatar_id, gaussians, max_points)).arrays
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -81,8 +90,17 @@ class Session:
         self.client = open_client(settings)
         self._callbacks: dict[str, Callable[[Reply], None]] = {}
 
-    def submit(self, op: str, args: dict | None = None, arrays: dict | None = None, on_reply: Callable[[Reply], None] | None = None) -> str:
-        rid = self.client.submit(op, args, arrays)
+    def submit(
+        self,
+        op: str,
+        args: dict | None = None,
+        arrays: dict | None = None,
+        on_reply: Callable[[Reply], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Send a request now; ``on_reply`` gets each of its replies from ``pump``. ``timeout_s``
+        overrides the preferences' silence limit for slow requests (a large render on a CPU)."""
+        rid = self.client.submit(op, args, arrays, timeout_s=timeout_s)
         if on_reply is not None:
             self._callbacks[rid] = on_reply
         return rid

@@ -11,9 +11,11 @@ _OPTS = {"ANIMATABLE"}
 _OVERRIDE = {"LIBRARY_OVERRIDABLE"}
 
 
-def _vector(name: str, size: int, description: str, subtype: str = "NONE") -> FloatVectorProperty:
+def _vector(name: str, size: int, description: str, subtype: str = "NONE", soft: float | None = None) -> FloatVectorProperty:
+    """``soft``: the sliders' range (+-); values beyond it can still be typed or keyed."""
+    limits = {} if soft is None else {"soft_min": -soft, "soft_max": soft}
     return FloatVectorProperty(
-        name=name, size=size, default=(0.0,) * size, subtype=subtype, description=description, options=_OPTS, override=_OVERRIDE
+        name=name, size=size, default=(0.0,) * size, subtype=subtype, description=description, options=_OPTS, override=_OVERRIDE, **limits
     )
 
 
@@ -22,7 +24,10 @@ def _group_annotations() -> dict:
     for c in range(flame_data.EXPR_CHUNKS):
         lo = c * flame_data.EXPR_CHUNK
         ann[flame_data.expr_chunk_name(c)] = _vector(
-            f"Expression {lo}-{lo + flame_data.EXPR_CHUNK - 1}", flame_data.EXPR_CHUNK, "FLAME expression coefficients (about N(0, 1))"
+            f"Expression {lo}-{lo + flame_data.EXPR_CHUNK - 1}",
+            flame_data.EXPR_CHUNK,
+            "FLAME expression coefficients (about N(0, 1))",
+            soft=3.0,
         )
     ann["rotation"] = _vector("Rotation", 3, "Global head rotation, axis-angle (radians)")
     ann["neck_pose"] = _vector("Neck", 3, "Neck joint, axis-angle (radians)")
@@ -43,8 +48,18 @@ class SPATIALAVATAR_PG_flame(bpy.types.PropertyGroup):
     __annotations__ = _group_annotations()
 
     def labels(self) -> list[str]:
-        names = [n for n in self.expression_names.split(",")] if self.expression_names else None
+        names = self.expression_names.split(",") if self.expression_names else None
         return flame_data.expression_labels(names, self.expression_count)
+
+    def sliders(self) -> list[tuple[str, int, str]]:
+        """(vector property, element, label) of every expression coefficient the head uses, in order."""
+        return [(*flame_data.expr_location(i), label) for i, label in enumerate(self.labels())]
+
+    def set_head(self, head: dict) -> None:
+        """Take the expression count and names from the backend's ``hello`` ``head`` entry."""
+        self.expression_count = min(int(head.get("expression_components", flame_data.MAX_EXPR)), flame_data.MAX_EXPR)
+        # Commas separate the stored names, so a name may not hold one.
+        self.expression_names = ",".join(str(n).replace(",", " ") for n in head.get("expression_names", []))
 
 
 def register_pointer() -> None:

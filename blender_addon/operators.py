@@ -8,16 +8,14 @@ import bpy
 from bpy.props import FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import animation_io, connection, flame_data, pointcloud, preferences
+from . import animation_io, avatars, connection, flame_data, preferences, scene_props
 
 # What the panel shows; filled by the operators (not saved in the .blend).
 status: dict = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
+AVATAR_ID = avatars.AVATAR_ID
 
 
-AVATAR_ID = "spatialavatar_avatar"  # custom property on loaded objects: the backend's avatar id
-
-
-def _allowed(settings: connection.Settings) -> str | None:
+def allowed(settings: connection.Settings) -> str | None:
     """Why the endpoint may not be used now, or None (Blender's online-access switch)."""
     if connection.wire_security.is_loopback(settings.endpoint):
         return None
@@ -26,9 +24,17 @@ def _allowed(settings: connection.Settings) -> str | None:
     return f"{settings.endpoint} is not on this machine and online access is off (Preferences > System > Network)"
 
 
-def _fail(op: bpy.types.Operator, message: str) -> set[str]:
+def fail(op: bpy.types.Operator, message: str) -> set[str]:
     op.report({"ERROR"}, message)
     return {"CANCELLED"}
+
+
+def connected(cls: type[bpy.types.Operator]) -> bool:
+    """Poll part shared by operators that talk to the backend."""
+    if not status["ok"]:
+        cls.poll_message_set("Test the connection to the backend first (sidebar > Avatar)")
+        return False
+    return True
 
 
 class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
@@ -39,13 +45,13 @@ class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := _allowed(s):
-            return _fail(self, why)
+        if why := allowed(s):
+            return fail(self, why)
         try:
             info = connection.hello(s)
         except connection.UserError as e:
             status.update(text=f"No backend: {e}", ok=False, info=None)
-            return _fail(self, f"Backend at {s.endpoint} did not answer: {e}")
+            return fail(self, f"Backend at {s.endpoint} did not answer: {e}")
         status.update(text=connection.describe(info), ok=True, info=info)
         self.report({"INFO"}, status["text"])
         return {"FINISHED"}
@@ -59,15 +65,15 @@ class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := _allowed(s):
-            return _fail(self, why)
+        if why := allowed(s):
+            return fail(self, why)
         try:
             with connection.open_client(s) as c:
-                avatars = c.call("list", {"kind": "avatars"}).result.get("avatars", [])
+                found = c.call("list", {"kind": "avatars"}).result.get("avatars", [])
         except connection.UserError as e:
-            return _fail(self, f"Could not list avatars: {e}")
-        status["avatars"] = avatars
-        self.report({"INFO"}, f"{len(avatars)} avatar(s)")
+            return fail(self, f"Could not list avatars: {e}")
+        status["avatars"] = found
+        self.report({"INFO"}, f"{len(found)} avatar(s)")
         return {"FINISHED"}
 
 
@@ -80,31 +86,31 @@ class SPATIALAVATAR_OT_load_avatar(bpy.types.Operator):
 
     avatar: StringProperty(name="Avatar", description="The backend's avatar id")
     object_name: StringProperty(name="Object name", description="Default: the avatar id")
+    max_points: IntProperty(
+        name="Points", default=-1, min=-1, description="Evenly spread subset to show (0: all; -1: the scene's Points setting)"
+    )
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        if not status["ok"]:
-            cls.poll_message_set("Test the connection to the backend first")
-            return False
-        return True
+        return connected(cls)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := _allowed(s):
-            return _fail(self, why)
+        if why := allowed(s):
+            return fail(self, why)
         if not self.avatar:
-            return _fail(self, "No avatar id given")
+            return fail(self, "No avatar id given")
+        points = self.max_points if self.max_points >= 0 else scene_props.get(context.scene).preview_points
         try:
-            arrays = connection.neutral_gaussians(s, self.avatar)
-            g = pointcloud.GaussianBuffers(**{k: arrays[k] for k in ("positions", "scales", "rotations", "opacities", "colors")}).checked()
+            arrays = connection.neutral_gaussians(s, self.avatar, points)
+            head = (status["info"] or {}).get("head")
+            obj = avatars.add_object(self.object_name or self.avatar, self.avatar, arrays, head, context.collection)
         except connection.UserError as e:
-            return _fail(self, f"Could not load avatar {self.avatar}: {e}")
+            return fail(self, f"Could not load avatar {self.avatar}: {e}")
         except (KeyError, ValueError) as e:
-            return _fail(self, f"Avatar {self.avatar}: unexpected reply from the backend: {e}")
-        obj = pointcloud.create_avatar_object(self.object_name or self.avatar, g, context.collection)
-        obj[AVATAR_ID] = self.avatar
+            return fail(self, f"Avatar {self.avatar}: unexpected reply from the backend: {e}")
         context.view_layer.objects.active = obj
-        self.report({"INFO"}, f"Loaded {self.avatar} ({len(g.positions)} Gaussians)")
+        self.report({"INFO"}, f"Loaded {self.avatar} ({len(obj.data.vertices)} points)")
         return {"FINISHED"}
 
 
@@ -135,7 +141,7 @@ class SPATIALAVATAR_OT_import_flame(_NeedsObject, bpy.types.Operator, ImportHelp
         try:
             anim = animation_io.import_file(context.active_object, self.filepath, self.frame_start, self.file_fps, scene_fps)
         except (flame_data.FlameFileError, ValueError) as e:
-            return _fail(self, str(e))
+            return fail(self, str(e))
         self.report({"INFO"}, f"Imported {anim.frames} frames from {Path(self.filepath).name}")
         return {"FINISHED"}
 
@@ -157,7 +163,7 @@ class SPATIALAVATAR_OT_export_flame(_NeedsObject, bpy.types.Operator, ExportHelp
         try:
             anim = animation_io.export_file(obj, self.filepath, start, end)
         except (OSError, ValueError) as e:
-            return _fail(self, f"Could not write {self.filepath}: {e}")
+            return fail(self, f"Could not write {self.filepath}: {e}")
         self.report({"INFO"}, f"Wrote {anim.frames} frames to {Path(self.filepath).name}")
         return {"FINISHED"}
 

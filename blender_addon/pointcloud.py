@@ -60,14 +60,25 @@ def fill_mesh(mesh: bpy.types.Mesh, g: GaussianBuffers) -> None:
     if len(mesh.vertices) != n:
         mesh.clear_geometry()
         mesh.vertices.add(n)
-    mesh.vertices.foreach_set("co", _f32(g.positions))
     rgba = np.empty((n, 4), np.float32)
     rgba[:, :3] = g.colors
     rgba[:, 3] = g.opacities
     _set_attribute(mesh, "opacity", "FLOAT", "value", g.opacities)
-    _set_attribute(mesh, "scale", "FLOAT_VECTOR", "vector", g.scales)
-    _set_attribute(mesh, "rotation", "QUATERNION", "value", g.rotations)
     _set_attribute(mesh, "color", "FLOAT_COLOR", "color", rgba)
+    set_pose(mesh, g.positions, g.scales, g.rotations)
+
+
+def set_pose(mesh: bpy.types.Mesh, positions: np.ndarray, scales: np.ndarray, rotations: np.ndarray) -> None:
+    """A new pose of the same points: positions [N, 3], scales [N, 3], rotations [N, 4] (w, x, y, z).
+
+    The per-frame path of the live preview: three ``foreach_set`` calls, colours untouched.
+    """
+    n = len(mesh.vertices)
+    if not positions.shape == scales.shape == (n, 3) or rotations.shape != (n, 4):
+        raise ValueError(f"a pose for {len(positions)} points does not fit a mesh of {n}")
+    mesh.vertices.foreach_set("co", _f32(positions))
+    _set_attribute(mesh, "scale", "FLOAT_VECTOR", "vector", scales)
+    _set_attribute(mesh, "rotation", "QUATERNION", "value", rotations)
     mesh.update()
 
 
@@ -134,10 +145,16 @@ def ensure_node_group() -> bpy.types.NodeTree:
 
 
 def create_avatar_object(name: str, g: GaussianBuffers, collection: bpy.types.Collection | None = None) -> bpy.types.Object:
-    """A new object holding the Gaussians as points, linked to ``collection`` (default the scene's)."""
+    """A new object holding the Gaussians as points, linked to ``collection`` (default the scene's).
+
+    The points keep the backend's world coordinates (+y up); the object turns them +90 degrees
+    about X, so the head stands upright in Blender (+z up) and faces -Y, the Front view.
+    Its ``matrix_world`` is therefore the map from the backend's world into Blender's.
+    """
     mesh = bpy.data.meshes.new(name)
     fill_mesh(mesh, g)
     obj = bpy.data.objects.new(name, mesh)
+    obj.rotation_euler = (np.pi / 2, 0.0, 0.0)
     (collection or bpy.context.scene.collection).objects.link(obj)
     mod = obj.modifiers.new(MODIFIER, "NODES")
     mod.node_group = ensure_node_group()

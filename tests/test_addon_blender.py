@@ -6,49 +6,24 @@ fresh extension repository and enabled; every test then starts from an empty fil
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import socket
-import subprocess
-import sys
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-REPO = "sa_test"
-MODULE = f"bl_ext.{REPO}.spatialavatar"
+from tests.addon_support import Backend, build_zip, free_port, install_addon, set_prefs
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sys.path.insert(0, str(ROOT / "blender_addon"))
-    try:
-        import build
-    finally:
-        sys.path.pop(0)
-    zips = build.build(tmp_path_factory.mktemp("dist"))  # validates too
-    assert [z.name for z in zips] == ["spatialavatar-0.1.0.zip"]
-    return zips[0]
+    return build_zip(tmp_path_factory.mktemp("dist"))  # validates too
 
 
 @pytest.fixture(scope="module")
 def addon(built: Path, tmp_path_factory: pytest.TempPathFactory):
-    os.environ["BLENDER_USER_RESOURCES"] = str(tmp_path_factory.mktemp("user"))
-    import bpy
-
-    prefs = bpy.context.preferences
-    if REPO not in {r.module for r in prefs.extensions.repos}:
-        prefs.extensions.repos.new(name=REPO, module=REPO, custom_directory=str(tmp_path_factory.mktemp("repo")), source="USER")
-    assert bpy.ops.extensions.package_install_files(filepath=str(built), repo=REPO, enable_on_install=True) == {"FINISHED"}
-    assert MODULE in {a.module for a in prefs.addons}
-    for name in ("pointcloud", "flame_data", "animation_io", "operators"):
-        importlib.import_module(f"{MODULE}.{name}")  # the submodules as attributes of the package
-    yield sys.modules[MODULE]
+    return install_addon(built, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture()
@@ -157,51 +132,16 @@ def test_import_reports_a_bad_file(bpy_empty, addon, tmp_path: Path) -> None:
         bpy.ops.spatialavatar.import_flame(filepath=str(tmp_path / "bad.npz"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def backend_process(tmp_path: Path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--store", str(tmp_path / "store"), "--device", "cpu"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    ready = threading.Event()
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not ready.wait(120):
-            pytest.fail("the backend did not start:\n" + "".join(lines[-20:]))
-        yield f"tcp://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _prefs(bpy, endpoint: str, timeout_s: float, retries: int):
-    p = bpy.context.preferences.addons[MODULE].preferences
-    p.endpoint, p.timeout_s, p.retries, p.key_dir = endpoint, timeout_s, retries, ""
-    return p
+    proc = Backend(tmp_path / "store")
+    yield proc.endpoint
+    proc.stop()
 
 
 def test_connection_to_a_real_backend(bpy_empty, addon, backend_process: str) -> None:
     bpy = bpy_empty
-    _prefs(bpy, backend_process, 30.0, 1)
+    set_prefs(bpy, backend_process, 30.0, 1)
     assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}
     status = addon.operators.status
     assert status["ok"] and status["info"]["device"] == "cpu"
@@ -227,7 +167,7 @@ def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str)
         means = deform(avatar, head, avatar.params_for(head.neutral_params(1))).means[0].numpy()
 
     bpy = bpy_empty
-    _prefs(bpy, backend_process, 60.0, 0)
+    set_prefs(bpy, backend_process, 60.0, 0)
     addon.operators.status["ok"] = False
     assert not bpy.ops.spatialavatar.load_avatar.poll()
     assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}
@@ -245,7 +185,7 @@ def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str)
 
 def test_connection_error_when_nothing_listens(bpy_empty, addon) -> None:
     bpy = bpy_empty
-    _prefs(bpy, f"tcp://127.0.0.1:{_free_port()}", 0.3, 0)
+    set_prefs(bpy, f"tcp://127.0.0.1:{free_port()}", 0.3, 0)
     with pytest.raises(RuntimeError, match="did not answer: hello: no reply"):
         bpy.ops.spatialavatar.test_connection()
     assert not addon.operators.status["ok"]

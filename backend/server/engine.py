@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import torch
 
 from backend.gaussians.avatar import SH_C0, Avatar, deform
 from backend.gaussians.files import export_ply
+from backend.gaussians.layout import Binding
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import fingerprint, load_head_model
@@ -101,8 +103,12 @@ class Engine:
         also pays for looking up the avatar and preparing the parameters)."""
         t_setup = time.perf_counter()
         avatar = self.avatar(aid)
+        if index is not None:  # pose only the subset: each Gaussian's pose depends on its own triangle alone
+            sel = torch.from_numpy(index.astype(np.int64)).to(self.device)
+            b = avatar.binding
+            binding = Binding(b.face_idx[sel], b.bary[sel], b.texel[sel], b.resolution)
+            avatar = replace(avatar, binding=binding, local=avatar.local.map(lambda t: t[sel]))
         params = avatar.params_for(self.conform(params))
-        sel = None if index is None else torch.from_numpy(index.astype(np.int64)).to(self.device)
         setup = time.perf_counter() - t_setup
         for start in range(0, params.batch_size, chunk):
             t0 = time.perf_counter()
@@ -112,8 +118,6 @@ class Engine:
             for i in range(len(idx)):
                 t1 = time.perf_counter()
                 fields = (splats.means[i], splats.quats[i], splats.scales[i])
-                if sel is not None:
-                    fields = tuple(f[sel] for f in fields)
                 out = {k: f.float().cpu().numpy() for k, f in zip(("positions", "rotations", "scales"), fields)}
                 yield out, 1e3 * (setup + share + time.perf_counter() - t1)
                 setup = 0.0

@@ -1,0 +1,110 @@
+"""One composited frame's data, without bpy: the service's render request of an avatar object
+and the merge of several avatars' layers into the two images Blender's compositor reads.
+
+Images from the service are [H, W, ...] with row 0 at the top, RGB premultiplied by alpha
+(linear), depth planar camera-space z in metres (0 where empty). Blender's image buffers
+start at the bottom row, and its render's depth is in Blender units with a far value where
+nothing is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import flame_data
+
+try:
+    from .wire import blender_camera_math as bcm
+except ImportError:  # a development checkout: the same module, from the backend package
+    from backend.render import blender_camera_math as bcm
+
+FAR_DEPTH = 1.0e10  # what Blender's renders put in the depth pass where nothing is
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """The service's ``render`` of one avatar object at one frame, and how to read its depth."""
+
+    args: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    depth_scale: float  # service metres -> Blender units (the object's uniform scale)
+
+
+def blender_camera(camera: Any, render: Any, scale: float = 1.0) -> bcm.BlenderCamera:
+    """What the conversion needs of a camera datablock (``camera``) and ``scene.render``, at
+    ``scale`` times the render size (as a resolution percentage would); ValueError unless perspective."""
+    if camera.type != "PERSP":
+        raise ValueError(f"camera '{camera.name}' is {camera.type.lower()}; the backend renders through perspective cameras only")
+    return bcm.BlenderCamera(
+        camera.lens, camera.sensor_width, camera.sensor_height, camera.sensor_fit, camera.shift_x, camera.shift_y,
+        render.resolution_x, render.resolution_y, max(1, round(render.resolution_percentage * scale)),
+        render.pixel_aspect_x, render.pixel_aspect_y,
+    )
+
+
+def flame_buffers(values: Mapping[str, Sequence[float]], expression_count: int) -> dict[str, np.ndarray]:
+    """One frame of FLAME buffers ([1, k] float32) from the object's property values.
+
+    Args:
+        values: ``expr_0``.. ``expr_{EXPR_CHUNKS-1}`` (chunks of EXPR_CHUNK) and every
+            ``flame_data.POSE_FIELDS`` entry, as the ``spatialavatar_flame`` group holds them.
+        expression_count: how many expression coefficients the head uses.
+    """
+    chunks = [np.asarray(values[flame_data.expr_chunk_name(c)], np.float32) for c in range(flame_data.EXPR_CHUNKS)]
+    # The service needs at least one coefficient; a head without expressions gets a zero.
+    expr = np.concatenate(chunks)[:expression_count] if expression_count > 0 else np.zeros(1, np.float32)
+    out = {"expr": expr[None]}
+    for name, width in flame_data.POSE_FIELDS.items():
+        out[name] = np.asarray(values[name], np.float32).reshape(1, width)
+    return out
+
+
+def render_request(
+    avatar_id: str,
+    camera: bcm.BlenderCamera,
+    camera_matrix_world: bcm.Matrix4,
+    avatar_matrix_world: bcm.Matrix4,
+    flame: Mapping[str, np.ndarray],
+) -> RenderRequest:
+    """The request that renders ``avatar_id`` as Blender would see its object through ``camera``."""
+    width, height = camera.size
+    world_to_cam, scale = bcm.avatar_world_to_cam(camera_matrix_world, avatar_matrix_world)
+    arrays = {"intrinsics": camera.K().astype(np.float32), "world_to_cam": world_to_cam.astype(np.float32), **flame}
+    args = {"avatar": avatar_id, "width": width, "height": height, "rgba": "<f4", "depth": "<f4"}
+    return RenderRequest(args, arrays, scale)
+
+
+def combine_layers(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several avatars' premultiplied layers merged per pixel, nearest first.
+
+    Args:
+        layers: (rgba [H, W, 4] premultiplied, depth [H, W] Blender units, 0 where empty).
+
+    Returns:
+        rgba [H, W, 4] premultiplied, and depth [H, W] of the nearest covered layer
+        (``FAR_DEPTH`` where no layer covers the pixel).
+    """
+    rgba = np.stack([np.asarray(c, np.float32) for c, _ in layers])  # [L, H, W, 4]
+    depth = np.stack([np.where((np.asarray(d) > 0) & (c[..., 3] > 0), d, np.inf) for c, d in layers]).astype(np.float32)
+    order = np.argsort(depth, axis=0, kind="stable")
+    rgba = np.take_along_axis(rgba, order[..., None], axis=0)
+    depth = np.take_along_axis(depth, order, axis=0)
+    out = np.zeros(rgba.shape[1:], np.float32)
+    for layer in rgba:  # front to back: each layer shows through what is in front of it
+        out += layer * (1.0 - out[..., 3:4])
+    nearest = depth[0]
+    return out, np.where(np.isfinite(nearest), nearest, FAR_DEPTH).astype(np.float32)
+
+
+def blender_pixels(rgba: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float32 buffers for ``Image.pixels.foreach_set``: the colour image, and a depth
+    image holding the depth in every channel (alpha 1); both bottom row first."""
+    h, w = depth.shape
+    depth_px = np.empty((h, w, 4), np.float32)
+    depth_px[..., :3] = depth[..., None]
+    depth_px[..., 3] = 1.0
+    return np.ascontiguousarray(rgba[::-1], np.float32).ravel(), np.ascontiguousarray(depth_px[::-1]).ravel()

@@ -1,0 +1,86 @@
+"""Per-scene settings of the sidebar (``Scene.spatialavatar``): portraits, preview and overlay switches.
+
+They are saved with the .blend; what is running (tasks, the session) lives in ``runtime``.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, CollectionProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+PROP = "spatialavatar"
+
+
+def _live_preview_changed(self, context: bpy.types.Context) -> None:
+    from . import runtime
+
+    runtime.preview_switched(context.scene, self.live_preview)
+
+
+def _overlay_changed(self, context: bpy.types.Context) -> None:
+    from . import runtime
+
+    runtime.overlay_switched(context.scene, self.overlay)
+
+
+class SPATIALAVATAR_PG_portrait(bpy.types.PropertyGroup):
+    filepath: StringProperty(name="Portrait", subtype="FILE_PATH", description="A photo of the person, face visible")
+
+
+class SPATIALAVATAR_PG_scene(bpy.types.PropertyGroup):
+    portraits: CollectionProperty(type=SPATIALAVATAR_PG_portrait)
+    portrait_index: IntProperty(name="Portrait", default=0, min=0)
+    avatar_name: StringProperty(name="Name", default="Avatar", description="Name of the avatar Generate makes")
+    preview_points: IntProperty(
+        name="Points",
+        default=20_000,
+        min=0,
+        soft_max=200_000,
+        description="Points of new avatar objects: an evenly spread subset (0: all Gaussians)",
+    )
+    live_preview: BoolProperty(
+        name="Live Preview",
+        default=False,
+        update=_live_preview_changed,
+        description="Pose avatar objects through the backend when the frame changes",
+    )
+    overlay: BoolProperty(
+        name="Backend Render in Camera View",
+        default=False,
+        update=_overlay_changed,
+        description="Draw the backend's splat rendering of the active avatar over the camera view",
+    )
+    overlay_scale: FloatProperty(
+        name="Overlay Resolution",
+        default=0.5,
+        min=0.05,
+        max=1.0,
+        subtype="FACTOR",
+        description="Fraction of the render resolution the overlay is rendered at",
+    )
+    refine_iterations: IntProperty(name="Iterations", default=2000, min=1, max=1_000_000, description="Refinement steps")
+    refine_max_scale: FloatProperty(
+        name="Max Scale",
+        default=0.0,
+        min=0.0,
+        max=1000.0,
+        description="Anti-spike scale threshold in triangle sizes (0: the preset's); raise it for coarse avatars",
+    )
+    track_size: IntProperty(
+        name="Crop Size", default=512, min=64, max=2048, description="Face crop size in pixels for tracking the video or photos"
+    )
+
+
+classes = (SPATIALAVATAR_PG_portrait, SPATIALAVATAR_PG_scene)
+
+
+def register_pointer() -> None:
+    bpy.types.Scene.spatialavatar = PointerProperty(type=SPATIALAVATAR_PG_scene)
+
+
+def unregister_pointer() -> None:
+    del bpy.types.Scene.spatialavatar
+
+
+def get(scene: bpy.types.Scene) -> SPATIALAVATAR_PG_scene:
+    return getattr(scene, PROP)

@@ -1,0 +1,120 @@
+"""Composited batch render: frames per second, and where each frame's time goes.
+
+    python tests/benchmarks/bench_composite.py --device cpu --gaussians 20000 --frames 6
+    python tests/benchmarks/bench_composite.py --device cuda --gaussians 100000 --frames 24
+
+Starts ``spatialavatar serve`` as a separate process, imports a surface avatar, builds a scene
+in this process (bpy as a module, the add-on registered from this checkout): the avatar with
+an animated jaw, a camera, a cube, Workbench, compositing set up. It then renders an animation
+(``render.render(animation=True)``, PNG frames written, as ``blender -b -a`` does) at each size
+and splits the wall time using the add-on's per-frame records:
+
+* backend: the service's own ``render_ms`` (posing, rasterizing, copying out);
+* transport: request round trips minus that (framing, ZeroMQ, decoding);
+* add-on: the rest of the frame handler (reading the scene, merging, writing Blender images);
+* Blender: everything else (its render engine, the compositor, writing the file).
+
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import bpy  # noqa: E402
+
+import blender_addon  # noqa: E402
+from backend.gaussians.files import avatar_to_bytes  # noqa: E402
+from backend.gaussians.surface import surface_avatar  # noqa: E402
+from backend.head.registry import load_head_model  # noqa: E402
+from backend.server.client import Client  # noqa: E402
+from blender_addon import avatars, compositing, pointcloud  # noqa: E402
+from tests.test_server_support import service_process  # noqa: E402
+
+SIZES = {"512": (512, 512), "1080p": (1920, 1080)}
+
+
+def build_scene(endpoint: str, aid: str, frames: int) -> bpy.types.Scene:
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    sc = bpy.context.scene
+    with Client(endpoint, timeout_s=600.0, retries=0) as c:
+        arrays = c.call("deform", {"avatar": aid, "statics": True, "max_gaussians": 2000}, {"expr": np.zeros((1, 1), np.float32)}).arrays
+    g = pointcloud.GaussianBuffers(**{k: arrays[k] for k in ("positions", "scales", "rotations", "opacities", "colors")})
+    head = pointcloud.create_avatar_object("Head", g)
+    head[avatars.AVATAR_ID] = aid
+    head.rotation_euler, head.location = (math.pi / 2, 0.0, 0.0), (0.0, 0.0, 1.5)
+    for frame, jaw in ((1, 0.0), (frames, 0.3)):
+        head.spatialavatar_flame.jaw_pose = (jaw, 0.0, 0.0)
+        head.spatialavatar_flame.keyframe_insert("jaw_pose", frame=frame)
+    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    sc.collection.objects.link(cam)
+    sc.camera = cam
+    cam.location, cam.rotation_euler = (0.0, -0.8, 1.5), (math.pi / 2, 0.0, 0.0)
+    bpy.ops.mesh.primitive_cube_add(size=0.05, location=(0.08, -0.2, 1.45))
+    sc.render.engine = "BLENDER_WORKBENCH"
+    sc.render.image_settings.file_format = "PNG"
+    sc.frame_start, sc.frame_end = 1, frames
+    compositing.setup_compositing(sc)
+    return sc
+
+
+def run(sc: bpy.types.Scene, size: tuple[int, int], out: Path) -> dict:
+    sc.render.resolution_x, sc.render.resolution_y = size
+    sc.render.filepath = f"{out}{os.sep}"
+    t0 = time.perf_counter()
+    bpy.ops.render.render(animation=True)
+    wall = time.perf_counter() - t0
+    stats = compositing.last_stats
+    n = len(stats)
+    backend = sum(s.service_s for s in stats)
+    transport = sum(s.request_s for s in stats) - backend
+    addon = sum(s.handler_s - s.request_s for s in stats)
+    blender = wall - backend - transport - addon
+    return {
+        "size": f"{size[0]}x{size[1]}",
+        "frames": n,
+        "fps": round(n / wall, 3),
+        "s_per_frame": round(wall / n, 3),
+        "share": {k: round(v / wall, 3) for k, v in (("backend", backend), ("transport", transport), ("addon", addon), ("blender", blender))},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--gaussians", type=int, default=100_000)
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    args = ap.parse_args()
+    blender_addon.register()
+    head = load_head_model()
+    avatar = surface_avatar(head, torch.zeros(head.n_shape), args.gaussians, lambda faces, bary: torch.full((faces.shape[0], 3), 0.6))
+    with tempfile.TemporaryDirectory() as tmp, service_process(Path(tmp) / "store", device=args.device) as proc:
+        os.environ[compositing.ENDPOINT_ENV] = proc.endpoint
+        with Client(proc.endpoint, timeout_s=600.0, retries=0) as c:
+            aid = c.call("import", {"name": "bench"}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
+        sc = build_scene(proc.endpoint, aid, args.frames)
+        rows = [run(sc, SIZES[s], Path(tmp) / s) for s in args.sizes]
+    meta = {"device": args.device, "gaussians": args.gaussians, "blender": bpy.app.version_string, "machine": platform.processor() or platform.machine()}
+    print(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    for r in rows:
+        sh = r["share"]
+        print(f"| {r['size']} | {r['fps']} | {r['s_per_frame']} s | {sh['backend']:.0%} | {sh['transport']:.0%} | {sh['addon']:.0%} | {sh['blender']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
