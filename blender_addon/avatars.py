@@ -9,7 +9,7 @@ import numpy as np
 
 from . import flame_data, pointcloud
 
-AVATAR_ID = "spatialavatar_avatar"  # custom property on avatar objects: the backend's avatar id
+AVATAR_ID = "spatialavatar_avatar"  # custom property on avatar objects: the backend's avatar id (the one place it is kept)
 GAUSSIAN_KEYS = ("positions", "scales", "rotations", "opacities", "colors")
 
 
@@ -29,13 +29,12 @@ def add_object(
     g = pointcloud.GaussianBuffers(**{k: arrays[k] for k in GAUSSIAN_KEYS}).checked()
     obj = pointcloud.create_avatar_object(name, g, collection)
     obj[AVATAR_ID] = aid
-    group = getattr(obj, flame_data.PROP_GROUP)
-    group.avatar_id = aid  # the same id, for whoever reads the FLAME group
     if head:
-        group.set_head(head)
+        getattr(obj, flame_data.PROP_GROUP).set_head(head)
     return obj
 
 
-def scene_avatars(scene: bpy.types.Scene) -> list[bpy.types.Object]:
-    """Objects of the scene that show a backend avatar as a point mesh."""
-    return [o for o in scene.objects if o.type == "MESH" and avatar_id(o)]
+def scene_avatars(scene: bpy.types.Scene, rendered: bool = False) -> list[bpy.types.Object]:
+    """Objects of the scene that show a backend avatar as a point mesh; with ``rendered``,
+    only those that take part in renders (not hidden from them)."""
+    return [o for o in scene.objects if o.type == "MESH" and avatar_id(o) and not (rendered and o.hide_render)]

@@ -33,7 +33,7 @@ import numpy as np
 from bpy.app.handlers import persistent
 
 from . import compositing_frames as frames
-from . import avatars, compositing_avatars, connection, flame_data, pointcloud, preferences, preview
+from . import avatars, compositing_avatars, connection, flame_data, pointcloud, preferences
 
 ENDPOINT_ENV = "SPATIALAVATAR_ENDPOINT"  # overrides the preferences' address (batch renders, farms)
 IMAGE_RGBA = "SpatialAvatar RGBA"
@@ -94,11 +94,6 @@ def render_settings() -> connection.Settings:
     s = preferences.settings() if addon is not None and addon.preferences is not None else connection.Settings()
     endpoint = os.environ.get(ENDPOINT_ENV, "").strip()
     return connection.Settings(endpoint or s.endpoint, CONFIG.frame_timeout_s, CONFIG.retries, s.key_dir)
-
-
-def avatar_objects(scene: bpy.types.Scene) -> list[bpy.types.Object]:
-    """Avatar objects that take part in the render (not hidden from it)."""
-    return [o for o in scene.objects if avatars.avatar_id(o) and not o.hide_render]
 
 
 # -- the compositor graph: the only code that knows Blender 4.2-4.5 from 5.x ----------------
@@ -180,10 +175,8 @@ def setup_compositing(scene: bpy.types.Scene) -> None:
     rgba, depth = _image(IMAGE_RGBA, width, height, False), _image(IMAGE_DEPTH, width, height, True)
     scene.render.use_compositing = True
     scene.render.use_lock_interface = True  # the handler writes images while the render runs
-    for obj in avatar_objects(scene):
-        mod = obj.modifiers.get(pointcloud.MODIFIER)
-        if mod is not None:
-            mod.show_render = False  # the service draws the head; the bare vertices render nothing
+    for obj in points_in_render(scene):
+        obj.modifiers[pointcloud.MODIFIER].show_render = False  # the service draws the head; the bare vertices render nothing
     tree = _compositor_tree(scene, create=True)
     if NODE_ZCOMBINE in tree.nodes:
         return
@@ -220,19 +213,27 @@ def is_set_up(scene: bpy.types.Scene) -> bool:
     return tree is not None and NODE_ZCOMBINE in tree.nodes
 
 
+def points_in_render(scene: bpy.types.Scene) -> list[bpy.types.Object]:
+    """Avatar objects whose point preview Blender would still render (added after ``setup_compositing``)."""
+    found = []
+    for obj in avatars.scene_avatars(scene, rendered=True):
+        mod = obj.modifiers.get(pointcloud.MODIFIER)
+        if mod is not None and mod.show_render:
+            found.append(obj)
+    return found
+
+
 def frame_requests(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, shown: dict[str, str]) -> list[frames.RenderRequest]:
     """The service requests of this evaluated frame, one per avatar object (``shown``: object name -> id)."""
     cam = depsgraph.scene_eval.camera
-    if cam is None:
-        raise CompositeError(f"scene '{scene.name}' has no camera")
     try:
-        camera = frames.blender_camera(cam.data, scene.render)
+        camera = frames.blender_camera(cam, scene.render)
     except ValueError as e:
         raise CompositeError(str(e)) from e
     out = []
     for name, aid in shown.items():
         obj = scene.objects[name].evaluated_get(depsgraph)
-        flame = preview.flame_arrays(getattr(obj, flame_data.PROP_GROUP))
+        flame = getattr(obj, flame_data.PROP_GROUP).buffers()
         try:
             out.append(frames.render_request(aid, camera, np.array(cam.matrix_world), np.array(obj.matrix_world), flame))
         except ValueError as e:
@@ -270,8 +271,8 @@ def _render_frame(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, job: _
 
 def _start(scene: bpy.types.Scene) -> _Job:
     s = render_settings()
-    if not connection.wire_security.is_loopback(s.endpoint) and not getattr(bpy.app, "online_access", True):
-        raise CompositeError(f"{s.endpoint} is not on this machine and online access is off (Preferences > System > Network)")
+    if why := preferences.blocked(s):
+        raise CompositeError(why)
     client = connection.open_client(s)
     try:
         client.call("hello", timeout_s=min(s.timeout_s, 10.0))
@@ -279,7 +280,7 @@ def _start(scene: bpy.types.Scene) -> _Job:
         client.close()
         raise CompositeError(f"no SpatialAvatar backend answers at {s.endpoint} ({e}); start `spatialavatar serve` first") from e
     try:
-        shown = {o.name: compositing_avatars.resolve(client, o, avatars.avatar_id(o)) for o in avatar_objects(scene)}
+        shown = {o.name: compositing_avatars.resolve(client, o, avatars.avatar_id(o)) for o in avatars.scene_avatars(scene, rendered=True)}
     except (compositing_avatars.MissingAvatar, connection.UserError) as e:
         client.close()
         raise CompositeError(f"the backend at {s.endpoint} cannot provide every avatar: {e}") from e
@@ -313,7 +314,7 @@ def _on_render_init(scene: bpy.types.Scene, _depsgraph: object = None) -> None:
         return
     w, h = _render_size(scene)
     _write_images(np.zeros((h, w, 4), np.float32), np.full((h, w), frames.FAR_DEPTH, np.float32))  # no stale head
-    if not avatar_objects(scene):
+    if not avatars.scene_avatars(scene, rendered=True):
         return
     try:
         _job = _start(scene)
@@ -343,41 +344,6 @@ def _on_render_end(_scene: bpy.types.Scene, _depsgraph: object = None) -> None:
     _finish()
 
 
-class SPATIALAVATAR_OT_setup_compositing(bpy.types.Operator):
-    """Composite the scene's avatars over its renders (adds compositor nodes and turns on the depth pass)"""
-
-    bl_idname = "spatialavatar.setup_compositing"
-    bl_label = "Set Up Compositing"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context: bpy.types.Context) -> set[str]:
-        setup_compositing(context.scene)
-        n = len(avatar_objects(context.scene))
-        self.report({"INFO"}, f"Compositing {n} avatar object(s) over the render")
-        return {"FINISHED"}
-
-
-class SPATIALAVATAR_OT_embed_avatars(bpy.types.Operator):
-    """Keep the scene's avatar files inside the .blend, so any backend (a render farm worker's) can render them"""
-
-    bl_idname = "spatialavatar.embed_avatars"
-    bl_label = "Embed Avatars"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context: bpy.types.Context) -> set[str]:
-        total = 0
-        try:
-            with connection.open_client(render_settings()) as client:
-                for obj in avatar_objects(context.scene):
-                    total += compositing_avatars.embed(obj, avatars.avatar_id(obj), client)
-        except connection.UserError as e:
-            self.report({"ERROR"}, f"Could not embed the avatars: {e}")
-            return {"CANCELLED"}
-        self.report({"INFO"}, f"Embedded {total / 1e6:.1f} MB of avatar files")
-        return {"FINISHED"}
-
-
-classes = (SPATIALAVATAR_OT_setup_compositing, SPATIALAVATAR_OT_embed_avatars)
 _HANDLERS = (
     ("render_init", _on_render_init),
     ("frame_change_post", _on_frame_change_post),
@@ -387,8 +353,6 @@ _HANDLERS = (
 
 
 def register() -> None:
-    for cls in classes:
-        bpy.utils.register_class(cls)
     for name, fn in _HANDLERS:
         getattr(bpy.app.handlers, name).append(fn)
 
@@ -399,5 +363,3 @@ def unregister() -> None:
         handlers = getattr(bpy.app.handlers, name)
         if fn in handlers:
             handlers.remove(fn)
-    for cls in reversed(classes):
-        bpy.utils.unregister_class(cls)

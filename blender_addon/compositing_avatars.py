@@ -30,6 +30,11 @@ def embed(obj: bpy.types.Object, aid: str, client: connection.wire_client.Client
     return len(data)
 
 
+def is_embedded(obj: bpy.types.Object) -> bool:
+    """Whether ``obj``'s mesh carries its avatar file (without copying the bytes)."""
+    return obj.data is not None and EMBEDDED in obj.data
+
+
 def embedded(obj: bpy.types.Object) -> bytes | None:
     data = obj.data.get(EMBEDDED) if obj.data is not None else None
     return bytes(data) if data else None

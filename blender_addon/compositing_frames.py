@@ -1,5 +1,7 @@
-"""One composited frame's data, without bpy: the service's render request of an avatar object
-and the merge of several avatars' layers into the two images Blender's compositor reads.
+"""One composited frame's data, without bpy: the scene camera as the shared camera conversion
+takes it, the service's render request of an avatar object (for final renders and the viewport
+overlay alike), and the merge of several avatars' layers into the two images Blender's
+compositor reads.
 
 Images from the service are [H, W, ...] with row 0 at the top, RGB premultiplied by alpha
 (linear), depth planar camera-space z in metres (0 where empty). Blender's image buffers
@@ -14,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from . import flame_data
 
 try:
     from .wire import blender_camera_math as bcm
@@ -35,32 +35,20 @@ class RenderRequest:
 
 
 def blender_camera(camera: Any, render: Any, scale: float = 1.0) -> bcm.BlenderCamera:
-    """What the conversion needs of a camera datablock (``camera``) and ``scene.render``, at
-    ``scale`` times the render size (as a resolution percentage would); ValueError unless perspective."""
-    if camera.type != "PERSP":
-        raise ValueError(f"camera '{camera.name}' is {camera.type.lower()}; the backend renders through perspective cameras only")
+    """What the conversion needs of the scene's camera object (``scene.camera``, evaluated or
+    not) and ``scene.render``, at ``scale`` times the render size (as a resolution percentage
+    would). ValueError when there is no camera or it is not perspective."""
+    if camera is None or camera.type != "CAMERA":
+        raise ValueError("the scene has no camera")
+    cam = camera.data
+    if cam.type != "PERSP":
+        kind = {"ORTHO": "orthographic", "PANO": "panoramic"}.get(cam.type, cam.type.lower())
+        raise ValueError(f"camera '{camera.name}' is {kind}; the backend renders through perspective cameras only")
     return bcm.BlenderCamera(
-        camera.lens, camera.sensor_width, camera.sensor_height, camera.sensor_fit, camera.shift_x, camera.shift_y,
+        cam.lens, cam.sensor_width, cam.sensor_height, cam.sensor_fit, cam.shift_x, cam.shift_y,
         render.resolution_x, render.resolution_y, max(1, round(render.resolution_percentage * scale)),
         render.pixel_aspect_x, render.pixel_aspect_y,
     )
-
-
-def flame_buffers(values: Mapping[str, Sequence[float]], expression_count: int) -> dict[str, np.ndarray]:
-    """One frame of FLAME buffers ([1, k] float32) from the object's property values.
-
-    Args:
-        values: ``expr_0``.. ``expr_{EXPR_CHUNKS-1}`` (chunks of EXPR_CHUNK) and every
-            ``flame_data.POSE_FIELDS`` entry, as the ``spatialavatar_flame`` group holds them.
-        expression_count: how many expression coefficients the head uses.
-    """
-    chunks = [np.asarray(values[flame_data.expr_chunk_name(c)], np.float32) for c in range(flame_data.EXPR_CHUNKS)]
-    # The service needs at least one coefficient; a head without expressions gets a zero.
-    expr = np.concatenate(chunks)[:expression_count] if expression_count > 0 else np.zeros(1, np.float32)
-    out = {"expr": expr[None]}
-    for name, width in flame_data.POSE_FIELDS.items():
-        out[name] = np.asarray(values[name], np.float32).reshape(1, width)
-    return out
 
 
 def render_request(
@@ -100,6 +88,12 @@ def combine_layers(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.
     return out, np.where(np.isfinite(nearest), nearest, FAR_DEPTH).astype(np.float32)
 
 
+def bottom_up(image: np.ndarray) -> np.ndarray:
+    """An [H, W, C] image, top row first (the service's order) -> the flat float32 buffer that
+    Blender images and GPU textures take, bottom row first."""
+    return np.ascontiguousarray(image[::-1], np.float32).ravel()
+
+
 def blender_pixels(rgba: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat float32 buffers for ``Image.pixels.foreach_set``: the colour image, and a depth
     image holding the depth in every channel (alpha 1); both bottom row first."""
@@ -107,4 +101,4 @@ def blender_pixels(rgba: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.
     depth_px = np.empty((h, w, 4), np.float32)
     depth_px[..., :3] = depth[..., None]
     depth_px[..., 3] = 1.0
-    return np.ascontiguousarray(rgba[::-1], np.float32).ravel(), np.ascontiguousarray(depth_px[::-1]).ravel()
+    return bottom_up(rgba), bottom_up(depth_px)

@@ -9,6 +9,7 @@ arrays and those chunked channels, so the Blender side only moves flat float arr
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,23 @@ def keyframe_coords(values: np.ndarray, frame_start: float, frame_step: float) -
     co[:, 0] = frame_start + frame_step * np.arange(t, dtype=np.float64)
     co[:, 1] = values
     return co.ravel()
+
+
+def frame_buffers(values: Mapping[str, Sequence[float]], expression_count: int) -> dict[str, np.ndarray]:
+    """One frame of FLAME buffers ([1, k] float32), as ``deform`` and ``render`` take them.
+
+    Args:
+        values: ``expr_0``.. ``expr_{EXPR_CHUNKS-1}`` (chunks of EXPR_CHUNK) and every
+            ``POSE_FIELDS`` entry, as the ``spatialavatar_flame`` group holds them.
+        expression_count: how many expression coefficients the head uses.
+    """
+    chunks = [np.asarray(values[expr_chunk_name(c)], np.float32) for c in range(EXPR_CHUNKS)]
+    # The service needs at least one coefficient; a head without expressions gets a zero.
+    expr = np.concatenate(chunks)[:expression_count] if expression_count > 0 else np.zeros(1, np.float32)
+    out = {"expr": expr[None]}
+    for name, width in POSE_FIELDS.items():
+        out[name] = np.asarray(values[name], np.float32).reshape(1, width)
+    return out
 
 
 def frame_step_for(file_fps: float, scene_fps: float) -> float:

@@ -38,7 +38,6 @@ def _group_annotations() -> dict:
         name="Expressions", default=flame_data.MAX_EXPR, min=0, max=flame_data.MAX_EXPR, description="Expression components the head model uses"
     )
     ann["expression_names"] = StringProperty(name="Expression names", default="", description="Comma-separated names from the backend, if any")
-    ann["avatar_id"] = StringProperty(name="Avatar", default="", description="The backend's id of this avatar")
     return ann
 
 
@@ -54,6 +53,11 @@ class SPATIALAVATAR_PG_flame(bpy.types.PropertyGroup):
     def sliders(self) -> list[tuple[str, int, str]]:
         """(vector property, element, label) of every expression coefficient the head uses, in order."""
         return [(*flame_data.expr_location(i), label) for i, label in enumerate(self.labels())]
+
+    def buffers(self) -> dict:
+        """The current values as one frame of FLAME buffers for ``deform`` and ``render``."""
+        names = [flame_data.expr_chunk_name(c) for c in range(flame_data.EXPR_CHUNKS)] + list(flame_data.POSE_FIELDS)
+        return flame_data.frame_buffers({n: getattr(self, n) for n in names}, self.expression_count)
 
     def set_head(self, head: dict) -> None:
         """Take the expression count and names from the backend's ``hello`` ``head`` entry."""

@@ -1,4 +1,9 @@
-"""Thin operators: read settings, call the plain modules, report errors."""
+"""Thin operators: read settings, call the plain modules, report errors.
+
+Here: the connection, Load Avatar, FLAME animation import/export and the final-render set-up
+(compositing, embedded avatars). The background workflow (portraits, Generate, Refine,
+tasks, export, overlay) is in ``operators_jobs``.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,15 @@ import bpy
 from bpy.props import FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import animation_io, avatars, connection, flame_data, preferences, scene_props
+from . import animation_io, avatars, compositing, compositing_avatars, connection, flame_data, preferences, scene_props
 
 # What the panel shows; filled by the operators (not saved in the .blend).
 status: dict = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
-AVATAR_ID = avatars.AVATAR_ID
 
 
-def allowed(settings: connection.Settings) -> str | None:
-    """Why the endpoint may not be used now, or None (Blender's online-access switch)."""
-    if connection.wire_security.is_loopback(settings.endpoint):
-        return None
-    if getattr(bpy.app, "online_access", True):
-        return None
-    return f"{settings.endpoint} is not on this machine and online access is off (Preferences > System > Network)"
+def backend_head() -> dict | None:
+    """The tested backend's head model (hello's ``head``: expression count and names), if known."""
+    return (status["info"] or {}).get("head")
 
 
 def fail(op: bpy.types.Operator, message: str) -> set[str]:
@@ -37,6 +37,14 @@ def connected(cls: type[bpy.types.Operator]) -> bool:
     return True
 
 
+def avatar_selected(cls: type[bpy.types.Operator], context: bpy.types.Context, action: str) -> bool:
+    """Poll part of operators on the active avatar (``action``: what the message asks it for)."""
+    if not avatars.avatar_id(context.active_object):
+        cls.poll_message_set(f"Select an avatar object to {action}")
+        return False
+    return True
+
+
 class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
     """Ask the backend for its version and device"""
 
@@ -45,7 +53,7 @@ class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         try:
             info = connection.hello(s)
@@ -65,7 +73,7 @@ class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         try:
             with connection.open_client(s) as c:
@@ -96,15 +104,14 @@ class SPATIALAVATAR_OT_load_avatar(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         if not self.avatar:
             return fail(self, "No avatar id given")
         points = self.max_points if self.max_points >= 0 else scene_props.get(context.scene).preview_points
         try:
             arrays = connection.neutral_gaussians(s, self.avatar, points)
-            head = (status["info"] or {}).get("head")
-            obj = avatars.add_object(self.object_name or self.avatar, self.avatar, arrays, head, context.collection)
+            obj = avatars.add_object(self.object_name or self.avatar, self.avatar, arrays, backend_head(), context.collection)
         except connection.UserError as e:
             return fail(self, f"Could not load avatar {self.avatar}: {e}")
         except (KeyError, ValueError) as e:
@@ -168,10 +175,64 @@ class SPATIALAVATAR_OT_export_flame(_NeedsObject, bpy.types.Operator, ExportHelp
         return {"FINISHED"}
 
 
+def _rendered_avatars(cls: type[bpy.types.Operator], context: bpy.types.Context) -> bool:
+    """Poll part of the final-render operators: the scene has avatar objects that render."""
+    if not avatars.scene_avatars(context.scene, rendered=True):
+        cls.poll_message_set("No avatar object in the scene renders: load or generate an avatar first")
+        return False
+    return True
+
+
+class SPATIALAVATAR_OT_setup_compositing(bpy.types.Operator):
+    """Composite the scene's avatars over its renders (adds compositor nodes, turns on the depth pass, hides the point previews from renders)"""
+
+    bl_idname = "spatialavatar.setup_compositing"
+    bl_label = "Set Up Compositing"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _rendered_avatars(cls, context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        compositing.setup_compositing(context.scene)
+        n = len(avatars.scene_avatars(context.scene, rendered=True))
+        self.report({"INFO"}, f"Compositing {n} avatar object(s) over the render")
+        return {"FINISHED"}
+
+
+class SPATIALAVATAR_OT_embed_avatars(bpy.types.Operator):
+    """Keep the scene's avatar files inside the .blend, so any backend (a render farm worker's) can render them"""
+
+    bl_idname = "spatialavatar.embed_avatars"
+    bl_label = "Embed Avatars"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _rendered_avatars(cls, context)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        s = compositing.render_settings()  # where renders go: $SPATIALAVATAR_ENDPOINT, else the preferences
+        if why := preferences.blocked(s):
+            return fail(self, why)
+        total = 0
+        try:
+            with connection.open_client(s) as client:
+                for obj in avatars.scene_avatars(context.scene, rendered=True):
+                    total += compositing_avatars.embed(obj, avatars.avatar_id(obj), client)
+        except connection.UserError as e:
+            return fail(self, f"Could not embed the avatars: {e}")
+        self.report({"INFO"}, f"Embedded {total / 1e6:.1f} MB of avatar files")
+        return {"FINISHED"}
+
+
 classes = (
     SPATIALAVATAR_OT_test_connection,
     SPATIALAVATAR_OT_list_avatars,
     SPATIALAVATAR_OT_load_avatar,
     SPATIALAVATAR_OT_import_flame,
     SPATIALAVATAR_OT_export_flame,
+    SPATIALAVATAR_OT_setup_compositing,
+    SPATIALAVATAR_OT_embed_avatars,
 )

@@ -12,18 +12,14 @@ import bpy
 from bpy.props import CollectionProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import avatars, connection, flame_data, media_files, preferences, preview, runtime, scene_props, workflows
-from .operators import allowed, connected, fail, status
+from . import avatars, connection, flame_data, media_files, preferences, runtime, scene_props, workflows
+from .operators import avatar_selected, backend_head, connected, fail, status
 
 
 def _picked(op: ImportHelper) -> list[str]:
     """The files of a multi-file browser, in the order picked (else the single ``filepath``)."""
     names = [f.name for f in getattr(op, "files", ()) if f.name]
     return [str(Path(op.directory) / n) for n in names] if names else [op.filepath]
-
-
-def _head() -> dict | None:
-    return (status["info"] or {}).get("head")
 
 
 def _unavailable(*ops: str) -> str | None:
@@ -109,7 +105,7 @@ class SPATIALAVATAR_OT_generate(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         props = scene_props.get(context.scene)
         try:
@@ -119,7 +115,7 @@ class SPATIALAVATAR_OT_generate(bpy.types.Operator):
         if why := _unavailable("generate", "track"):
             return fail(self, why)
         name = props.avatar_name.strip() or "Avatar"
-        runtime.RUNTIME.start(workflows.generate_task(name, buffers, props.preview_points, _head()), s)
+        runtime.RUNTIME.start(workflows.generate_task(name, buffers, props.preview_points, backend_head()), s)
         self.report({"INFO"}, f"Generating {name} in the background")
         return {"FINISHED"}
 
@@ -136,16 +132,11 @@ class SPATIALAVATAR_OT_refine(bpy.types.Operator, ImportHelper):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        if not connected(cls):
-            return False
-        if not avatars.avatar_id(context.active_object):
-            cls.poll_message_set("Select an avatar object to refine")
-            return False
-        return True
+        return connected(cls) and avatar_selected(cls, context, "refine")
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         obj = context.active_object
         props = scene_props.get(context.scene)
@@ -156,7 +147,7 @@ class SPATIALAVATAR_OT_refine(bpy.types.Operator, ImportHelper):
         if why := _unavailable("track", "refine"):
             return fail(self, why)
         settings = workflows.RefineSettings(props.refine_iterations, props.refine_max_scale, props.track_size)
-        task = workflows.refine_task(avatars.avatar_id(obj), obj.name, capture, settings, props.preview_points, _head())
+        task = workflows.refine_task(avatars.avatar_id(obj), obj.name, capture, settings, props.preview_points, backend_head())
         runtime.RUNTIME.start(task, s)
         self.report({"INFO"}, f"Refining {obj.name} in the background")
         return {"FINISHED"}
@@ -223,12 +214,7 @@ class SPATIALAVATAR_OT_export_avatar(bpy.types.Operator, ExportHelper):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        if not connected(cls):
-            return False
-        if not avatars.avatar_id(context.active_object):
-            cls.poll_message_set("Select an avatar object to export")
-            return False
-        return True
+        return connected(cls) and avatar_selected(cls, context, "export")
 
     def check(self, context: bpy.types.Context) -> bool:
         self.filename_ext = f".{self.format}"
@@ -236,12 +222,12 @@ class SPATIALAVATAR_OT_export_avatar(bpy.types.Operator, ExportHelper):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         s = preferences.settings(context)
-        if why := allowed(s):
+        if why := preferences.blocked(s):
             return fail(self, why)
         obj = context.active_object
         aid = avatars.avatar_id(obj)
         path = Path(bpy.path.ensure_ext(self.filepath, f".{self.format}"))
-        arrays = preview.flame_arrays(getattr(obj, flame_data.PROP_GROUP)) if self.format == "ply" else None
+        arrays = getattr(obj, flame_data.PROP_GROUP).buffers() if self.format == "ply" else None
         try:
             with connection.open_client(s) as c:
                 reply = c.call("export", {"avatar": aid, "format": self.format}, arrays)

@@ -1,9 +1,9 @@
 """The backend's own splat rendering over the camera view of the 3D viewport.
 
-A ``render`` of the avatar object at the scene camera (the request compositing_frames builds
-for final renders, at a fraction of the render size) comes back as premultiplied RGBA; the pixels
-become a ``gpu`` texture that a ``SpaceView3D`` draw handler lays over the camera frame
-while the viewport looks through the camera. The request and the pixel buffer are plain
+A ``render`` of the avatar object at the scene camera (the request that compositing_frames
+builds for final renders, at a fraction of the render size) comes back as premultiplied RGBA;
+the pixels become a ``gpu`` texture that a ``SpaceView3D`` draw handler lays over the camera
+frame while the viewport looks through the camera. The request and the pixel buffer are plain
 numpy; only ``draw`` needs the ``gpu`` module, which background Blender does not have.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import bpy
 import numpy as np
 
-from . import avatars, compositing_frames, flame_data, preview
+from . import avatars, compositing_frames, flame_data
 
 
 @dataclass(frozen=True)
@@ -30,29 +30,15 @@ class OverlayError(ValueError):
     """The scene cannot be rendered by the backend as it is (no camera, a scaled avatar, ...)."""
 
 
-def blender_camera(scene: bpy.types.Scene, camera: bpy.types.Object, scale: float) -> compositing_frames.bcm.BlenderCamera:
-    """The scene camera as the shared camera conversion takes it, rendering at ``scale`` times the
-    render size (as Blender's own resolution percentage would)."""
-    cam, r = camera.data, scene.render
-    if cam.type != "PERSP":
-        raise OverlayError(f"camera '{camera.name}' is {cam.type.lower()}; the overlay needs a perspective camera")
-    return compositing_frames.bcm.BlenderCamera(
-        cam.lens, cam.sensor_width, cam.sensor_height, cam.sensor_fit, cam.shift_x, cam.shift_y,
-        r.resolution_x, r.resolution_y, max(1, round(r.resolution_percentage * scale)), r.pixel_aspect_x, r.pixel_aspect_y,
-    )
-
-
 def render_request(scene: bpy.types.Scene, obj: bpy.types.Object, scale: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``render`` arguments and buffers: ``obj``'s avatar at the current frame, seen by the scene camera."""
+    """``render`` arguments and buffers: ``obj``'s avatar at the current frame, seen by the scene
+    camera at ``scale`` times the render size (as Blender's own resolution percentage would)."""
     camera = scene.camera
-    if camera is None or camera.type != "CAMERA":
-        raise OverlayError("the scene has no camera")
-    flame = preview.flame_arrays(getattr(obj, flame_data.PROP_GROUP))
+    flame = getattr(obj, flame_data.PROP_GROUP).buffers()
     try:
-        req = compositing_frames.render_request(
-            avatars.avatar_id(obj), blender_camera(scene, camera, scale), np.array(camera.matrix_world), np.array(obj.matrix_world), flame
-        )
-    except ValueError as e:  # a scaled or sheared object, an empty render size
+        view = compositing_frames.blender_camera(camera, scene.render, scale)
+        req = compositing_frames.render_request(avatars.avatar_id(obj), view, np.array(camera.matrix_world), np.array(obj.matrix_world), flame)
+    except ValueError as e:  # no perspective camera, a scaled or sheared object, an empty render size
         raise OverlayError(str(e)) from None
     return req.args | {"depth": "none"}, req.arrays
 
@@ -62,7 +48,7 @@ def texture_pixels(rgba: np.ndarray) -> np.ndarray:
     buffer a GPU texture takes, bottom row first (OpenGL's order)."""
     if rgba.ndim != 3 or rgba.shape[2] != 4:
         raise ValueError(f"rgba must have shape [H, W, 4], got {list(rgba.shape)}")
-    return np.ascontiguousarray(rgba[::-1], np.float32).ravel()
+    return compositing_frames.bottom_up(rgba)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The 3D View sidebar tab *Avatar*: connection, avatars, Generate from portraits, background
 tasks with progress, the active avatar (refine, export, live preview, overlay, FLAME) and its
-expression sliders named after the backend's head model."""
+expression sliders named after the backend's head model, and the final render's set-up
+(compositing, embedded avatar files)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import bpy
 import bpy.utils.previews
 
-from . import avatars, flame_data, operators, runtime, scene_props
+from . import avatars, compositing, compositing_avatars, compositing_frames, flame_data, operators, runtime, scene_props
 
 _thumbs: dict[str, bpy.utils.previews.ImagePreviewCollection] = {}
 
@@ -160,6 +161,33 @@ class SPATIALAVATAR_PT_expressions(_Sidebar, bpy.types.Panel):
             col.prop(group, prop, index=index, text=label, slider=True)
 
 
+class SPATIALAVATAR_PT_final_render(_Sidebar, bpy.types.Panel):
+    bl_label = "Final Render"
+    bl_parent_id = "SPATIALAVATAR_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: bpy.types.Context) -> None:
+        scene = context.scene
+        shown = avatars.scene_avatars(scene, rendered=True)
+        col = self.layout.column()
+        if not compositing.is_set_up(scene):
+            col.label(text="Renders do not show the avatars yet", icon="INFO")
+        elif added := compositing.points_in_render(scene):
+            col.label(text=f"{len(added)} avatar object(s) added since the set-up: set up again", icon="ERROR")
+        else:
+            col.label(text=f"Renders composite {len(shown)} avatar object(s)", icon="CHECKMARK")
+        try:
+            compositing_frames.blender_camera(scene.camera, scene.render)
+        except ValueError as e:
+            col.label(text=f"Renders will stop: {e}", icon="ERROR")
+        col.operator("spatialavatar.setup_compositing", icon="NODE_COMPOSITING")
+
+        col = self.layout.column()
+        embedded = sum(compositing_avatars.is_embedded(o) for o in shown)
+        col.label(text=f"Avatar files in the .blend: {embedded} of {len(shown)}", icon="PACKAGE")
+        col.operator("spatialavatar.embed_avatars", icon="PACKAGE")
+
+
 classes = (
     SPATIALAVATAR_UL_portraits,
     SPATIALAVATAR_PT_main,
@@ -167,6 +195,7 @@ classes = (
     SPATIALAVATAR_PT_tasks,
     SPATIALAVATAR_PT_avatar,
     SPATIALAVATAR_PT_expressions,
+    SPATIALAVATAR_PT_final_render,
 )
 
 

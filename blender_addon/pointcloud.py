@@ -161,9 +161,3 @@ def create_avatar_object(name: str, g: GaussianBuffers, collection: bpy.types.Co
     obj.data.materials.append(ensure_material())
     return obj
 
-
-def update_avatar_object(obj: bpy.types.Object, g: GaussianBuffers) -> None:
-    """New positions/scales/... for an existing avatar object (e.g. a deformed frame)."""
-    fill_mesh(obj.data, g)
-    obj.data.update()
-    obj.update_tag()

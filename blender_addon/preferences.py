@@ -1,4 +1,5 @@
-"""Add-on preferences: where the backend listens, how long to wait, CurveZMQ keys."""
+"""Add-on preferences: where the backend listens, how long to wait, CurveZMQ keys; and whether
+Blender may reach that address."""
 
 from __future__ import annotations
 
@@ -44,3 +45,10 @@ def get(context: bpy.types.Context | None = None) -> SPATIALAVATAR_AP_preference
 def settings(context: bpy.types.Context | None = None) -> connection.Settings:
     p = get(context)
     return connection.Settings(endpoint=p.endpoint.strip(), timeout_s=float(p.timeout_s), retries=int(p.retries), key_dir=bpy.path.abspath(p.key_dir) if p.key_dir else "")
+
+
+def blocked(settings: connection.Settings) -> str | None:
+    """Why Blender may not reach ``settings.endpoint`` now (its *Allow Online Access* switch), or None."""
+    if connection.wire_security.is_loopback(settings.endpoint) or getattr(bpy.app, "online_access", True):
+        return None
+    return f"{settings.endpoint} is not on this machine and online access is off (Preferences > System > Network)"

@@ -13,19 +13,13 @@ from dataclasses import dataclass, field
 import bpy
 import numpy as np
 
-from . import avatars, compositing_frames, connection, flame_data, pointcloud
-
-
-def flame_arrays(group) -> dict[str, np.ndarray]:
-    """One frame of FLAME buffers ([1, k] float32) from a ``spatialavatar_flame`` group's current values."""
-    names = [flame_data.expr_chunk_name(c) for c in range(flame_data.EXPR_CHUNKS)] + list(flame_data.POSE_FIELDS)
-    return compositing_frames.flame_buffers({n: getattr(group, n) for n in names}, group.expression_count)
+from . import avatars, connection, flame_data, pointcloud
 
 
 def deform_request(obj: bpy.types.Object) -> tuple[dict, dict[str, np.ndarray]]:
     """``deform`` arguments and buffers for ``obj`` at the current frame."""
     args = {"avatar": avatars.avatar_id(obj), "max_gaussians": len(obj.data.vertices)}
-    return args, flame_arrays(getattr(obj, flame_data.PROP_GROUP))
+    return args, getattr(obj, flame_data.PROP_GROUP).buffers()
 
 
 def apply_reply(obj: bpy.types.Object, arrays: dict[str, np.ndarray]) -> None:

@@ -173,7 +173,7 @@ def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str)
     assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}
     assert bpy.ops.spatialavatar.load_avatar(avatar=aid) == {"FINISHED"}
     obj = bpy.context.view_layer.objects.active
-    assert obj.name == aid and obj[addon.operators.AVATAR_ID] == aid
+    assert obj.name == aid and obj[addon.avatars.AVATAR_ID] == aid
     assert len(obj.data.vertices) == 2000
     co = np.empty(2000 * 3, np.float32)
     obj.data.vertices.foreach_get("co", co)

@@ -172,7 +172,7 @@ def test_generate_from_a_portrait_makes_an_avatar_object(bpy_ready, addon, head:
     assert "text:brow_raise_L" in drawn and f"text:expr_{head.n_expr - 1:03d}" in drawn
     prop, index, _ = sliders[30]
     getattr(group, prop)[index] = 0.7
-    assert addon.preview.flame_arrays(group)["expr"][0, 30] == pytest.approx(0.7)
+    assert group.buffers()["expr"][0, 30] == pytest.approx(0.7)
 
     # Export through the service: the avatar .npz and a posed 3DGS .ply, bytes written where asked.
     bpy.context.view_layer.objects.active = obj
@@ -231,3 +231,38 @@ def test_load_avatar_is_one_undo_step(bpy_ready, addon) -> None:
     assert "Loaded" not in bpy.data.objects
     assert bpy.ops.ed.redo() == {"FINISHED"}
     assert len(bpy.data.objects["Loaded"].data.vertices) == 500
+
+
+def test_final_render_panel_sets_up_compositing_and_embeds_the_avatars(bpy_ready, addon) -> None:
+    bpy = bpy_ready
+    # No avatar object yet: both buttons are off, with a message why.
+    assert not bpy.ops.spatialavatar.setup_compositing.poll() and not bpy.ops.spatialavatar.embed_avatars.poll()
+    with pytest.raises(RuntimeError, match="load or generate an avatar first"):
+        bpy.ops.spatialavatar.setup_compositing()
+    assert bpy.ops.spatialavatar.list_avatars() == {"FINISHED"}
+    aid = addon.operators.status["avatars"][0]["id"]
+    assert bpy.ops.spatialavatar.load_avatar(avatar=aid, object_name="First", max_points=200) == {"FINISHED"}
+    drawn = _draw_panels(addon, bpy.context)
+    assert "label:Renders do not show the avatars yet" in drawn and "label:Renders will stop: the scene has no camera" in drawn
+    assert "operator:spatialavatar.setup_compositing" in drawn and "label:Avatar files in the .blend: 0 of 1" in drawn
+
+    assert bpy.ops.spatialavatar.setup_compositing() == {"FINISHED"}
+    cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    bpy.context.scene.collection.objects.link(cam)
+    bpy.context.scene.camera = cam
+    drawn = _draw_panels(addon, bpy.context)
+    assert "label:Renders composite 1 avatar object(s)" in drawn and not any(d.startswith("label:Renders will stop") for d in drawn)
+    cam.data.type = "ORTHO"
+    assert "label:Renders will stop: camera 'Cam' is orthographic; the backend renders through perspective cameras only" in _draw_panels(
+        addon, bpy.context
+    )
+
+    # An avatar loaded after the set-up would render its points too: the panel says to set up again.
+    assert bpy.ops.spatialavatar.load_avatar(avatar=aid, object_name="Second", max_points=200) == {"FINISHED"}
+    assert "label:1 avatar object(s) added since the set-up: set up again" in _draw_panels(addon, bpy.context)
+    assert bpy.ops.spatialavatar.setup_compositing() == {"FINISHED"}
+    assert "label:Renders composite 2 avatar object(s)" in _draw_panels(addon, bpy.context)
+
+    assert bpy.ops.spatialavatar.embed_avatars() == {"FINISHED"}
+    assert "label:Avatar files in the .blend: 2 of 2" in _draw_panels(addon, bpy.context)
+    assert addon.compositing_avatars.embedded(bpy.data.objects["Second"]).startswith(b"PK")  # the avatar's .npz

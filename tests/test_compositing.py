@@ -153,6 +153,17 @@ def test_non_uniform_avatar_scale_is_refused(scene, addon, backend) -> None:
         addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
 
 
+def test_cameras_the_service_cannot_render_through_are_refused(scene, addon, backend) -> None:
+    import bpy
+
+    scene.camera.data.type = "ORTHO"
+    with pytest.raises(addon.compositing.CompositeError, match="camera 'Camera' is orthographic"):
+        addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+    scene.camera = None
+    with pytest.raises(addon.compositing.CompositeError, match="the scene has no camera"):
+        addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+
+
 SIZE = 64
 WORLD = (0.05, 0.1, 0.3)
 
