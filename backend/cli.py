@@ -221,10 +221,11 @@ def cmd_train(args: argparse.Namespace) -> dict:
         max_minutes=args.max_minutes,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
     )
     overrides = {"gaussians": args.gaussians} if args.gaussians else {}
     model_config = model_preset(args.preset, **overrides)
-    return train(config, model_config, args.data, args.run, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    return train(config, model_config, args.data, args.out, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
@@ -433,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train the Stage 1 generator (phase 1 or 2); run again to resume")
     p.add_argument("--phase", type=int, choices=(1, 2), required=True, help="1: monocular-temporal; 2: multi-view-spatial (needs --init)")
     p.add_argument("--data", nargs="+", type=Path, required=True, metavar="DIR", help="subject folders, or folders holding them")
-    p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run folder: checkpoint.pt, generator.pt, log.jsonl, summary.json")
+    # Not --run: torchrun would read it as an abbreviation of its own --run-path.
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder: checkpoint.pt, generator.pt, log.jsonl, summary.json")
     p.add_argument("--init", type=Path, metavar="PATH", help="phase 2: the phase-1 run folder or generator file (also the L2-SP anchor); phase 1: weights to warm-start from")
     p.add_argument("--preset", choices=("default", "small", "tiny"), default="default", help="architecture of a new phase-1 network")
     p.add_argument("--gaussians", type=int, help="override the preset's Gaussian count")
@@ -446,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS (needs the lpips package and its weights locally)")
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes; the same command continues")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, help="steps between log.jsonl lines (default 25)")
     p.add_argument("--seed", type=int)
     p.set_defaults(fn=cmd_train)
 

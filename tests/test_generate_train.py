@@ -145,7 +145,7 @@ def test_train_and_generate_commands(corpus_dirs, tmp_path: Path, capsys: pytest
     flame = write_flame(tiny_head_data(), tmp_path / "tiny_flame")
     run = tmp_path / "run"
     common = ["--flame", str(flame), "--device", "cpu", "--json"]
-    assert main(["train", "--phase", "1", "--data", *map(str, corpus_dirs[0]), "--run", str(run), "--preset", "tiny", "--steps", "1", "--batch", "1", "--targets", "1", *common]) == 0
+    assert main(["train", "--phase", "1", "--data", *map(str, corpus_dirs[0]), "--out", str(run), "--preset", "tiny", "--steps", "1", "--batch", "1", "--targets", "1", *common]) == 0
     assert json.loads(capsys.readouterr().out)["steps_done"] == 1
     subject = corpus_dirs[1][0]
     out = tmp_path / "avatar.npz"
@@ -157,7 +157,7 @@ def test_train_and_generate_commands(corpus_dirs, tmp_path: Path, capsys: pytest
         (["generate", str(subject), "--frames", "0:0,0:1,0:2,0:3,0:4", "--checkpoint", str(run / "generator.pt")], "takes 1 to 4"),
         (["generate"], "no source views"),
         (["generate", str(subject), "--checkpoint", str(tmp_path / "nope.pt")], "generator checkpoint not found"),
-        (["train", "--phase", "2", "--data", str(subject), "--run", str(tmp_path / "r2")], "--init"),
+        (["train", "--phase", "2", "--data", str(subject), "--out", str(tmp_path / "r2")], "--init"),
     ]
     for args, message in cases:
         assert main([*args, "--out", str(out), *common] if args[0] == "generate" else [*args, *common]) == 2

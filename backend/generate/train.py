@@ -304,7 +304,7 @@ def train(
     ckpt_path = run / CHECKPOINT
     resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
     if resume is not None and resume["phase"] != config.phase:
-        raise InputError(f"{ckpt_path} is a phase-{resume['phase']} run; use another --run folder for phase {config.phase}")
+        raise InputError(f"{ckpt_path} is a phase-{resume['phase']} run; use another --out folder for phase {config.phase}")
     torch.manual_seed(config.seed)
 
     anchor_state: dict[str, torch.Tensor] | None = None

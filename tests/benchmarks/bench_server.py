@@ -1,7 +1,7 @@
 """Service round-trip benchmark: transport and (de)serialization cost per rendered frame.
 
     python -m tests.benchmarks.bench_server --device cpu --sizes 256 512
-    python -m tests.benchmarks.bench_server --device cuda --sizes 512 --gaussians 100000
+    python -m tests.benchmarks.bench_server --device cuda --sizes 512 1920x1080 --gaussians 100000
 
 Starts ``spatialavatar serve`` as a separate process on a loopback port, imports an avatar,
 then, from this process, times (1) single-frame render requests, one at a time: the round
@@ -40,9 +40,15 @@ from backend.server.protocol import decode_reply, encode_reply, encode_request  
 from tests.test_server_support import service_process  # noqa: E402
 
 
-def camera(size: int) -> dict[str, np.ndarray]:
+def parse_size(text: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "1920x1080" -> (1920, 1080): width, height in pixels."""
+    w, _, h = text.partition("x")
+    return int(w), int(h or w)
+
+
+def camera(width: int, height: int) -> dict[str, np.ndarray]:
     return {
-        "intrinsics": intrinsics(size, size, focal_px=2.0 * size).numpy().astype("<f4"),
+        "intrinsics": intrinsics(width, height, focal_px=2.0 * min(width, height)).numpy().astype("<f4"),
         "world_to_cam": look_at((0.0, 0.02, 0.75), (0.0, 0.0, 0.0)).numpy().astype("<f4"),
     }
 
@@ -55,12 +61,12 @@ def expressions(n_expr: int, frames: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _floor_server(ports: mp.Queue, size: int, rgba: str) -> None:
+def _floor_server(ports: mp.Queue, size: tuple[int, int], rgba: str) -> None:
     """A bare ROUTER answering every message with one pre-encoded render reply."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
-    reply = encode_reply("floor", "render", {"frame": 0}, {"rgba": np.zeros((size, size, 4), rgba), "depth": np.zeros((size, size), "<f4")})
+    reply = encode_reply("floor", "render", {"frame": 0}, {"rgba": np.zeros((size[1], size[0], 4), rgba), "depth": np.zeros((size[1], size[0]), "<f4")})
     while True:
         msg = sock.recv_multipart()
         if msg[1] == b"stop":
@@ -70,7 +76,7 @@ def _floor_server(ports: mp.Queue, size: int, rgba: str) -> None:
     ctx.term()
 
 
-def transport_floor(size: int, rgba: str, repeats: int = 30) -> float:
+def transport_floor(size: tuple[int, int], rgba: str, repeats: int = 30) -> float:
     """Median ms of the same reply bytes through plain ZeroMQ between two processes: what
     framing and loopback TCP cost with no service at all."""
     spawn = mp.get_context("spawn")
@@ -80,7 +86,7 @@ def transport_floor(size: int, rgba: str, repeats: int = 30) -> float:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=120)}")
     times = []
-    _, request = encode_request("render", {"avatar": "av_0000000000000000", "width": size, "height": size})
+    _, request = encode_request("render", {"avatar": "av_0000000000000000", "width": size[0], "height": size[1]})
     for _ in range(repeats + 3):
         t0 = time.perf_counter()
         sock.send_multipart(request)
@@ -99,7 +105,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(256, 256), (512, 512)], help="WIDTH or WIDTHxHEIGHT, pixels")
     parser.add_argument("--gaussians", type=int, default=20_000)
     parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
     parser.add_argument("--warmup", type=int, default=2)
@@ -129,23 +135,23 @@ def main() -> None:
             hellos.append(1e3 * (time.perf_counter() - t0))
         aid = client.call("import", {}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
         for size in args.sizes:
-            req = {"avatar": aid, "width": size, "height": size, "rgba": args.rgba}
+            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba}
             trips, renders = [], []
             for i in range(args.warmup + args.repeats):
                 t0 = time.perf_counter()
-                reply = client.call("render", req, expressions(head.n_expr, 1, i) | camera(size))
+                reply = client.call("render", req, expressions(head.n_expr, 1, i) | camera(*size))
                 trip = 1e3 * (time.perf_counter() - t0)
                 if i >= args.warmup:
                     trips.append(trip)
                     renders.append(reply.result["render_ms"])
             overhead = [t - r for t, r in zip(trips, renders)]
             t0 = time.perf_counter()
-            streamed = list(client.stream("render", req, expressions(head.n_expr, args.frames, 99) | camera(size)))
+            streamed = list(client.stream("render", req, expressions(head.n_expr, args.frames, 99) | camera(*size)))
             wall = time.perf_counter() - t0
             payload = sum(a.nbytes for a in streamed[0].arrays.values())
             rows.append(
                 {
-                    "size": size,
+                    "size": f"{size[0]}x{size[1]}",
                     "round_trip_ms": round(statistics.median(trips), 2),
                     "render_ms": round(statistics.median(renders), 2),
                     "overhead_ms_median": round(statistics.median(overhead), 2),
