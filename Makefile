@@ -14,6 +14,10 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
+$(VENV)/.blender: $(VENV)/.base
+	$(BIN)/python -m pip install -q -e ".[blender]"
+	touch $@
+
 $(VENV)/.test: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
@@ -21,7 +25,8 @@ $(VENV)/.test: $(VENV)/.base
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
-demo: venv
+# The demo builds and renders a .blend, so it needs Blender as a module (the blender extra).
+demo: $(VENV)/.blender
 	$(BIN)/spatialavatar demo --out out
 
 # pytest exits 5 when it collected no test: that is a failure here.

@@ -273,36 +273,13 @@ def cmd_export_ply(args: argparse.Namespace) -> dict:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
-    """Synthetic subject -> surface avatar -> scripted animation rendered as a turntable."""
-    from backend.data.motion import showcase_animation
-    from backend.data.subject import Subject
-    from backend.data.synthetic import SynthConfig, synthesize
-    from backend.gaussians.files import save_avatar
-    from backend.refine.initialize import InitConfig, initialize_on_subject
-    from backend.render.animation import ViewConfig, render_animation, view_cameras, write_frames
+    """The main job: portrait -> tracking -> Stage 1 -> Stage 2 -> animated .blend -> composited frames, GIF, MP4."""
+    from backend.demo.pipeline import DemoConfig, run_demo
 
-    device = _device(args.device)
-    out = Path(args.out)
-    head = _head(args)
-    show = not args.json
-    t0 = time.perf_counter()
-    head = head.to(device)
-    subject_dir = synthesize(head, out / "subject", SynthConfig(frames=4, size=args.size, seed=args.seed, reference_gaussians=150_000), _progress("synthetic subject", show))
-    avatar = initialize_on_subject(head, Subject.load(subject_dir), InitConfig(gaussians=args.gaussians))
-    save_avatar(avatar, out / "avatar.npz")
-    params = showcase_animation(head, args.frames)
-    params.save(out / "animation.npz")
-    view = ViewConfig(size=args.size, turntable_degrees=60.0)
-    frames = render_animation(avatar.to(device), head, params, view_cameras(view, args.frames), torch.tensor(view.background))
-    paths = write_frames(frames, out / "frames", args.frames, _progress("turntable", show))
-    return {
-        "subject": str(subject_dir),
-        "avatar": str(out / "avatar.npz"),
-        "frames": len(paths),
-        "contact_sheet": str(out / "frames" / "contact_sheet.png"),
-        "device": device,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    config = DemoConfig(
+        out=args.out, portrait=args.portrait, device=_device(args.device), frames=args.frames, size=args.size, cpu_iters=args.cpu_iters, flame=args.flame
+    )
+    return run_demo(config, log=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr, flush=True)).summary()
 
 
 def cmd_serve(args: argparse.Namespace) -> dict:
@@ -468,12 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=int, default=0)
     p.set_defaults(fn=cmd_export_ply)
 
-    p = sub.add_parser("demo", parents=[common], help="the main job: synthetic subject -> avatar -> animated turntable")
+    p = sub.add_parser("demo", parents=[common], help="the main job: a portrait -> avatar -> animated, composited Blender render")
+    p.add_argument("--portrait", type=Path, metavar="IMAGE", help="the photo (default: scikit-image's public-domain astronaut)")
     p.add_argument("--out", type=Path, default=Path("out"))
-    p.add_argument("--size", type=int, default=384)
-    p.add_argument("--frames", type=int, default=48)
-    p.add_argument("--gaussians", type=int, default=40_000)
-    p.add_argument("--seed", type=int, default=3, help="identity of the synthetic subject")
+    p.add_argument("--frames", type=int, default=48, help="animation length in frames (24 fps)")
+    p.add_argument("--size", type=int, default=384, help="rendered frame width and height, pixels")
+    p.add_argument("--cpu-iters", type=int, default=300, help="refinement iterations without CUDA (CUDA runs the full 10,000)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", parents=[common], help="run the ZeroMQ service the Blender add-on talks to")

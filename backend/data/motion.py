@@ -40,33 +40,3 @@ def random_trajectory(head: HeadModel, frames: int, rng: np.random.Generator, mo
         params.rotation = torch.tensor(rot * motion, dtype=torch.float32)
         params.translation = torch.tensor(np.stack([_smooth_curve(rng, t, 0.01) for _ in range(3)], 1) * motion, dtype=torch.float32)
     return params
-
-
-def _pulse(t: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """A smooth bump of height 1 at ``centre`` (t and widths in [0, 1] animation time)."""
-    return np.exp(-0.5 * ((t - centre) / width) ** 2)
-
-
-def showcase_animation(head: HeadModel, frames: int = 48) -> FlameParams:
-    """A short scripted performance: head turn, smile, blinks, brow raise and a jaw opening.
-
-    Named expression units are looked up by name, so it works on any head model that names
-    them (the built-in head does); unknown names are skipped.
-    """
-    t = np.linspace(0.0, 1.0, frames)
-    params = head.neutral_params(frames)
-    curves = {
-        "smile_L": 2.0 * _pulse(t, 0.35, 0.12),
-        "smile_R": 2.0 * _pulse(t, 0.35, 0.12),
-        "blink_L": 3.0 * (_pulse(t, 0.2, 0.025) + _pulse(t, 0.7, 0.025)),
-        "blink_R": 3.0 * (_pulse(t, 0.2, 0.025) + _pulse(t, 0.7, 0.025)),
-        "brow_raise_L": 2.0 * _pulse(t, 0.85, 0.08),
-        "brow_raise_R": 2.0 * _pulse(t, 0.85, 0.08),
-    }
-    for name, curve in curves.items():
-        if name in head.expr_names:
-            params.expr[:, head.expr_names.index(name)] = torch.tensor(curve, dtype=torch.float32)
-    params.jaw_pose[:, 0] = torch.tensor(0.3 * _pulse(t, 0.6, 0.08), dtype=torch.float32)
-    params.rotation[:, 1] = torch.tensor(0.25 * np.sin(2 * np.pi * t), dtype=torch.float32)
-    params.rotation[:, 0] = torch.tensor(0.08 * np.sin(4 * np.pi * t), dtype=torch.float32)
-    return params
