@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import importlib
 import os
-import queue
-import re
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from tests.test_server_support import ServiceProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "sa_test"
 MODULE = f"bl_ext.{REPO}.spatialavatar"
 SUBMODULES = ("pointcloud", "flame_data", "animation_io", "operators", "runtime", "preview", "overlay", "tasks", "media_files", "avatars")
-START_TIMEOUT_S = 120.0
 _built: dict[str, Path] = {}
 
 
@@ -64,51 +61,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Backend:
+def start_backend(store: Path, *extra: str) -> ServiceProcess:
     """``python -m backend serve --device cpu`` on a free loopback port; always ``stop()`` it."""
-
-    def __init__(self, store: Path, *extra: str) -> None:
-        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--device", "cpu", "--bind", self.endpoint, "--store", str(store), *extra],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, args=(lines,), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.stop()
-                raise RuntimeError("the backend did not start:\n" + "".join(self.log[-20:])) from None
-            if re.search(r"listening on ", line):
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError("the backend exited:\n" + "".join(self.log[-20:]))
-
-    def _drain(self, lines: queue.Queue[str]) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            lines.put(line)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        self.proc.kill()
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    return ServiceProcess(store, extra=extra)
 
 
 def set_prefs(bpy: ModuleType, endpoint: str, timeout_s: float = 60.0, retries: int = 0) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
+from backend.data.synthetic import SynthConfig, synthesize
 from backend.head.model import HeadModel
 from backend.head.registry import load_head_model
 
@@ -18,3 +22,19 @@ def head() -> HeadModel:
 @pytest.fixture()
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def addon(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """The extension zip (built and validated once per process), installed and enabled in bpy."""
+    from tests.addon_support import build_zip, install_addon
+
+    zip_path = build_zip(tmp_path_factory.mktemp("dist"))
+    return install_addon(zip_path, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="module")
+def portrait(head: HeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic portrait (PNG): the built-in head, rendered from the front."""
+    root = synthesize(head, tmp_path_factory.mktemp("synth") / "s", SynthConfig(frames=1, size=256, reference_gaussians=20_000, motion=0.0))
+    return next((root / "images").glob("*.png"))

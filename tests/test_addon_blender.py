@@ -13,17 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.addon_support import Backend, build_zip, free_port, install_addon, set_prefs
+from tests.addon_support import build_zip, free_port, set_prefs, start_backend
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_zip(tmp_path_factory.mktemp("dist"))  # validates too
-
-
-@pytest.fixture(scope="module")
-def addon(built: Path, tmp_path_factory: pytest.TempPathFactory):
-    return install_addon(built, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture()
@@ -134,7 +129,7 @@ def test_import_reports_a_bad_file(bpy_empty, addon, tmp_path: Path) -> None:
 
 @pytest.fixture()
 def backend_process(tmp_path: Path):
-    proc = Backend(tmp_path / "store")
+    proc = start_backend(tmp_path / "store")
     yield proc.endpoint
     proc.stop()
 

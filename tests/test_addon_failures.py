@@ -11,29 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.data.synthetic import SynthConfig, synthesize
 from backend.head.model import HeadModel
 from backend.server.client import Client
-from tests.addon_support import Backend, build_zip, free_port, install_addon, pump, set_prefs
-from tests.test_server_support import npz_buffer, small_avatar
-
-
-@pytest.fixture(scope="module")
-def addon(tmp_path_factory: pytest.TempPathFactory):
-    zip_path = build_zip(tmp_path_factory.mktemp("dist"))
-    return install_addon(zip_path, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
-
-
-@pytest.fixture(scope="module")
-def portrait(head: HeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = synthesize(head, tmp_path_factory.mktemp("synth") / "s", SynthConfig(frames=1, size=256, reference_gaussians=20_000, motion=0.0))
-    return next((root / "images").glob("*.png"))
+from tests.addon_support import free_port, pump, set_prefs, start_backend
+from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("backend")
-    proc = Backend(tmp / "store", "--generator", str(tmp / "missing.pt"))  # as if no generator checkpoint were installed
+    proc = start_backend(tmp / "store", "--generator", str(tmp / "missing.pt"))  # as if no generator checkpoint were installed
     yield proc
     proc.stop()
 
@@ -56,7 +43,7 @@ def _avatar_object(bpy, endpoint: str, head: HeadModel):
     return bpy.data.objects["Probe"]
 
 
-def test_generate_without_a_generator_is_reported(addon, backend: Backend, portrait: Path) -> None:
+def test_generate_without_a_generator_is_reported(addon, backend: ServiceProcess, portrait: Path) -> None:
     import bpy
 
     _connect(bpy, addon, backend.endpoint)
@@ -73,7 +60,7 @@ def test_generate_without_a_generator_is_reported(addon, backend: Backend, portr
     assert "Anyway" not in bpy.data.objects
 
 
-def test_bad_files_are_reported(addon, backend: Backend, portrait: Path, head: HeadModel, tmp_path: Path) -> None:
+def test_bad_files_are_reported(addon, backend: ServiceProcess, portrait: Path, head: HeadModel, tmp_path: Path) -> None:
     import bpy
 
     _connect(bpy, addon, backend.endpoint)
@@ -111,7 +98,7 @@ def test_bad_files_are_reported(addon, backend: Backend, portrait: Path, head: H
     assert addon.runtime.RUNTIME.tasks == []  # nothing was sent
 
 
-def test_an_error_answer_is_reported(addon, backend: Backend, head: HeadModel, tmp_path: Path) -> None:
+def test_an_error_answer_is_reported(addon, backend: ServiceProcess, head: HeadModel, tmp_path: Path) -> None:
     import bpy
 
     _connect(bpy, addon, backend.endpoint)
@@ -142,7 +129,7 @@ def test_no_backend_is_reported(addon, portrait: Path) -> None:
     assert bpy.ops.spatialavatar.portrait_remove() == {"FINISHED"}
 
 
-def test_a_new_address_takes_new_requests_while_old_replies_arrive(addon, backend: Backend) -> None:
+def test_a_new_address_takes_new_requests_while_old_replies_arrive(addon, backend: ServiceProcess) -> None:
     import bpy
 
     _connect(bpy, addon, backend.endpoint)
@@ -161,7 +148,7 @@ def test_a_new_address_takes_new_requests_while_old_replies_arrive(addon, backen
 def test_backend_killed_mid_job_is_reported(addon, portrait: Path, head: HeadModel, tmp_path: Path) -> None:
     import bpy
 
-    doomed = Backend(tmp_path / "store")
+    doomed = start_backend(tmp_path / "store")
     try:
         _connect(bpy, addon, doomed.endpoint, timeout_s=3.0)  # watch replies come at least once a second
         obj = _avatar_object(bpy, doomed.endpoint, head)
@@ -172,7 +159,7 @@ def test_backend_killed_mid_job_is_reported(addon, portrait: Path, head: HeadMod
         task = addon.runtime.RUNTIME.tasks[-1]
         pump(addon, lambda: ("subject" in task.results and task.progress.state == "running") or task.ended)  # refining now
         assert task.progress.state == "running", task.progress.message
-        doomed.kill()
+        doomed.kill9()
         pump(addon, lambda: task.ended)
     finally:
         doomed.stop()

@@ -17,33 +17,27 @@ import pytest
 
 from backend.head.model import HeadModel
 from backend.server.client import Client
-from tests.addon_support import Backend, build_zip, free_port, install_addon, pump, set_prefs
-from tests.test_server_support import npz_buffer, small_avatar
+from tests.addon_support import free_port, pump, set_prefs, start_backend
+from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
 
 GAUSSIANS, POINTS = 3000, 1000
 
 
 @pytest.fixture(scope="module")
-def addon(tmp_path_factory: pytest.TempPathFactory):
-    zip_path = build_zip(tmp_path_factory.mktemp("dist"))
-    return install_addon(zip_path, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
-
-
-@pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory):
-    proc = Backend(tmp_path_factory.mktemp("backend") / "store")
+    proc = start_backend(tmp_path_factory.mktemp("backend") / "store")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="module")
-def avatar_id(backend: Backend, head: HeadModel) -> str:
+def avatar_id(backend: ServiceProcess, head: HeadModel) -> str:
     with Client(backend.endpoint, timeout_s=60.0, retries=0) as c:
         return c.call("import", {"name": "probe"}, {"file": npz_buffer(small_avatar(head, GAUSSIANS))}).result["avatar"]["id"]
 
 
 @pytest.fixture()
-def avatar_obj(addon, backend: Backend, avatar_id: str):
+def avatar_obj(addon, backend: ServiceProcess, avatar_id: str):
     import bpy
 
     bpy.ops.wm.read_homefile(use_empty=True)
@@ -74,7 +68,7 @@ def _show_frame(bpy, addon, frame: int) -> None:
 
 
 def test_keyframes_drive_the_preview_and_survive_a_reload_without_backend(
-    avatar_obj, addon, backend: Backend, avatar_id: str, tmp_path: Path
+    avatar_obj, addon, backend: ServiceProcess, avatar_id: str, tmp_path: Path
 ) -> None:
     import bpy
 

@@ -15,37 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.data.synthetic import SynthConfig, synthesize
 from backend.generate.checkpoint import save_generator
 from backend.generate.model import Generator, preset
 from backend.head.model import HeadModel
-from tests.addon_support import Backend, build_zip, install_addon, pump, set_prefs
-
-
-@pytest.fixture(scope="module")
-def addon(tmp_path_factory: pytest.TempPathFactory):
-    zip_path = build_zip(tmp_path_factory.mktemp("dist"))
-    return install_addon(zip_path, tmp_path_factory.mktemp("user"), tmp_path_factory.mktemp("repo"))
-
-
-@pytest.fixture(scope="module")
-def portrait(head: HeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One synthetic portrait (PNG): the built-in head, rendered from the front."""
-    root = synthesize(head, tmp_path_factory.mktemp("synth") / "s", SynthConfig(frames=1, size=256, reference_gaussians=20_000, motion=0.0))
-    return next((root / "images").glob("*.png"))
+from tests.addon_support import pump, set_prefs, start_backend
+from tests.test_server_support import ServiceProcess
 
 
 @pytest.fixture(scope="module")
 def backend(head: HeadModel, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("backend")
     checkpoint = save_generator(Generator.for_head(preset("tiny"), head).eval(), tmp / "generator.pt")
-    proc = Backend(tmp / "store", "--generator", str(checkpoint))
+    proc = start_backend(tmp / "store", "--generator", str(checkpoint))
     yield proc
     proc.stop()
 
 
 @pytest.fixture()
-def bpy_ready(addon, backend: Backend):
+def bpy_ready(addon, backend: ServiceProcess):
     import bpy
 
     bpy.ops.wm.read_homefile(use_empty=True)

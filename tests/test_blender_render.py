@@ -22,7 +22,6 @@ from backend.batch.blender_render import ADDON_MODULE, ENDPOINT_ENV, BlenderRend
 from backend.cli import main
 from backend.errors import SpatialAvatarError
 from backend.server.client import Client
-from tests.test_addon_blender import addon, built  # noqa: F401  (fixtures: the installed extension)
 from tests.test_compositing import avatar, backend, build_scene, flame_copy  # noqa: F401  (fixtures)
 
 FRAMES = (1, 4)
@@ -41,7 +40,7 @@ def _free_endpoint() -> str:
 
 
 @pytest.fixture(scope="module")
-def shot(addon, backend, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def shot(addon, backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved .blend: the avatar with a keyed FLAME animation, a moving camera, a cube, compositing set up."""
     import bpy
 
@@ -99,7 +98,7 @@ def test_blender_command_line_order(tmp_path: Path) -> None:
     assert cmd == [str(exe), "-b", "--addons", ADDON_MODULE, "shot.blend", "-o", f"renders{os.sep}", "-s", "3", "-e", "9", "-a"]
 
 
-def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tmp_path: Path) -> None:  # noqa: F811
+def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tmp_path: Path) -> None:
     """Two ranges in two processes (as a farm splits a shot) give the full render's frames bit for bit."""
     endpoint = backend[0]
     full = render(BlenderRenderJob(shot, FRAMES, tmp_path / "full", endpoint=endpoint))
@@ -129,7 +128,7 @@ def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tm
             assert solid.sum() > 100 and same[solid].mean() > 0.9
 
 
-def test_cli_starts_a_backend_and_stops_it(shot: Path, backend, flame_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_cli_starts_a_backend_and_stops_it(shot: Path, backend, flame_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A fresh backend (an empty store, as on a farm worker) is started, gets the avatar the
     .blend carries, renders the same frames as the backend that made it, and is stopped."""
     store, endpoint = tmp_path / "store", _free_endpoint()

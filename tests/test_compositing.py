@@ -2,7 +2,7 @@
 subprocess on the CPU: the camera conversion against Blender's own projection, and depth
 order against meshes in front of and behind the head.
 
-The extension is the built zip, installed and enabled by the fixtures of test_addon_blender.
+The extension is the built zip, installed and enabled by the ``addon`` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.camera import Cameras, project
 from backend.server.client import Client
-from tests.test_addon_blender import addon, built  # noqa: F401  (fixtures: the installed extension)
 from tests.test_server_support import npz_buffer, service_process, small_avatar
 
 GAUSSIANS = 6000
@@ -48,7 +47,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory, flame_copy: Path, avatar):
         yield proc.endpoint, aid, store
 
 
-def build_scene(addon, endpoint: str, aid: str):  # noqa: F811
+def build_scene(addon, endpoint: str, aid: str):
     """An empty scene with the avatar object (the point preview of the real add-on) and a camera facing it."""
     import bpy
 
@@ -68,7 +67,7 @@ def build_scene(addon, endpoint: str, aid: str):  # noqa: F811
 
 
 @pytest.fixture()
-def scene(addon, backend, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
+def scene(addon, backend, monkeypatch: pytest.MonkeyPatch):
     """``build_scene``; the add-on reaches the backend through $SPATIALAVATAR_ENDPOINT."""
     monkeypatch.setenv(addon.compositing.ENDPOINT_ENV, backend[0])
     return build_scene(addon, backend[0], backend[1])

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,10 +50,12 @@ def service_thread(store: Path, **overrides: object) -> Iterator[Service]:
 class ServiceProcess:
     """``python -m backend serve`` as a child process; ``endpoint`` once it listens."""
 
-    def __init__(self, store: Path, bind: str = LOOPBACK_ANY_PORT, device: str = "cpu", flame: Path | None = None) -> None:
+    def __init__(
+        self, store: Path, bind: str = LOOPBACK_ANY_PORT, device: str = "cpu", flame: Path | None = None, extra: Sequence[str] = ()
+    ) -> None:
         head = ["--flame", str(flame)] if flame else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--bind", bind, "--store", str(store), "--device", device, *head],
+            [sys.executable, "-m", "backend", "serve", "--bind", bind, "--store", str(store), "--device", device, *head, *extra],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

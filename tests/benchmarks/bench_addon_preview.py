@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from backend.head.registry import load_head_model  # noqa: E402
 from backend.server.client import Client  # noqa: E402
-from tests.addon_support import Backend, build_zip, install_addon, set_prefs  # noqa: E402
+from tests.addon_support import build_zip, install_addon, set_prefs, start_backend  # noqa: E402
 from tests.test_server_support import npz_buffer, small_avatar  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-preview-") as tmp:
         tmp_path = Path(tmp)
-        backend = Backend(tmp_path / "store")
+        backend = start_backend(tmp_path / "store")
         try:
             with Client(backend.endpoint, timeout_s=120.0) as c:
                 avatar = small_avatar(load_head_model(), args.gaussians)
