@@ -31,8 +31,10 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, head: HeadModel) -> Iterator[tuple[Service, Client, str, Avatar]]:
-    """One service with one imported avatar for the whole module."""
-    with service_thread(tmp_path_factory.mktemp("store")) as service:
+    """One service with one imported avatar for the whole module, configured with a generator
+    checkpoint that does not exist (as on an install without the weights)."""
+    store = tmp_path_factory.mktemp("store")
+    with service_thread(store, generator=store / "missing-generator.pt") as service:
         client = Client(service.endpoint, timeout_s=30, retries=0)
         avatar = small_avatar(head)
         aid = client.call("import", {"name": "test head"}, {"file": npz_buffer(avatar)}).result["avatar"]["id"]
@@ -68,6 +70,11 @@ def test_hello_says_what_the_service_can_do(served) -> None:
     assert caps["track"]["available"] == (importlib.util.find_spec("mediapipe") is not None)
     assert not caps["generate"]["available"] and "generator checkpoint" in caps["generate"]["reason"]
     assert hello["head"]["name"] == "builtin-v1" and hello["secure"] is False
+
+
+def test_hello_offers_generate_with_the_shipped_weights(tmp_path: Path) -> None:
+    with service_thread(tmp_path / "store") as service, Client(service.endpoint, timeout_s=30, retries=0) as client:
+        assert client.call("hello").result["capabilities"]["generate"]["available"]
 
 
 def test_store_operations(served, head: HeadModel) -> None:
