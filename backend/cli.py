@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -225,7 +226,9 @@ def cmd_train(args: argparse.Namespace) -> dict:
     )
     overrides = {"gaussians": args.gaussians} if args.gaussians else {}
     model_config = model_preset(args.preset, **overrides)
-    return train(config, model_config, args.data, args.out, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    result = train(config, model_config, args.data, args.out, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    # Under torchrun every process gets here; rank 0 speaks for the run (the others' "last" is their own shard's).
+    return result if int(os.environ.get("RANK", "0")) == 0 else {}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
@@ -486,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spatialavatar {args.command}: interrupted", file=sys.stderr)
         return 130
+    if not result:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
