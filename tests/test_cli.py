@@ -64,3 +64,20 @@ def test_synth_init_render_export(tmp_path) -> None:
     assert PlyData.read(str(ply))["vertex"].count == 3000
     proc = run("export-ply", str(avatar_path), "--out", str(ply), "--anim", str(subject / "flame_param.npz"), "--frame", "9", check=False)
     assert proc.returncode == 2 and "frame 9" in proc.stderr
+
+
+def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
+    """train, demo and blender-render name the bad flag or file and exit 2 without a traceback."""
+    not_blend = tmp_path / "shot.blend"
+    not_blend.write_text("not a blend file")
+    cases = [
+        (["train", "--phase", "1", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--log-every", "0"], "--log-every"),
+        (["demo", "--out", str(tmp_path / "demo"), "--cpu-iters", "0"], "--cpu-iters 0"),
+        (["demo", "--out", str(tmp_path / "demo"), "--portrait", str(tmp_path / "nope.png")], "nope.png"),
+        (["blender-render", str(not_blend)], "not a .blend file"),
+        (["blender-render", str(not_blend), "--frames", "5..2"], "--frames 5..2"),
+    ]
+    for args, needle in cases:
+        proc = run(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

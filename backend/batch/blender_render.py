@@ -165,10 +165,22 @@ def blender_command(job: BlenderRenderJob) -> tuple[list[str], str]:
     return [sys.executable, "-c", BPY_SCRIPT, str(job.blend), start, end, out, str(ROOT)], "bpy"
 
 
+_BLEND_MAGIC = (b"BLENDER", b"\x1f\x8b", b"\x28\xb5\x2f\xfd")  # plain, gzip, zstd
+
+
+def _is_blend(path: Path) -> bool:
+    """Whether ``path`` starts like a .blend, so Blender is not started on any other file."""
+    with path.open("rb") as f:
+        head = f.read(7)
+    return head.startswith(_BLEND_MAGIC)
+
+
 def render(job: BlenderRenderJob, echo: bool = False) -> BlenderRenderResult:
     """Render ``job`` (see the module doc); ``echo`` copies Blender's output to stderr."""
     if not job.blend.is_file():
         raise SpatialAvatarError(f"{job.blend}: no such .blend file")
+    if not _is_blend(job.blend):
+        raise SpatialAvatarError(f"{job.blend}: not a .blend file (Blender saves them plain, gzip- or zstd-compressed)")
     if job.blender is not None and not (job.blender.is_file() and os.access(job.blender, os.X_OK)):
         raise SpatialAvatarError(f"--blender {job.blender}: not an executable file")
     if job.out:

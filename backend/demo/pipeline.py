@@ -225,6 +225,8 @@ def run_demo(config: DemoConfig, log: Log = _stderr) -> DemoResult:
     if config.frames < 2 or config.size < 16:
         wanted = f"--frames {config.frames} --size {config.size}"
         raise SpatialAvatarError(f"{wanted}: the demo needs at least 2 frames of at least 16 x 16 pixels")
+    if config.cpu_iters < 1 or config.gpu_iters < 1:
+        raise SpatialAvatarError(f"--cpu-iters {config.cpu_iters}: refinement needs at least 1 iteration")
     if importlib.util.find_spec("bpy") is None:  # checked first: the scene comes after minutes of work
         raise SpatialAvatarError("the demo builds its .blend with Blender as a module (bpy), "
                                  "which is not installed; `make demo` installs it")

@@ -102,6 +102,8 @@ class TrainConfig:
             raise InputError(f"--phase must be 1 or 2, got {self.phase}")
         if self.steps < 1 or self.batch < 1 or self.targets < 1:
             raise InputError("steps, batch and targets must be positive")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise InputError(f"--log-every and --checkpoint-every must be at least 1, got {self.log_every} and {self.checkpoint_every}")
         if self.l2sp < 0 or self.lpips_weight < 0:
             raise InputError("loss weights must be non-negative")
 
