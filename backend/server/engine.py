@@ -15,6 +15,7 @@ import torch
 from backend.gaussians.avatar import SH_C0, Avatar, deform
 from backend.gaussians.files import export_ply
 from backend.gaussians.layout import Binding
+from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import fingerprint, load_head_model
@@ -110,17 +111,23 @@ class Engine:
             avatar = replace(avatar, binding=binding, local=avatar.local.map(lambda t: t[sel]))
         params = avatar.params_for(self.conform(params))
         setup = time.perf_counter() - t_setup
+        for _, splats, share in self._posed_frames(avatar, params, chunk):
+            t1 = time.perf_counter()
+            fields = (splats.means, splats.quats, splats.scales)
+            out = {k: f.float().cpu().numpy() for k, f in zip(("positions", "rotations", "scales"), fields)}
+            yield out, 1e3 * (setup + share + time.perf_counter() - t1)
+            setup = 0.0
+
+    def _posed_frames(self, avatar: Avatar, params: FlameParams, chunk: int) -> Iterator[tuple[int, Splats, float]]:
+        """Frame index t, its posed Gaussians [N, ...], and its share (seconds) of posing its
+        chunk: frames are posed ``chunk`` at a time, one batched call each."""
         for start in range(0, params.batch_size, chunk):
             t0 = time.perf_counter()
             idx = list(range(start, min(start + chunk, params.batch_size)))
             splats = deform(avatar, self.head, params.index(idx))
             share = (time.perf_counter() - t0) / len(idx)
-            for i in range(len(idx)):
-                t1 = time.perf_counter()
-                fields = (splats.means[i], splats.quats[i], splats.scales[i])
-                out = {k: f.float().cpu().numpy() for k, f in zip(("positions", "rotations", "scales"), fields)}
-                yield out, 1e3 * (setup + share + time.perf_counter() - t1)
-                setup = 0.0
+            for i, t in enumerate(idx):
+                yield t, splats.frame(i), share
 
     def statics(self, aid: str, index: np.ndarray | None) -> Arrays:
         """Pose-independent attributes: opacities [M] and base colours [M, 3] (linear RGB, SH band 0)."""
@@ -153,22 +160,17 @@ class Engine:
         cams = cameras.to(self.device)
         bg = torch.tensor(background or (0.0, 0.0, 0.0), device=self.device)
         setup = time.perf_counter() - t_setup
-        for start in range(0, params.batch_size, chunk):
-            t0 = time.perf_counter()
-            idx = list(range(start, min(start + chunk, params.batch_size)))
-            splats = deform(avatar, self.head, params.index(idx))
-            share = (time.perf_counter() - t0) / len(idx)
-            for i, t in enumerate(idx):
-                t1 = time.perf_counter()
-                out = render(splats.frame(i), cams.frame(t), bg)
-                rgba = torch.cat([out.rgb[0], out.alpha[0]], dim=-1)
-                if rgba_dtype == "<u1":
-                    rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-                arrays = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype]).cpu().numpy()}
-                if depth_dtype is not None:
-                    arrays["depth"] = out.depth[0, ..., 0].to(_TORCH_DTYPES[depth_dtype]).cpu().numpy()
-                yield arrays, 1e3 * (setup + share + time.perf_counter() - t1)
-                setup = 0.0
+        for t, splats, share in self._posed_frames(avatar, params, chunk):
+            t1 = time.perf_counter()
+            out = render(splats, cams.frame(t), bg)
+            rgba = torch.cat([out.rgb[0], out.alpha[0]], dim=-1)
+            if rgba_dtype == "<u1":
+                rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+            arrays = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype]).cpu().numpy()}
+            if depth_dtype is not None:
+                arrays["depth"] = out.depth[0, ..., 0].to(_TORCH_DTYPES[depth_dtype]).cpu().numpy()
+            yield arrays, 1e3 * (setup + share + time.perf_counter() - t1)
+            setup = 0.0
 
     @torch.no_grad()
     def ply(self, aid: str, params: FlameParams) -> bytes:
