@@ -167,3 +167,20 @@ def test_backend_killed_mid_job_is_reported(addon, portrait: Path, head: HeadMod
     assert task.progress.message.startswith(f"Refine Probe: lost the backend while following job {task.job_id}")
     assert "no reply from" in task.progress.message
     assert bpy.ops.spatialavatar.clear_tasks() == {"FINISHED"}
+
+
+def test_a_lost_backend_shows_in_the_status_and_is_found_again_when_it_returns(addon, tmp_path: Path) -> None:
+    import bpy
+
+    bpy.ops.wm.read_homefile(use_empty=True)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    set_prefs(bpy, endpoint, timeout_s=0.3)
+    with pytest.raises(RuntimeError, match="did not answer"):  # nothing listens yet; background Blender raises reported errors
+        bpy.ops.spatialavatar.test_connection()
+    assert not addon.operators.status["ok"] and "No backend" in addon.operators.status["text"]
+    returned = ServiceProcess(tmp_path / "store", bind=endpoint)
+    try:
+        assert bpy.ops.spatialavatar.test_connection() == {"FINISHED"}  # a fresh socket, same preferences
+        assert addon.operators.status["ok"] and addon.operators.status["info"]["device"] == "cpu"
+    finally:
+        returned.stop()
