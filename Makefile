@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv venv-test
+.PHONY: demo test test-blender venv venv-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,4 +32,19 @@ demo: $(VENV)/.blender
 # pytest exits 5 when it collected no test: that is a failure here.
 test: venv-test
 	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
+
+# The Blender-facing tests on another Blender release, in a venv of its own:
+#   make test-blender BPY=4.2.23    (bpy 4.2 to 5.0 are built for Python 3.11)
+BPY ?= 4.5.3
+BPY_VENV := .venv-bpy-$(BPY)
+
+$(BPY_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(BPY_VENV)
+	$(BPY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BPY_VENV)/bin/python -m pip install -q -e . pytest==9.2.0 hypothesis==6.170.15 bpy==$(BPY)
+	touch $@
+
+test-blender: $(BPY_VENV)/.ready
+	$(BPY_VENV)/bin/python -m pytest -q -m blender; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc

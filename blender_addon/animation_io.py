@@ -1,8 +1,9 @@
 """flame_param.npz <-> keyframes on the object's FLAME properties, in bulk.
 
 Keys are written with ``keyframe_points.add`` + ``foreach_set`` (no per-frame operator). The
-F-curves live in the action's channelbag for the object's slot on Blender 4.4+ (5.0 removed
-``Action.fcurves``) and in ``action.fcurves`` before that; the choice is feature-detected.
+F-curves live in the action's channel bag for the object's slot on Blender 4.4+ (layered
+actions; 5.0 removed ``Action.fcurves``) and in ``action.fcurves`` before that; the choice is
+feature-detected.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from .flame_data import Channel, FlameAnimation
 _LINEAR = "LINEAR"
 
 
-def _channelbag_api():
-    try:
-        from bpy_extras import anim_utils
-    except ImportError:
-        return None
-    return anim_utils if hasattr(anim_utils, "action_ensure_channelbag_for_slot") else None
+def _channelbag(action: bpy.types.Action, slot: bpy.types.ActionSlot, create: bool):
+    """The slot's channel bag in the action's first keyframe strip (layered actions, 4.4+);
+    None when there is none and ``create`` is off."""
+    if not action.layers:
+        if not create:
+            return None
+        action.layers.new("Layer")
+    layer = action.layers[0]
+    if not layer.strips:
+        if not create:
+            return None
+        layer.strips.new(type="KEYFRAME")
+    return layer.strips[0].channelbag(slot, ensure=create)
 
 
 def fcurve_collection(obj: bpy.types.Object, create: bool):
@@ -38,17 +46,13 @@ def fcurve_collection(obj: bpy.types.Object, create: bool):
             return None
         adt.action = bpy.data.actions.new(f"{obj.name} FLAME")
     action = adt.action
-    api = _channelbag_api()
-    if api is None:
+    if not hasattr(action, "slots"):
         return action.fcurves  # Blender 4.2 / 4.3
     if adt.action_slot is None:
         if not create:
             return None
-        slot = action.slots.new(id_type="OBJECT", name=obj.name)
-        adt.action_slot = slot
-    if create:
-        return api.action_ensure_channelbag_for_slot(action, adt.action_slot).fcurves
-    bag = api.action_get_channelbag_for_slot(action, adt.action_slot)
+        adt.action_slot = action.slots.new(id_type="OBJECT", name=obj.name)
+    bag = _channelbag(action, adt.action_slot, create)
     return None if bag is None else bag.fcurves
 
 

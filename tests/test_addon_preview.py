@@ -20,6 +20,8 @@ from backend.server.client import Client
 from tests.addon_support import free_port, pump, set_prefs, start_backend
 from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
 
+pytestmark = pytest.mark.blender
+
 GAUSSIANS, POINTS = 3000, 1000
 
 

@@ -21,6 +21,8 @@ from backend.head.model import HeadModel
 from tests.addon_support import pump, set_prefs, start_backend
 from tests.test_server_support import ServiceProcess
 
+pytestmark = pytest.mark.blender
+
 
 @pytest.fixture(scope="module")
 def backend(head: HeadModel, tmp_path_factory: pytest.TempPathFactory):

@@ -28,6 +28,8 @@ from backend.generate.model import Generator, preset
 from backend.head.builtin.expressions import BLINK_CLOSED
 from backend.head.model import HeadModel
 
+pytestmark = pytest.mark.blender
+
 FRAMES, SIZE = 6, 64
 
 # Opens the demo's .blend with the add-on from this checkout and prints what it holds; then
@@ -36,6 +38,8 @@ INSPECT = """
 import json, sys
 blend, set_only, root = sys.argv[1:4]
 sys.path.insert(0, root)
+from backend.batch import bpy_process
+bpy_process.end_without_teardown()
 import bpy
 import blender_addon
 from blender_addon import animation_io, compositing, compositing_avatars, flame_data
@@ -65,6 +69,7 @@ facts = {
 print("FACTS " + json.dumps(facts))
 obj.hide_render = True
 bpy.ops.wm.save_as_mainfile(filepath=set_only, copy=True)
+bpy_process.exit(0)
 """
 
 

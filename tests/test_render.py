@@ -460,6 +460,7 @@ def test_blender_round_trip_and_optical_axis():
     assert depth[0, 0].item() == pytest.approx(3.0)
 
 
+@pytest.mark.blender
 def test_blender_conversions_match_bpy():
     bpy = pytest.importorskip("bpy")
     from bpy_extras.object_utils import world_to_camera_view  # noqa: PLC0415

@@ -40,6 +40,8 @@ BPY_SCRIPT = """
 import sys
 blend, start, end, out, root = sys.argv[1:6]
 sys.path.insert(0, root)
+from backend.batch import bpy_process
+bpy_process.end_without_teardown()
 import bpy
 import blender_addon
 blender_addon.register()
@@ -50,6 +52,7 @@ if start:
 if out:
     scene.render.filepath = out
 bpy.ops.render.render(animation=True)
+bpy_process.exit(0)
 """
 
 

@@ -115,11 +115,20 @@ def animate(obj: bpy.types.Object, frames: int, blink_closed: float) -> list[str
     return keyed
 
 
+def _node_tree(block: bpy.types.Material | bpy.types.World) -> bpy.types.NodeTree:
+    """A material's or world's shader nodes: before Blender 5.0 a new one starts without them."""
+    import bpy
+
+    if bpy.app.version < (5, 0, 0):
+        block.use_nodes = True
+    return block.node_tree
+
+
 def _material(name: str, rgb: Vec3, roughness: float = 0.6) -> bpy.types.Material:
     import bpy
 
     mat = bpy.data.materials.new(name)
-    bsdf = mat.node_tree.nodes["Principled BSDF"]
+    bsdf = _node_tree(mat).nodes["Principled BSDF"]
     bsdf.inputs["Base Color"].default_value = (*rgb, 1.0)
     bsdf.inputs["Roughness"].default_value = roughness
     return mat
@@ -171,7 +180,7 @@ def build_set(scene: bpy.types.Scene, head_min: np.ndarray, head_max: np.ndarray
     scene.collection.objects.link(light)
     world = scene.world or bpy.data.worlds.new("World")
     scene.world = world
-    world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.12, 0.13, 0.15, 1.0)  # soft fill from everywhere
+    _node_tree(world).nodes["Background"].inputs["Color"].default_value = (0.12, 0.13, 0.15, 1.0)  # soft fill from everywhere
 
     cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
     cam.data.lens = 75.0
@@ -236,4 +245,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from backend.batch import bpy_process
+
+    bpy_process.end_without_teardown()
+    bpy_process.exit(main(sys.argv[1:]))
