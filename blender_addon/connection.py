@@ -83,11 +83,16 @@ def describe(info: dict[str, Any]) -> str:
 
 
 class Session:
-    """A long-lived client for timers: ``submit`` returns at once; ``pump`` hands finished replies to callbacks."""
+    """A long-lived client for timers: ``submit`` returns at once; ``pump`` hands finished replies to callbacks.
 
-    def __init__(self, settings: Settings) -> None:
+    ``on_unreachable`` hears the message of every request that got no reply after all its
+    retries, whoever sent it, so one place learns that the backend is gone.
+    """
+
+    def __init__(self, settings: Settings, on_unreachable: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.client = open_client(settings)
+        self.on_unreachable = on_unreachable
         self._callbacks: dict[str, Callable[[Reply], None]] = {}
 
     def submit(
@@ -109,6 +114,8 @@ class Session:
         """Deliver what has arrived, never waiting; returns the number of replies handled."""
         replies = self.client.poll()
         for r in replies:
+            if self.on_unreachable is not None and r.error is not None and r.error.code == wire_protocol.ErrorCode.UNREACHABLE:
+                self.on_unreachable(r.error.message)
             cb = self._callbacks.get(r.id)
             if r.final:
                 self._callbacks.pop(r.id, None)

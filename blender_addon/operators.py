@@ -13,10 +13,8 @@ import bpy
 from bpy.props import FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import animation_io, avatars, compositing, compositing_avatars, connection, flame_data, preferences, scene_props
-
-# What the panel shows; filled by the operators (not saved in the .blend).
-status: dict = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
+from . import animation_io, avatars, compositing, compositing_avatars, connection, flame_data, preferences, runtime, scene_props
+from .runtime import status
 
 
 def backend_head() -> dict | None:
@@ -27,6 +25,14 @@ def backend_head() -> dict | None:
 def fail(op: bpy.types.Operator, message: str) -> set[str]:
     op.report({"ERROR"}, message)
     return {"CANCELLED"}
+
+
+def call_failed(op: bpy.types.Operator, message: str, error: connection.UserError) -> set[str]:
+    """``fail`` for a blocking call to the preferences' backend; one that never answered is
+    lost, and the heartbeat looks for it."""
+    if isinstance(error, connection.ServiceUnavailable):
+        runtime.lost(str(error))
+    return fail(op, message)
 
 
 def connected(cls: type[bpy.types.Operator]) -> bool:
@@ -59,8 +65,8 @@ class SPATIALAVATAR_OT_test_connection(bpy.types.Operator):
             info = connection.hello(s)
         except connection.UserError as e:
             status.update(text=f"No backend: {e}", ok=False, info=None)
-            return fail(self, f"Backend at {s.endpoint} did not answer: {e}")
-        status.update(text=connection.describe(info), ok=True, info=info)
+            return call_failed(self, f"Backend at {s.endpoint} did not answer: {e}", e)
+        runtime.found(info)
         self.report({"INFO"}, status["text"])
         return {"FINISHED"}
 
@@ -79,7 +85,7 @@ class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
             with connection.open_client(s) as c:
                 found = c.call("list", {"kind": "avatars"}).result.get("avatars", [])
         except connection.UserError as e:
-            return fail(self, f"Could not list avatars: {e}")
+            return call_failed(self, f"Could not list avatars: {e}", e)
         status["avatars"] = found
         self.report({"INFO"}, f"{len(found)} avatar(s)")
         return {"FINISHED"}
@@ -113,7 +119,7 @@ class SPATIALAVATAR_OT_load_avatar(bpy.types.Operator):
             arrays = connection.neutral_gaussians(s, self.avatar, points)
             obj = avatars.add_object(self.object_name or self.avatar, self.avatar, arrays, backend_head(), context.collection)
         except connection.UserError as e:
-            return fail(self, f"Could not load avatar {self.avatar}: {e}")
+            return call_failed(self, f"Could not load avatar {self.avatar}: {e}", e)
         except (KeyError, ValueError) as e:
             return fail(self, f"Avatar {self.avatar}: unexpected reply from the backend: {e}")
         context.view_layer.objects.active = obj

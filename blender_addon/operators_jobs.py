@@ -12,8 +12,8 @@ import bpy
 from bpy.props import CollectionProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import avatars, connection, flame_data, media_files, preferences, runtime, scene_props, workflows
-from .operators import avatar_selected, backend_head, connected, fail, status
+from . import avatars, connection, flame_data, media_files, preferences, runtime, scene_props, tasks, workflows
+from .operators import avatar_selected, backend_head, call_failed, connected, fail, status
 
 
 def _picked(op: ImportHelper) -> list[str]:
@@ -177,6 +177,35 @@ class SPATIALAVATAR_OT_cancel_task(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class SPATIALAVATAR_OT_resume_job(bpy.types.Operator):
+    """Run an interrupted job again from its last checkpoint, and follow it as before"""
+
+    bl_idname = "spatialavatar.resume_job"
+    bl_label = "Resume"
+
+    index: IntProperty(name="Task", default=0, min=0)
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if not any(t.progress.state == tasks.INTERRUPTED for t in runtime.RUNTIME.tasks):
+            cls.poll_message_set("No interrupted job to resume")
+            return False
+        return connected(cls)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        s = preferences.settings(context)
+        if why := preferences.blocked(s):
+            return fail(self, why)
+        listed = runtime.RUNTIME.tasks
+        if self.index >= len(listed) or listed[self.index].progress.state != tasks.INTERRUPTED:
+            return fail(self, "That task has no interrupted job")
+        task = listed[self.index]
+        task.resume(runtime.RUNTIME.session_for(s))
+        runtime.ensure_timer()
+        self.report({"INFO"}, f"{task.label}: resuming job {task.job_id}")
+        return {"FINISHED"}
+
+
 class SPATIALAVATAR_OT_clear_tasks(bpy.types.Operator):
     """Remove ended tasks from the list"""
 
@@ -233,7 +262,7 @@ class SPATIALAVATAR_OT_export_avatar(bpy.types.Operator, ExportHelper):
                 reply = c.call("export", {"avatar": aid, "format": self.format}, arrays)
             path.write_bytes(reply.arrays["file"].tobytes())
         except connection.UserError as e:
-            return fail(self, f"Could not export {aid}: {e}")
+            return call_failed(self, f"Could not export {aid}: {e}", e)
         except OSError as e:
             return fail(self, f"Could not write {path}: {e}")
         self.report({"INFO"}, f"Wrote {path.name} ({reply.result.get('gaussians', '?')} Gaussians)")
@@ -265,6 +294,7 @@ classes = (
     SPATIALAVATAR_OT_generate,
     SPATIALAVATAR_OT_refine,
     SPATIALAVATAR_OT_cancel_task,
+    SPATIALAVATAR_OT_resume_job,
     SPATIALAVATAR_OT_clear_tasks,
     SPATIALAVATAR_OT_export_avatar,
     SPATIALAVATAR_OT_refresh_overlay,

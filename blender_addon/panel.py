@@ -10,7 +10,7 @@ from pathlib import Path
 import bpy
 import bpy.utils.previews
 
-from . import avatars, compositing, compositing_avatars, compositing_frames, flame_data, operators, runtime, scene_props
+from . import avatars, compositing, compositing_avatars, compositing_frames, flame_data, operators, runtime, scene_props, tasks
 
 _thumbs: dict[str, bpy.utils.previews.ImagePreviewCollection] = {}
 
@@ -89,14 +89,17 @@ class SPATIALAVATAR_PT_tasks(_Sidebar, bpy.types.Panel):
         for i, task in enumerate(runtime.RUNTIME.tasks):
             box = layout.box()
             row = box.row()
-            row.label(text=task.label, icon="CHECKMARK" if task.progress.state == "done" else "TIME")
+            row.label(text=task.label, icon="CHECKMARK" if task.progress.state == tasks.DONE else "TIME")
+            if task.progress.state == tasks.INTERRUPTED:
+                row.operator("spatialavatar.resume_job", text="", icon="PLAY").index = i
             if not task.ended:
                 row.operator("spatialavatar.cancel_task", text="", icon="CANCEL").index = i
                 if hasattr(box, "progress"):
                     p = task.progress
                     box.progress(factor=p.fraction, type="BAR", text=f"{p.state} {p.step}/{p.total}")
             if task.progress.message:
-                box.label(text=task.progress.message, icon="ERROR" if task.progress.state == "failed" else "NONE")
+                troubled = task.progress.state in (tasks.FAILED, tasks.LOST, tasks.INTERRUPTED)
+                box.label(text=task.progress.message, icon="ERROR" if troubled else "NONE")
         layout.operator("spatialavatar.clear_tasks", icon="TRASH")
 
 

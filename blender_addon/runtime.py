@@ -4,11 +4,18 @@ the live preview and the overlay, all pumped by one ``bpy.app.timers`` timer tha
 The timer runs while anything is awaited and stops itself afterwards. A frame change
 (``frame_change_post``) marks the avatar objects for a new pose and starts the timer after a
 short debounce, so scrubbing sends the newest frame instead of every one.
+
+The connection ``status`` the panel shows lives here too. When a request gets no reply
+(``lost``), the same timer keeps a heartbeat: every ``TimerConfig.heartbeat_s`` it reads the
+last ``hello``'s answer and sends a new one on a fresh socket, never waiting, until the
+backend answers (``found``); tasks whose job was lost then look at it again.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import bpy
 from bpy.app.handlers import persistent
@@ -20,9 +27,13 @@ from . import avatars, connection, overlay, preferences, preview, scene_props, t
 class TimerConfig:
     interval_s: float = 0.005  # polling period while replies are awaited (a poll costs microseconds)
     debounce_s: float = 0.01  # wait after a frame change before asking for the pose
+    heartbeat_s: float = 3.0  # between two hellos while the backend is lost
 
 
 TIMER = TimerConfig()
+
+# What the panel shows of the backend; filled by the operators and the heartbeat (not saved in the .blend).
+status: dict[str, Any] = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
 
 
 class Runtime:
@@ -34,6 +45,9 @@ class Runtime:
         self.tasks: list[tasks.Task] = []
         self.preview = preview.Preview()
         self.overlay = overlay.Overlay()
+        self.looking = False  # the backend is lost: the heartbeat runs
+        self._probe: connection.Session | None = None  # the heartbeat's latest hello, on a socket of its own
+        self._next_beat = 0.0  # time.monotonic() of the next hello
 
     def session_for(self, settings: connection.Settings) -> connection.Session:
         """The session for the current preferences. When they changed, new requests go to the
@@ -42,7 +56,7 @@ class Runtime:
             self.retired.append(self.session)
             self.session = None
         if self.session is None:
-            self.session = connection.Session(settings)
+            self.session = connection.Session(settings, on_unreachable=lost)
         return self.session
 
     def _sessions(self) -> list[connection.Session]:
@@ -68,8 +82,50 @@ class Runtime:
             session = self.session_for(preferences.settings())
             self.preview.send(session.submit)
             self._send_overlay(bpy.context.scene, session)
+        self._beat()
         redraw()
-        return TIMER.interval_s if self.busy else None
+        if self.busy:
+            return TIMER.interval_s
+        return max(TIMER.interval_s, self._next_beat - time.monotonic()) if self.looking else None
+
+    def look_for_backend(self) -> None:
+        """Start the heartbeat (its first hello after one interval: the failure was just now)."""
+        if not self.looking:
+            self.looking, self._next_beat = True, time.monotonic() + TIMER.heartbeat_s
+        ensure_timer()
+
+    def backend_found(self) -> None:
+        """Stop the heartbeat; tasks that lost their job follow it again on the current session."""
+        self.looking = False
+        self._drop_probe()
+        lost_tasks = [t for t in self.tasks if t.progress.state == tasks.LOST]
+        if lost_tasks:
+            session = self.session_for(preferences.settings())
+            for t in lost_tasks:
+                t.follow_again(session)
+            ensure_timer()
+
+    def _beat(self) -> None:
+        if self._probe is not None:
+            self._probe.pump()  # an answer calls found(), which stops the heartbeat
+        if not self.looking or time.monotonic() < self._next_beat:
+            return
+        # A fresh socket each time: the last one may be stuck on the backend that went away.
+        self._drop_probe()
+        self._next_beat = time.monotonic() + TIMER.heartbeat_s
+        settings = preferences.settings()
+        if preferences.blocked(settings):
+            return
+        try:
+            self._probe = connection.Session(settings)
+            self._probe.submit("hello", on_reply=_on_hello)
+        except connection.UserError:  # e.g. the key folder is unreadable now; the next beat tries again
+            self._drop_probe()
+
+    def _drop_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
 
     def _send_overlay(self, scene: bpy.types.Scene, session: connection.Session) -> None:
         if not self.overlay.wanted or self.overlay.in_flight:
@@ -102,10 +158,29 @@ class Runtime:
         for s in self._sessions():
             s.close()
         self.session, self.retired = None, []
+        self.looking = False
+        self._drop_probe()
         self.preview.reset()
 
 
 RUNTIME = Runtime()
+
+
+def lost(message: str) -> None:
+    """A request got no reply after all its retries: the status says so until the backend answers."""
+    status.update(text=f"No backend: {message}", ok=False, info=None)
+    RUNTIME.look_for_backend()
+
+
+def found(info: dict[str, Any]) -> None:
+    """The backend answered ``hello`` (the heartbeat's or Test Connection's)."""
+    status.update(text=connection.describe(info), ok=True, info=info)
+    RUNTIME.backend_found()
+
+
+def _on_hello(reply: connection.Reply) -> None:
+    if reply.error is None:
+        found(reply.result)
 
 
 def overlay_target(scene: bpy.types.Scene) -> bpy.types.Object | None:

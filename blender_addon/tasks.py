@@ -6,6 +6,11 @@ one request (e.g. ``deform`` to fetch the new avatar's points). Each step builds
 from the results of the steps before it, so "track a video, then refine on that subject"
 is two job steps. Everything goes through ``connection.Session.submit``/``pump``: the
 add-on's timer pumps, and a test can pump the same way.
+
+A job outlives the connection: when the backend stops answering, the task is ``LOST``
+and ``follow_again`` watches its job anew once the backend is back. A job the service
+marked interrupted and resumable (it stopped or died meanwhile) ends the task as
+``INTERRUPTED``; ``resume`` queues that job again and follows it like a new one.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import numpy as np
 from . import connection
 
 # Terminal states, and the job states the service reports (docs/protocol.md, "Job record").
-DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
-ENDED = (DONE, FAILED, CANCELLED)
+DONE, FAILED, CANCELLED, INTERRUPTED = "done", "failed", "cancelled", "interrupted"
+ENDED = (DONE, FAILED, CANCELLED, INTERRUPTED)
+LOST = "lost"  # not ended: the job may still run on a backend that stopped answering
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ FINISH_ERRORS = (ValueError, KeyError, RuntimeError)
 class Progress:
     """What the panel shows of a task."""
 
-    state: str = "submitting"  # submitting, queued, running, fetching, or one of ENDED
+    state: str = "submitting"  # submitting, queued, running, fetching, LOST, or one of ENDED
     step: int = 0
     total: int = 0
     message: str = ""
@@ -86,6 +92,23 @@ class Task:
     def start(self, session: connection.Session) -> None:
         self._session = session
         self._send()
+
+    def follow_again(self, session: connection.Session) -> None:
+        """The backend answers again: watch the lost job anew (its first reply says how it
+        stands: still running, ended meanwhile, or interrupted by a restart)."""
+        if self.progress.state != LOST:
+            return
+        self._session = session
+        self._submit(Request("watch", {"job": self.job_id}), self._on_watch)
+
+    def resume(self, session: connection.Session) -> None:
+        """Queue the interrupted job again and follow it as when it was submitted."""
+        if self.progress.state != INTERRUPTED:
+            return
+        self._session = session
+        self._cancel_requested = False
+        self.progress = Progress(message=f"resuming job {self.job_id}")
+        self._submit(Request("resume", {"job": self.job_id}), self._on_first_reply)
 
     def cancel(self) -> None:
         """Ask the service to cancel the running job; the final ``watch`` reply ends the task."""
@@ -138,8 +161,11 @@ class Task:
     def _on_watch(self, reply: connection.Reply) -> None:
         if self.ended:
             return
-        if reply.error is not None:
-            self._end(FAILED, f"{self.label}: lost the backend while following job {self.job_id} ({reply.error.message})")
+        if reply.error is not None and reply.error.code == connection.wire_protocol.ErrorCode.UNREACHABLE:
+            self._end(LOST, f"{self.label}: lost the backend while following job {self.job_id} ({reply.error.message})")
+            return
+        if reply.error is not None:  # e.g. a backend at this address that does not know the job
+            self._end(FAILED, f"{self.label} failed: {reply.error.message}")
             return
         record = reply.result["job"]
         self._show(record)
@@ -153,7 +179,9 @@ class Task:
             self._end(CANCELLED, f"{self.label} cancelled")
         elif state == FAILED:
             self._end(FAILED, f"{self.label} failed: {(record.get('error') or {}).get('message', record.get('message', ''))}")
-        else:  # interrupted: the service stopped; it can be resumed after a restart
+        elif state == INTERRUPTED and record.get("resumable"):
+            self._end(INTERRUPTED, f"{self.label}: job {self.job_id} was interrupted ({record.get('message', '')}); resume it")
+        else:
             self._end(FAILED, f"{self.label}: job {self.job_id} was {state} ({record.get('message', '')})")
 
     def _on_cancel_reply(self, reply: connection.Reply) -> None:

@@ -1,11 +1,14 @@
 """Failures the artist can meet, in real Blender against a real backend subprocess on the CPU:
 no generator checkpoint, bad files, a backend that answers with an error, no backend at all,
 and a backend killed in the middle of a job. Each gives a clear report, and Blender stays
-usable (another operator runs afterwards).
+usable (another operator runs afterwards). A backend that comes back is found by the
+heartbeat alone, and a job its death interrupted is resumed from the sidebar.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,12 @@ import pytest
 from backend.head.model import HeadModel
 from backend.server.client import Client
 from tests.addon_support import free_port, pump, set_prefs, start_backend
+from tests.test_addon_ui import _draw_panels
 from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
+
+pytestmark = pytest.mark.blender
+
+REFINE_ITERATIONS = 10  # several seconds on a CPU: killed mid-way, yet quick to finish once resumed
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +168,21 @@ def test_backend_killed_mid_job_is_reported(addon, portrait: Path, head: HeadMod
         pump(addon, lambda: ("subject" in task.results and task.progress.state == "running") or task.ended)  # refining now
         assert task.progress.state == "running", task.progress.message
         doomed.kill9()
-        pump(addon, lambda: task.ended)
+        pump(addon, lambda: task.progress.state != "running")
     finally:
         doomed.stop()
-    assert task.progress.state == "failed"
+    assert task.progress.state == "lost" and not task.ended  # its job may still run somewhere: not given up
     assert task.progress.message.startswith(f"Refine Probe: lost the backend while following job {task.job_id}")
     assert "no reply from" in task.progress.message
-    assert bpy.ops.spatialavatar.clear_tasks() == {"FINISHED"}
+    assert not addon.operators.status["ok"] and "no reply from" in addon.operators.status["text"]
+    assert bpy.ops.spatialavatar.portrait_add(directory=str(portrait.parent), files=[{"name": portrait.name}]) == {"FINISHED"}
 
 
 def test_a_lost_backend_shows_in_the_status_and_is_found_again_when_it_returns(addon, tmp_path: Path) -> None:
     import bpy
 
     bpy.ops.wm.read_homefile(use_empty=True)
+    addon.runtime.RUNTIME.tasks.clear()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     set_prefs(bpy, endpoint, timeout_s=0.3)
     with pytest.raises(RuntimeError, match="did not answer"):  # nothing listens yet; background Blender raises reported errors
@@ -184,3 +194,104 @@ def test_a_lost_backend_shows_in_the_status_and_is_found_again_when_it_returns(a
         assert addon.operators.status["ok"] and addon.operators.status["info"]["device"] == "cpu"
     finally:
         returned.stop()
+
+
+@pytest.fixture()
+def quick_heartbeat(addon, monkeypatch: pytest.MonkeyPatch) -> float:
+    """A shorter heartbeat, so a test waits less for the backend to be found again."""
+    timer = dataclasses.replace(addon.runtime.TIMER, heartbeat_s=0.5)
+    monkeypatch.setattr(addon.runtime, "TIMER", timer)
+    return timer.heartbeat_s
+
+
+def test_a_lost_backend_is_found_again_by_the_heartbeat_alone(addon, quick_heartbeat: float, tmp_path: Path) -> None:
+    import bpy
+
+    endpoint, store = f"tcp://127.0.0.1:{free_port()}", tmp_path / "store"
+    runtime, status = addon.runtime.RUNTIME, addon.operators.status
+    gone = ServiceProcess(store, bind=endpoint)
+    try:
+        _connect(bpy, addon, endpoint, timeout_s=1.0)
+        assert status["ok"] and not runtime.looking
+    finally:
+        gone.stop()
+    with pytest.raises(RuntimeError, match="Could not list avatars"):  # any call the backend leaves unanswered
+        bpy.ops.spatialavatar.list_avatars()
+    assert not status["ok"] and "no reply from" in status["text"] and runtime.looking
+    # Nothing listens for a few beats: every tick returns at once (a blocking hello would
+    # take the 1 s timeout), and the timer stays alive until the next beat.
+    deadline = time.monotonic() + 3 * quick_heartbeat
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        next_s = runtime.tick()
+        assert time.monotonic() - started < 0.5
+        assert next_s is not None and next_s <= quick_heartbeat
+        time.sleep(0.05)
+    assert not status["ok"] and runtime.looking
+    returned = ServiceProcess(store, bind=endpoint)
+    try:
+        pump(addon, lambda: status["ok"])  # the timer alone: no Test Connection
+        assert status["info"]["device"] == "cpu" and status["text"] == addon.connection.describe(status["info"])
+        assert not runtime.looking and runtime.tick() is None  # the heartbeat stopped, and with it the timer
+        assert bpy.ops.spatialavatar.list_avatars() == {"FINISHED"}
+    finally:
+        returned.stop()
+
+
+def test_a_job_interrupted_with_its_backend_is_resumed(
+    addon, quick_heartbeat: float, portrait: Path, head: HeadModel, tmp_path: Path
+) -> None:
+    import bpy
+
+    endpoint, store = f"tcp://127.0.0.1:{free_port()}", tmp_path / "store"
+    runtime, status = addon.runtime.RUNTIME, addon.operators.status
+    first = ServiceProcess(store, bind=endpoint)
+    try:
+        _connect(bpy, addon, endpoint, timeout_s=2.0)
+        obj = _avatar_object(bpy, endpoint, head)
+        bpy.context.view_layer.objects.active = obj
+        props = bpy.context.scene.spatialavatar
+        props.refine_iterations, props.refine_max_scale, props.track_size = REFINE_ITERATIONS, 100.0, 128
+        assert bpy.ops.spatialavatar.refine(directory=str(portrait.parent), files=[{"name": portrait.name}]) == {"FINISHED"}
+        task = runtime.tasks[-1]
+        pump(addon, lambda: ("subject" in task.results and task.progress.state == "running") or task.ended)
+        assert task.progress.state == "running", task.progress.message
+        job = task.job_id
+        first.kill9()
+        pump(addon, lambda: task.progress.state == "lost")
+    finally:
+        first.stop()
+    with pytest.raises(RuntimeError, match="No interrupted job to resume"):
+        bpy.ops.spatialavatar.resume_job()
+    second = ServiceProcess(store, bind=endpoint)  # a restart: same store, same address
+    try:
+        pump(addon, lambda: task.ended)  # the heartbeat finds it; the task looks at its job again
+        assert status["ok"] and not runtime.looking
+        assert task.progress.state == "interrupted" and task.job_id == job, task.progress.message
+        assert "the service stopped while this job was" in task.progress.message
+        assert "operator:spatialavatar.resume_job" in _draw_panels(addon, bpy.context)
+        assert bpy.ops.spatialavatar.resume_job(index=runtime.tasks.index(task)) == {"FINISHED"}
+        assert not task.ended and "operator:spatialavatar.resume_job" not in _draw_panels(addon, bpy.context)
+        seen: list[tuple[str, str | None]] = []
+        pump(addon, lambda: seen.append((task.progress.state, task.job_id)) or task.ended)
+        assert task.progress.state == "done", task.progress.message
+        assert ("running", job) in seen  # the same job, followed again to its end
+        assert f"{obj.name} refined" in bpy.data.objects
+        with Client(endpoint, timeout_s=30.0, retries=0) as c:
+            record = c.call("get", {"id": job}).result["job"]
+        assert record["state"] == "done" and record["result"]["iterations"] == REFINE_ITERATIONS
+    finally:
+        second.stop()
+
+
+def test_resume_is_off_with_nothing_to_resume(addon, backend: ServiceProcess) -> None:
+    import bpy
+
+    _connect(bpy, addon, backend.endpoint)
+    assert not bpy.ops.spatialavatar.resume_job.poll()
+    with pytest.raises(RuntimeError, match="No interrupted job to resume"):
+        bpy.ops.spatialavatar.resume_job()
+    task = addon.workflows.generate_task("Anyway", {}, 100, None)  # fails at the service: ended, not interrupted
+    addon.runtime.RUNTIME.start(task, addon.preferences.settings())
+    pump(addon, lambda: task.ended)
+    assert task.progress.state == "failed" and not bpy.ops.spatialavatar.resume_job.poll()
