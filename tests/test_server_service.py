@@ -24,6 +24,7 @@ from backend.head.model import HeadModel
 from backend.server.client import Client
 from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
 from backend.server.service import Service
+from backend.server.windows import full_frame
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, reference_render, service_thread, small_avatar
 
 SIZE = 64
@@ -130,6 +131,36 @@ def test_render_matches_the_backend_and_streams_in_order(served, head: HeadModel
     reply = client.call("render", args, arrays)
     assert reply.arrays["rgba"].dtype == np.uint8 and "depth" not in reply.arrays
     assert reply.arrays["rgba"][0, 0, :3].tolist() == [255, 255, 255]
+
+
+def test_a_cropped_render_is_the_whole_frame_put_back_together(served, head: HeadModel) -> None:
+    _, client, aid, _ = served
+    args, arrays = render_request(aid, head, 2)
+    # In frame 1 the head is behind the camera: an empty window.
+    away = arrays["world_to_cam"][None].repeat(2, 0)
+    away[1, 2, 3] = -away[1, 2, 3]
+    arrays = arrays | {"world_to_cam": away}
+    whole = list(client.stream("render", args, arrays))
+    cropped = list(client.stream("render", args | {"crop": True}, arrays))
+    x, y, w, h = cropped[0].result["window"]
+    assert 0 < w * h < SIZE * SIZE and cropped[0].arrays["rgba"].shape == (h, w, 4)
+    alpha = cropped[0].arrays["rgba"][..., 3]
+    assert min(alpha[0].max(), alpha[-1].max(), alpha[:, 0].max(), alpha[:, -1].max()) > 0  # tight on every side
+    assert cropped[1].result["window"] == [0, 0, 0, 0] and cropped[1].arrays["depth"].shape == (0, 0)
+    for a, b in zip(whole, cropped):
+        restored = full_frame(b.arrays, b.result, SIZE, SIZE)
+        for name in ("rgba", "depth"):
+            np.testing.assert_array_equal(restored[name], a.arrays[name])
+    assert "leave out 'background'" in str(error_of(client, "render", args | {"crop": True, "background": [0.0, 0.0, 0.0]}, arrays))
+
+
+def test_full_frame_refuses_a_window_that_does_not_fit() -> None:
+    arrays = {"rgba": np.ones((2, 3, 4), np.float32)}
+    assert full_frame(arrays, {}, 8, 8)["rgba"].shape == (2, 3, 4)  # no window: the whole frame already
+    assert full_frame(arrays, {"window": [5, 6, 3, 2]}, 8, 8)["rgba"][6:, 5:].all()
+    for window, words in (([6, 0, 3, 2], "does not fit"), ([0, 0, 2, 3], "its window"), ([0, 0, -1, 2], "non-negative"), ("x", "[x, y, w, h]")):
+        with pytest.raises(WireError, match=words.replace("[", r"\[")):
+            full_frame(arrays, {"window": window}, 8, 8)
 
 
 @pytest.mark.parametrize(

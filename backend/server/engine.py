@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 _TORCH_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "<u1": torch.uint8}
 
 
+def _coverage(alpha: torch.Tensor) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the smallest window holding every pixel of ``alpha`` [H, W] above 0;
+    (0, 0, 0, 0) for an empty frame. One small device-to-host copy."""
+    rows, cols = (alpha > 0).any(dim=1).int(), (alpha > 0).any(dim=0).int()
+    h, w = alpha.shape
+    # The first covered row/column from either end; argmax finds the first 1.
+    first_last = torch.stack([rows.max(), cols.argmax(), rows.argmax(), cols.flip(0).argmax(), rows.flip(0).argmax()])
+    covered, x0, y0, x_end, y_end = first_last.tolist()
+    if not covered:
+        return 0, 0, 0, 0
+    return x0, y0, w - x_end - x0, h - y_end - y0
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,12 +161,17 @@ class Engine:
         rgba_dtype: str,
         depth_dtype: str | None,
         background: tuple[float, float, float] | None,
+        crop: bool = False,
         chunk: int = 8,
-    ) -> Iterator[tuple[Arrays, float]]:
+    ) -> Iterator[tuple[Arrays, tuple[int, int, int, int] | None, float]]:
         """Per frame t (camera ``cameras.frame(t)``): rgba [H, W, 4] and depth [H, W] (metres,
-        planar, 0 where empty), and the milliseconds spent. Without a background the RGB is
-        premultiplied by alpha (composited over black). The first frame's milliseconds include
-        looking up the avatar and preparing parameters and cameras."""
+        planar, 0 where empty), the window they cover, and the milliseconds spent. Without a
+        background the RGB is premultiplied by alpha (composited over black). The first frame's
+        milliseconds include looking up the avatar and preparing parameters and cameras.
+
+        ``crop`` (no background): only the smallest window (x, y, w, h; pixels from the top-left)
+        holding every pixel of non-zero alpha is copied out and returned; outside it the frame
+        is empty (zero rgba and depth). Without ``crop`` the window is None (the whole frame)."""
         t_setup = time.perf_counter()
         avatar = self.avatar(aid)
         params = avatar.params_for(self.conform(params))
@@ -164,12 +182,17 @@ class Engine:
             t1 = time.perf_counter()
             out = render(splats, cams.frame(t), bg)
             rgba = torch.cat([out.rgb[0], out.alpha[0]], dim=-1)
+            depth = out.depth[0, ..., 0]
+            window = _coverage(out.alpha[0, ..., 0]) if crop else None
+            if window is not None:
+                x, y, w, h = window
+                rgba, depth = rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w]
             if rgba_dtype == "<u1":
                 rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
             arrays = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype]).cpu().numpy()}
             if depth_dtype is not None:
-                arrays["depth"] = out.depth[0, ..., 0].to(_TORCH_DTYPES[depth_dtype]).cpu().numpy()
-            yield arrays, 1e3 * (setup + share + time.perf_counter() - t1)
+                arrays["depth"] = depth.to(_TORCH_DTYPES[depth_dtype]).cpu().numpy()
+            yield arrays, window, 1e3 * (setup + share + time.perf_counter() - t1)
             setup = 0.0
 
     @torch.no_grad()

@@ -109,15 +109,19 @@ def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
     rgba = a.str("rgba", "<f4", choices=("<f4", "<f2", "<u1"))
     depth = a.str("depth", "<f4", choices=("<f4", "<f2", "none"))
     background = a.floats("background", 3, None, lo=0.0, hi=1.0)
+    crop = a.bool("crop", False)
+    if crop and background is not None:
+        raise a.error("'crop' needs a transparent frame: leave out 'background'")
     params = flame_from(a, lim.max_frames)
     cameras = cameras_from(a, params.batch_size, width, height)
     a.done()
 
     def parts() -> Iterator[Part]:
         total = params.batch_size
-        frames = ctx.engine.render(aid, params, cameras, rgba, None if depth == "none" else depth, background)
-        for t, (arrays, ms) in enumerate(frames):
-            yield Part({"frame": t, "frames": total, "render_ms": round(ms, 3)}, arrays, t == total - 1)
+        frames = ctx.engine.render(aid, params, cameras, rgba, None if depth == "none" else depth, background, crop)
+        for t, (arrays, window, ms) in enumerate(frames):
+            result = {"frame": t, "frames": total, "render_ms": round(ms, 3)} | ({"window": list(window)} if crop else {})
+            yield Part(result, arrays, t == total - 1)
 
     return parts()
 

@@ -9,7 +9,9 @@ trip against the ``render_ms`` the service reports for the same frame (posing, r
 copying out), so overhead = round trip - render_ms is what the wire, the framing and the
 checks cost; and (2) one streamed render of many frames, in frames per second. For scale,
 it also times the same reply bytes through a bare ZeroMQ socket pair between two processes
-(the floor no service can go under). Not collected by pytest.
+(the floor no service can go under). ``--crop`` asks for the avatar's window only; the round
+trip then includes putting it back into the whole frame (``windows.full_frame``). Not
+collected by pytest.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from backend.head.registry import load_head_model  # noqa: E402
 from backend.render.camera import intrinsics, look_at  # noqa: E402
 from backend.server.client import Client  # noqa: E402
 from backend.server.protocol import decode_reply, encode_reply, encode_request  # noqa: E402
+from backend.server.windows import full_frame  # noqa: E402
 from tests.test_server_support import service_process  # noqa: E402
 
 
@@ -61,12 +64,12 @@ def expressions(n_expr: int, frames: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _floor_server(ports: mp.Queue, size: tuple[int, int], rgba: str) -> None:
-    """A bare ROUTER answering every message with one pre-encoded render reply."""
+def _floor_server(ports: mp.Queue, arrays: dict[str, np.ndarray]) -> None:
+    """A bare ROUTER answering every message with one pre-encoded render reply of ``arrays``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
-    reply = encode_reply("floor", "render", {"frame": 0}, {"rgba": np.zeros((size[1], size[0], 4), rgba), "depth": np.zeros((size[1], size[0]), "<f4")})
+    reply = encode_reply("floor", "render", {"frame": 0}, arrays)
     while True:
         msg = sock.recv_multipart()
         if msg[1] == b"stop":
@@ -76,12 +79,12 @@ def _floor_server(ports: mp.Queue, size: tuple[int, int], rgba: str) -> None:
     ctx.term()
 
 
-def transport_floor(size: tuple[int, int], rgba: str, repeats: int = 30) -> float:
+def transport_floor(arrays: dict[str, np.ndarray], size: tuple[int, int], repeats: int = 30) -> float:
     """Median ms of the same reply bytes through plain ZeroMQ between two processes: what
     framing and loopback TCP cost with no service at all."""
     spawn = mp.get_context("spawn")
     ports: mp.Queue = spawn.Queue()
-    proc = spawn.Process(target=_floor_server, args=(ports, size, rgba))
+    proc = spawn.Process(target=_floor_server, args=(ports, {k: np.zeros_like(a) for k, a in arrays.items()}))
     proc.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=120)}")
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(256, 256), (512, 512)], help="WIDTH or WIDTHxHEIGHT, pixels")
     parser.add_argument("--gaussians", type=int, default=20_000)
     parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
+    parser.add_argument("--crop", action="store_true", help="ask for the avatar's window only (and restore the whole frame)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="single-frame round trips per size")
     parser.add_argument("--frames", type=int, default=24, help="frames of the streamed render per size")
@@ -135,20 +139,24 @@ def main() -> None:
             hellos.append(1e3 * (time.perf_counter() - t0))
         aid = client.call("import", {}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
         for size in args.sizes:
-            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba}
+            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba, "crop": args.crop}
             trips, renders = [], []
             for i in range(args.warmup + args.repeats):
                 t0 = time.perf_counter()
                 reply = client.call("render", req, expressions(head.n_expr, 1, i) | camera(*size))
+                full_frame(reply.arrays, reply.result, *size)
                 trip = 1e3 * (time.perf_counter() - t0)
                 if i >= args.warmup:
                     trips.append(trip)
                     renders.append(reply.result["render_ms"])
             overhead = [t - r for t, r in zip(trips, renders)]
             t0 = time.perf_counter()
-            streamed = list(client.stream("render", req, expressions(head.n_expr, args.frames, 99) | camera(*size)))
+            streamed = [
+                (r, full_frame(r.arrays, r.result, *size)) for r in client.stream("render", req, expressions(head.n_expr, args.frames, 99) | camera(*size))
+            ]
             wall = time.perf_counter() - t0
-            payload = sum(a.nbytes for a in streamed[0].arrays.values())
+            streamed = [r for r, _ in streamed]
+            payload = sum(a.nbytes for a in reply.arrays.values())
             rows.append(
                 {
                     "size": f"{size[0]}x{size[1]}",
@@ -156,7 +164,7 @@ def main() -> None:
                     "render_ms": round(statistics.median(renders), 2),
                     "overhead_ms_median": round(statistics.median(overhead), 2),
                     "overhead_ms_p90": round(percentile(overhead, 90), 2),
-                    "floor_ms": round(transport_floor(size, args.rgba), 2),
+                    "floor_ms": round(transport_floor(dict(reply.arrays), size), 2),
                     "stream_fps": round(len(streamed) / wall, 2),
                     "stream_render_fps": round(1e3 * len(streamed) / sum(r.result["render_ms"] for r in streamed), 2),
                     "reply_mib": round(payload / 2**20, 2),
@@ -165,7 +173,8 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     print(f"# hello round trip (no device work): median {statistics.median(hellos):.2f} ms")
     print(
-        f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}; client and service on {machine}"
+        f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}"
+        f"{'; cropped to the avatar' if args.crop else ''}; client and service on {machine}"
     )
     if args.json:
         for row in rows:
