@@ -7,9 +7,16 @@ How a render goes (F12, Ctrl-F12 and ``blender -b shot.blend -a`` alike; timers 
   (importing the file a .blend carries when the backend lacks it, see ``compositing_avatars``).
 * ``frame_change_post`` fires once per rendered frame, after Blender evaluated the frame's
   depsgraph and before its render engine and compositor run. The handler reads the evaluated
-  camera, each avatar object's ``matrix_world`` and animated FLAME properties, asks the service
-  for that frame (blocking, with a timeout) and writes the merged RGBA and depth into two
-  Blender images.
+  camera, each avatar object's ``matrix_world`` and animated FLAME properties, takes the reply
+  already requested for exactly that request or asks the service now, waits for it (with a
+  timeout) and writes the merged RGBA and depth into two Blender images.
+* Prefetch: from a render's second frame on (only animations reach one), the handler also
+  keeps ``CompositeConfig.prefetch_frames`` frames in flight, requesting the next ones from
+  their F-curves, so the service renders them while Blender renders this one. Requests are
+  keyed by frame and a fingerprint of the request; a reply whose request no longer matches
+  what the frame evaluates to is forgotten, never used. Where F-curves cannot predict a frame
+  (drivers, constraints, parents, NLA, camera markers: ``unpredictable``), each frame is
+  requested when it is reached.
 * The compositor graph made by ``setup_compositing``: the head's image over the render and the
   render over the head (two Alpha Overs, premultiplied) meet in a Z Combine that keeps, per
   pixel, the one whose depth is nearer. So meshes in front of a head hide it, the head hides
@@ -27,13 +34,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import bpy
 import numpy as np
 from bpy.app.handlers import persistent
+from mathutils import Euler, Matrix, Quaternion, Vector
 
 from . import compositing_frames as frames
-from . import avatars, compositing_avatars, connection, flame_data, pointcloud, preferences
+from . import animation_io, avatars, compositing_avatars, connection, flame_data, pointcloud, preferences
 
 ENDPOINT_ENV = "SPATIALAVATAR_ENDPOINT"  # overrides the preferences' address (batch renders, farms)
 IMAGE_RGBA = "SpatialAvatar RGBA"
@@ -53,6 +63,10 @@ class CompositeConfig:
     frame_timeout_s: float = 300.0  # a CPU backend may need minutes for a 4K frame
     retries: int = 0  # a resent render would only start the same work again
     error_rgba: tuple[float, float, float, float] = (1.0, 0.0, 1.0, 1.0)
+    # Frames of an animation render requested at once, the one being composited included
+    # (1 or less: each frame when it is reached). Each holds one reply per avatar until it is
+    # used: about 40 MB at 1920x1080 (float32 RGBA and depth).
+    prefetch_frames: int = 4
 
 
 CONFIG = CompositeConfig()
@@ -60,12 +74,14 @@ CONFIG = CompositeConfig()
 
 @dataclass
 class FrameStats:
-    """Where one frame's time went (seconds): the handler's wall time, the service's own render."""
+    """Where one frame's time went (seconds): the handler's wall time, its wait for the
+    replies, the service's own render; and whether every reply was requested ahead."""
 
     frame: int
     handler_s: float
     request_s: float
     service_s: float
+    prefetched: bool = False
 
 
 @dataclass
@@ -77,6 +93,11 @@ class _Job:
     shown: dict[str, str]  # object name -> backend avatar id
     error: str | None = None
     stats: list[FrameStats] = field(default_factory=list)
+    # (frame, fingerprint of the request) -> request id: a reply is used only for the frame
+    # and the exact request it was made from.
+    in_flight: dict[tuple[int, str], str] = field(default_factory=dict)
+    replies: dict[str, connection.Reply] = field(default_factory=dict)  # final replies not yet used, by request id
+    unpredictable: str | None = None  # why later frames cannot be requested ahead ("": they can; None: not asked yet)
 
 
 _job: _Job | None = None
@@ -223,22 +244,141 @@ def points_in_render(scene: bpy.types.Scene) -> list[bpy.types.Object]:
     return found
 
 
-def frame_requests(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, shown: dict[str, str]) -> list[frames.RenderRequest]:
-    """The service requests of this evaluated frame, one per avatar object (``shown``: object name -> id)."""
-    cam = depsgraph.scene_eval.camera
+class _Evaluated:
+    """An object's inputs at the frame Blender's depsgraph evaluated (drivers, constraints, NLA included)."""
+
+    def __init__(self, depsgraph: bpy.types.Depsgraph) -> None:
+        self.depsgraph = depsgraph
+
+    def camera(self, scene: bpy.types.Scene) -> tuple[Any, np.ndarray | None]:
+        cam = self.depsgraph.scene_eval.camera
+        return cam, None if cam is None else np.array(cam.matrix_world)
+
+    def avatar(self, obj: bpy.types.Object) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        ev = obj.evaluated_get(self.depsgraph)
+        return np.array(ev.matrix_world), getattr(ev, flame_data.PROP_GROUP).buffers()
+
+
+# What ``frames.blender_camera`` reads of the camera's data.
+_CAMERA_FIELDS = ("type", "lens", "sensor_width", "sensor_height", "sensor_fit", "shift_x", "shift_y")
+_FLAME_VECTORS = (*(flame_data.expr_chunk_name(c) for c in range(flame_data.EXPR_CHUNKS)), *flame_data.POSE_FIELDS)
+
+
+class _AtFrame:
+    """An object's inputs at another frame, from its F-curves, without changing the current
+    frame. Exact only where ``unpredictable`` finds nothing else moving them; a wrong guess
+    costs a request, never a frame (requests are matched by fingerprint)."""
+
+    def __init__(self, frame: int) -> None:
+        self.frame = frame
+        self._curves: dict[int, dict[tuple[str, int], bpy.types.FCurve]] = {}
+
+    def value(self, id_data: bpy.types.ID, path: str, index: int | None = None) -> Any:
+        """The property at ``path`` (element ``index``) at this frame: its F-curve, else its value now."""
+        key = id_data.as_pointer()
+        if key not in self._curves:
+            fcurves = animation_io.fcurve_collection(id_data, create=False) or ()
+            self._curves[key] = {(fc.data_path, fc.array_index): fc for fc in fcurves if not fc.mute}
+        fc = self._curves[key].get((path, index or 0))
+        if fc is not None:
+            return fc.evaluate(self.frame)
+        v = id_data.path_resolve(path)
+        return v if index is None else v[index]
+
+    def vector(self, id_data: bpy.types.ID, path: str) -> list[float]:
+        return [self.value(id_data, path, i) for i in range(len(id_data.path_resolve(path)))]
+
+    def matrix(self, obj: bpy.types.Object) -> np.ndarray:
+        """``matrix_world`` of an object without parent or constraints, composed as Blender does."""
+        mode = obj.rotation_mode
+        if mode == "QUATERNION":
+            rot = Quaternion(self.vector(obj, "rotation_quaternion")).normalized().to_matrix()
+            delta = Quaternion(self.vector(obj, "delta_rotation_quaternion")).normalized().to_matrix()
+        elif mode == "AXIS_ANGLE":
+            angle, *axis = self.vector(obj, "rotation_axis_angle")
+            rot, delta = Matrix.Rotation(angle, 3, Vector(axis)), Matrix.Identity(3)
+        else:
+            rot = Euler(self.vector(obj, "rotation_euler"), mode).to_matrix()
+            delta = Euler(self.vector(obj, "delta_rotation_euler"), mode).to_matrix()
+        loc = Vector(self.vector(obj, "location")) + Vector(self.vector(obj, "delta_location"))
+        scale = Vector(self.vector(obj, "scale")) * Vector(self.vector(obj, "delta_scale"))
+        return np.array(Matrix.LocRotScale(loc, delta @ rot, scale))
+
+    def camera(self, scene: bpy.types.Scene) -> tuple[Any, np.ndarray | None]:
+        cam = scene.camera
+        if cam is None or cam.type != "CAMERA":
+            return cam, None
+        data = SimpleNamespace(**{f: self.value(cam.data, f) for f in _CAMERA_FIELDS})
+        return SimpleNamespace(name=cam.name, type=cam.type, data=data), self.matrix(cam)
+
+    def avatar(self, obj: bpy.types.Object) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        values = {n: self.vector(obj, f"{flame_data.PROP_GROUP}.{n}") for n in _FLAME_VECTORS}
+        count = int(self.value(obj, f"{flame_data.PROP_GROUP}.expression_count"))
+        return self.matrix(obj), flame_data.frame_buffers(values, count)
+
+
+def _requests(scene: bpy.types.Scene, shown: dict[str, str], inputs: _Evaluated | _AtFrame) -> list[frames.RenderRequest]:
+    """The service requests of one frame, one per avatar object (``shown``: object name -> id)."""
+    cam, cam_matrix = inputs.camera(scene)
     try:
         camera = frames.blender_camera(cam, scene.render)
     except ValueError as e:
         raise CompositeError(str(e)) from e
     out = []
     for name, aid in shown.items():
-        obj = scene.objects[name].evaluated_get(depsgraph)
-        flame = getattr(obj, flame_data.PROP_GROUP).buffers()
+        matrix, flame = inputs.avatar(scene.objects[name])
         try:
-            out.append(frames.render_request(aid, camera, np.array(cam.matrix_world), np.array(obj.matrix_world), flame))
+            out.append(frames.render_request(aid, camera, cam_matrix, matrix, flame, crop=True))
         except ValueError as e:
             raise CompositeError(f"object '{name}': {e}") from e
     return out
+
+
+def frame_requests(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, shown: dict[str, str]) -> list[frames.RenderRequest]:
+    """The service requests of this evaluated frame, one per avatar object (``shown``: object name -> id)."""
+    return _requests(scene, shown, _Evaluated(depsgraph))
+
+
+def predicted_requests(scene: bpy.types.Scene, shown: dict[str, str], frame: int) -> list[frames.RenderRequest]:
+    """The requests ``frame_requests`` will make at ``frame``, from F-curves, while Blender is
+    at another frame; valid where ``unpredictable`` finds nothing."""
+    return _requests(scene, shown, _AtFrame(frame))
+
+
+def _animation_blocker(id_data: bpy.types.ID) -> str | None:
+    adt = id_data.animation_data
+    if adt is None:
+        return None
+    if len(adt.drivers):
+        return "drivers"
+    if any(not t.mute for t in adt.nla_tracks):
+        return "NLA strips"
+    if adt.action is not None and (adt.action_influence != 1.0 or adt.action_blend_type != "REPLACE"):
+        return "a blended action"
+    return None
+
+
+def unpredictable(scene: bpy.types.Scene, shown: dict[str, str]) -> str | None:
+    """Why F-curves alone do not give later frames' camera, transforms and FLAME values
+    (drivers, constraints, parents, NLA, camera markers, animated render settings), or None."""
+    if any(m.camera is not None for m in scene.timeline_markers):
+        return "timeline markers switch cameras"
+    if why := _animation_blocker(scene):
+        return f"the scene has {why}"
+    if any(fc.data_path.startswith("render.") for fc in animation_io.fcurve_collection(scene, create=False) or ()):
+        return "the render settings are animated"
+    objects = [scene.objects[name] for name in shown]
+    if scene.camera is not None:
+        objects.append(scene.camera)
+    for obj in objects:
+        if obj.parent is not None:
+            return f"object '{obj.name}' has a parent"
+        if len(obj.constraints):
+            return f"object '{obj.name}' has constraints"
+        for id_data in (obj, obj.data):
+            if id_data is not None and (why := _animation_blocker(id_data)):
+                return f"'{id_data.name}' has {why}"
+    return None
 
 
 def _write_images(rgba: np.ndarray, depth: np.ndarray) -> None:
@@ -252,21 +392,84 @@ def _write_images(rgba: np.ndarray, depth: np.ndarray) -> None:
         img.update()
 
 
+def _submit(job: _Job, req: frames.RenderRequest) -> str:
+    # A request queued behind the window's others stays silent longer than one frame's timeout;
+    # each frame's own wait is timed in ``_reply``.
+    try:
+        return job.client.submit("render", req.args, req.arrays, timeout_s=CONFIG.frame_timeout_s * max(1, CONFIG.prefetch_frames))
+    except connection.UserError as e:
+        raise CompositeError(f"the backend at {job.endpoint} did not render avatar {req.args['avatar']}: {e}") from e
+
+
+def _forget(job: _Job, keys: list[tuple[int, str]]) -> None:
+    for key in keys:
+        rid = job.in_flight.pop(key)
+        job.client.forget(rid)
+        job.replies.pop(rid, None)
+
+
+def _prefetch(scene: bpy.types.Scene, job: _Job, frame: int) -> None:
+    """Request the window's frames after ``frame`` that are not in flight yet."""
+    if job.unpredictable is None:
+        job.unpredictable = unpredictable(scene, job.shown) or ""
+        if job.unpredictable:
+            print(f"SpatialAvatar: frames are requested as they are reached: {job.unpredictable}", file=sys.stderr, flush=True)
+    if job.unpredictable:
+        return
+    ahead = {f for f, _ in job.in_flight}
+    for f in frames.window(frame, scene.frame_end, scene.frame_step, CONFIG.prefetch_frames):
+        if f in ahead:
+            continue
+        try:
+            for req in predicted_requests(scene, job.shown, f):
+                key = (f, frames.fingerprint(req))
+                if key not in job.in_flight:
+                    job.in_flight[key] = _submit(job, req)
+        except CompositeError:
+            continue  # that frame fails with its message when it is reached
+
+
+def _reply(job: _Job, rid: str, req: frames.RenderRequest, deadline: float) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The layer (``frames.layer``) of request ``rid`` and the service's milliseconds for it,
+    waiting for its final reply until ``deadline`` (``time.monotonic`` seconds)."""
+    aid = req.args["avatar"]
+    while rid not in job.replies:
+        for r in job.client.poll():
+            if r.final:
+                job.replies[r.id] = r
+        if rid in job.replies:
+            break
+        if time.monotonic() > deadline:
+            job.client.forget(rid)
+            raise CompositeError(f"the backend at {job.endpoint} did not render avatar {aid} within {CONFIG.frame_timeout_s:g} s")
+        time.sleep(0.002)  # the client has no blocking wait for one of several requests
+    try:
+        reply = job.replies.pop(rid).raise_for_error()
+        return frames.layer(req, reply.arrays, reply.result), float(reply.result.get("render_ms", 0.0))
+    except connection.UserError as e:
+        raise CompositeError(f"the backend at {job.endpoint} did not render avatar {aid}: {e}") from e
+
+
 def _render_frame(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, job: _Job) -> None:
     t0 = time.perf_counter()
+    frame = scene.frame_current
     requests = frame_requests(scene, depsgraph, job.shown)
+    claimed = [job.in_flight.pop((frame, frames.fingerprint(req)), None) for req in requests]
+    ids = [rid if rid is not None else _submit(job, req) for rid, req in zip(claimed, requests)]
+    # What is left for this frame (or one passed) was made from parameters that changed since.
+    _forget(job, [key for key in job.in_flight if key[0] <= frame])
+    if job.stats:  # a second frame in one render: an animation, so keep its next frames in flight
+        _prefetch(scene, job, frame)
+    deadline = time.monotonic() + CONFIG.frame_timeout_s
     layers, request_s, service_s = [], 0.0, 0.0
-    for req in requests:
+    for req, rid in zip(requests, ids):
         t1 = time.perf_counter()
-        try:
-            reply = job.client.call("render", req.args, req.arrays)
-        except connection.UserError as e:
-            raise CompositeError(f"the backend at {job.endpoint} did not render avatar {req.args['avatar']}: {e}") from e
+        layer, render_ms = _reply(job, rid, req, deadline)
         request_s += time.perf_counter() - t1
-        service_s += float(reply.result.get("render_ms", 0.0)) / 1e3
-        layers.append((reply.arrays["rgba"], reply.arrays["depth"] * req.depth_scale))
+        service_s += render_ms / 1e3
+        layers.append(layer)
     _write_images(*frames.combine_layers(layers))
-    job.stats.append(FrameStats(scene.frame_current, time.perf_counter() - t0, request_s, service_s))
+    job.stats.append(FrameStats(frame, time.perf_counter() - t0, request_s, service_s, all(r is not None for r in claimed)))
 
 
 def _start(scene: bpy.types.Scene) -> _Job:
@@ -301,7 +504,9 @@ def _finish() -> None:
     global _job, last_stats
     if _job is not None:
         if _job.client is not None:
+            _forget(_job, list(_job.in_flight))
             _job.client.close()
+        _job.replies.clear()
         last_stats = _job.stats
     _job = None
 

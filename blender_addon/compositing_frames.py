@@ -11,6 +11,8 @@ nothing is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +21,10 @@ import numpy as np
 
 try:
     from .wire import blender_camera_math as bcm
-except ImportError:  # a development checkout: the same module, from the backend package
+    from .wire import windows
+except ImportError:  # a development checkout: the same modules, from the backend package
     from backend.render import blender_camera_math as bcm
+    from backend.server import windows
 
 FAR_DEPTH = 1.0e10  # what Blender's renders put in the depth pass where nothing is
 
@@ -57,13 +61,39 @@ def render_request(
     camera_matrix_world: bcm.Matrix4,
     avatar_matrix_world: bcm.Matrix4,
     flame: Mapping[str, np.ndarray],
+    crop: bool = False,
 ) -> RenderRequest:
-    """The request that renders ``avatar_id`` as Blender would see its object through ``camera``."""
+    """The request that renders ``avatar_id`` as Blender would see its object through ``camera``;
+    ``crop``: the service sends only the window the avatar covers (``layer`` restores the frame)."""
     width, height = camera.size
     world_to_cam, scale = bcm.avatar_world_to_cam(camera_matrix_world, avatar_matrix_world)
     arrays = {"intrinsics": camera.K().astype(np.float32), "world_to_cam": world_to_cam.astype(np.float32), **flame}
-    args = {"avatar": avatar_id, "width": width, "height": height, "rgba": "<f4", "depth": "<f4"}
+    args = {"avatar": avatar_id, "width": width, "height": height, "rgba": "<f4", "depth": "<f4"} | ({"crop": True} if crop else {})
     return RenderRequest(args, arrays, scale)
+
+
+def layer(req: RenderRequest, arrays: Mapping[str, np.ndarray], result: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The reply to ``req`` as one of ``combine_layers``' layers: whole-frame rgba [H, W, 4] and
+    depth [H, W] in Blender units. Raises the wire's error for a window that does not fit."""
+    full = windows.full_frame(arrays, result, req.args["width"], req.args["height"])
+    return full["rgba"], full["depth"] * req.depth_scale
+
+
+def fingerprint(req: RenderRequest) -> str:
+    """A digest of everything a request's image depends on: equal digests, equal images."""
+    h = hashlib.sha256(json.dumps(req.args, sort_keys=True).encode())
+    h.update(repr(float(req.depth_scale)).encode())
+    for name in sorted(req.arrays):
+        a = np.ascontiguousarray(req.arrays[name])
+        h.update(f"{name} {a.dtype.str} {a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def window(frame: int, last: int, step: int, size: int) -> range:
+    """The frames an animation render reaches after ``frame`` (every ``step`` up to ``last``)
+    that belong in flight with it: ``size`` frames in flight, ``frame`` included."""
+    return range(frame + step, last + 1, max(1, step))[: max(0, size - 1)]
 
 
 def combine_layers(layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,10 @@ from backend.batch.blender_render import ADDON_MODULE, ENDPOINT_ENV, BlenderRend
 from backend.cli import main
 from backend.errors import SpatialAvatarError
 from backend.server.client import Client
+from backend.server.windows import full_frame
 from tests.test_compositing import avatar, backend, build_scene, flame_copy  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.blender
 
 FRAMES = (1, 4)
 SIZE = 48
@@ -122,7 +125,8 @@ def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tm
             bpy.context.scene.frame_set(frame)
             (req,) = addon.compositing.frame_requests(bpy.context.scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
             assert req.arrays["jaw_pose"][0, 0] == pytest.approx(jaw)  # the keyed FLAME value of that frame
-            head = c.call("render", req.args, req.arrays).arrays["rgba"][::-1]  # bottom row first, as Blender's pixels
+            reply = c.call("render", req.args, req.arrays)
+            head = full_frame(reply.arrays, reply.result, req.args["width"], req.args["height"])["rgba"][::-1]  # bottom row first, as Blender's
             solid = head[..., 3] > 0.999
             same = np.abs(frames[index][..., :3] - head[..., :3]).max(-1) < 2e-3
             assert solid.sum() > 100 and same[solid].mean() > 0.9

@@ -20,7 +20,10 @@ from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.camera import Cameras, project
 from backend.server.client import Client
+from backend.server.windows import full_frame
 from tests.test_server_support import npz_buffer, service_process, small_avatar
+
+pytestmark = pytest.mark.blender
 
 GAUSSIANS = 6000
 AVATAR_SEED = 3
@@ -215,7 +218,8 @@ def test_meshes_in_front_hide_the_head_and_the_head_hides_what_is_behind(scene, 
     (req,) = addon.compositing.frame_requests(sc, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
     with Client(backend[0], timeout_s=120.0, retries=0) as c:
         reply = c.call("render", req.args, req.arrays)
-    head_rgba, head_depth = reply.arrays["rgba"], reply.arrays["depth"]
+    head = full_frame(reply.arrays, reply.result, SIZE, SIZE)  # the handler asks for the head's window only
+    head_rgba, head_depth = head["rgba"], head["depth"]
     solid = np.argwhere(head_rgba[..., 3] > 0.995)
     assert len(solid) > 50
     row, col = solid[np.argmin(np.linalg.norm(solid - solid.mean(0), axis=1))]  # the head's centre
