@@ -16,8 +16,7 @@ import pytest
 
 from backend.head.model import HeadModel
 from backend.server.client import Client
-from tests.addon_support import free_port, pump, set_prefs, start_backend
-from tests.test_addon_ui import _draw_panels
+from tests.addon_support import draw_panels, free_port, pump, set_prefs, start_backend
 from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
 
 pytestmark = pytest.mark.blender
@@ -269,9 +268,9 @@ def test_a_job_interrupted_with_its_backend_is_resumed(
         assert status["ok"] and not runtime.looking
         assert task.progress.state == "interrupted" and task.job_id == job, task.progress.message
         assert "the service stopped while this job was" in task.progress.message
-        assert "operator:spatialavatar.resume_job" in _draw_panels(addon, bpy.context)
+        assert "operator:spatialavatar.resume_job" in draw_panels(addon, bpy.context)
         assert bpy.ops.spatialavatar.resume_job(index=runtime.tasks.index(task)) == {"FINISHED"}
-        assert not task.ended and "operator:spatialavatar.resume_job" not in _draw_panels(addon, bpy.context)
+        assert not task.ended and "operator:spatialavatar.resume_job" not in draw_panels(addon, bpy.context)
         seen: list[tuple[str, str | None]] = []
         pump(addon, lambda: seen.append((task.progress.state, task.job_id)) or task.ended)
         assert task.progress.state == "done", task.progress.message

@@ -18,7 +18,7 @@ import pytest
 from backend.generate.checkpoint import save_generator
 from backend.generate.model import Generator, preset
 from backend.head.model import HeadModel
-from tests.addon_support import pump, set_prefs, start_backend
+from tests.addon_support import draw_panels, pump, set_prefs, start_backend
 from tests.test_server_support import ServiceProcess
 
 pytestmark = pytest.mark.blender
@@ -46,71 +46,6 @@ def bpy_ready(addon, backend: ServiceProcess):
     return bpy
 
 
-class FakeLayout:
-    """Stands in for ``Panel.layout``, which background Blender cannot make (no window to draw
-    in). It checks what a panel's ``draw`` names: every property exists on its data, every
-    operator is registered and every operator property it sets exists."""
-
-    def __init__(self, drawn: list[str]) -> None:
-        self.drawn = drawn
-
-    def _same(self, *args: object, **kwargs: object) -> FakeLayout:
-        return self
-
-    row = column = box = split = _same
-
-    def label(self, text: str = "", **kwargs: object) -> None:
-        self.drawn.append(f"label:{text}")
-
-    def prop(self, data, name: str, **kwargs: object) -> None:
-        assert name in data.bl_rna.properties, f"{type(data).__name__} has no property {name}"
-        self.drawn.append(f"prop:{name}")
-        if "text" in kwargs:
-            self.drawn.append(f"text:{kwargs['text']}")
-
-    def operator(self, idname: str, **kwargs: object):
-        import bpy
-
-        group, name = idname.split(".")
-        props = getattr(getattr(bpy.ops, group), name).get_rna_type().properties
-        self.drawn.append(f"operator:{idname}")
-
-        class Props:
-            def __setattr__(self, key: str, value: object) -> None:
-                assert key in props, f"{idname} has no property {key}"
-
-        return Props()
-
-    def template_list(self, list_type: str, list_id: str, data, prop: str, active_data, active_prop: str, **kwargs: object) -> None:
-        import bpy
-
-        assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties and active_prop in active_data.bl_rna.properties
-        self.drawn.append(f"list:{prop}")
-
-    def template_icon(self, icon_value: int, **kwargs: object) -> None:
-        self.drawn.append("icon")
-
-    def progress(self, factor: float, **kwargs: object) -> None:
-        assert 0.0 <= factor <= 1.0
-        self.drawn.append("progress")
-
-    def separator(self) -> None:
-        pass
-
-
-def _draw_panels(addon, context) -> list[str]:
-    """Run every sidebar panel's ``draw`` that its ``poll`` allows; what they drew, in order."""
-    from types import SimpleNamespace
-
-    import bpy
-
-    drawn: list[str] = []
-    for cls in addon.panel.classes:
-        if issubclass(cls, bpy.types.Panel) and (not hasattr(cls, "poll") or cls.poll(context)):
-            cls.draw(SimpleNamespace(layout=FakeLayout(drawn)), context)
-    return drawn
-
-
 def _add_portraits(bpy, paths: list[Path]) -> None:
     files = [{"name": p.name} for p in paths]
     assert bpy.ops.spatialavatar.portrait_add("EXEC_DEFAULT", True, directory=str(paths[0].parent), files=files) == {"FINISHED"}
@@ -122,7 +57,7 @@ def _generate(bpy, addon, name: str):
     task = addon.runtime.RUNTIME.tasks[-1]
     # Non-blocking: the operator has returned, and nothing was made yet.
     assert not task.ended and set(bpy.data.objects.keys()) == before
-    drawn = _draw_panels(addon, bpy.context)
+    drawn = draw_panels(addon, bpy.context)
     assert "operator:spatialavatar.cancel_task" in drawn and f"label:{task.label}" in drawn
     seen: list[tuple[str, int]] = []
     pump(addon, lambda: seen.append((task.progress.state, task.progress.total)) or task.ended)
@@ -155,7 +90,7 @@ def test_generate_from_a_portrait_makes_an_avatar_object(bpy_ready, addon, head:
     assert [label for _, _, label in sliders[: len(head.expr_names)]] == list(head.expr_names)
     assert sliders[len(head.expr_names)][2] == f"expr_{len(head.expr_names):03d}"
     bpy.context.view_layer.objects.active = obj
-    drawn = _draw_panels(addon, bpy.context)
+    drawn = draw_panels(addon, bpy.context)
     assert "list:portraits" in drawn and "icon" in drawn and "prop:live_preview" in drawn
     assert drawn.count("prop:expr_0") == 25 and drawn.count("prop:expr_1") == head.n_expr - 25  # one slider per coefficient
     assert "text:brow_raise_L" in drawn and f"text:expr_{head.n_expr - 1:03d}" in drawn
@@ -231,7 +166,7 @@ def test_final_render_panel_sets_up_compositing_and_embeds_the_avatars(bpy_ready
     assert bpy.ops.spatialavatar.list_avatars() == {"FINISHED"}
     aid = addon.operators.status["avatars"][0]["id"]
     assert bpy.ops.spatialavatar.load_avatar(avatar=aid, object_name="First", max_points=200) == {"FINISHED"}
-    drawn = _draw_panels(addon, bpy.context)
+    drawn = draw_panels(addon, bpy.context)
     assert "label:Renders do not show the avatars yet" in drawn and "label:Renders will stop: the scene has no camera" in drawn
     assert "operator:spatialavatar.setup_compositing" in drawn and "label:Avatar files in the .blend: 0 of 1" in drawn
 
@@ -239,19 +174,19 @@ def test_final_render_panel_sets_up_compositing_and_embeds_the_avatars(bpy_ready
     cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
     bpy.context.scene.collection.objects.link(cam)
     bpy.context.scene.camera = cam
-    drawn = _draw_panels(addon, bpy.context)
+    drawn = draw_panels(addon, bpy.context)
     assert "label:Renders composite 1 avatar object(s)" in drawn and not any(d.startswith("label:Renders will stop") for d in drawn)
     cam.data.type = "ORTHO"
-    assert "label:Renders will stop: camera 'Cam' is orthographic; the backend renders through perspective cameras only" in _draw_panels(
+    assert "label:Renders will stop: camera 'Cam' is orthographic; the backend renders through perspective cameras only" in draw_panels(
         addon, bpy.context
     )
 
     # An avatar loaded after the set-up would render its points too: the panel says to set up again.
     assert bpy.ops.spatialavatar.load_avatar(avatar=aid, object_name="Second", max_points=200) == {"FINISHED"}
-    assert "label:1 avatar object(s) added since the set-up: set up again" in _draw_panels(addon, bpy.context)
+    assert "label:1 avatar object(s) added since the set-up: set up again" in draw_panels(addon, bpy.context)
     assert bpy.ops.spatialavatar.setup_compositing() == {"FINISHED"}
-    assert "label:Renders composite 2 avatar object(s)" in _draw_panels(addon, bpy.context)
+    assert "label:Renders composite 2 avatar object(s)" in draw_panels(addon, bpy.context)
 
     assert bpy.ops.spatialavatar.embed_avatars() == {"FINISHED"}
-    assert "label:Avatar files in the .blend: 2 of 2" in _draw_panels(addon, bpy.context)
+    assert "label:Avatar files in the .blend: 2 of 2" in draw_panels(addon, bpy.context)
     assert addon.compositing_avatars.embedded(bpy.data.objects["Second"]).startswith(b"PK")  # the avatar's .npz

@@ -23,6 +23,7 @@ from backend.cli import main
 from backend.errors import SpatialAvatarError
 from backend.server.client import Client
 from backend.server.windows import full_frame
+from tests.addon_support import read_image
 from tests.test_compositing import avatar, backend, build_scene, flame_copy  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.blender
@@ -74,16 +75,6 @@ def shot(addon, backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _read(path: Path) -> np.ndarray:
-    import bpy
-
-    img = bpy.data.images.load(str(path))
-    try:
-        return np.array(img.pixels[:], np.float32).reshape(img.size[1], img.size[0], 4)
-    finally:
-        bpy.data.images.remove(img)
-
-
 def test_parse_frames() -> None:
     assert parse_frames("3..17") == (3, 17) and parse_frames("5") == (5, 5) and parse_frames("-2..1") == (-2, 1)
     for bad in ("1-3", "4..2", "a..b"):
@@ -111,8 +102,8 @@ def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tm
     assert [p.name for part in parts for p in part.written] == [p.name for p in full.written]
     assert backend_answers(endpoint, 5.0)  # a backend it did not start is left running
 
-    frames = [_read(p) for p in full.written]
-    for a, b in zip(frames, [_read(p) for part in parts for p in part.written]):
+    frames = [read_image(p) for p in full.written]
+    for a, b in zip(frames, [read_image(p) for part in parts for p in part.written]):
         np.testing.assert_array_equal(a, b)
     assert all(np.abs(frames[0] - f).max() > 0.05 for f in frames[1:])  # the frames differ: animation is applied
 
@@ -147,7 +138,7 @@ def test_cli_starts_a_backend_and_stops_it(shot: Path, backend, flame_copy: Path
     assert len(list((store / "avatars").glob("av_*.npz"))) == 1  # imported once, found again by its name
     reference = render(BlenderRenderJob(shot, (2, 3), tmp_path / "ref", endpoint=backend[0]))
     for got, want in zip(written, reference.written, strict=True):
-        np.testing.assert_array_equal(_read(Path(got)), _read(want))
+        np.testing.assert_array_equal(read_image(Path(got)), read_image(want))
 
 
 def test_render_without_a_backend_fails_before_writing(shot: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.addon_support import read_image
 from tests.test_compositing import avatar, backend, build_scene, flame_copy  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.blender
@@ -72,17 +73,7 @@ def _render(addon, sc, out: Path, on_frame: Callable[[int], None] | None = None)
     finally:
         if handler in bpy.app.handlers.frame_change_post:
             bpy.app.handlers.frame_change_post.remove(handler)
-    return [_read(out / f"{f:04d}.exr") for f in range(sc.frame_start, sc.frame_end + 1)]
-
-
-def _read(path: Path) -> np.ndarray:
-    import bpy
-
-    img = bpy.data.images.load(str(path))
-    try:
-        return np.array(img.pixels[:], np.float32).reshape(img.size[1], img.size[0], 4)
-    finally:
-        bpy.data.images.remove(img)
+    return [read_image(out / f"{f:04d}.exr") for f in range(sc.frame_start, sc.frame_end + 1)]
 
 
 def _ahead(addon) -> list[int]:
