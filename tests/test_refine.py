@@ -4,19 +4,21 @@ frozen layout, checkpoint and resume, and refusal of damaged subjects."""
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage.metrics import structural_similarity
 
-from backend.data.subject import Subject
+from backend.data.subject import Subject, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import LocalGaussians
 from backend.head.model import HeadModel
 from backend.refine.config import LearningRates, RefineConfig, preset
-from backend.refine.evaluate import evaluate
+from backend.refine.evaluate import evaluate, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
 from backend.refine.refine import RefineState, refine
@@ -88,7 +90,8 @@ def test_cpu_refinement_improves_test_psnr_and_keeps_layout(head: HeadModel, set
 
 def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
     subject, avatar = setup
-    config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0))
+    # Random backgrounds: the per-step colours must come out the same after a resume.
+    config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), random_background=True)
     full = refine(avatar, head, subject, config)
     calls = {"n": 0}
 
@@ -103,6 +106,37 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
     resumed = refine(avatar, head, subject, config, resume=RefineState.load(path))
     for name, t in full.avatar.local.tensors().items():
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
+
+
+def test_random_background_clears_gaussians_outside_the_mask(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The top third of every mask is cut away, so the head drawn there must vanish. Over a
+    fixed background the Gaussians there can take on its colour instead; over a new colour
+    every step only transparency fits, so they end up clearly more transparent."""
+    subject, avatar = setup
+    root = tmp_path / "cut"
+    shutil.copytree(subject.root, root)
+    cut = {}
+    for path in sorted((root / "masks").glob("*.png")):
+        m = np.asarray(Image.open(path)).copy()
+        rows = np.nonzero(m.max(1) > 127)[0]
+        top = rows.min() + (rows.max() - rows.min()) // 3
+        cut[path.name] = torch.from_numpy((m > 127) & (np.arange(m.shape[0])[:, None] < top))
+        m[:top] = 0
+        Image.fromarray(m).save(path)
+    cut_subject = Subject.load(root)
+
+    def alpha_in_cut(rb: bool) -> float:
+        result = refine(avatar, head, cut_subject, RefineConfig(iterations=150, log_every=50, anti_spike=AntiSpike(max_scale=3.0), random_background=rb))
+        alphas = []
+        for t in range(4):
+            params, cams = cut_subject.params.index([t]), cut_subject.cameras(t)
+            over_black, over_white = (render_view(result.avatar, head, params, cams, torch.full((3,), v))[0] for v in (0.0, 1.0))
+            alpha = 1.0 - (over_white - over_black).mean(-1)
+            alphas.append(float(alpha[cut[frame_name(t, 0)]].mean()))
+        return float(np.mean(alphas))
+
+    fixed, random = alpha_in_cut(False), alpha_in_cut(True)
+    assert random < fixed - 0.08, (fixed, random)
 
 
 def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]

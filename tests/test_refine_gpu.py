@@ -22,11 +22,14 @@ pytestmark = [
 ]
 
 
-def test_compiled_refinement_matches_eager_and_keeps_layout(head: HeadModel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("random_background", [False, True])
+def test_compiled_refinement_matches_eager_and_keeps_layout(head: HeadModel, tmp_path, random_background: bool) -> None:  # type: ignore[no-untyped-def]
     gpu = head.to("cuda")
     subject = Subject.load(synthesize(gpu, tmp_path / "mono", SynthConfig(frames=10, size=128, seed=5, reference_gaussians=60_000)))
     avatar = initialize_on_subject(gpu, subject, InitConfig(gaussians=8_000))
-    config = RefineConfig(iterations=300, log_every=100, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0))
+    config = RefineConfig(
+        iterations=300, log_every=100, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), random_background=random_background
+    )
     before = evaluate(avatar, gpu, subject)
     compiled = refine(avatar, gpu, subject, config)
     eager = refine(avatar, gpu, subject, replace(config, compile=False))

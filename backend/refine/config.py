@@ -69,6 +69,10 @@ class RefineConfig:
         anti_spike: the three hinges; all-zero weights switch them off (baseline b).
         finetune_flame: also optimize per-frame expression, jaw, neck, eyes, global pose and
             translation with small learning rates (on for tracked real subjects).
+        random_background: composite each step's target and render over a new random colour,
+            so Gaussians outside the mask must turn transparent instead of taking on the
+            background's colour (a glow around the hair in other scenes). None: on unless the
+            subject is synthetic (whose figures were measured on its fixed background).
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -84,6 +88,7 @@ class RefineConfig:
     loss_margin: int = 24
     anti_spike: AntiSpike = field(default_factory=AntiSpike)
     finetune_flame: bool = False
+    random_background: bool | None = None
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0

@@ -105,19 +105,20 @@ class _Targets:
     picks views by slicing, with no host-to-device copy.
 
     Attributes:
-        images: [V, h, w, 3] crops composited over the background, V = frames x cameras
+        foreground: [V, h, w, 3] crops of the images times their masks, V = frames x cameras
             (flat view index = frame index * C + camera).
+        uncovered: [V, h, w, 1] 1 - mask of the same crops.
         K, world_to_cam: [V, 1, 3, 3] and [V, 1, 4, 4] cameras of the crops.
     """
 
     def __init__(self, subject: Subject, frames: list[int], device: torch.device, margin: int) -> None:
-        bg = subject.background()
         h, w = subject.info.height, subject.info.width
-        imgs, boxes = [], []
+        imgs, uncovered, boxes = [], [], []
         for t in frames:
             for c in range(subject.num_cameras):
                 m = subject.mask(t, c)
-                imgs.append(subject.image(t, c) * m + bg * (1 - m))
+                imgs.append(subject.image(t, c) * m)
+                uncovered.append(1 - m)
                 ys, xs = torch.nonzero(m[..., 0] > 0.5, as_tuple=True)
                 boxes.append((int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1))
         self.crop_h = min(h, _round_up(max(b[1] - b[0] + 1 for b in boxes) + 2 * margin, 16))
@@ -127,8 +128,10 @@ class _Targets:
             y0 = min(max((y_lo + y_hi + 1 - self.crop_h) // 2, 0), h - self.crop_h)
             x0 = min(max((x_lo + x_hi + 1 - self.crop_w) // 2, 0), w - self.crop_w)
             windows.append((y0, x0))
-        crops = [img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(imgs, windows)]
-        self.images = torch.stack(crops).to(device)
+        self.foreground, self.uncovered = (
+            torch.stack([img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(images, windows)]).to(device)
+            for images in (imgs, uncovered)
+        )
         cams = subject.cameras(frames)  # [T, C]
         K = cams.K.reshape(-1, 1, 3, 3).clone()
         K[:, 0, 0, 2] -= torch.tensor([x0 for _, x0 in windows], dtype=K.dtype)
@@ -140,9 +143,9 @@ class _Targets:
         """The crop cameras of flat view indices, [B, 1, ...]."""
         return Cameras(_take(self.K, views), _take(self.world_to_cam, views), self.crop_w, self.crop_h)
 
-    def get(self, views: list[int]) -> torch.Tensor:
-        """[B, h, w, 3] crops of flat view indices."""
-        return _take(self.images, views)
+    def get(self, views: list[int], background: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, 3] crops of flat view indices composited over ``background`` [3]."""
+        return _take(self.foreground, views) + background * _take(self.uncovered, views)
 
 
 def _take(t: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -227,7 +230,13 @@ def refine(
     for v in flame.values():
         v.requires_grad_(config.finetune_flame)
     targets = _Targets(subject, frames, device, config.loss_margin)
-    background = subject.background().to(device)
+    random_background = config.random_background if config.random_background is not None else subject.info.source != "synthetic"
+    # Drawn up front from the seed, one colour per step, so a resumed run sees the same ones.
+    backgrounds = (
+        torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
+        if random_background
+        else subject.background().expand(config.iterations, 3)
+    ).to(device)
     fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
     optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused)
     flame_opt = None
@@ -303,10 +312,11 @@ def refine(
         t1 = time.perf_counter()
         flat = [i * subject.num_cameras + c for i, c in zip(idx, cam_idx)]
         view = targets.cameras(flat)
+        background = backgrounds[step]
         out = render(splats, view, background)
         sync()
         t2 = time.perf_counter()
-        loss = step_loss(out.rgb[:, 0], targets.get(flat), local.log_scale, local.offset)
+        loss = step_loss(out.rgb[:, 0], targets.get(flat, background), local.log_scale, local.offset)
         sync()
         t3 = time.perf_counter()
         loss.backward()
@@ -330,7 +340,7 @@ def refine(
         if done % config.log_every == 0 or done == config.iterations:
             stats = {
                 "loss": float(loss.detach()),
-                "psnr": psnr(out.rgb[:, 0].detach(), targets.get(flat)),
+                "psnr": psnr(out.rgb[:, 0].detach(), targets.get(flat, background)),
                 "count": binding.count,
                 "seconds": time.perf_counter() - t_start,
             }
