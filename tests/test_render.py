@@ -5,18 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from backend.gaussians.splats import Splats
-from backend.render.blender_camera import (
-    BLENDER_FROM_WORLD,
-    K_from_blender,
-    blender_matrix_world_from_world_to_cam,
-    blender_resolution,
-    world_to_cam_from_blender,
-)
+from backend.render import blender_camera_math as bcm
 from backend.render.camera import Cameras, intrinsics, look_at, orbit_cameras, project
 from backend.render.rasterize import render
 from backend.gaussians.frames import quat_to_matrix as quat_to_rotmat
@@ -396,7 +391,15 @@ def blender_K(**kw) -> torch.Tensor:
     args = dict(lens_mm=50.0, sensor_width=36.0, sensor_height=24.0, sensor_fit="AUTO", shift_x=0.0,
                 shift_y=0.0, res_x=1920, res_y=1080)
     args.update(kw)
-    return K_from_blender(**args, dtype=F64)
+    return torch.from_numpy(bcm.K_from_blender(**args))
+
+
+BLENDER_FROM_WORLD = torch.from_numpy(bcm.BLENDER_FROM_WORLD)
+
+
+def world_to_cam_from_blender(matrix_world) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The shared numpy conversion, on float64 tensors."""
+    return torch.from_numpy(bcm.world_to_cam_from_blender(np.asarray(matrix_world, np.float64)))
 
 
 @pytest.mark.parametrize(
@@ -425,7 +428,7 @@ def test_K_from_blender(kw, fx, fy, cx, cy):
 
 
 def test_blender_resolution_rounds_down_like_blender():
-    assert blender_resolution(640, 480, 33) == (211, 158)
+    assert bcm.blender_resolution(640, 480, 33) == (211, 158)
 
 
 def test_blender_front_camera_equals_look_at():
@@ -434,7 +437,7 @@ def test_blender_front_camera_equals_look_at():
     matrix_world = torch.tensor(
         [[1.0, 0, 0, 0], [0, 0, -1, -1], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=F64
     )
-    w2c = world_to_cam_from_blender(matrix_world, dtype=F64)
+    w2c = world_to_cam_from_blender(matrix_world)
     torch.testing.assert_close(w2c, look_at((0.0, 0.0, 1.0), (0.0, 0.0, 0.0)).to(F64))
     torch.testing.assert_close(BLENDER_FROM_WORLD[:3, :3] @ torch.tensor([1.0, 2.0, 3.0], dtype=F64),
                                torch.tensor([1.0, -3.0, 2.0], dtype=F64))
@@ -446,8 +449,8 @@ def test_blender_round_trip_and_optical_axis():
     matrix_world = torch.eye(4, dtype=F64)
     matrix_world[:3, :3] = quat_to_rotmat(q) * 2.5  # camera object scale is ignored
     matrix_world[:3, 3] = torch.tensor([0.3, -1.2, 0.4], dtype=F64)
-    w2c = world_to_cam_from_blender(matrix_world, dtype=F64)
-    back = blender_matrix_world_from_world_to_cam(w2c, dtype=F64)
+    w2c = world_to_cam_from_blender(matrix_world)
+    back = torch.from_numpy(bcm.blender_matrix_world_from_world_to_cam(w2c.numpy()))
     torch.testing.assert_close(back[:3, :3], matrix_world[:3, :3] / 2.5)
     torch.testing.assert_close(back[:3, 3], matrix_world[:3, 3])
     K = blender_K(shift_x=0.05, shift_y=-0.1, sensor_fit="VERTICAL")
@@ -488,8 +491,8 @@ def test_blender_conversions_match_bpy():
         render_settings.resolution_percentage = 100
         render_settings.pixel_aspect_x, render_settings.pixel_aspect_y = ax, ay
         bpy.context.view_layer.update()
-        K = K_from_blender(35.0, 36.0, 24.0, fit, sx, sy, rx, ry, 100, ax, ay, dtype=F64)
-        w2c = world_to_cam_from_blender([list(r) for r in cam.matrix_world], dtype=F64)
+        K = torch.from_numpy(bcm.K_from_blender(35.0, 36.0, 24.0, fit, sx, sy, rx, ry, 100, ax, ay))
+        w2c = world_to_cam_from_blender([list(r) for r in cam.matrix_world])
         cams = Cameras(K[None], w2c[None], rx, ry)
         for local in ((0.3, -0.2, -2.0), (-0.5, 0.4, -4.0)):
             p = cam.matrix_world @ Vector(local)
