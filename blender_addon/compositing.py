@@ -67,6 +67,7 @@ class CompositeConfig:
     # (1 or less: each frame when it is reached). Each holds one reply per avatar until it is
     # used: about 40 MB at 1920x1080 (float32 RGBA and depth).
     prefetch_frames: int = 4
+    wait_poll_ms: int = 50  # a frame waiting for its replies wakes at least this often to check its deadline
 
 
 CONFIG = CompositeConfig()
@@ -434,7 +435,7 @@ def _reply(job: _Job, rid: str, req: frames.RenderRequest, deadline: float) -> t
     waiting for its final reply until ``deadline`` (``time.monotonic`` seconds)."""
     aid = req.args["avatar"]
     while rid not in job.replies:
-        for r in job.client.poll():
+        for r in job.client.poll(wait_ms=CONFIG.wait_poll_ms):
             if r.final:
                 job.replies[r.id] = r
         if rid in job.replies:
@@ -442,7 +443,6 @@ def _reply(job: _Job, rid: str, req: frames.RenderRequest, deadline: float) -> t
         if time.monotonic() > deadline:
             job.client.forget(rid)
             raise CompositeError(f"the backend at {job.endpoint} did not render avatar {aid} within {CONFIG.frame_timeout_s:g} s")
-        time.sleep(0.002)  # the client has no blocking wait for one of several requests
     try:
         reply = job.replies.pop(rid).raise_for_error()
         return frames.layer(req, reply.arrays, reply.result), float(reply.result.get("render_ms", 0.0))

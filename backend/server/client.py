@@ -132,9 +132,10 @@ class Client:
         self._socket.send_multipart(frames, copy=False)
         return rid
 
-    def poll(self) -> list[Reply]:
-        """Replies that have arrived, oldest first, without waiting; retries are handled here."""
-        self._pump(0)
+    def poll(self, wait_ms: int = 0) -> list[Reply]:
+        """Replies that have arrived, oldest first, waiting up to ``wait_ms`` for the first
+        (0: not at all, for timers); retries are handled here."""
+        self._pump(wait_ms)
         ready, self._ready = self._ready, []
         return ready
 
