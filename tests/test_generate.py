@@ -19,10 +19,10 @@ from backend.errors import InputError
 from backend.gaussians.avatar import deform_local, logit
 from backend.gaussians.surface import surface_local
 from backend.generate.checkpoint import load_generator, read_generator_file, save_generator
-from backend.generate.data import Corpus, PhaseSampler, find_subjects, pose_rows, shard
+from backend.generate.data import Corpus, PhaseSampler, Sample, find_subjects, load_subject, pose_rows, shard
 from backend.generate.generate import check_source_count, generate_avatar, parse_views, split_inputs, subject_sources
 from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, push_pull_fill, source_visibility
-from backend.head.params import POSE_FIELDS
+from backend.head.params import POSE_FIELDS, FlameParams
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 
 
@@ -211,6 +211,30 @@ def test_corpus_batch_shapes(head, corpus_dirs) -> None:  # type: ignore[no-unty
     assert batch.target_rgb.shape == (4, h, h, 3) and batch.target_vertices.shape[0] == 4
     half = batch.split(2, 1)
     assert half.size == 1 and torch.equal(half.target_rgb, batch.target_rgb[2:])
+
+
+def test_corpus_batch_gathers_each_views_own_data(head, corpus_dirs) -> None:  # type: ignore[no-untyped-def]
+    """The flat gathers agree with each subject read on its own and posed by the head model,
+    across subjects with different frame and camera counts."""
+    roots = [*corpus_dirs[0], *corpus_dirs[1]]
+    corpus = Corpus(roots, head)
+    samples = [Sample(2, ((1, 4), (0, 2)), ((1, 5),), True), Sample(0, ((3, 0), (1, 0)), ((4, 0),)), Sample(2, ((0, 0), (1, 1)), ((0, 3),))]
+    batch = corpus.batch(samples)
+    for i, sample in enumerate(samples):
+        subject = load_subject(roots[sample.subject], head)
+        for j, (f, c) in enumerate(sample.sources):
+            assert torch.equal(batch.sources.images[i, j], subject.pixels[f, c, ..., :3].float() / 255)
+            assert torch.equal(batch.sources.K[i, j], subject.K[f, c])
+            assert torch.equal(batch.sources.world_to_cam[i, j], subject.world_to_cam[f, c])
+            params = subject.params
+            one = FlameParams(shape=params.shape, static_offset=params.static_offset, **{n: getattr(params, n)[f : f + 1] for n in ("expr", *POSE_FIELDS)})
+            assert torch.allclose(batch.sources.vertices[i, j], head(one).vertices[0], atol=1e-6)
+        f, c = sample.targets[0]
+        assert torch.equal(batch.target_mask[i], subject.pixels[f, c, ..., 3:].float() / 255)
+        assert torch.equal(batch.target_world_to_cam[i], subject.world_to_cam[f, c])
+    assert batch.cross_time.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="outside subject #0"):
+        corpus.batch([Sample(0, ((5, 0),), ((0, 0),))])
 
 
 def test_generated_avatar_roundtrip_and_bad_inputs(generator: Generator, head, corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -212,33 +212,65 @@ class Batch:
 
 
 class Corpus:
-    """Subjects loaded into memory, all of one image size and background."""
+    """Subjects loaded into memory, all of one image size and background.
+
+    Every subject's views and frames sit in flat device tensors, so a batch is a few gathers
+    behind one index upload (pinned, non-blocking on CUDA): the host never waits for the
+    device while it prepares the next step.
+
+    Attributes:
+        pixels: [V, H, W, 4] uint8, every subject's views (frame-major: frame * C + camera).
+        K, world_to_cam: [V, 3, 3], [V, 4, 4].
+        rows: per-frame FLAME fields ("expr" and the pose fields), each [F, k].
+        shapes: [S, n_shape]; static_offsets: [S, V_head, 3] or None when no subject has one.
+    """
 
     def __init__(self, roots: Sequence[Path], head: HeadModel, device: torch.device | str = "cpu", threads: int = 8, progress: Progress | None = None) -> None:
         if not roots:
             raise InputError("the corpus is empty: no subject folders given")
         self.head = head
         self.device = torch.device(device)
-        self.subjects: list[LoadedSubject] = []
+        subjects: list[LoadedSubject] = []
         for i, root in enumerate(roots):
-            self.subjects.append(load_subject(Path(root), head, self.device, threads))
+            subjects.append(load_subject(Path(root), head, "cpu", threads))
             if progress:
                 progress(i + 1, len(roots))
-        sizes = {tuple(s.pixels.shape[2:4]) for s in self.subjects}
+        sizes = {tuple(s.pixels.shape[2:4]) for s in subjects}
         if len(sizes) != 1:
             raise InputError(f"corpus subjects have different image sizes {sorted(sizes)}; regenerate them at one size")
-        backgrounds = {json.dumps(Subject.load(s.root, check_images=False).info.background) for s in self.subjects}
+        backgrounds = {json.dumps(Subject.load(s.root, check_images=False).info.background) for s in subjects}
         if len(backgrounds) != 1:
             raise InputError(f"corpus subjects have different backgrounds {sorted(backgrounds)}")
         self.background = torch.tensor(json.loads(backgrounds.pop()), dtype=torch.float32, device=self.device)
         self.height, self.width = sizes.pop()
+        self._layouts = [(s.frames, s.cameras) for s in subjects]
+        self._view_start = np.cumsum([0] + [f * c for f, c in self._layouts])[:-1].tolist()
+        self._frame_start = np.cumsum([0] + [f for f, _ in self._layouts])[:-1].tolist()
+
+        def flat(get) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            return torch.cat([get(s).flatten(0, 1) for s in subjects]).to(self.device)
+
+        self.pixels = flat(lambda s: s.pixels)
+        self.K = flat(lambda s: s.K)
+        self.world_to_cam = flat(lambda s: s.world_to_cam)
+        self.rows = {name: torch.cat([getattr(s.params, name) for s in subjects]).to(self.device) for name in ("expr", *POSE_FIELDS)}
+        self.shapes = torch.stack([s.params.shape.reshape(-1) for s in subjects]).to(self.device)
+        offsets = [s.params.static_offset for s in subjects]
+        self.static_offsets = None if all(o is None for o in offsets) else torch.stack([torch.zeros_like(head.v_template) if o is None else o.reshape(head.v_template.shape) for o in offsets]).to(self.device)
 
     def __len__(self) -> int:
-        return len(self.subjects)
+        return len(self._layouts)
 
     def layouts(self) -> list[tuple[int, int]]:
         """(frames, cameras) of every subject."""
-        return [(s.frames, s.cameras) for s in self.subjects]
+        return list(self._layouts)
+
+    def _upload(self, rows: list[list[int]]) -> torch.Tensor:
+        """[R, C] int64 on the device, without a host-device synchronization."""
+        table = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            table = table.pin_memory()
+        return table.to(self.device, non_blocking=True)
 
     def batch(self, samples: Sequence[Sample]) -> Batch:
         """Gather the images, cameras and posed heads of ``samples`` (all with the same K and T)."""
@@ -248,55 +280,43 @@ class Corpus:
             raise ValueError("every sample of a batch needs the same number of sources and of targets")
         k, t = ks.pop(), ts.pop()
         b = len(samples)
-        pix_src, pix_tgt, k_src, k_tgt, w_src, w_tgt = [], [], [], [], [], []
-        shapes, fields_rows = [], {name: [] for name in ("expr", *POSE_FIELDS)}
-        offsets: list[torch.Tensor] = []
-        any_offset = any(self.subjects[s.subject].params.static_offset is not None for s in samples)
+        table = []  # one row per view: flat view, flat frame, subject, cross-time flag
         for sample in samples:
-            subj = self.subjects[sample.subject]
-            views = list(sample.sources) + list(sample.targets)
-            frames = torch.tensor([v[0] for v in views], device=self.device)
-            cams = torch.tensor([v[1] for v in views], device=self.device)
-            pix = subj.pixels[frames, cams]
-            pix_src.append(pix[:k])
-            pix_tgt.append(pix[k:])
-            kk, ww = subj.K[frames, cams], subj.world_to_cam[frames, cams]
-            k_src.append(kk[:k])
-            k_tgt.append(kk[k:])
-            w_src.append(ww[:k])
-            w_tgt.append(ww[k:])
-            shapes.append(subj.params.shape.expand(k + t, -1))
-            for name in fields_rows:
-                fields_rows[name].append(getattr(subj.params, name)[frames])
-            if any_offset:
-                so = subj.params.static_offset
-                offsets.append((torch.zeros_like(self.head.v_template) if so is None else so).expand(k + t, -1, -1))
+            s = sample.subject
+            frames, cams = self._layouts[s]
+            for f, c in (*sample.sources, *sample.targets):
+                if not (0 <= f < frames and 0 <= c < cams):
+                    raise ValueError(f"view (frame {f}, camera {c}) is outside subject #{s}'s {frames} frames x {cams} cameras")
+                table.append([self._view_start[s] + f * cams + c, self._frame_start[s] + f, s, int(sample.cross_time)])
+        view, frame, subject, cross = self._upload(table).unbind(1)
         with torch.no_grad():
             verts = pose_rows(
                 self.head,
-                torch.cat(shapes),
-                {name: torch.cat(v) for name, v in fields_rows.items()},
-                torch.cat(offsets) if any_offset else None,
+                self.shapes[subject],
+                {name: v[frame] for name, v in self.rows.items()},
+                None if self.static_offsets is None else self.static_offsets[subject],
             ).reshape(b, k + t, -1, 3)
-        src_pix = torch.stack(pix_src).float() / 255.0  # [B, K, H, W, 4]
-        tgt_pix = torch.cat(pix_tgt).float() / 255.0  # [B*T, H, W, 4]
+        pix = (self.pixels[view].float() / 255.0).reshape(b, k + t, self.height, self.width, 4)
+        cam_k = self.K[view].reshape(b, k + t, 3, 3)
+        w2c = self.world_to_cam[view].reshape(b, k + t, 4, 4)
+        tgt_pix = pix[:, k:].flatten(0, 1)  # [B*T, H, W, 4]
         sources = SourceViews(
-            images=src_pix[..., :3],
-            masks=src_pix[..., 3:],
+            images=pix[:, :k, ..., :3],
+            masks=pix[:, :k, ..., 3:],
             vertices=verts[:, :k],
-            K=torch.stack(k_src),
-            world_to_cam=torch.stack(w_src),
+            K=cam_k[:, :k],
+            world_to_cam=w2c[:, :k],
         )
         return Batch(
             sources=sources,
             target_rgb=tgt_pix[..., :3],
             target_mask=tgt_pix[..., 3:],
             target_vertices=verts[:, k:].reshape(b * t, -1, 3),
-            target_K=torch.cat(k_tgt),
-            target_world_to_cam=torch.cat(w_tgt),
+            target_K=cam_k[:, k:].flatten(0, 1),
+            target_world_to_cam=w2c[:, k:].flatten(0, 1),
             background=self.background,
             targets_per_sample=t,
-            cross_time=torch.tensor([s.cross_time for s in samples], device=self.device),
+            cross_time=cross.reshape(b, k + t)[:, 0].bool(),
         )
 
 
