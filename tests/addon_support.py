@@ -18,7 +18,7 @@ from types import ModuleType
 
 import numpy as np
 
-from tests.test_server_support import ServiceProcess
+from tests.test_server_support import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "sa_test"
@@ -55,12 +55,6 @@ def install_addon(zip_path: Path, user_dir: Path, repo_dir: Path) -> ModuleType:
     for name in SUBMODULES:
         importlib.import_module(f"{MODULE}.{name}")
     return sys.modules[MODULE]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_backend(store: Path, *extra: str) -> ServiceProcess:

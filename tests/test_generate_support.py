@@ -7,14 +7,19 @@ depend on the built-in head. Every array follows ``HeadModelData``'s layout exac
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from backend.data.synthetic import SynthConfig, synthesize
+from backend.generate.data import Batch, Corpus, Sample, find_subjects
+from backend.generate.model import Generator, preset
+from backend.generate.train import TrainConfig, compute_loss
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModel, HeadModelData
 
 SEMI_AXES = (0.075, 0.1, 0.09)
@@ -132,3 +137,61 @@ def one_thread():  # type: ignore[no-untyped-def]
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def fixed_batch(head: HeadModel, mono_dirs: list[Path], device: str = "cpu") -> Batch:
+    """Two fixed phase-1 samples (K = 2, one target each) of the first two monocular subjects."""
+    corpus = Corpus(find_subjects(mono_dirs), head, device)
+    samples = [Sample(0, ((0, 0), (2, 0)), ((4, 0),)), Sample(1, ((1, 0), (3, 0)), ((0, 0),))]
+    return corpus.batch(samples)
+
+
+def seeded_model(head: HeadModel) -> Generator:
+    """The tiny generator with a random output layer, so every weight gets a gradient."""
+    torch.manual_seed(0)
+    model = Generator.for_head(preset("tiny"), head)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.decoder.head.weight.copy_(0.01 * torch.randn(model.decoder.head.weight.shape, generator=gen))
+    return model
+
+
+def ddp_gradient_worker(rank: int, world: int, port: int, backend: str, mono_dirs: list[Path], out: Path) -> None:
+    """One DDP rank (gloo on the CPU, nccl on cuda:rank) on its share of ``fixed_batch``; rank 0
+    saves the rank-mean loss and the averaged gradients to ``out``. For ``mp.spawn``."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NCCL_NVLS_ENABLE": "0"}
+    torch.set_num_threads(1)
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        head = tiny_head().to(device)
+        model = seeded_model(head).to(device)
+        part = fixed_batch(head, mono_dirs, str(device)).split(world, rank)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        loss, _ = compute_loss(net, part, TrainConfig())
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0:
+            grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+            torch.save({"loss": float(mean_loss) / world, "grads": grads}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_ddp_matches_union_batch(got: dict, mono_dirs: list[Path], device: str = "cpu", rel: float = 1e-4) -> None:
+    """``ddp_gradient_worker``'s loss and gradients equal one process's on the union batch."""
+    head = tiny_head().to(device)
+    model = seeded_model(head).to(device)
+    loss, _ = compute_loss(model, fixed_batch(head, mono_dirs, device), TrainConfig())
+    loss.backward()
+    assert got["loss"] == pytest.approx(float(loss.detach()), rel=rel / 10)
+    nonzero = 0
+    for name, p in model.named_parameters():
+        ref, ddp = p.grad.cpu(), got["grads"][name]
+        scale = float(ref.abs().max()) + 1e-12
+        assert float((ref - ddp).abs().max()) <= rel * scale + 1e-9, name
+        nonzero += int(scale > 1e-10)
+    assert nonzero > 0.9 * len(got["grads"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,32 +14,25 @@ import torch.multiprocessing as mp
 
 from backend.cli import main
 from backend.gaussians.files import load_avatar
-from backend.generate.data import Batch, Corpus, Sample, find_subjects
 from backend.generate.model import Generator, preset
-from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, train
+from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, mean_over_ranks, setup_distributed, train
 from backend.head.flame_files import write_flame
-from tests.test_generate_support import one_thread, tiny_corpus, tiny_head, tiny_head_data  # noqa: F401 (autouse fixture)
+from tests.test_generate_support import (  # noqa: F401 (autouse fixture)
+    assert_ddp_matches_union_batch,
+    ddp_gradient_worker,
+    fixed_batch,
+    one_thread,
+    seeded_model,
+    tiny_corpus,
+    tiny_head,
+    tiny_head_data,
+)
+from tests.test_server_support import free_port
 
 
 @pytest.fixture(scope="module")
 def corpus_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[Path]]:
     return tiny_corpus(tmp_path_factory.mktemp("corpus"), mono=2, multi=1)
-
-
-def fixed_batch(head, mono_dirs: list[Path]) -> Batch:  # type: ignore[no-untyped-def]
-    corpus = Corpus(find_subjects(mono_dirs), head)
-    samples = [Sample(0, ((0, 0), (2, 0)), ((4, 0),)), Sample(1, ((1, 0), (3, 0)), ((0, 0),))]
-    return corpus.batch(samples)
-
-
-def seeded_model(head) -> Generator:  # type: ignore[no-untyped-def]
-    """The tiny generator with a random output layer, so every weight gets a gradient."""
-    torch.manual_seed(0)
-    model = Generator.for_head(preset("tiny"), head)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.decoder.head.weight.copy_(0.01 * torch.randn(model.decoder.head.weight.shape, generator=gen))
-    return model
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(corpus_dirs) -> None:  # type: ignore[no-untyped-def]
@@ -70,49 +62,38 @@ def test_l2sp_is_zero_at_the_anchor_and_positive_away() -> None:
     assert float(l2sp_penalty(model, anchor).detach()) == pytest.approx(expect, rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def test_ddp_two_processes_match_one_process_on_the_union_batch(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(ddp_gradient_worker, args=(2, free_port(), "gloo", corpus_dirs[0], out), nprocs=2, join=True)
+    assert_ddp_matches_union_batch(torch.load(out, weights_only=True), corpus_dirs[0])
 
 
-def _ddp_worker(rank: int, world: int, port: int, mono_dirs: list[Path], out: Path) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _train_worker(rank: int, world: int, port: int, mono_dirs: list[Path], run: Path) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        head = tiny_head()
-        model = seeded_model(head)
-        part = fixed_batch(head, mono_dirs).split(world, rank)
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        loss, _ = compute_loss(net, part, TrainConfig())
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
+        cfg = TrainConfig(phase=1, steps=2, batch=1, targets=1, log_every=1, checkpoint_every=1, warmup=1)
+        train(cfg, preset("tiny"), mono_dirs, run, tiny_head(), device="cpu", show_progress=False)
+        info = setup_distributed("cpu")
+        means = mean_over_ranks({"x": torch.tensor(3.0 * rank), "y": torch.tensor(6.0)}, 3, info)
         if rank == 0:
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-            torch.save({"loss": float(mean_loss) / world, "grads": grads}, out)
+            (run / "means.json").write_text(json.dumps(means))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_union_batch(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), corpus_dirs[0], out), nprocs=2, join=True)
-    head = tiny_head()
-    model = seeded_model(head)
-    loss, _ = compute_loss(model, fixed_batch(head, corpus_dirs[0]), TrainConfig())
-    loss.backward()
-    got = torch.load(out, weights_only=True)
-    assert got["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
-    nonzero = 0
-    for name, p in model.named_parameters():
-        ref, ddp = p.grad, got["grads"][name]
-        scale = float(ref.abs().max()) + 1e-12
-        assert float((ref - ddp).abs().max()) <= 1e-4 * scale + 1e-9, name
-        nonzero += int(scale > 1e-10)
-    assert nonzero > 0.9 * len(got["grads"])
+def test_a_two_process_run_logs_rank_means_and_resumes_in_one_process(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "run"
+    mp.spawn(_train_worker, args=(2, free_port(), corpus_dirs[0], run), nprocs=2, join=True)
+    assert json.loads((run / "means.json").read_text()) == {"x": 0.5, "y": 2.0}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps_done"] == 2
+    cfg = TrainConfig(phase=1, steps=3, batch=2, targets=1, log_every=1, warmup=1)
+    more = train(cfg, preset("tiny"), corpus_dirs[0], run, tiny_head(), device="cpu", show_progress=False)
+    assert more["steps_done"] == 3 and more["world_size"] == 1
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert [x["samples_per_s"] > 0 for x in lines] == [True] * 3
 
 
 def test_train_checkpoints_resume_and_phase_two(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

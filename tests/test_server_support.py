@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,13 @@ from backend.server.service import Service
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 START_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -15,7 +15,9 @@ A run folder holds:
                     the L2-SP anchor); written every ``checkpoint_every`` steps, when the
                     time limit is reached, and at the end
     generator.pt    the compact weights (fp16) for `spatialavatar generate`
-    log.jsonl       one JSON line per ``log_every`` steps (loss terms, K, PSNR, lr, time)
+    log.jsonl       one JSON line per ``log_every`` steps: loss terms, K and PSNR averaged
+                    over the steps and the ranks, lr, time, samples/s, and data_ms (host
+                    time per step spent drawing and gathering the batch)
     summary.json    the run's configuration and final numbers (the model card's source)
 
 Running the same command again continues from checkpoint.pt, so a run longer than one
@@ -46,7 +48,7 @@ from backend.generate.checkpoint import generator_from_state, read_generator_fil
 from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, shard
 from backend.generate.model import Generator, GeneratorConfig, deform_batched
 from backend.head.model import HeadModel
-from backend.refine.losses import l1, psnr, ssim_map
+from backend.refine.losses import l1, mse, ssim_map
 from backend.refine.regularizers import AntiSpike, spike_loss
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
@@ -205,7 +207,8 @@ def compute_loss(net: nn.Module, batch: Batch, config: TrainConfig, anchor: dict
         loss = loss + config.l2sp * term_l2sp
         terms["l2sp"] = term_l2sp
     terms = {k: v.detach() for k, v in terms.items()}
-    terms["psnr"] = torch.tensor(psnr(rendered.detach().float(), target))
+    # On the device: a float here would make the host wait for every step.
+    terms["psnr"] = -10.0 * torch.log10(mse(rendered.detach().float(), target).clamp_min(1e-10))
     return loss, terms
 
 
@@ -246,6 +249,17 @@ def _all_true(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: int, info: DistInfo) -> dict[str, float]:
+    """Per-step means of the logged terms over the window and over all ranks, so a run's log
+    reads the same at every world size for the same global batch (one host sync per log line)."""
+    names = sorted(sums)
+    values = torch.stack([sums[n].float() for n in names]) / count
+    if info.world > 1:
+        dist.all_reduce(values)
+        values = values / info.world
+    return dict(zip(names, values.tolist()))
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -406,8 +420,9 @@ def train(
     elapsed0 = elapsed
     last: dict = {}
     step = start
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     count = 0
+    data_s = 0.0
     try:
         while step < config.steps:
             over = config.max_minutes > 0 and time.perf_counter() - t0 > config.max_minutes * 60
@@ -416,8 +431,10 @@ def train(
                 break
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * _lr_factor(step, config)
+            t_data = time.perf_counter()
             k, samples = sampler.batch(config.batch)
             batch = corpus.batch(samples)
+            data_s += time.perf_counter() - t_data
             model.train()
             loss, terms = compute_loss(net, batch, config, anchor, lpips)
             optimizer.zero_grad(set_to_none=True)
@@ -426,23 +443,31 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            for key, value in {"loss": loss.detach(), **terms}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            sums["k"] = sums.get("k", 0.0) + k
+            for key, value in {"loss": loss.detach(), **terms, "k": torch.tensor(float(k))}.items():
+                sums[key] = sums[key] + value if key in sums else value.to(info.device, torch.float32)
             count += 1
             if bar is not None:
                 bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
+                means = mean_over_ranks(sums, count, info)
                 now = time.perf_counter()
                 elapsed = elapsed0 + now - t0
-                last = {key: round(v / count, 5) for key, v in sums.items()}
-                last |= {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 1), "steps_per_s": round(count / max(now - t_last, 1e-9), 2)}
+                steps_per_s = count / max(now - t_last, 1e-9)
+                last = {key: round(v, 5) for key, v in means.items()}
+                last |= {
+                    "step": step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": round(elapsed, 1),
+                    "steps_per_s": round(steps_per_s, 2),
+                    "samples_per_s": round(steps_per_s * config.batch * info.world, 1),
+                    "data_ms": round(1000 * data_s / count, 2),
+                }
                 if log_file is not None:
                     log_file.write(json.dumps(last) + "\n")
                     log_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}")
-                sums, count, t_last = {}, 0, now
+                sums, count, t_last, data_s = {}, 0, now, 0.0
             if step % config.checkpoint_every == 0 and step < config.steps:
                 elapsed = elapsed0 + time.perf_counter() - t0
                 write_checkpoint(step, last)
