@@ -1,0 +1,43 @@
+"""Stage 1 training on CUDA: the corpus's pinned, non-blocking gathers match the CPU's, and two
+GPUs under nccl DDP average to one GPU's gradients on the union batch (skipped with fewer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from backend.generate.data import Corpus, PhaseSampler, find_subjects
+from tests.test_generate_support import assert_ddp_matches_union_batch, ddp_gradient_worker, one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
+from tests.test_server_support import free_port
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def mono_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return tiny_corpus(tmp_path_factory.mktemp("corpus"), mono=3, multi=0)[0]
+
+
+def test_corpus_batches_on_cuda_equal_the_cpu_ones(mono_dirs: list[Path]) -> None:
+    head = tiny_head()
+    roots = find_subjects(mono_dirs)
+    on_cpu, on_gpu = Corpus(roots, head), Corpus(roots, head.to("cuda"), "cuda")
+    sampler = PhaseSampler(on_cpu.layouts(), phase=1, targets=2, seed=3)
+    for _ in range(5):
+        _, samples = sampler.batch(4)
+        a, b = on_cpu.batch(samples), on_gpu.batch(samples)
+        assert b.target_rgb.is_cuda
+        assert torch.equal(a.sources.images, b.sources.images.cpu()) and torch.equal(a.target_rgb, b.target_rgb.cpu())
+        assert torch.allclose(a.sources.vertices, b.sources.vertices.cpu(), atol=1e-6)
+        assert torch.equal(a.target_world_to_cam, b.target_world_to_cam.cpu())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_nccl_ddp_on_two_gpus_matches_one_gpu_on_the_union_batch(mono_dirs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    mp.spawn(ddp_gradient_worker, args=(2, free_port(), "nccl", mono_dirs, out), nprocs=2, join=True)
+    # TF32 and reduction order differ between the two sides: compare at 1e-3 of each tensor's scale.
+    assert_ddp_matches_union_batch(torch.load(out, weights_only=True), mono_dirs, "cuda:0", rel=1e-3)
