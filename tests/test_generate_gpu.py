@@ -22,9 +22,8 @@ def mono_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def test_corpus_batches_on_cuda_equal_the_cpu_ones(mono_dirs: list[Path]) -> None:
-    head = tiny_head()
     roots = find_subjects(mono_dirs)
-    on_cpu, on_gpu = Corpus(roots, head), Corpus(roots, head.to("cuda"), "cuda")
+    on_cpu, on_gpu = Corpus(roots, tiny_head()), Corpus(roots, tiny_head().to("cuda"), "cuda")
     sampler = PhaseSampler(on_cpu.layouts(), phase=1, targets=2, seed=3)
     for _ in range(5):
         _, samples = sampler.batch(4)
