@@ -481,7 +481,8 @@ class Generator(nn.Module):
         """
         from backend.head.registry import fingerprint
 
-        head = head.to("cpu")
+        # A CPU copy from the model's data: Module.to would move the caller's head in place.
+        head = HeadModel(head.data)
         binding = sample_layout(head.data.uv_coords, head.data.uv_faces, config.gaussians)
         grey = torch.full((binding.count, 3), 0.5)
         base = surface_local(head, torch.zeros(head.n_shape), binding, grey, config.surface)

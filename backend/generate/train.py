@@ -453,7 +453,7 @@ def train(
                 now = time.perf_counter()
                 elapsed = elapsed0 + now - t0
                 steps_per_s = count / max(now - t_last, 1e-9)
-                last = {key: round(v, 5) for key, v in means.items()}
+                last = {key: float(f"{v:.6g}") for key, v in means.items()}  # losses fall below 1e-3
                 last |= {
                     "step": step,
                     "lr": optimizer.param_groups[0]["lr"],
