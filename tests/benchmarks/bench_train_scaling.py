@@ -185,7 +185,7 @@ def resume(args: argparse.Namespace) -> list[dict]:
             "steps_done": summary["steps_done"],
             "loss_before": before["loss"],
             "loss_first_window_after": first["loss"],
-            "loss_at_step_1": after[0]["loss"],
+            "loss_first_window_of_run": after[0]["loss"],
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -234,9 +234,9 @@ def report(result: dict) -> str:
             lines.append(f"| {label} | {c['mean_abs_gap'][key]} | {c['mean_abs_gap_second_half'][key]} |")
         lines += ["", "Final window loss: " + ", ".join(f"{k} {v:.4f}" for k, v in c["final_loss"].items())]
     if "resume" in result:
-        lines += ["", "| written on | resumed on | from step | to step | loss before | first window after | step-1 loss |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| written on | resumed on | from step | to step | loss before | first window after | run's first window |", "|---|---|---|---|---|---|---|"]
         for r in result["resume"]:
-            lines.append(f"| {r['written_by_gpus']} | {r['resumed_on_gpus']} | {r['from_step']} | {r['steps_done']} | {r['loss_before']:.4f} | {r['loss_first_window_after']:.4f} | {r['loss_at_step_1']:.4f} |")
+            lines.append(f"| {r['written_by_gpus']} | {r['resumed_on_gpus']} | {r['from_step']} | {r['steps_done']} | {r['loss_before']:.4f} | {r['loss_first_window_after']:.4f} | {r['loss_first_window_of_run']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
