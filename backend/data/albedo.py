@@ -1,4 +1,4 @@
-"""Procedural albedo of synthetic identities: skin tone, hair cap, brows, lips, iris.
+"""Procedural albedo of synthetic identities: skin tone, hair cap, brows, lips, iris, markings.
 
 Colours are a function of the neutral template position and the head model's part masks,
 interpolated to any surface point, so the same identity looks the same at any density.
@@ -24,6 +24,9 @@ SCLERA = np.array([0.92, 0.90, 0.88], np.float32)
 PUPIL = np.array([0.02, 0.02, 0.02], np.float32)
 IRIS_COS = np.cos(0.42)  # iris disc: within ~24 degrees of the eye's forward axis
 PUPIL_COS = np.cos(0.16)
+MARKINGS = (4, 7)  # blotches per identity, inclusive
+MARKING_RADIUS_M = (0.015, 0.035)
+MARKING_STRENGTH = 0.7  # colour mix at a blotch's centre
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,29 @@ def vertex_albedo(head: HeadModelData, params: AlbedoParams) -> np.ndarray:
     colour = colour * (1 - lips) + np.asarray(params.lips, np.float32) * lips
     colour = colour * (1 - 0.8 * brows) + np.asarray(params.hair, np.float32) * 0.8 * brows
     colour = colour * (1 - hair) + np.asarray(params.hair, np.float32) * (1.0 + 0.08 * noise) * hair
-    colour = colour * (1 - mouth) + MOUTH_INTERIOR * mouth
+    colour = _with_markings(colour, v, rng) * (1 - mouth) + MOUTH_INTERIOR * mouth
     return np.clip(colour, 0, 1)
+
+
+def _with_markings(colour: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``colour`` [V, 3] with a few soft blotches (birthmarks, hair streaks, tattoos, dye) at
+    random places around the head, each a few centimetres wide.
+
+    Real heads differ from side to side and front to back. Without such markings one view of
+    a synthetic identity (its skin tone and hair colour) would predict every other view, and
+    extra source views could not show what they add.
+    """
+    centre = v.mean(axis=0)
+    directions = v - centre
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    for _ in range(int(rng.integers(MARKINGS[0], MARKINGS[1] + 1))):
+        aim = rng.normal(size=3)
+        spot = v[np.argmax(directions @ (aim / np.linalg.norm(aim)))]
+        radius = rng.uniform(*MARKING_RADIUS_M)
+        weight = MARKING_STRENGTH * np.exp(-np.sum((v - spot) ** 2, axis=1) / radius**2)[:, None]
+        tint = rng.uniform(0.05, 0.95, 3).astype(np.float32)
+        colour = colour * (1 - weight) + tint * weight
+    return colour
 
 
 def surface_albedo(head: HeadModelData, params: AlbedoParams, face_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
