@@ -10,9 +10,11 @@ How a render goes (F12, Ctrl-F12 and ``blender -b shot.blend -a`` alike; timers 
   camera, each avatar object's ``matrix_world`` and animated FLAME properties, takes the reply
   already requested for exactly that request or asks the service now, waits for it (with a
   timeout) and writes the merged RGBA and depth into two Blender images.
-* Prefetch: from a render's second frame on (only animations reach one), the handler also
-  keeps ``CompositeConfig.prefetch_frames`` frames in flight, requesting the next ones from
-  their F-curves, so the service renders them while Blender renders this one. Requests are
+* Prefetch: in an animation render the handler also keeps ``CompositeConfig.prefetch_frames``
+  frames in flight, requesting the next ones from their F-curves, so the service renders them
+  while Blender renders this one. It starts at the first frame when the render is known to be
+  an animation (``blender -b ... -a`` or the batch wrapper, see ``animation_render``), and at
+  the second otherwise (F12 and Ctrl-F12 look alike at their first frame). Requests are
   keyed by frame and a fingerprint of the request; a reply whose request no longer matches
   what the frame evaluates to is forgotten, never used. Where F-curves cannot predict a frame
   (drivers, constraints, parents, NLA, camera markers: ``unpredictable``), each frame is
@@ -46,6 +48,7 @@ from . import compositing_frames as frames
 from . import animation_io, avatars, compositing_avatars, connection, flame_data, pointcloud, preferences
 
 ENDPOINT_ENV = "SPATIALAVATAR_ENDPOINT"  # overrides the preferences' address (batch renders, farms)
+ANIMATION_ENV = "SPATIALAVATAR_ANIMATION"  # "1": this process renders an animation (set by the batch wrapper)
 IMAGE_RGBA = "SpatialAvatar RGBA"
 IMAGE_DEPTH = "SpatialAvatar Depth"
 NODE_ZCOMBINE = "SpatialAvatar Z Combine"
@@ -99,6 +102,7 @@ class _Job:
     in_flight: dict[tuple[int, str], str] = field(default_factory=dict)
     replies: dict[str, connection.Reply] = field(default_factory=dict)  # final replies not yet used, by request id
     unpredictable: str | None = None  # why later frames cannot be requested ahead ("": they can; None: not asked yet)
+    animation: bool = False  # known at render_init to be an animation render: prefetch from its first frame
 
 
 _job: _Job | None = None
@@ -458,7 +462,7 @@ def _render_frame(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph, job: _
     ids = [rid if rid is not None else _submit(job, req) for rid, req in zip(claimed, requests)]
     # What is left for this frame (or one passed) was made from parameters that changed since.
     _forget(job, [key for key in job.in_flight if key[0] <= frame])
-    if job.stats:  # a second frame in one render: an animation, so keep its next frames in flight
+    if job.stats or job.animation:  # an animation: keep its next frames in flight
         _prefetch(scene, job, frame)
     deadline = time.monotonic() + CONFIG.frame_timeout_s
     layers, request_s, service_s = [], 0.0, 0.0
@@ -487,7 +491,17 @@ def _start(scene: bpy.types.Scene) -> _Job:
     except (compositing_avatars.MissingAvatar, connection.UserError) as e:
         client.close()
         raise CompositeError(f"the backend at {s.endpoint} cannot provide every avatar: {e}") from e
-    return _Job(client, s.endpoint, shown)
+    return _Job(client, s.endpoint, shown, animation=animation_render())
+
+
+def animation_render() -> bool:
+    """Whether this process is known to render an animation: Blender started in background mode
+    with ``-a`` / ``--render-anim``, or ``ANIMATION_ENV`` set to "1". Blender tells a
+    ``render_init`` handler nothing more, so an animation started from the UI is recognised at
+    its second frame."""
+    if os.environ.get(ANIMATION_ENV) == "1":
+        return True
+    return bpy.app.background and any(arg in ("-a", "--render-anim") for arg in sys.argv)
 
 
 def _fail(job: _Job, message: str) -> None:

@@ -106,6 +106,30 @@ def test_prefetched_frames_are_in_flight_early_and_match_frames_requested_when_r
     assert comp._job is None  # the render's end forgot what was in flight
 
 
+def test_an_animation_known_at_its_start_prefetches_from_the_first_frame(shot, addon, monkeypatch, tmp_path: Path) -> None:
+    """The batch wrapper's environment (or ``blender -b ... -a``) says the render is an
+    animation: the second frame is in flight while Blender renders the first."""
+    comp = addon.compositing
+    _window(addon, monkeypatch, 1)
+    reference = _render(addon, shot, tmp_path / "one")
+    monkeypatch.setenv(comp.ANIMATION_ENV, "1")
+    _window(addon, monkeypatch, 3)
+    ahead: dict[int, list[int]] = {}
+    frames = _render(addon, shot, tmp_path / "three", lambda f: ahead.__setitem__(f, _ahead(addon)))
+    assert ahead == {1: [2, 3], 2: [3, 4], 3: [4, 5], 4: [5], 5: []}
+    assert [s.prefetched for s in comp.last_stats] == [False, True, True, True, True]
+    for got, want in zip(frames, reference, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_animation_render_is_recognised_from_the_command_line(addon, monkeypatch) -> None:
+    comp = addon.compositing
+    monkeypatch.delenv(comp.ANIMATION_ENV, raising=False)
+    for argv, animation in ((["blender", "-b", "shot.blend", "-a"], True), (["blender", "-b", "shot.blend", "--render-anim"], True), (["blender", "-b", "shot.blend", "-f", "3"], False)):
+        monkeypatch.setattr("sys.argv", argv)
+        assert comp.animation_render() is animation, argv
+
+
 def test_a_frame_whose_keys_change_after_its_request_is_requested_again(shot, addon, monkeypatch, tmp_path: Path) -> None:
     """A handler moves the last jaw key while the frames it moves are in flight: the replies
     made from the old key are dropped, and those frames equal a render made with the new key."""

@@ -32,6 +32,7 @@ from backend.server.client import DEFAULT_ENDPOINT, Client, ServiceUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINT_ENV = "SPATIALAVATAR_ENDPOINT"  # read by the add-on's compositing module
+ANIMATION_ENV = "SPATIALAVATAR_ANIMATION"  # "1": the add-on prefetches from the first frame
 ADDON_MODULE = "bl_ext.user_default.spatialavatar"  # the extension installed from disk into the default repository
 _SAVED = re.compile(r"Saved: '(.+?)'")
 
@@ -193,7 +194,7 @@ def render(job: BlenderRenderJob, echo: bool = False) -> BlenderRenderResult:
     result = BlenderRenderResult(runner=runner)
     with backend(job) as started:
         result.started_backend = started
-        env = os.environ | {ENDPOINT_ENV: job.endpoint}
+        env = os.environ | {ENDPOINT_ENV: job.endpoint, ANIMATION_ENV: "1"}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         assert proc.stdout is not None

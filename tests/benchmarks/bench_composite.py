@@ -110,6 +110,7 @@ def main() -> None:
     avatar = surface_avatar(head, torch.zeros(head.n_shape), args.gaussians, lambda faces, bary: torch.full((faces.shape[0], 3), 0.6))
     with tempfile.TemporaryDirectory() as tmp, service_process(Path(tmp) / "store", device=args.device) as proc:
         os.environ[compositing.ENDPOINT_ENV] = proc.endpoint
+        os.environ[compositing.ANIMATION_ENV] = "1"  # as the batch wrapper and `blender -b -a` tell the add-on
         with Client(proc.endpoint, timeout_s=600.0, retries=0) as c:
             aid = c.call("import", {"name": "bench"}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
         sc = build_scene(proc.endpoint, aid, args.frames)
