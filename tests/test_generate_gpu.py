@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from backend.generate.data import Corpus, PhaseSampler, find_subjects
+from backend.generate.model import Generator, preset
 from tests.test_generate_support import assert_ddp_matches_union_batch, ddp_gradient_worker, one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 from tests.test_server_support import free_port
 
@@ -33,6 +34,15 @@ def test_corpus_batches_on_cuda_equal_the_cpu_ones(mono_dirs: list[Path]) -> Non
         assert torch.allclose(a.sources.images, b.sources.images.cpu(), atol=1e-6) and torch.allclose(a.target_rgb, b.target_rgb.cpu(), atol=1e-6)
         assert torch.allclose(a.sources.vertices, b.sources.vertices.cpu(), atol=1e-6)
         assert torch.equal(a.target_world_to_cam, b.target_world_to_cam.cpu())
+
+
+def test_a_generator_made_for_a_cuda_head_leaves_the_head_on_the_gpu() -> None:
+    """Generator.for_head works on a CPU copy; the caller's head stays where it was (an
+    in-place move to the CPU once broke every later use of a CUDA head)."""
+    head = tiny_head().to("cuda")
+    model = Generator.for_head(preset("tiny"), head)
+    assert head.v_template.is_cuda and head.dirs.is_cuda
+    assert not any(p.is_cuda for p in model.parameters())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
