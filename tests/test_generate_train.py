@@ -144,3 +144,25 @@ def test_train_and_generate_commands(corpus_dirs, tmp_path: Path, capsys: pytest
         assert main([*args, "--out", str(out), *common] if args[0] == "generate" else [*args, *common]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_the_scaling_benchmark_refuses_a_plan_that_cannot_run(corpus_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Each refusal is one line with usage, status 2, before any training run starts."""
+    from tests.benchmarks import bench_train_scaling
+
+    base = ["bench", "--data", *map(str, corpus_dirs[0]), "--out", str(tmp_path / "out"), "--device", "cpu", "--gpus", "1", "2"]
+    cases = [
+        (["--steps", "10", "--log-every", "25"], "leaves no log window"),
+        (["--curve-batch", "15"], "does not split over 2 GPUs"),
+        (["--parts", "resume"], "run the curves part first"),
+        (["--gpus", "3", "--curve-batch", "15"], "each of 3 ranks needs its own shard"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--data", str(tmp_path / "nowhere")], "data folder not found"),
+    ]
+    for extra, message in cases:
+        monkeypatch.setattr("sys.argv", base + extra)
+        with pytest.raises(SystemExit) as stop:
+            bench_train_scaling.main()
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "out").exists()

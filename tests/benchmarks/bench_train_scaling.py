@@ -128,8 +128,6 @@ def _windows(run: Path) -> list[tuple[int, float]]:
 
 def curves(args: argparse.Namespace) -> dict:
     n = max(args.gpus)
-    if args.curve_batch % n:
-        raise SystemExit(f"--curve-batch {args.curve_batch} does not split over {n} GPUs")
     runs = {"1 GPU, seed 0": args.out / "curve_n1_s0", "1 GPU, seed 1": args.out / "curve_n1_s1", f"{n} GPUs, seed 0": args.out / f"curve_n{n}_s0"}
     for run in runs.values():
         shutil.rmtree(run, ignore_errors=True)
@@ -240,6 +238,37 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Refuse a plan that cannot run (``ap.error``: usage, one line, status 2) before any run
+    starts; returns the number of subjects."""
+    sizes = {"--gpus": min(args.gpus), "--batch": min(args.batch), "--steps": args.steps, "--log-every": args.log_every}
+    sizes |= {"--curve-batch": args.curve_batch, "--curve-steps": args.curve_steps, "--curve-log-every": args.curve_log_every, "--resume-steps": args.resume_steps}
+    for flag, value in sizes.items():
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+    if args.steps < 2 * args.log_every:
+        ap.error(f"--steps {args.steps} leaves no log window after the warm-up one; use at least twice --log-every ({args.log_every})")
+    if {"curves", "resume"} & set(args.parts) and args.curve_batch % max(args.gpus):
+        ap.error(f"--curve-batch {args.curve_batch} does not split over {max(args.gpus)} GPUs")
+    if "resume" in args.parts and "curves" not in args.parts and not (args.out / "curve_n1_s0").is_dir():
+        ap.error("--parts resume continues the curve runs: run the curves part first")
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < max(args.gpus):
+            ap.error(f"--gpus {max(args.gpus)} asked for, but this machine has {torch.cuda.device_count()} CUDA GPUs (--device cpu runs gloo processes)")
+    from backend.errors import InputError
+    from backend.generate.data import find_subjects
+
+    try:
+        subjects = len(find_subjects(args.data))
+    except InputError as e:
+        ap.error(str(e))
+    if subjects < max(args.gpus):
+        ap.error(f"{subjects} subjects under {' '.join(map(str, args.data))}: each of {max(args.gpus)} ranks needs its own shard")
+    return subjects
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", nargs="+", type=Path, required=True, help="phase-1 (monocular) subjects, or folders holding them")
@@ -258,19 +287,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4, help="OMP threads per process")
     ap.add_argument("--flame", help="FLAME model (default: the built-in head)")
     args = ap.parse_args()
-    if "resume" in args.parts and "curves" not in args.parts and not (args.out / "curve_n1_s0").is_dir():
-        raise SystemExit("--parts resume continues the curve runs: run the curves part first")
-    args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
-    from backend.generate.data import find_subjects
-
+    subjects = check(ap, args)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda":
         import torch
 
         machine = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     else:
         machine = f"cpu, {os.cpu_count()} cores"
-    result: dict = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "subjects": len(find_subjects(args.data)), "args": {k: str(v) for k, v in vars(args).items()}}
+    result: dict = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "subjects": subjects, "args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.time()
     if "throughput" in args.parts:
         result["throughput"] = throughput(args)
