@@ -13,6 +13,7 @@ from functools import lru_cache
 import torch
 
 from backend.render.settings import RasterSettings
+from backend.render.tile_intersect import TileBudget, tile_lists
 
 
 @lru_cache(maxsize=1)
@@ -42,17 +43,21 @@ def rasterize_gsplat(
     height: int,
     backgrounds: torch.Tensor,
     settings: RasterSettings,
+    budget: TileBudget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render with gsplat's fused CUDA kernels ("classic" mode, "RGB+ED").
 
     Same arguments and outputs as ``reference.rasterize_reference``; all tensors must be
-    float32 on one CUDA device.
+    float32 on one CUDA device. With a ``budget`` the intersection lists have a fixed size
+    and the call never waits for the GPU, so it can be captured in a CUDA graph.
     """
     if not gsplat_available():
         raise RuntimeError("the gsplat backend needs CUDA and the gsplat package")
     if not means.is_cuda:
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='reference' on CPU")
     _check_builtin_constants(settings)
+    if budget is not None:
+        return _rasterize_in_budget(means, quats, scales, opacities, colors, world_to_cam, K, width, height, backgrounds, settings, budget)
     from gsplat import rasterization
 
     # The kernels index raw memory: expanded (stride-0) views must be materialised.
@@ -79,3 +84,70 @@ def rasterize_gsplat(
     )
     rgb = render[..., :3] + (1.0 - alpha) * backgrounds[..., None, None, :]
     return rgb, alpha, render[..., 3:]
+
+
+def _rasterize_in_budget(
+    means: torch.Tensor,
+    quats: torch.Tensor,
+    scales: torch.Tensor,
+    opacities: torch.Tensor,
+    colors: torch.Tensor,
+    world_to_cam: torch.Tensor,
+    K: torch.Tensor,
+    width: int,
+    height: int,
+    backgrounds: torch.Tensor,
+    settings: RasterSettings,
+    budget: TileBudget,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rasterization``'s unpacked classic path, with ``tile_lists`` for its intersections.
+
+    gsplat's own steps, called one by one: project, list (tile, Gaussian) pairs, rasterize
+    RGB and depth. The grid gets one extra tile row for the padding slots; it is masked and
+    cut off again.
+    """
+    from gsplat.cuda._wrapper import fully_fused_projection, rasterize_to_pixels
+
+    lead = tuple(means.shape[:-2])
+    cams = K.shape[-3]
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        means,
+        None,
+        quats,
+        scales,
+        world_to_cam,
+        K,
+        width,
+        height,
+        eps2d=settings.eps2d,
+        near_plane=settings.near_plane,
+        far_plane=settings.far_plane,
+        opacities=opacities,
+    )  # [..., C, N, ...]
+    ts = settings.tile_size
+    cols, rows = -(-width // ts), -(-height // ts)
+    n = means.shape[-2]
+    lists = tile_lists(
+        means2d.reshape(-1, n, 2), radii.reshape(-1, n, 2), depths.reshape(-1, n), ts, cols, rows, budget.capacity
+    )
+    torch.maximum(budget.peak, lists.total, out=budget.peak)
+    grid = lead + (cams, rows + 1, cols)
+    # gsplat's "RGB+ED": depth rides along as a fourth colour channel.
+    if colors.ndim == means.ndim:  # one colour per Gaussian for every camera
+        colors = colors[..., None, :, :]
+    channels = torch.cat((colors.expand(lead + (cams, n, 3)), depths[..., None]), dim=-1)
+    render, alpha = rasterize_to_pixels(
+        means2d,
+        conics,
+        channels,
+        opacities[..., None, :].expand(lead + (cams, n)).contiguous(),
+        cols * ts,
+        (rows + 1) * ts,
+        ts,
+        lists.offsets.reshape(grid),
+        lists.flatten_ids,
+        masks=lists.masks.reshape(grid),
+    )
+    render, alpha = render[..., :height, :width, :], alpha[..., :height, :width, :]
+    rgb = render[..., :3] + (1.0 - alpha) * backgrounds[..., None, None, :]
+    return rgb, alpha, render[..., 3:] / alpha.clamp(min=1e-10)

@@ -11,6 +11,7 @@ from backend.render.camera import Cameras
 from backend.render.gsplat_backend import gsplat_available, rasterize_gsplat
 from backend.render.reference import rasterize_reference
 from backend.render.settings import RasterSettings
+from backend.render.tile_intersect import TileBudget
 from backend.render.sh import MAX_SH_DEGREE, sh_to_rgb
 
 Backend = Literal["auto", "gsplat", "reference"]
@@ -37,6 +38,7 @@ def render(
     background: torch.Tensor,
     backend: Backend = "auto",
     settings: RasterSettings = RasterSettings(),
+    budget: TileBudget | None = None,
 ) -> RenderOutput:
     """Rasterize Gaussians into every camera of a rig.
 
@@ -50,6 +52,8 @@ def render(
         backend: "auto" uses gsplat for CUDA tensors when it is installed, else the
             reference; "gsplat" and "reference" force one.
         settings: rasterizer constants.
+        budget: gsplat only: fixed-size intersection lists, so the call never waits for the
+            GPU and can be captured in a CUDA graph (see ``tile_intersect``).
 
     Returns:
         RenderOutput.
@@ -65,8 +69,9 @@ def render(
     use_gsplat = backend == "gsplat" or (
         backend == "auto" and splats.means.is_cuda and gsplat_available()
     )
-    rasterize = rasterize_gsplat if use_gsplat else rasterize_reference
-    rgb, alpha, depth = rasterize(
+    if budget is not None and not use_gsplat:
+        raise ValueError("a tile budget applies only to the gsplat backend (CUDA tensors)")
+    args = (
         splats.means,
         splats.quats,
         splats.scales,
@@ -79,6 +84,7 @@ def render(
         backgrounds,
         settings,
     )
+    rgb, alpha, depth = rasterize_gsplat(*args, budget=budget) if use_gsplat else rasterize_reference(*args)
     return RenderOutput(rgb, alpha, depth)
 
 
