@@ -156,3 +156,18 @@ def test_flame_param_file_round_trip_and_errors(head: HeadModel, rng: torch.Gene
     (tmp_path / "trunc.npz").write_bytes((tmp_path / "p.npz").read_bytes()[:100])
     with pytest.raises(InputError, match="not a readable .npz"):
         FlameParams.load(tmp_path / "trunc.npz")
+
+
+@pytest.mark.parametrize("batched_template", [False, True])
+def test_skinning_matches_smplx_lbs(head: HeadModel, batched_template: bool) -> None:
+    from smplx.lbs import lbs
+
+    g = torch.Generator().manual_seed(3)
+    b = 3
+    coeffs = torch.randn(b, head.n_shape + head.n_expr, generator=g)
+    pose = 0.4 * torch.randn(b, 3 * len(head.joint_parents), generator=g)
+    template = head.v_template + 0.002 * torch.randn(b, *head.v_template.shape, generator=g) if batched_template else head.v_template
+    verts, joints = head.skin(coeffs, pose, template)
+    ref_verts, ref_joints = lbs(coeffs, pose, template, head.dirs, head.posedirs, head.j_regressor, head.parents, head.weights)
+    torch.testing.assert_close(verts, ref_verts, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(joints, ref_joints, atol=1e-6, rtol=1e-5)

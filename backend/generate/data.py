@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from smplx.lbs import lbs
 
 from backend.data.subject import Subject, frame_name
 from backend.errors import InputError
@@ -134,7 +133,7 @@ def pose_rows(head: HeadModel, shapes: torch.Tensor, rows: dict[str, torch.Tenso
     """Posed vertices of R parameter rows with per-row identities, in one LBS call.
 
     ``HeadModel.forward`` shares one identity across its batch; a training batch mixes
-    identities. Same formulas (smplx LBS, then the translation).
+    identities. Same formulas (``HeadModel.skin``, then the translation).
 
     Args:
         shapes: [R, n_shape] identity per row (already conformed to the head).
@@ -148,7 +147,7 @@ def pose_rows(head: HeadModel, shapes: torch.Tensor, rows: dict[str, torch.Tenso
     template = head.v_template.expand(shapes.shape[0], -1, -1)
     if static_offsets is not None:
         template = template + static_offsets
-    verts, _ = lbs(coeffs, pose, template, head.dirs, head.posedirs, head.j_regressor, head.parents, head.weights)
+    verts, _ = head.skin(coeffs, pose, template)
     return verts + rows["translation"][:, None]
 
 

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from smplx.lbs import lbs
+import torch.nn.functional as F
+from smplx.lbs import batch_rodrigues, blend_shapes, transform_mat, vertices2joints
 
 from backend.errors import InputError
 from backend.head.params import FlameParams
@@ -140,6 +141,7 @@ class HeadModel(torch.nn.Module):
         self.register_buffer("j_regressor", torch.as_tensor(data.j_regressor, dtype=f32))
         self.register_buffer("weights", torch.as_tensor(data.weights, dtype=f32))
         self.register_buffer("parents", torch.as_tensor(data.parents, dtype=torch.long))
+        self.joint_parents: tuple[int, ...] = tuple(int(p) for p in data.parents)  # host copy for the chain walk
         self.register_buffer("uv_coords", torch.as_tensor(data.uv_coords, dtype=f32))
         self.register_buffer("uv_faces", torch.as_tensor(data.uv_faces, dtype=torch.long))
         self.register_buffer("lmk_faces", torch.as_tensor(data.lmk_faces, dtype=torch.long))
@@ -166,10 +168,44 @@ class HeadModel(torch.nn.Module):
         coeffs = torch.cat([params.shape.expand(b, -1), params.expr], dim=1)
         pose = torch.cat([params.rotation, params.neck_pose, params.jaw_pose, params.eyes_pose], dim=1)
         template = self.v_template if params.static_offset is None else self.v_template + params.static_offset
-        verts, joints = lbs(coeffs, pose, template, self.dirs, self.posedirs, self.j_regressor, self.parents, self.weights)
+        verts, joints = self.skin(coeffs, pose, template)
         verts = verts + params.translation[:, None]
         joints = joints + params.translation[:, None]
         return HeadOutput(verts, joints, self.landmarks(verts))
+
+    def skin(self, coeffs: torch.Tensor, pose: torch.Tensor, template: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """smplx's linear blend skinning, walking the joint tree from a host tuple.
+
+        smplx's ``lbs`` indexes a Python list with elements of the device ``parents`` tensor,
+        a device-to-host read per joint; this walk reads nothing back, so a posing step can be
+        captured in a CUDA graph. Same formulas, built from smplx's own pieces (a test holds it
+        to ``smplx.lbs.lbs``).
+
+        Args:
+            coeffs: [B, n_shape + n_expr] shape then expression coefficients.
+            pose: [B, 3 * J] axis-angle per joint (global, neck, jaw, eyes).
+            template: [V, 3] or [B, V, 3] rest vertices, metres.
+        Returns:
+            vertices [B, V, 3] and joints [B, J, 3], metres (no translation).
+        """
+        b, nj = pose.shape[0], len(self.joint_parents)
+        shaped = template + blend_shapes(coeffs, self.dirs)  # [B, V, 3]
+        joints = vertices2joints(self.j_regressor, shaped)  # [B, J, 3]
+        rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(b, nj, 3, 3)
+        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+        posed = shaped + ((rot[:, 1:] - eye).reshape(b, -1) @ self.posedirs).reshape(b, -1, 3)
+        parents = self.joint_parents
+        rel = torch.stack([joints[:, 0]] + [joints[:, i] - joints[:, parents[i]] for i in range(1, nj)], dim=1)
+        local = transform_mat(rot.reshape(-1, 3, 3), rel.reshape(-1, 3, 1)).reshape(b, nj, 4, 4)
+        chain = [local[:, 0]]
+        for i in range(1, nj):
+            chain.append(chain[parents[i]] @ local[:, i])
+        world = torch.stack(chain, dim=1)  # [B, J, 4, 4] joint frames
+        # Skinning transforms act on rest-pose points: subtract each joint's rotated rest position.
+        skinning = world - F.pad(world[..., :3, :3] @ joints[..., None], (3, 0, 0, 1))
+        T = (self.weights @ skinning.reshape(b, nj, 16)).reshape(b, -1, 4, 4)  # [B, V, 4, 4]
+        verts = (T[..., :3, :3] @ posed[..., None])[..., 0] + T[..., :3, 3]
+        return verts, world[..., :3, 3]
 
     def landmarks(self, vertices: torch.Tensor) -> torch.Tensor:
         """[B, V, 3] vertices -> [B, 68, 3] iBUG-68 landmark positions."""
