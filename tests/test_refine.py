@@ -92,7 +92,8 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
     subject, avatar = setup
     # Random backgrounds: the per-step colours must come out the same after a resume.
     config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), random_background=True)
-    full = refine(avatar, head, subject, config)
+    full = refine(avatar, head, subject, config, profile=True)  # profiling must not change the run
+    assert all(full.timings[stage] > 0 for stage in ("data", "deform", "render", "loss", "backward", "optimizer"))
     calls = {"n": 0}
 
     def stop_after_5() -> bool:

@@ -181,7 +181,7 @@ def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfi
     what = "full GPU schedule" if cuda else f"short CPU schedule (a CUDA machine runs {config.gpu_iters:,} at {subject.info.width} px)"
     line = f"{what}: {iters:,} iterations at {target.info.width} x {target.info.height} px"
     log(f"      refinement: {line}")
-    rc = RefineConfig(iterations=iters, compile=cuda, log_every=max(1, min(100, iters // 20)))
+    rc = RefineConfig(iterations=iters, log_every=max(1, min(100, iters // 20)))
     if config.refine_max_scale is not None:
         rc = replace(rc, anti_spike=replace(rc.anti_spike, max_scale=config.refine_max_scale))
     with tqdm(total=iters, desc="refine", unit="it", file=sys.stderr, leave=False) as bar:

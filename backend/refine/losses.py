@@ -9,9 +9,9 @@ use_sample_covariance=False, data_range=1)`` away from the borders (a test check
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 _WINDOW = 11
 _SIGMA = 1.5
@@ -25,6 +25,16 @@ def _gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return g / g.sum()
 
 
+@lru_cache(maxsize=8)
+def _blur_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n, n] banded matrix that applies the window along an axis of n pixels, zero-padded
+    at the borders: row r holds the window centred on pixel r."""
+    i = torch.arange(n, device=device)
+    tap = i[None, :] - i[:, None] + _WINDOW // 2
+    inside = (tap >= 0) & (tap < _WINDOW)
+    return torch.where(inside, _gaussian_window(device, dtype)[tap.clamp(0, _WINDOW - 1)], 0.0)
+
+
 def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-pixel SSIM of images [..., H, W, C] in [0, 1] -> [..., H, W] (mean over channels).
 
@@ -32,13 +42,14 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     lead = a.shape[:-3]
     h, w, c = a.shape[-3:]
-    x = a.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
-    y = b.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
-    g = _gaussian_window(a.device, a.dtype)
-    gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+    x = a.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)
+    y = b.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)
+    rows, cols = _blur_matrix(h, a.device, a.dtype), _blur_matrix(w, a.device, a.dtype)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, gx, padding=(0, _WINDOW // 2)), gy, padding=(_WINDOW // 2, 0))
+        # The separable window as two banded matmuls: on a GPU these run as a few GEMMs,
+        # several times faster (forward and backward) than an 11-tap depthwise convolution.
+        return rows @ t @ cols.T
 
     # One blur call over all five moments: fewer, larger kernels.
     mu_x, mu_y, exx, eyy, exy = blur(torch.cat([x, y, x * x, y * y, x * y])).chunk(5)

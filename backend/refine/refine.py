@@ -8,6 +8,7 @@ configured), so everything keyed against the avatar in Blender still fits.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from backend.data.subject import Subject
 from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, LocalGaussians, assemble_splats, place_gaussians
 from backend.gaussians.frames import TriangleFrames, triangle_frames
+from backend.gaussians.splats import Splats
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
@@ -27,14 +29,17 @@ from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.regularizers import spike_loss
+from backend.refine.step_graph import GraphedStep
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
+from backend.render.tile_intersect import TileBudget
 
 ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]
 CheckpointFn = Callable[["RefineState"], None]
 
 MAX_START_SHARE_OVER_SCALE = 0.25
+TILE_HEADROOM = 1.5  # tile budget over the most intersections seen; grown when a render nears it
 _FLAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
 
 
@@ -45,7 +50,6 @@ class RefineState:
     iteration: int
     avatar: Avatar
     optimizer: dict
-    generator: torch.Tensor
     flame: dict[str, torch.Tensor]
     config: dict
     timings: dict[str, float] = field(default_factory=dict)
@@ -57,7 +61,6 @@ class RefineState:
             "iteration": self.iteration,
             "avatar": torch.frombuffer(blob, dtype=torch.uint8).clone(),
             "optimizer": self.optimizer,
-            "generator": self.generator,
             "flame": self.flame,
             "config": self.config,
             "timings": self.timings,
@@ -66,7 +69,7 @@ class RefineState:
     @classmethod
     def from_dict(cls, d: dict) -> RefineState:
         avatar = avatar_from_bytes(d["avatar"].numpy().tobytes(), "checkpoint")
-        return cls(d["iteration"], avatar, d["optimizer"], d["generator"], d["flame"], d["config"], d.get("timings", {}))
+        return cls(d["iteration"], avatar, d["optimizer"], d["flame"], d["config"], d.get("timings", {}))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -102,7 +105,7 @@ class _Targets:
     The background outside the window is matched by construction, so the loss need not look
     there, and the rasterizer need not draw it: each view's camera is shifted so that it
     renders exactly its window. Images, intrinsics and extrinsics stay on the device; a step
-    picks views by slicing, with no host-to-device copy.
+    picks views with a device index, with no host-to-device copy.
 
     Attributes:
         foreground: [V, h, w, 3] crops of the images times their masks, V = frames x cameras
@@ -139,18 +142,13 @@ class _Targets:
         self.K = K.to(device)
         self.world_to_cam = cams.world_to_cam.reshape(-1, 1, 4, 4).to(device)
 
-    def cameras(self, views: list[int]) -> Cameras:
-        """The crop cameras of flat view indices, [B, 1, ...]."""
-        return Cameras(_take(self.K, views), _take(self.world_to_cam, views), self.crop_w, self.crop_h)
+    def cameras(self, views: torch.Tensor) -> Cameras:
+        """The crop cameras of flat view indices [B] (a device tensor), [B, 1, ...]."""
+        return Cameras(self.K.index_select(0, views), self.world_to_cam.index_select(0, views), self.crop_w, self.crop_h)
 
-    def get(self, views: list[int], background: torch.Tensor) -> torch.Tensor:
-        """[B, h, w, 3] crops of flat view indices composited over ``background`` [3]."""
-        return _take(self.foreground, views) + background * _take(self.uncovered, views)
-
-
-def _take(t: torch.Tensor, index: list[int]) -> torch.Tensor:
-    """``t[index]``; one index is a slice, which is a view and costs no copy or kernel."""
-    return t[index[0] : index[0] + 1] if len(index) == 1 else t[index]
+    def get(self, views: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, 3] crops of flat view indices [B] composited over ``background`` [3]."""
+        return self.foreground.index_select(0, views) + background * self.uncovered.index_select(0, views)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -184,11 +182,57 @@ def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
         )
 
 
-def _lr_scale(config: RefineConfig, group: str, step: int) -> float:
-    """Multiplier of a group's base rate at ``step``: an exponential decay over the run."""
-    t = min(step / max(config.iterations, 1), 1.0)
+def _lr_scale(config: RefineConfig, group: str, step: int | torch.Tensor) -> float | torch.Tensor:
+    """Multiplier of a group's base rate at ``step`` (a number, or the device step counter of
+    a captured step): an exponential decay over the run."""
     final = config.lr.offset_final / config.lr.offset if group == "offset" else config.lr.final_factor
-    return math.exp(t * math.log(final))
+    if isinstance(step, torch.Tensor):
+        return torch.exp((step / max(config.iterations, 1)).clamp(max=1.0) * math.log(final))
+    return math.exp(min(step / max(config.iterations, 1), 1.0) * math.log(final))
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, config: RefineConfig, step: int | torch.Tensor) -> None:
+    for g in optimizer.param_groups:
+        scale = _lr_scale(config, g["name"], step)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].copy_(g["base_lr"] * scale)  # in place: a captured step keeps reading this tensor
+        else:
+            g["lr"] = g["base_lr"] * scale
+
+
+class _StageClock:
+    """Per-stage time of the step when profiling: on CUDA, GPU time between events recorded
+    at each stage boundary (inside a captured step too, so replays are timed); on the CPU,
+    host wall time. Off, every call returns at once."""
+
+    def __init__(self, device: torch.device, enabled: bool, timings: dict[str, float]) -> None:
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.timings = timings
+        self.marks: list[tuple[str, torch.cuda.Event | float]] = []
+
+    def lap(self, stage: str) -> None:
+        """Mark the end of ``stage`` ("" marks the start of the step)."""
+        if not self.enabled:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True, external=True)
+            event.record()
+            self.marks.append((stage, event))
+        else:
+            self.marks.append((stage, time.perf_counter()))
+
+    def collect(self, keep: bool) -> None:
+        """Add the last step's stage times; ``keep`` the marks when a graph replays them."""
+        if not self.enabled:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        for (_, begin), (stage, end) in zip(self.marks, self.marks[1:]):
+            seconds = begin.elapsed_time(end) / 1000 if isinstance(begin, torch.cuda.Event) else end - begin  # type: ignore[operator, arg-type]
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        if not keep:
+            self.marks.clear()
 
 
 def refine(
@@ -210,13 +254,13 @@ def refine(
         should_stop: polled every step; True ends the run early (a checkpoint is written).
         checkpoint: receives the state every ``config.checkpoint_every`` steps and at the end.
         resume: a state from an earlier run of the same configuration to continue.
-        profile: synchronize around each stage to fill ``timings`` (slower).
+        profile: fill ``timings`` with a per-stage breakdown (GPU time on CUDA); the device
+            is synchronized after every step (slower).
     """
     device = head.v_template.device
     frames = subject.split["train"]
     if not frames:
         raise InputError(f"subject {subject.root} has no training frames")
-    gen = torch.Generator().manual_seed(config.seed)
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
     local = source.local.map(lambda t: t.detach().clone().to(device).requires_grad_(True))
@@ -226,31 +270,43 @@ def refine(
     flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
     if resume:
         flame = {k: v.to(device) for k, v in resume.flame.items()}
-        gen.set_state(resume.generator)
     for v in flame.values():
         v.requires_grad_(config.finetune_flame)
     targets = _Targets(subject, frames, device, config.loss_margin)
+    cams = subject.num_cameras
+    # Every step's draws are made up front from the seed and stay on the device; a step picks
+    # its own by the step counter, so a resumed run sees the same ones.
+    draws = torch.Generator().manual_seed(config.seed)
+    frame_draws = torch.randint(len(frames), (config.iterations, config.views_per_step), generator=draws)
+    view_draws = (frame_draws * cams + torch.randint(cams, frame_draws.shape, generator=draws)).to(device)
+    frame_draws = frame_draws.to(device)
     random_background = config.random_background if config.random_background is not None else subject.info.source != "synthetic"
-    # Drawn up front from the seed, one colour per step, so a resumed run sees the same ones.
     backgrounds = (
         torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
         if random_background
         else subject.background().expand(config.iterations, 3)
     ).to(device)
+    density = DensityControl(config.densify, binding, subject) if config.densify else None
+    graphed = config.cuda_graph and device.type == "cuda" and density is None
+    groups = _param_groups(local, config)
+    if graphed:  # a captured step reads its learning rates from device tensors
+        for g in groups:
+            g["lr"] = torch.tensor(g["lr"], device=device)
     fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
-    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused)
+    optimizer = torch.optim.Adam(groups, eps=1e-15, fused=fused, capturable=graphed)
     flame_opt = None
     if config.finetune_flame:
         lr = config.lr
         flame_opt = torch.optim.Adam(
             [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
-            + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")]
+            + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")],
+            capturable=graphed,
         )
-    density = DensityControl(config.densify, binding, subject) if config.densify else None
     if resume:
         optimizer.load_state_dict(resume.optimizer["gaussians"])
         if flame_opt is not None and "flame" in resume.optimizer:
             flame_opt.load_state_dict(resume.optimizer["flame"])
+    optimizers = [optimizer] + ([flame_opt] if flame_opt is not None else [])
     # Posed vertices and triangle frames of every training frame, computed once when FLAME is
     # not fine-tuned: a step then only gathers them.
     fixed: tuple[torch.Tensor, TriangleFrames] | None = None
@@ -259,18 +315,18 @@ def refine(
             verts_all = head(replace(params, **flame), check=False).vertices
             fixed = (verts_all, triangle_frames(verts_all, head.faces))
 
-    timings = {k: 0.0 for k in ("deform", "render", "loss", "backward", "optimizer")} | (dict(resume.timings) if resume else {})
+    timings: dict[str, float] = dict(resume.timings) if resume else {}
+    clock = _StageClock(device, profile, timings)
     history: list[dict] = []
     start = resume.iteration if resume else 0
     stopped = False
-    sync = (lambda: torch.cuda.synchronize(device)) if (profile and device.type == "cuda") else (lambda: None)
+    counter = torch.full((1,), start, dtype=torch.int64, device=device)  # the step being taken
 
     def state(step: int) -> RefineState:
-        opt = {"gaussians": optimizer.state_dict()}
-        if flame_opt is not None:
-            opt["flame"] = flame_opt.state_dict()
+        # state_dict() holds the live moment tensors, which the next steps update in place.
+        opt = copy.deepcopy({"gaussians": optimizer.state_dict()} | ({"flame": flame_opt.state_dict()} if flame_opt is not None else {}))
         current = replace(source, binding=binding, local=local.map(lambda t: t.detach().clone()))
-        return RefineState(step, current, opt, gen.get_state(), {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
+        return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
     def loss_fn(rgb: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         loss = photometric_loss(rgb, target, config.ssim_weight)
@@ -278,72 +334,77 @@ def refine(
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
         return loss
 
-    # Deformation and loss are chains of small element-wise kernels: compiled, they fuse. With
-    # a frozen layout the shapes never change, so the compiled kernels are also replayed as
-    # CUDA graphs ("reduce-overhead"): the step is bound by kernel launches, not by the GPU.
+    # Deformation and loss are chains of small element-wise kernels: compiled, they fuse.
+    # Without the whole-step graph, a frozen layout still lets the compiled regions replay as
+    # CUDA graphs of their own ("reduce-overhead").
     compiled = config.compile and device.type == "cuda"
-    mode = None if density is not None else "reduce-overhead"
+    mode = "reduce-overhead" if density is None and not graphed else None
     place = torch.compile(place_gaussians, dynamic=density is not None, mode=mode) if compiled else place_gaussians
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
+    def posed(frame: torch.Tensor) -> Splats:
+        """The avatar's Gaussians at training frames [B] (a device index)."""
+        if fixed is not None:
+            verts, tri = fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
+        else:
+            verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
+            tri = frames_of(verts, head.faces)
+        means, quats, scales = place(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
+        return assemble_splats(means, quats, scales, local)
+
+    budget = _tile_budget(posed, targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
+
+    def train_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step at ``counter``; reads nothing back from the device. Returns the loss, the
+        render [B, h, w, 3] and its target."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        clock.lap("")
+        frame, view_idx = frame_draws.index_select(0, counter)[0], view_draws.index_select(0, counter)[0]
+        background = backgrounds.index_select(0, counter)[0]
+        view, target = targets.cameras(view_idx), targets.get(view_idx, background)
+        clock.lap("data")
+        splats = posed(frame)
+        if density is not None:
+            splats.means.retain_grad()
+        clock.lap("deform")
+        rgb = render(splats, view, background, budget=budget).rgb[:, 0]
+        clock.lap("render")
+        loss = step_loss(rgb, target, local.log_scale, local.offset)
+        clock.lap("loss")
+        loss.backward()
+        clock.lap("backward")
+        if density is not None:
+            density.observe(splats, splats.means.grad, view)
+        _set_learning_rates(optimizer, config, counter[0] if graphed else step)
+        for opt in optimizers:
+            opt.step()
+        counter.add_(1)
+        clock.lap("optimizer")
+        return loss, rgb, target
+
+    graph = GraphedStep(train_step, optimizers) if graphed else None
     t_start = time.perf_counter()
     step = start
     for step in range(start, config.iterations):
         if should_stop is not None and should_stop():
             stopped = True
             break
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * _lr_scale(config, g["name"], step)
-        idx = torch.randint(len(frames), (config.views_per_step,), generator=gen).tolist()
-        cam_idx = torch.randint(subject.num_cameras, (config.views_per_step,), generator=gen).tolist()
-
-        t0 = time.perf_counter()
-        if fixed is not None:
-            verts, tri = _take(fixed[0], idx), TriangleFrames(*(_take(t, idx) for t in fixed[1]))
-        else:
-            verts = head(replace(params, **{k: v[idx] for k, v in flame.items()}), check=False).vertices
-            tri = frames_of(verts, head.faces)
-        means, quats, scales = place(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
-        splats = assemble_splats(means, quats, scales, local)
-        if density is not None:
-            splats.means.retain_grad()
-        sync()
-        t1 = time.perf_counter()
-        flat = [i * subject.num_cameras + c for i, c in zip(idx, cam_idx)]
-        view = targets.cameras(flat)
-        background = backgrounds[step]
-        out = render(splats, view, background)
-        sync()
-        t2 = time.perf_counter()
-        loss = step_loss(out.rgb[:, 0], targets.get(flat, background), local.log_scale, local.offset)
-        sync()
-        t3 = time.perf_counter()
-        loss.backward()
-        sync()
-        t4 = time.perf_counter()
-        if density is not None:
-            density.observe(splats, splats.means.grad, view)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if flame_opt is not None:
-            flame_opt.step()
-            flame_opt.zero_grad(set_to_none=True)
-        if density is not None:
-            local, binding, optimizer = density.step(step + 1, local, binding, optimizer, lambda l: _param_groups(l, config))
-        sync()
-        t5 = time.perf_counter()
-        for key, dt in zip(("deform", "render", "loss", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            timings[key] += dt
-
+        loss, rgb, target = graph() if graph is not None else train_step()
+        clock.collect(keep=graph is not None and graph.captured)
         done = step + 1
+        if density is not None:
+            local, binding, optimizer = density.step(done, local, binding, optimizer, lambda l: _param_groups(l, config))
+            optimizers[0] = optimizer
         if done % config.log_every == 0 or done == config.iterations:
-            stats = {
-                "loss": float(loss.detach()),
-                "psnr": psnr(out.rgb[:, 0].detach(), targets.get(flat, background)),
-                "count": binding.count,
-                "seconds": time.perf_counter() - t_start,
-            }
+            stats = {"loss": float(loss.detach()), "psnr": psnr(rgb.detach(), target), "count": binding.count, "seconds": time.perf_counter() - t_start}
+            if graph is not None and budget is not None:
+                if int(budget.peak) > budget.capacity:
+                    stats["tile_pairs_dropped"] = True  # some renders since the last line lost pairs
+                if _grow(budget):
+                    clock.marks.clear()
+                    graph.recapture()
             history.append({"iteration": done, **stats})
             if progress is not None:
                 progress(done, config.iterations, stats)
@@ -362,3 +423,24 @@ def refine(
     out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=binding.to("cpu"))
     out_avatar.meta = dict(source.meta) | {"refined_iterations": final_step, "refine_config": config.to_dict()}
     return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped)
+
+
+def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, background: torch.Tensor, views: int, cams: int) -> TileBudget:
+    """A tile budget with room for every training view's intersections at the start, plus
+    ``TILE_HEADROOM`` for Gaussians that grow during the run."""
+    device = background.device
+    probe = TileBudget(1, torch.zeros((), dtype=torch.int64, device=device))
+    with torch.no_grad():
+        for v in range(views):
+            view = torch.tensor([v], device=device)
+            render(posed(view // cams), targets.cameras(view), background, budget=probe)
+    return TileBudget(int(TILE_HEADROOM * int(probe.peak)) + 1, probe.peak.clone())
+
+
+def _grow(budget: TileBudget) -> bool:
+    """Enlarge ``budget`` when renders came near its capacity; True if it was resized."""
+    peak = int(budget.peak)
+    if peak <= budget.capacity / TILE_HEADROOM**0.5:
+        return False
+    budget.capacity = int(TILE_HEADROOM * peak) + 1
+    return True

@@ -7,7 +7,10 @@ each method's worst test view (ground truth | render).
 
     python tests/benchmarks/bench_refine.py --out DIR [--identities 3] [--size 512]
         [--iters 10000] [--gaussians 100000] [--frames 100] [--methods 'ours;no-antispike;densify']
-        [--profile-iters 500] [--work DIR]
+        [--profile-iters 500] [--trace-iters 300] [--work DIR]
+
+--profile-iters times each stage of the first method's step (GPU time between CUDA events on
+a GPU, inside the captured step too).
 """
 
 from __future__ import annotations
@@ -43,13 +46,13 @@ def _config(method: str, **fields: object) -> RefineConfig:
     return RefineConfig.from_dict(d)
 
 
-def _trace(avatar, head, subject, iters: int, compile: bool, out: Path) -> None:  # type: ignore[no-untyped-def]
+def _trace(avatar, head, subject, iters: int, out: Path) -> None:  # type: ignore[no-untyped-def]
     """Kernel and operator tables of ``iters`` iterations of ours (after a warm-up run), and
     the share of the wall time the GPU was busy."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    config = preset("ours", iterations=iters, log_every=iters, checkpoint_every=0, compile=compile)
+    config = preset("ours", iterations=iters, log_every=iters, checkpoint_every=0)
     refine(avatar, head, subject, config)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -78,8 +81,7 @@ def main() -> None:
     ap.add_argument("--gaussians", type=int, default=100_000)
     ap.add_argument("--reference-gaussians", type=int, default=400_000)
     ap.add_argument("--methods", default="ours;no-antispike;densify", help="';'-separated presets, or NAME=JSON overrides of 'ours'")
-    ap.add_argument("--no-compile", action="store_true", help="run without torch.compile")
-    ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of ours (stage breakdown)")
+    ap.add_argument("--profile-iters", type=int, default=0, help="also run this many profiled iterations of the first method (stage breakdown)")
     ap.add_argument("--trace-iters", type=int, default=0, help="also run this many iterations of ours under torch.profiler (kernel tables)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,7 +98,7 @@ def main() -> None:
         rows.append({"identity": ident, "method": "init", "synth_seconds": synth_s, **init_scores})
         print(json.dumps(rows[-1]), flush=True)
         for method in args.methods.split(";"):
-            config = _config(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0, compile=not args.no_compile)
+            config = _config(method, iterations=args.iters, log_every=max(args.iters // 10, 1), checkpoint_every=0)
             method = method.split("=", 1)[0]
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -109,12 +111,14 @@ def main() -> None:
             rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, **scores})
             print(json.dumps(rows[-1]), flush=True)
         if args.profile_iters and ident == args.first_identity:
-            result = refine(avatar, head, subject, preset("ours", iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0, compile=not args.no_compile), profile=True)
+            first = args.methods.split(";")[0]
+            config = _config(first, iterations=args.profile_iters, log_every=args.profile_iters, checkpoint_every=0)
+            result = refine(avatar, head, subject, config, profile=True)
             per_it = {k: 1000 * v / args.profile_iters for k, v in result.timings.items()}
-            rows.append({"identity": ident, "method": "ours-profile-ms-per-iteration", **per_it})
+            rows.append({"identity": ident, "method": f"{first.split('=', 1)[0]}-profile-ms-per-iteration", **per_it})
             print(json.dumps(rows[-1]), flush=True)
         if args.trace_iters and ident == args.first_identity:
-            _trace(avatar, head, subject, args.trace_iters, not args.no_compile, args.out)
+            _trace(avatar, head, subject, args.trace_iters, args.out)
     (args.out / "bench_refine.json").write_text(json.dumps(rows, indent=1))
 
 

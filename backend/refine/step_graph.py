@@ -1,0 +1,65 @@
+"""A training step replayed from one CUDA graph.
+
+With a frozen layout every step launches the same kernels on tensors of the same shapes;
+only device-side values change (the step counter, and what it selects). Captured once, a
+step is then one graph launch instead of a few hundred Python-driven kernel launches, and
+the GPU, not the host, sets the pace. The step must not wait for the GPU anywhere: renders
+go through a ``TileBudget``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+import torch
+
+Out = TypeVar("Out")
+
+
+class GraphedStep(Generic[Out]):
+    """Runs ``step`` eagerly for ``warmup`` calls on a side stream, then captures it and
+    replays the capture for every later call.
+
+    ``step`` must read all its per-step inputs from device tensors that it updates itself
+    (a step counter), begin with ``zero_grad(set_to_none=True)`` on its optimizers, and
+    return the same tensors each call (the capture's outputs are overwritten by each replay).
+    """
+
+    def __init__(self, step: Callable[[], Out], optimizers: list[torch.optim.Optimizer], warmup: int = 3) -> None:
+        self._step = step
+        self._optimizers = optimizers
+        self._warmup = warmup
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: Out | None = None
+        self._calls = 0
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self) -> Out:
+        if self._graph is not None:
+            self._graph.replay()
+            assert self._out is not None
+            return self._out
+        if self._calls < self._warmup:
+            # Side-stream warm-up, as CUDA graph capture asks: lazy initialisation (compiled
+            # kernels, autograd's stream bookkeeping) happens outside the capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self._calls += 1
+            return out
+        self.recapture()
+        return self()
+
+    def recapture(self) -> None:
+        """Capture the step afresh (e.g. after a buffer it uses was resized)."""
+        for opt in self._optimizers:
+            opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the capture
+        torch.cuda.synchronize()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._step()
