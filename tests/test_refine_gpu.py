@@ -15,7 +15,7 @@ from backend.refine.config import RefineConfig
 from backend.refine.evaluate import evaluate
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import ssim_map
-from backend.refine.refine import refine
+from backend.refine.refine import RefineState, refine
 from backend.refine.regularizers import AntiSpike
 
 pytestmark = [
@@ -64,13 +64,14 @@ def test_fast_refinement_matches_eager_and_keeps_layout(case, fast: dict, random
     assert quick.avatar.count == avatar.count
 
 
-def test_captured_run_resumes_where_it_stopped(case) -> None:  # type: ignore[no-untyped-def]
+def test_captured_run_resumes_where_it_stopped(case, tmp_path) -> None:  # type: ignore[no-untyped-def]
     gpu, subject, avatar, _ = case
     config = RefineConfig(iterations=200, log_every=50, checkpoint_every=100, anti_spike=AntiSpike(max_scale=3.0))
     states = []
     whole = refine(avatar, gpu, subject, config, checkpoint=states.append)
     again = refine(avatar, gpu, subject, config)
-    halves = refine(avatar, gpu, subject, config, resume=states[0])
+    # Through a file, as the CLI and the service resume: tensors come back on the host.
+    halves = refine(avatar, gpu, subject, config, resume=RefineState.load(states[0].save(tmp_path / "run.ckpt")))
     assert states[0].iteration == 100
     # gsplat sums gradients with atomics, so two uninterrupted runs already differ a little;
     # a resumed run (same draws, learning rates, Adam moments) must differ no more than that.

@@ -306,6 +306,11 @@ def refine(
         optimizer.load_state_dict(resume.optimizer["gaussians"])
         if flame_opt is not None and "flame" in resume.optimizer:
             flame_opt.load_state_dict(resume.optimizer["flame"])
+        # A checkpoint's learning rates come back as it saved them (a host tensor, from disk):
+        # a captured step needs them on the device, an eager one as numbers.
+        for g in optimizer.param_groups:
+            rate = float(g["lr"])
+            g["lr"] = torch.tensor(rate, device=device) if graphed else rate
     optimizers = [optimizer] + ([flame_opt] if flame_opt is not None else [])
     # Posed vertices and triangle frames of every training frame, computed once when FLAME is
     # not fine-tuned: a step then only gathers them.
