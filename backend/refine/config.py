@@ -84,7 +84,7 @@ class RefineConfig:
             that refines many avatars. Without ``cuda_graph`` it is what keeps the step fast.
         cuda_graph: on CUDA with a frozen layout, capture the whole step (deformation,
             render, loss, backward, optimizer) in one CUDA graph and replay it: the host then
-            launches one graph per step instead of a few hundred kernels.
+            launches one graph per step instead of every kernel from Python.
     """
 
     iterations: int = 10_000

@@ -2,7 +2,7 @@
 
 With a frozen layout every step launches the same kernels on tensors of the same shapes;
 only device-side values change (the step counter, and what it selects). Captured once, a
-step is then one graph launch instead of a few hundred Python-driven kernel launches, and
+step is then one graph launch instead of a Python-driven launch per kernel, and
 the GPU, not the host, sets the pace. The step must not wait for the GPU anywhere: renders
 go through a ``TileBudget``.
 """
