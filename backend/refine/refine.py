@@ -288,12 +288,8 @@ def refine(
     ).to(device)
     density = DensityControl(config.densify, binding, subject) if config.densify else None
     graphed = config.cuda_graph and device.type == "cuda" and density is None
-    groups = _param_groups(local, config)
-    if graphed:  # a captured step reads its learning rates from device tensors
-        for g in groups:
-            g["lr"] = torch.tensor(g["lr"], device=device)
     fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
-    optimizer = torch.optim.Adam(groups, eps=1e-15, fused=fused, capturable=graphed)
+    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused, capturable=graphed)
     flame_opt = None
     if config.finetune_flame:
         lr = config.lr
@@ -306,11 +302,11 @@ def refine(
         optimizer.load_state_dict(resume.optimizer["gaussians"])
         if flame_opt is not None and "flame" in resume.optimizer:
             flame_opt.load_state_dict(resume.optimizer["flame"])
-        # A checkpoint's learning rates come back as it saved them (a host tensor, from disk):
-        # a captured step needs them on the device, an eager one as numbers.
-        for g in optimizer.param_groups:
-            rate = float(g["lr"])
-            g["lr"] = torch.tensor(rate, device=device) if graphed else rate
+    # A captured step reads its learning rates from device tensors, an eager one from numbers;
+    # a checkpoint brings them back as it saved them (host tensors, when read from disk).
+    for g in optimizer.param_groups:
+        rate = float(g["lr"])
+        g["lr"] = torch.tensor(rate, device=device) if graphed else rate
     optimizers = [optimizer] + ([flame_opt] if flame_opt is not None else [])
     # Posed vertices and triangle frames of every training frame, computed once when FLAME is
     # not fine-tuned: a step then only gathers them.
