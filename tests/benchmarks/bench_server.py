@@ -2,8 +2,10 @@
 
     python -m tests.benchmarks.bench_server --device cpu --sizes 256 512
     python -m tests.benchmarks.bench_server --device cuda --sizes 512 1920x1080 --gaussians 100000
+    python -m tests.benchmarks.bench_server --device cuda --sizes 512 --bind ipc:///tmp/spatialavatar.sock
 
-Starts ``spatialavatar serve`` as a separate process on a loopback port, imports an avatar,
+Starts ``spatialavatar serve`` as a separate process on a loopback port (or the ``--bind``
+endpoint: an ipc:// socket file for a Unix-domain socket), imports an avatar,
 then, from this process, times (1) single-frame render requests, one at a time: the round
 trip against the ``render_ms`` the service reports for the same frame (posing, rasterizing,
 copying out), so overhead = round trip - render_ms is what the wire, the framing and the
@@ -40,7 +42,7 @@ from backend.render.camera import intrinsics, look_at  # noqa: E402
 from backend.server.client import Client  # noqa: E402
 from backend.server.protocol import decode_reply, encode_reply, encode_request  # noqa: E402
 from backend.server.windows import full_frame  # noqa: E402
-from tests.test_server_support import service_process  # noqa: E402
+from tests.test_server_support import LOOPBACK_ANY_PORT, service_process  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -64,11 +66,12 @@ def expressions(n_expr: int, frames: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _floor_server(ports: mp.Queue, arrays: dict[str, np.ndarray]) -> None:
+def _floor_server(endpoints: mp.Queue, bind: str, arrays: dict[str, np.ndarray]) -> None:
     """A bare ROUTER answering every message with one pre-encoded render reply of ``arrays``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
-    ports.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    sock.bind(bind)
+    endpoints.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     reply = encode_reply("floor", "render", {"frame": 0}, arrays)
     while True:
         msg = sock.recv_multipart()
@@ -79,15 +82,16 @@ def _floor_server(ports: mp.Queue, arrays: dict[str, np.ndarray]) -> None:
     ctx.term()
 
 
-def transport_floor(arrays: dict[str, np.ndarray], size: tuple[int, int], repeats: int = 30) -> float:
-    """Median ms of the same reply bytes through plain ZeroMQ between two processes: what
-    framing and loopback TCP cost with no service at all."""
+def transport_floor(bind: str, arrays: dict[str, np.ndarray], size: tuple[int, int], repeats: int = 30) -> float:
+    """Median ms of the same reply bytes through plain ZeroMQ between two processes, over the
+    service's transport (``bind``, with a fresh port or socket file): what framing and the
+    transport cost with no service at all."""
     spawn = mp.get_context("spawn")
-    ports: mp.Queue = spawn.Queue()
-    proc = spawn.Process(target=_floor_server, args=(ports, {k: np.zeros_like(a) for k, a in arrays.items()}))
+    endpoints: mp.Queue = spawn.Queue()
+    proc = spawn.Process(target=_floor_server, args=(endpoints, _fresh(bind), {k: np.zeros_like(a) for k, a in arrays.items()}))
     proc.start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{ports.get(timeout=120)}")
+    sock.connect(endpoints.get(timeout=120))
     times = []
     _, request = encode_request("render", {"avatar": "av_0000000000000000", "width": size[0], "height": size[1]})
     for _ in range(repeats + 3):
@@ -101,6 +105,12 @@ def transport_floor(arrays: dict[str, np.ndarray], size: tuple[int, int], repeat
     return statistics.median(times[3:])
 
 
+def _fresh(bind: str) -> str:
+    """The same transport as ``bind`` on an unused address: any port for tcp, a sibling file for ipc."""
+    scheme, _, rest = bind.partition("://")
+    return f"ipc://{rest}.floor" if scheme == "ipc" else f"{scheme}://{rest.rsplit(':', 1)[0]}:*"
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -108,6 +118,7 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bind", default=LOOPBACK_ANY_PORT, help="the service's endpoint: loopback TCP (default) or ipc://PATH")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(256, 256), (512, 512)], help="WIDTH or WIDTHxHEIGHT, pixels")
     parser.add_argument("--gaussians", type=int, default=20_000)
     parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
@@ -128,7 +139,7 @@ def main() -> None:
     rows = []
     with (
         tempfile.TemporaryDirectory() as tmp,
-        service_process(Path(tmp) / "store", device=args.device) as service,
+        service_process(Path(tmp) / "store", bind=args.bind, device=args.device) as service,
         Client(service.endpoint, timeout_s=600) as client,
     ):
         hello = client.call("hello").result
@@ -167,7 +178,7 @@ def main() -> None:
                     "render_ms": round(statistics.median(renders), 2),
                     "overhead_ms_median": round(statistics.median(overhead), 2),
                     "overhead_ms_p90": round(percentile(overhead, 90), 2),
-                    "floor_ms": round(transport_floor(dict(reply.arrays), size), 2),
+                    "floor_ms": round(transport_floor(args.bind, dict(reply.arrays), size), 2),
                     "stream_fps": round(len(streamed) / wall, 2),
                     "stream_render_fps": round(1e3 * len(streamed) / sum(r.result["render_ms"] for r in streamed), 2),
                     "reply_mib": round(payload / 2**20, 2),
@@ -177,7 +188,7 @@ def main() -> None:
     print(f"# hello round trip (no device work): median {statistics.median(hellos):.2f} ms")
     print(
         f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}"
-        f"{'; cropped to the avatar' if args.crop else ''}; client and service on {machine}"
+        f"{'; cropped to the avatar' if args.crop else ''}; over {args.bind}; client and service on {machine}"
     )
     if args.json:
         for row in rows:
