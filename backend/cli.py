@@ -208,7 +208,7 @@ def cmd_track(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     """Stage 1 training (phase 1 or 2); run again to resume; under torchrun, one process per GPU."""
     from backend.generate.model import preset as model_preset
-    from backend.generate.train import phase_defaults, train, with_overrides
+    from backend.generate.train import phase_defaults, teardown_distributed, train, with_overrides
 
     config = with_overrides(
         phase_defaults(args.phase),
@@ -226,7 +226,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
     )
     overrides = {"gaussians": args.gaussians} if args.gaussians else {}
     model_config = model_preset(args.preset, **overrides)
-    result = train(config, model_config, args.data, args.out, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    try:
+        result = train(config, model_config, args.data, args.out, _head(args), init=args.init, device=args.device, show_progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        teardown_distributed()
     # Under torchrun every process gets here; rank 0 speaks for the run (the others' "last" is their own shard's).
     return result if int(os.environ.get("RANK", "0")) == 0 else {}
 

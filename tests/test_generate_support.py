@@ -19,7 +19,7 @@ import torch.distributed as dist
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.generate.data import Batch, Corpus, Sample, find_subjects
 from backend.generate.model import Generator, preset
-from backend.generate.train import TrainConfig, compute_loss
+from backend.generate.train import TrainConfig, compute_loss, teardown_distributed
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModel, HeadModelData
 
 SEMI_AXES = (0.075, 0.1, 0.09)
@@ -178,7 +178,7 @@ def ddp_gradient_worker(rank: int, world: int, port: int, backend: str, mono_dir
             grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
             torch.save({"loss": float(mean_loss) / world, "grads": grads}, out)
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def assert_ddp_matches_union_batch(got: dict, mono_dirs: list[Path], device: str = "cpu", rel: float = 1e-4) -> None:

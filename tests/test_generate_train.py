@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from backend.cli import main
 from backend.gaussians.files import load_avatar
 from backend.generate.model import Generator, preset
-from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, mean_over_ranks, setup_distributed, train
+from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, mean_over_ranks, setup_distributed, teardown_distributed, train
 from backend.head.flame_files import write_flame
 from tests.test_generate_support import (  # noqa: F401 (autouse fixture)
     assert_ddp_matches_union_batch,
@@ -79,7 +78,7 @@ def _train_worker(rank: int, world: int, port: int, mono_dirs: list[Path], run: 
         if rank == 0:
             (run / "means.json").write_text(json.dumps(means))
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def test_a_two_process_run_logs_rank_means_and_resumes_in_one_process(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -30,6 +30,7 @@ DistributedDataParallel (nccl on CUDA, gloo on CPU). Rank 0 writes files and the
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -241,6 +242,19 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, if one was joined; call once the run's objects are out of scope.
+
+    The first optimizer a process builds imports torch's compiler stack lazily, and a traceback
+    kept from that import holds the caller's frames (a finished run's, with its DDP wrapper and
+    through it the group) until the cyclic collector runs. Collect first: a group still alive at
+    interpreter shutdown has gloo's worker threads meet finalization and abort the process.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _all_true(flag: bool, info: DistInfo) -> bool:
