@@ -106,13 +106,18 @@ def cmd_init(args: argparse.Namespace) -> dict:
 
 
 def _load_avatar(args: argparse.Namespace, device: str):  # type: ignore[no-untyped-def]
+    head = _head(args)
+    return _avatar_for(args.avatar, head).to(device), head.to(device)
+
+
+def _avatar_for(path: Path, head):  # type: ignore[no-untyped-def]
+    """The avatar file at ``path``, refused unless it was made for ``head``."""
     from backend.gaussians.files import load_avatar
     from backend.head.registry import check_fits
 
-    avatar = load_avatar(args.avatar)
-    head = _head(args)
+    avatar = load_avatar(path)
     check_fits(head.data, avatar.head_name, avatar.head_fingerprint)
-    return avatar.to(device), head.to(device)
+    return avatar
 
 
 def cmd_render(args: argparse.Namespace) -> dict:
@@ -142,12 +147,16 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     from backend.refine.config import preset
     from backend.refine.refine import RefineState, refine
 
+    if args.opacity_sparsity is not None and args.opacity_sparsity < 0:
+        raise SpatialAvatarError(f"--opacity-sparsity {args.opacity_sparsity}: a weight must be >= 0")
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     subject = Subject.load(args.subject)
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
     config = preset(args.preset, iterations=args.iters, finetune_flame=args.finetune_flame, seed=args.seed)
+    if args.opacity_sparsity is not None:
+        config = dataclasses.replace(config, opacity_sparsity=args.opacity_sparsity)
     if args.max_scale is not None:
         config = dataclasses.replace(config, anti_spike=dataclasses.replace(config.anti_spike, max_scale=args.max_scale))
     interrupted = {"flag": False}
@@ -177,10 +186,15 @@ def cmd_refine(args: argparse.Namespace) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from backend.data.subject import Subject
-    from backend.refine.evaluate import evaluate
+    from backend.refine.evaluate import evaluate, orbit_holes
 
     avatar, head = _load_avatar(args, _device(args.device))
-    return evaluate(avatar, head, Subject.load(args.subject), split=args.split, worst_view_png=args.worst_view)
+    reference = _avatar_for(args.against, head) if args.against is not None else None
+    subject = Subject.load(args.subject)
+    scores = evaluate(avatar, head, subject, split=args.split, worst_view_png=args.worst_view)
+    if reference is not None:
+        scores["orbit_holes"] = orbit_holes(avatar, reference, head, subject.params.index(subject.split[args.split][:1]))
+    return scores
 
 
 def cmd_convert(args: argparse.Namespace) -> dict:
@@ -386,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
     p.add_argument("--finetune-flame", action="store_true", help="also fine-tune per-frame FLAME parameters (for tracked subjects)")
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
+    p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")
     p.set_defaults(fn=cmd_refine)
@@ -395,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subject", type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--worst-view", type=Path, metavar="PNG", help="write the worst view (ground truth | render)")
+    p.add_argument("--against", type=Path, metavar="AVATAR", help="also report orbit_holes: the share of what AVATAR (e.g. the one a refinement started from) covers on a turntable around the head that this avatar leaves open")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("convert", parents=[common], help="convert a benchmark dataset layout into a subject")

@@ -59,6 +59,13 @@ def test_synth_init_render_export(tmp_path) -> None:
     img = np.asarray(Image.open(frames / "frame_0001.png"))
     assert img.shape == (64, 64, 3) and img.std() > 10  # a head on a white background, not a blank frame
     assert (frames / "contact_sheet.png").is_file()
+    refined = tmp_path / "refined.npz"
+    run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01")
+    scores = json.loads(run("evaluate", str(refined), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)
+    assert 0.0 <= scores["orbit_holes"] < 0.5 and scores["gaussians"] == 3000
+    assert json.loads(run("evaluate", str(avatar_path), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)["orbit_holes"] == 0.0
+    proc = run("evaluate", str(refined), str(subject), "--against", str(tmp_path / "nope.npz"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"spatialavatar evaluate: error: avatar file not found: {tmp_path / 'nope.npz'}"]
     ply = tmp_path / "a.ply"
     run("export-ply", str(avatar_path), "--out", str(ply), "--anim", str(subject / "flame_param.npz"), "--frame", "2")
     assert PlyData.read(str(ply))["vertex"].count == 3000
@@ -67,13 +74,14 @@ def test_synth_init_render_export(tmp_path) -> None:
 
 
 def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
-    """train, demo and blender-render name the bad flag or file and exit 2 without a traceback."""
+    """train, demo, refine and blender-render name the bad flag or file and exit 2 without a traceback."""
     not_blend = tmp_path / "shot.blend"
     not_blend.write_text("not a blend file")
     cases = [
         (["train", "--phase", "1", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--log-every", "0"], "--log-every"),
         (["demo", "--out", str(tmp_path / "demo"), "--cpu-iters", "0"], "--cpu-iters 0"),
         (["demo", "--out", str(tmp_path / "demo"), "--portrait", str(tmp_path / "nope.png")], "nope.png"),
+        (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--opacity-sparsity", "-1"], "--opacity-sparsity -1"),
         (["blender-render", str(not_blend)], "not a .blend file"),
         (["blender-render", str(not_blend), "--frames", "5..2"], "--frames 5..2"),
     ]

@@ -15,13 +15,13 @@ from skimage.metrics import structural_similarity
 
 from backend.data.subject import Subject, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
-from backend.gaussians.avatar import LocalGaussians
+from backend.gaussians.avatar import LocalGaussians, deform
 from backend.head.model import HeadModel
 from backend.refine.config import LearningRates, RefineConfig, preset
-from backend.refine.evaluate import evaluate, render_view
+from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
-from backend.refine.refine import RefineState, refine
+from backend.refine.refine import RefineState, _add_seen_sparsity, refine
 from backend.refine.regularizers import AntiSpike, spike_stats, spike_terms
 
 
@@ -155,6 +155,36 @@ def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: 
     s_ours, s_plain = spike_stats(ours.avatar.local, hinges), spike_stats(plain.avatar.local, hinges)
     assert s_plain["spike_share"] > 0.15
     assert s_ours["spike_share"] < 0.5 * s_plain["spike_share"], (s_ours, s_plain)
+
+
+def test_sparsity_gradient_is_the_mean_opacity_gradient_on_reached_gaussians_only(rng: torch.Generator) -> None:
+    logit = torch.randn(50, generator=rng, requires_grad=True)
+    photometric = torch.randn(50, generator=rng) * (torch.rand(50, generator=rng) > 0.4)
+    logit.grad = photometric.clone()
+    _add_seen_sparsity(logit, 0.3)
+    (reference,) = torch.autograd.grad(0.3 * torch.sigmoid(logit).mean(), logit)
+    reached = photometric != 0
+    torch.testing.assert_close(logit.grad[reached], photometric[reached] + reference[reached])
+    assert torch.equal(logit.grad[~reached], photometric[~reached])
+
+
+def test_opacity_sparsity_fades_what_the_views_show_and_leaves_the_rest(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    config = RefineConfig(iterations=40, log_every=40, anti_spike=AntiSpike(max_scale=3.0))
+    plain = refine(avatar, head, subject, replace(config, opacity_sparsity=0.0))
+    sparse = refine(avatar, head, subject, replace(config, opacity_sparsity=0.01))
+    alpha = {k: torch.sigmoid(r.avatar.local.opacity_logit) for k, r in (("plain", plain), ("sparse", sparse))}
+    assert float(alpha["sparse"].mean()) < float(alpha["plain"].mean()) - 0.03, {k: float(a.mean()) for k, a in alpha.items()}
+    # Only Gaussians the training views reached may fade, so the head stays closed all around.
+    test_frame = subject.params.index(subject.split["test"][:1])
+    assert orbit_holes(avatar, avatar, head, test_frame, size=96) == 0.0
+    assert orbit_holes(sparse.avatar, avatar, head, test_frame, size=96) < 0.01
+    # What a term on every Gaussian does to a frontal video: the back of the head fades.
+    means = deform(avatar, head, test_frame).frame(0).means
+    back = means[:, 2] < means[:, 2].median()
+    faded = replace(avatar, local=avatar.local.map(lambda t: t.clone()))
+    faded.local.opacity_logit[back] = -12.0
+    assert orbit_holes(faded, avatar, head, test_frame, size=96) > 0.1
 
 
 def test_densify_baseline_grows_and_keeps_every_face(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]

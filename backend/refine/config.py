@@ -73,6 +73,11 @@ class RefineConfig:
             so Gaussians outside the mask must turn transparent instead of taking on the
             background's colour (a glow around the hair in other scenes). None: on unless the
             subject is synthetic (whose figures were measured on its fixed background).
+        opacity_sparsity: weight of the mean opacity, applied to the Gaussians each step's
+            render reaches (Gaussians no training view shows keep their opacity). Off by
+            default: it clears faint coverage past the outline in the captured views, but it
+            also fades Gaussians seen only at grazing angles, which opens holes in views the
+            video did not cover (docs/refinement.md has the numbers).
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -94,6 +99,7 @@ class RefineConfig:
     anti_spike: AntiSpike = field(default_factory=AntiSpike)
     finetune_flame: bool = False
     random_background: bool | None = None
+    opacity_sparsity: float = 0.0
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0

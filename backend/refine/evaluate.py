@@ -1,5 +1,6 @@
 """Metrics of an avatar on a subject's split: PSNR and SSIM (full image and within the mask),
-spike statistics and the Gaussian count.
+spike statistics and the Gaussian count; and holes seen from all around the head, which a
+subject's own views cannot show.
 
 LPIPS needs network weights that cannot be downloaded here; it is reported only when a
 local weights file is given (see docs/refinement.md), and otherwise listed as unavailable.
@@ -21,7 +22,7 @@ from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.losses import psnr, ssim
 from backend.refine.regularizers import AntiSpike, spike_stats
-from backend.render.camera import Cameras
+from backend.render.camera import Cameras, orbit_cameras
 from backend.render.rasterize import render
 
 
@@ -90,3 +91,19 @@ def evaluate(
         "gaussians": avatar.count,
         **spike_stats(avatar.local, anti_spike),
     }
+
+
+@torch.no_grad()
+def orbit_holes(avatar: Avatar, reference: Avatar, head: HeadModel, params: FlameParams, views: int = 8, size: int = 256) -> float:
+    """Share of the pixels that ``reference`` covers (alpha > 0.5) which ``avatar`` leaves
+    below 0.5, over a turntable of ``views`` cameras around the posed head (one frame,
+    ``params`` with batch 1). Against the starting avatar of a refinement, it shows Gaussians
+    faded where no training view looked (the back of the head in a frontal video)."""
+    device = head.v_template.device
+    params = params.to(device)
+    centre = head(params, check=False).vertices[0].mean(dim=0)
+    cams = orbit_cameras(views, 1.0, size, size, fov_deg=20.0, target=tuple(centre.tolist())).to(device)
+    background = torch.zeros(3, device=device)
+    alpha, ref_alpha = (render(deform(a.to(device), head, params).frame(0), cams, background).alpha for a in (avatar, reference))
+    covered = ref_alpha > 0.5
+    return float((covered & (alpha < 0.5)).sum() / covered.sum().clamp(min=1))

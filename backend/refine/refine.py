@@ -375,6 +375,8 @@ def refine(
         loss = step_loss(rgb, target, local.log_scale, local.offset)
         clock.lap("loss")
         loss.backward()
+        if config.opacity_sparsity > 0:
+            _add_seen_sparsity(local.opacity_logit, config.opacity_sparsity)
         clock.lap("backward")
         if density is not None:
             density.observe(splats, splats.means.grad, view)
@@ -424,6 +426,16 @@ def refine(
     out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=binding.to("cpu"))
     out_avatar.meta = dict(source.meta) | {"refined_iterations": final_step, "refine_config": config.to_dict()}
     return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped)
+
+
+def _add_seen_sparsity(opacity_logit: torch.Tensor, weight: float) -> None:
+    """Add to ``opacity_logit.grad`` [N] the gradient of ``weight`` * mean sigmoid opacity,
+    for the Gaussians that the photometric gradient reached this step (those the render drew
+    with some transmittance left). A term in the loss would reach every Gaussian, and Adam's
+    normalization would then fade the ones no view shows at full speed."""
+    grad = opacity_logit.grad
+    alpha = torch.sigmoid(opacity_logit.detach())
+    grad.add_((grad != 0) * alpha * (1 - alpha) * (weight / opacity_logit.shape[0]))
 
 
 def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, background: torch.Tensor, views: int, cams: int) -> TileBudget:

@@ -2,8 +2,9 @@
 
 For each identity: synthesize a monocular subject, initialize a surface avatar, refine it
 with "ours", "no-antispike" (baseline b) and "densify" (baseline a) at the same iteration
-budget, and evaluate on the test split. Writes a JSON with every number and a picture of
-each method's worst test view (ground truth | render).
+budget, and evaluate on the test split and on a turntable around the head (``orbit_holes``:
+what the refinement left uncovered that the initialization covered). Writes a JSON with every
+number and a picture of each method's worst test view (ground truth | render).
 
     python tests/benchmarks/bench_refine.py --out DIR [--identities 3] [--size 512]
         [--iters 10000] [--gaussians 100000] [--frames 100] [--methods 'ours;no-antispike;densify']
@@ -30,7 +31,7 @@ from backend.data.subject import Subject  # noqa: E402
 from backend.data.synthetic import SynthConfig, synthesize  # noqa: E402
 from backend.head.registry import load_head_model  # noqa: E402
 from backend.refine.config import RefineConfig, preset  # noqa: E402
-from backend.refine.evaluate import evaluate  # noqa: E402
+from backend.refine.evaluate import evaluate, orbit_holes  # noqa: E402
 from backend.refine.initialize import InitConfig, initialize_on_subject  # noqa: E402
 from backend.refine.refine import refine  # noqa: E402
 
@@ -108,7 +109,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t1
             scores = evaluate(result.avatar, head, subject, worst_view_png=args.out / f"worst_{method}_id{ident}.png")
-            rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, **scores})
+            holes = orbit_holes(result.avatar, avatar, head, subject.params.index(subject.split["test"][:1]))
+            rows.append({"identity": ident, "method": method, "iterations": args.iters, "wall_seconds": wall, "orbit_holes": holes, **scores})
             print(json.dumps(rows[-1]), flush=True)
         if args.profile_iters and ident == args.first_identity:
             first = args.methods.split(";")[0]
