@@ -31,6 +31,7 @@ MANIFEST = ROOT / "blender_manifest.toml"
 WIRE_FILES = (
     ("backend/server/protocol.py", "protocol.py"),
     ("backend/server/client.py", "client.py"),
+    ("backend/server/shared_frames.py", "shared_frames.py"),
     ("backend/server/windows.py", "windows.py"),
     ("backend/server/args.py", "args.py"),
     ("backend/server/security.py", "security.py"),

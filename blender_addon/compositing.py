@@ -103,6 +103,7 @@ class _Job:
     replies: dict[str, connection.Reply] = field(default_factory=dict)  # final replies not yet used, by request id
     unpredictable: str | None = None  # why later frames cannot be requested ahead ("": they can; None: not asked yet)
     animation: bool = False  # known at render_init to be an animation render: prefetch from its first frame
+    shared: bool = False  # the service is on this machine: frames come through shared memory
 
 
 _job: _Job | None = None
@@ -401,7 +402,8 @@ def _submit(job: _Job, req: frames.RenderRequest) -> str:
     # A request queued behind the window's others stays silent longer than one frame's timeout;
     # each frame's own wait is timed in ``_reply``.
     try:
-        return job.client.submit("render", req.args, req.arrays, timeout_s=CONFIG.frame_timeout_s * max(1, CONFIG.prefetch_frames))
+        args = req.args | ({"shared_memory": True} if job.shared else {})
+        return job.client.submit("render", args, req.arrays, timeout_s=CONFIG.frame_timeout_s * max(1, CONFIG.prefetch_frames))
     except connection.UserError as e:
         raise CompositeError(f"the backend at {job.endpoint} did not render avatar {req.args['avatar']}: {e}") from e
 
@@ -482,7 +484,7 @@ def _start(scene: bpy.types.Scene) -> _Job:
         raise CompositeError(why)
     client = connection.open_client(s)
     try:
-        client.call("hello", timeout_s=min(s.timeout_s, 10.0))
+        hello = client.call("hello", timeout_s=min(s.timeout_s, 10.0)).result
     except connection.UserError as e:
         client.close()
         raise CompositeError(f"no SpatialAvatar backend answers at {s.endpoint} ({e}); start `spatialavatar serve` first") from e
@@ -491,7 +493,7 @@ def _start(scene: bpy.types.Scene) -> _Job:
     except (compositing_avatars.MissingAvatar, connection.UserError) as e:
         client.close()
         raise CompositeError(f"the backend at {s.endpoint} cannot provide every avatar: {e}") from e
-    return _Job(client, s.endpoint, shown, animation=animation_render())
+    return _Job(client, s.endpoint, shown, animation=animation_render(), shared=connection.wire_client.can_share(hello))
 
 
 def animation_render() -> bool:

@@ -26,6 +26,7 @@ from backend.server.protocol import (
     salvage_id,
 )
 from backend.server.security import check_bind, is_loopback
+from backend.server.shared_frames import SlotPool, SlotReader
 
 BYTE_ORDERS = ("<", ">", "=")
 
@@ -190,3 +191,41 @@ def test_loopback_rule(endpoint: str, loopback: bool) -> None:
     else:
         with pytest.raises(Exception, match="refusing to bind"):
             check_bind(endpoint, None)
+
+
+def test_shared_memory_replies_round_trip_and_refuse_what_does_not_fit() -> None:
+    pool, reader = SlotPool(max_slots=2), SlotReader()
+    try:
+        rgba, depth = np.random.default_rng(0).random((5, 7, 4), np.float32), np.arange(35, dtype="<f4").reshape(5, 7)
+        frames = encode_reply("r1", "render", {"frame": 0}, {"rgba": rgba, "depth": depth}, shared=pool.put)
+        assert len(frames) == 1  # the buffers are in the slot
+        header = json.loads(bytes(frames[0]))
+        reply = decode_reply(frames, shared=reader)
+        np.testing.assert_array_equal(reply.arrays["rgba"], rgba)
+        np.testing.assert_array_equal(reply.arrays["depth"], depth)
+        # Read once, the slot is free again: the next reply reuses it with a new generation.
+        again = json.loads(bytes(encode_reply("r2", "render", {}, {"rgba": rgba}, shared=pool.put)[0]))["shared"]
+        assert again["path"] == header["shared"]["path"] and again["generation"] == header["shared"]["generation"] + 1
+        with pytest.raises(WireError, match="read too late"):
+            decode_reply(frames, shared=reader)  # the first reply's slot now holds the second
+        with pytest.raises(WireError, match="did not ask for"):
+            decode_reply(frames)
+        for bad, words in (
+            ({"path": "/etc/passwd"} | {k: header["shared"][k] for k in ("generation", "offsets")}, "does not name a frame slot"),
+            (header["shared"] | {"offsets": [64, 1 << 40]}, "outside its slot"),
+            (header["shared"] | {"offsets": [64]}, "one offset per buffer"),
+            (header["shared"] | {"extra": 1}, "exactly"),
+        ):
+            forged = [json.dumps(header | {"shared": bad}).encode()]
+            with pytest.raises(WireError, match=words):
+                decode_reply(forged, shared=reader)
+        with pytest.raises(WireError, match="only an ok reply without binary frames"):
+            decode_reply([frames[0], b"\0" * 4], shared=reader)
+        # Requests never name shared memory: the service maps no file a client names.
+        _, request = encode_request("render", {}, {})
+        with pytest.raises(WireError, match="'shared' is not part of protocol"):
+            decode_request([json.dumps(json.loads(bytes(request[0])) | {"shared": header["shared"]}).encode()])
+    finally:
+        reader.close()
+        pool.close()
+    assert not pool.folder.exists()

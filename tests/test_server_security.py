@@ -102,6 +102,7 @@ def test_curve_keys_admit_only_authorized_clients(tmp_path: Path, capsys: pytest
         with Client(service.endpoint, timeout_s=30, keys=ClientKeys.from_dir(keys)) as friend:
             hello = friend.call("hello").result
             assert hello["secure"] is True
+            assert hello["shared_memory"] is None  # other machines cannot map this one's memory
             assert friend.call("list").result["avatars"] == []
 
 

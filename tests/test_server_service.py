@@ -6,6 +6,7 @@ import logging
 
 import importlib.util
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from plyfile import PlyData
 from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
-from backend.server.client import Client
+from backend.server.client import Client, can_share
 from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
 from backend.server.service import Service
 from backend.server.windows import full_frame
@@ -306,3 +307,51 @@ def test_a_client_that_stops_reading_loses_its_stream(tmp_path: Path, head: Head
             assert "stopped reading" in caplog.text  # its stream was dropped, not waited on
         finally:
             stuck.close(linger=0)
+
+
+def _raw_render(endpoint: str, args: dict, arrays: dict) -> list[list[zmq.Frame]]:
+    """Every reply of one render request, undecoded, from a bare DEALER that never frees a slot."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        _, frames = encode_request("render", args, arrays)
+        sock.send_multipart(frames)
+        replies = []
+        while not replies or not json.loads(replies[-1][0].bytes)["final"]:
+            assert sock.poll(30_000), "no reply"
+            replies.append(sock.recv_multipart(copy=False))
+        return replies
+
+
+def test_shared_memory_renders_equal_socket_renders(served, head: HeadModel) -> None:
+    service, client, aid, _ = served
+    hello = client.call("hello").result
+    assert can_share(hello) and not can_share({"shared_memory": "/no/such/folder"}) and not can_share({"shared_memory": None})
+    args, arrays = render_request(aid, head, 3)
+    inline = list(client.stream("render", args, arrays))
+    for crop in (False, True):
+        shared = list(client.stream("render", args | {"shared_memory": True, "crop": crop}, arrays))
+        for a, b in zip(inline, shared):
+            restored = full_frame(b.arrays, b.result, SIZE, SIZE)
+            for name in ("rgba", "depth"):
+                np.testing.assert_array_equal(restored[name], a.arrays[name])
+    # The buffers did skip the socket: a header and no binary frame.
+    raw = _raw_render(service.endpoint, args | {"shared_memory": True}, arrays)
+    assert all(len(r) == 1 and "shared" in json.loads(r[0].bytes) for r in raw)
+    assert len(list(service.slots.folder.iterdir())) <= service.config.shared_slots
+
+
+def test_when_every_slot_is_taken_frames_travel_inline(tmp_path: Path, head: HeadModel) -> None:
+    with service_thread(tmp_path / "store", shared_slots=2) as service:
+        client = Client(service.endpoint, timeout_s=30, retries=0)
+        try:
+            aid = client.call("import", {"name": "head"}, {"file": npz_buffer(small_avatar(head))}).result["avatar"]["id"]
+            args, arrays = render_request(aid, head, 3)
+            raw = _raw_render(service.endpoint, args | {"shared_memory": True}, arrays)  # never frees its slots
+            assert ["shared" in json.loads(r[0].bytes) for r in raw] == [True, True, False]
+            assert len(raw[2]) == 3  # header, rgba, depth
+            expected = list(client.stream("render", args, arrays))
+            assert decode_reply(raw[2]).arrays["rgba"].tobytes() == expected[2].arrays["rgba"].tobytes()
+        finally:
+            client.close()
+    assert not service.slots.folder.exists()  # the service removes its slots when it stops

@@ -17,6 +17,7 @@ already seen are skipped here.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from backend.server.protocol import Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request
+from backend.server.protocol import Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request, salvage_id
+from backend.server.shared_frames import SlotReader
 from backend.server.security import ClientKeys, secure_client
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -46,6 +48,13 @@ class _Pending:
     deadline: float
     attempts: int = 1
     next_seq: int = 0
+
+
+def can_share(hello: Mapping[str, Any]) -> bool:
+    """True when a service's hello offers shared memory in a folder this machine has: then
+    its render requests may ask for ``shared_memory`` (not through a tunnel to another host)."""
+    folder = hello.get("shared_memory")
+    return isinstance(folder, str) and os.path.isdir(folder)
 
 
 class Client:
@@ -84,6 +93,7 @@ class Client:
         self._pending: dict[str, _Pending] = {}
         self._ready: list[Reply] = []
         self._socket: zmq.Socket | None = None
+        self._shared = SlotReader()
         self._connect()
 
     def _connect(self) -> None:
@@ -106,6 +116,7 @@ class Client:
             self._socket.close(linger=0)
             self._socket = None
         self._pending.clear()
+        self._shared.close()
 
     def __enter__(self) -> Client:
         return self
@@ -220,9 +231,14 @@ class Client:
 
     def _file(self, frames: list[zmq.Frame]) -> None:
         try:
-            reply = decode_reply(frames, self.limits, self.check_finite)
-        except WireError:
-            return  # not a reply of this protocol: nothing to match it to
+            reply = decode_reply(frames, self.limits, self.check_finite, self._shared)
+        except WireError as exc:
+            # A broken reply to a request of ours fails that request; anything else is dropped.
+            rid, _ = salvage_id(frames, self.limits)
+            failed = self._pending.pop(rid, None)
+            if failed is not None:
+                self._ready.append(Reply(rid, failed.op, "error", failed.next_seq, True, error=ErrorInfo(exc.code, f"{failed.op}: bad reply: {exc}")))
+            return
         pending = self._pending.get(reply.id)
         if pending is None or reply.seq < pending.next_seq:
             return  # a reply to a forgotten request, or one seen before a retry

@@ -55,6 +55,8 @@ class ServiceConfig:
     send_hwm: replies queued per client.
     watch_interval_s: a job watcher hears from the service at least this often.
     replay_size: final replies remembered for clients that retry a non-idempotent request.
+    shared_slots: shared-memory slots for the render replies of clients on this machine that
+        ask for them (``shared_memory``); 0 turns it off. Never used with ``keys``.
     """
 
     bind: str = DEFAULT_BIND
@@ -70,3 +72,4 @@ class ServiceConfig:
     send_hwm: int = 256
     watch_interval_s: float = 1.0
     replay_size: int = 256
+    shared_slots: int = 8

@@ -19,6 +19,7 @@ from backend.errors import SpatialAvatarError
 from backend.server.args import Args
 from backend.server.media import blob
 from backend.server.protocol import Buffer, ErrorCode, Limits, Request, WireError, encode_error, encode_reply
+from backend.server.shared_frames import SlotPool
 from backend.server.store import ID, check_id
 
 if TYPE_CHECKING:
@@ -32,11 +33,13 @@ log = logging.getLogger("spatialavatar.server")
 
 @dataclass(frozen=True)
 class Part:
-    """One reply of an operation: JSON result, named arrays, and whether it is the last."""
+    """One reply of an operation: JSON result, named arrays, whether it is the last, and
+    whether the client asked for its arrays in shared memory."""
 
     result: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     final: bool = True
+    shared: bool = False
 
 
 @dataclass
@@ -85,12 +88,14 @@ def error_frames(req_id: str, op: str, exc: BaseException, seq: int = 0) -> list
     return encode_error(req_id, op, ErrorCode.INTERNAL, f"{op} failed inside the service ({type(exc).__name__}: {exc}); see its log", seq)
 
 
-def encode_parts(req: Request, parts: Iterator[Part], limits: Limits) -> Iterator[list[Buffer]]:
-    """Reply frames numbered from seq 0; an exception becomes a final error reply."""
+def encode_parts(req: Request, parts: Iterator[Part], limits: Limits, slots: SlotPool | None = None) -> Iterator[list[Buffer]]:
+    """Reply frames numbered from seq 0; an exception becomes a final error reply. ``slots``
+    carry the arrays of parts that ask for shared memory, while one is free."""
     seq = 0
     try:
         for part in parts:
-            yield encode_reply(req.id, req.op, part.result, part.arrays, seq, part.final, limits)
+            shared = slots.put if slots is not None and part.shared else None
+            yield encode_reply(req.id, req.op, part.result, part.arrays, seq, part.final, limits, shared)
             if part.final:
                 return
             seq += 1

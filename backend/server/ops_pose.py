@@ -110,6 +110,7 @@ def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
     depth = a.str("depth", "<f4", choices=("<f4", "<f2", "none"))
     background = a.floats("background", 3, None, lo=0.0, hi=1.0)
     crop = a.bool("crop", False)
+    shared = a.bool("shared_memory", False)
     if crop and background is not None:
         raise a.error("'crop' needs a transparent frame: leave out 'background'")
     params = flame_from(a, lim.max_frames)
@@ -121,7 +122,7 @@ def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
         frames = ctx.engine.render(aid, params, cameras, rgba, None if depth == "none" else depth, background, crop)
         for t, (arrays, window, ms) in enumerate(frames):
             result = {"frame": t, "frames": total, "render_ms": round(ms, 3)} | ({"window": list(window)} if crop else {})
-            yield Part(result, arrays, t == total - 1)
+            yield Part(result, arrays, t == total - 1, shared)
 
     return parts()
 

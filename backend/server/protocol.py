@@ -15,7 +15,10 @@ Reply header (one or more per request; streams number them with ``seq``)::
 
     {"protocol": 1, "id": "<request id>", "op": "<operation>", "status": "ok" | "error",
      "seq": 0, "final": true, "result": {...} | "error": {"code": ..., "message": ...},
-     "buffers": [...]}
+     "buffers": [...], "shared": {...}}
+
+``shared`` (optional, replies only): the buffers sit in a shared-memory slot instead of
+binary frames (see ``shared_frames``); the reply then has no binary frames.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from backend.errors import SpatialAvatarError
+from backend.server.shared_frames import SharedReadError, SlotReader
 
 PROTOCOL_VERSION = 1
 
@@ -47,7 +51,7 @@ UNKNOWN_OP = "malformed"
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _REQUEST_KEYS = frozenset({"protocol", "id", "op", "args", "buffers"})
-_REPLY_KEYS = frozenset({"protocol", "id", "op", "status", "seq", "final", "result", "error", "buffers"})
+_REPLY_KEYS = frozenset({"protocol", "id", "op", "status", "seq", "final", "result", "error", "buffers", "shared"})
 _BUFFER_KEYS = frozenset({"name", "dtype", "shape"})
 
 
@@ -203,9 +207,14 @@ def encode_reply(
     seq: int = 0,
     final: bool = True,
     limits: Limits = Limits(),
+    shared: Callable[[Sequence[Buffer]], dict[str, Any] | None] | None = None,
 ) -> list[Buffer]:
-    """The frames of one ok reply."""
+    """The frames of one ok reply. ``shared`` (a ``SlotPool.put``) may take the buffers into
+    shared memory; when it declines, they travel as frames."""
     descriptors, frames = _pack(arrays, limits)
+    slot = shared(frames) if shared is not None and frames else None
+    if slot is not None:
+        frames = []
     header = {
         "protocol": PROTOCOL_VERSION,
         "id": request_id,
@@ -215,8 +224,9 @@ def encode_reply(
         "final": final,
         "result": dict(result or {}),
         "buffers": descriptors,
-    }
+    } | ({"shared": slot} if slot is not None else {})
     return _finish(header, frames, limits)
+
 
 
 def encode_error(request_id: str, op: str, code: ErrorCode | str, message: str, seq: int = 0) -> list[Buffer]:
@@ -284,33 +294,46 @@ def _common(header: dict, allowed: frozenset[str]) -> tuple[str, str]:
     return rid, op
 
 
-def _arrays(header: dict, frames: Sequence[Buffer], limits: Limits, check_finite: bool = True) -> dict[str, np.ndarray]:
+def _described(header: dict, limits: Limits) -> list[tuple[str, np.dtype, list[int]]]:
+    """(name, dtype, shape) of every buffer the header lists, checked."""
     descriptors = header.get("buffers", [])
     if not isinstance(descriptors, list):
         raise _malformed("header field 'buffers' must be a list")
-    if len(descriptors) != len(frames):
-        raise _malformed(f"header lists {len(descriptors)} buffers but the message has {len(frames)} binary frames")
-    if len(frames) > limits.max_buffers:
-        raise WireError(ErrorCode.TOO_LARGE, f"{len(frames)} buffers in one message; at most {limits.max_buffers}")
-    arrays: dict[str, np.ndarray] = {}
-    for i, (d, frame) in enumerate(zip(descriptors, frames)):
+    if len(descriptors) > limits.max_buffers:
+        raise WireError(ErrorCode.TOO_LARGE, f"{len(descriptors)} buffers in one message; at most {limits.max_buffers}")
+    described: list[tuple[str, np.dtype, list[int]]] = []
+    for i, d in enumerate(descriptors):
         where = f"buffers[{i}]"
         if not isinstance(d, dict) or set(d) != _BUFFER_KEYS:
             raise _malformed(f"{where} must be an object with exactly 'name', 'dtype' and 'shape'")
         name, dtype, shape = d["name"], d["dtype"], d["shape"]
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise _malformed(f"{where}.name must be a lower-case name")
-        if name in arrays:
+        if any(name == n for n, _, _ in described):
             raise _malformed(f"{where}.name {name!r} appears twice")
         np_dtype = _NP_DTYPES.get(dtype) if isinstance(dtype, str) else None
         if np_dtype is None:
             raise _malformed(f"{where}.dtype {str(dtype)[:16]!r} is not allowed; use one of {', '.join(DTYPES)} (little-endian)")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(s) is int and s >= 0 for s in shape):
             raise _malformed(f"{where}.shape must be a list of at most {limits.max_ndim} non-negative integers")
+        described.append((name, np_dtype, shape))
+    return described
+
+
+def _nbytes(dtype: np.dtype, shape: list[int]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _arrays(described: list[tuple[str, np.dtype, list[int]]], frames: Sequence[Buffer], check_finite: bool = True) -> dict[str, np.ndarray]:
+    """Read-only arrays over the buffers' bytes (one per described buffer, in order)."""
+    if len(described) != len(frames):
+        raise _malformed(f"header lists {len(described)} buffers but the message has {len(frames)} binary frames")
+    arrays: dict[str, np.ndarray] = {}
+    for (name, np_dtype, shape), frame in zip(described, frames):
         view = memoryview(frame)
-        expected = math.prod(shape) * np_dtype.itemsize
+        expected = _nbytes(np_dtype, shape)
         if expected != view.nbytes:
-            raise _malformed(f"buffer '{name}' should hold {expected} bytes for {dtype} {shape}, the frame has {view.nbytes}")
+            raise _malformed(f"buffer '{name}' should hold {expected} bytes for {np_dtype.str} {shape}, the frame has {view.nbytes}")
         a = np.frombuffer(view, dtype=np_dtype).reshape(shape)
         a.flags.writeable = False
         if check_finite and np_dtype.kind == "f" and not bool(np.isfinite(a).all()):
@@ -335,15 +358,16 @@ def decode_request(frames: Sequence[Buffer], limits: Limits = Limits()) -> Reque
     args = header.get("args", {})
     if not isinstance(args, dict):
         raise _malformed("header field 'args' must be a JSON object")
-    return Request(rid, op, args, _arrays(header, frames[1:], limits))
+    return Request(rid, op, args, _arrays(_described(header, limits), frames[1:]))
 
 
-def decode_reply(frames: Sequence[Buffer], limits: Limits = Limits(), check_finite: bool = True) -> Reply:
+def decode_reply(frames: Sequence[Buffer], limits: Limits = Limits(), check_finite: bool = True, shared: SlotReader | None = None) -> Reply:
     """Parse and check a reply; raises WireError (an error *reply* is returned, not raised).
 
     ``check_finite=False`` skips the NaN/Inf scan of float buffers (framing, dtypes, shapes
     and sizes are still checked): a client that trusts its service saves a pass over every
-    rendered frame, and numpy's float16 scan is slow.
+    rendered frame, and numpy's float16 scan is slow. ``shared`` reads the buffers of a reply
+    that carries them in shared memory (copied out; the slot is then free again).
     """
     _check_total(frames, limits)
     header = _header(frames[0], limits)
@@ -355,7 +379,18 @@ def decode_reply(frames: Sequence[Buffer], limits: Limits = Limits(), check_fini
         raise _malformed("header field 'seq' must be a non-negative integer")
     if not isinstance(final, bool):
         raise _malformed("header field 'final' must be true or false")
-    arrays = _arrays(header, frames[1:], limits, check_finite)
+    described = _described(header, limits)
+    buffers: Sequence[Buffer] = frames[1:]
+    if "shared" in header:
+        if buffers or status != "ok":
+            raise _malformed("only an ok reply without binary frames may have 'shared' buffers")
+        if shared is None:
+            raise _malformed("the reply's buffers are in shared memory, which this side did not ask for")
+        try:
+            buffers = shared.read(header["shared"], [_nbytes(dtype, shape) for _, dtype, shape in described])
+        except SharedReadError as exc:
+            raise _malformed(f"shared buffers: {exc}") from None
+    arrays = _arrays(described, buffers, check_finite)
     if status == "error":
         err = header.get("error")
         if not isinstance(err, dict) or not isinstance(err.get("message"), str) or err.get("code") not in set(ErrorCode):

@@ -59,6 +59,7 @@ from backend.server.protocol import (
     salvage_id,
 )
 from backend.server.security import ServerKeys, check_bind, secure_server
+from backend.server.shared_frames import SlotPool
 from backend.server.store import Store, check_id
 from backend.server.worker import Task, Worker
 
@@ -120,11 +121,13 @@ class Service:
         self._watchers: dict[tuple[bytes, str], _Watcher] = {}
         self._replay: OrderedDict[str, list[Buffer]] = OrderedDict()
         self.requests = 0
+        # Encrypted binds serve other machines, which cannot map this one's memory.
+        self.slots = SlotPool(config.shared_slots) if config.shared_slots > 0 and keys is None else None
         try:
             self.engine = Engine(config.flame, device, self.store)
             self.jobs = Jobs(self.store, job_kinds(self.engine, self.store, config.generator))
             self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop)
-            self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending)
+            self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending, self.slots)
             self.socket = self._zmq.socket(zmq.ROUTER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of being silently fed
             self.socket.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
@@ -140,6 +143,8 @@ class Service:
         except BaseException:
             self._close_sockets()
             self.store.close()
+            if self.slots is not None:
+                self.slots.close()
             raise
 
     # -- description -----------------------------------------------------------------------
@@ -161,6 +166,7 @@ class Service:
             "server": __version__,
             **self.engine.describe(),
             "secure": secure,
+            "shared_memory": str(self.slots.folder) if self.slots is not None else None,
             "head": {
                 "name": head.name,
                 "fingerprint": self.engine.fingerprint,
@@ -215,6 +221,8 @@ class Service:
             self._update_watchers(force=True)
             self._close_sockets()
             self.store.close()
+            if self.slots is not None and not self.worker.alive:  # a worker stuck in a step may still write
+                self.slots.close()
 
     def _drain_wake(self) -> bool:
         try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from backend.server.jobs import Jobs
 from backend.server.ops import Part, encode_parts
 from backend.server.protocol import Buffer, ErrorCode, Limits, Request, encode_error
+from backend.server.shared_frames import SlotPool
 
 log = logging.getLogger("spatialavatar.server")
 
@@ -37,10 +38,11 @@ Emit = Callable[[Task, list[Buffer]], None]
 
 
 class Worker:
-    def __init__(self, jobs: Jobs, emit: Emit, limits: Limits, max_pending: int) -> None:
+    def __init__(self, jobs: Jobs, emit: Emit, limits: Limits, max_pending: int, slots: SlotPool | None = None) -> None:
         self._jobs = jobs
         self._emit = emit
         self._limits = limits
+        self._slots = slots  # only this thread writes into them
         self._max_pending = max_pending
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -100,7 +102,7 @@ class Worker:
                 self._serve(task)
 
     def _serve(self, task: Task) -> None:
-        replies = encode_parts(task.request, task.parts, self._limits)
+        replies = encode_parts(task.request, task.parts, self._limits, self._slots)
         try:
             for frames in replies:
                 if task.abandoned.is_set():

@@ -12,7 +12,8 @@ copying out), so overhead = round trip - render_ms is what the wire, the framing
 checks cost; and (2) one streamed render of many frames, in frames per second. For scale,
 it also times the same reply bytes through a bare ZeroMQ socket pair between two processes
 (the floor no service can go under). ``--crop`` asks for the avatar's window only; the round
-trip then includes putting it back into the whole frame (``windows.full_frame``). Not
+trip then includes putting it back into the whole frame (``windows.full_frame``).
+``--shared`` asks for the frames through shared memory instead of the socket. Not
 collected by pytest.
 """
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--gaussians", type=int, default=20_000)
     parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
     parser.add_argument("--crop", action="store_true", help="ask for the avatar's window only (and restore the whole frame)")
+    parser.add_argument("--shared", action="store_true", help="ask for the frames through shared memory (client and service on one machine)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="single-frame round trips per size")
     parser.add_argument("--frames", type=int, default=24, help="frames of the streamed render per size")
@@ -150,7 +152,7 @@ def main() -> None:
             hellos.append(1e3 * (time.perf_counter() - t0))
         aid = client.call("import", {}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
         for size in args.sizes:
-            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba, "crop": args.crop}
+            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba, "crop": args.crop, "shared_memory": args.shared}
             trips, renders = [], []
             # Inputs are made before the clock starts: making them is not transport.
             inputs = [expressions(head.n_expr, 1, i) | camera(*size) for i in range(args.warmup + args.repeats)]
@@ -188,7 +190,7 @@ def main() -> None:
     print(f"# hello round trip (no device work): median {statistics.median(hellos):.2f} ms")
     print(
         f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}"
-        f"{'; cropped to the avatar' if args.crop else ''}; over {args.bind}; client and service on {machine}"
+        f"{'; cropped to the avatar' if args.crop else ''}{'; frames through shared memory' if args.shared else ''}; over {args.bind}; client and service on {machine}"
     )
     if args.json:
         for row in rows:

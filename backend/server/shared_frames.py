@@ -1,0 +1,184 @@
+"""Reply buffers through shared memory, for a client on the service's own machine.
+
+Moving a 512 x 512 float RGBA + depth frame (5 MiB) through loopback TCP costs more than the
+rest of a render request's overhead together. A client on the same machine can ask for a
+render's buffers ``shared_memory``: the service then writes them into a *slot*, a file in a
+private folder of the shared-memory file system that both sides map, and the reply's header
+names the slot (``"shared": {"path", "generation", "offsets"}``) instead of carrying the bytes.
+The client copies the buffers out and marks the slot free for the service to reuse. Pure
+Python + numpy: the add-on's client uses it too.
+
+A slot file is a 64-byte header, then the buffers::
+
+    magic "SAFRAME1" | generation (u64) | state (u64: 0 free, 1 holds a reply) | ...
+
+A client that vanishes leaves its slot marked full; the service takes such a slot back after
+``lease_s``. A client that reads that late finds the generation changed and says so.
+When every slot is busy, or a reply is too large, the reply travels inline as usual.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"SAFRAME1"
+HEADER_BYTES = 64  # buffers start here; 64-byte aligned like every offset below
+_HEAD = struct.Struct("<8sQQ")
+_FREE, _FULL = 0, 1
+_ALIGN = 64
+_SLOT_NAME = re.compile(r"slot-[0-9]{1,9}")
+_DIR_PREFIX = "spatialavatar-frames-"
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _shm_root() -> str | None:
+    """The memory-backed file system where there is one (Linux), else the temp folder."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class _Slot:
+    def __init__(self, path: Path, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        with open(path, "w+b") as f:
+            f.truncate(HEADER_BYTES + capacity)
+            self.map = mmap.mmap(f.fileno(), HEADER_BYTES + capacity)
+        self.generation = 0
+        self.written = 0.0
+        _HEAD.pack_into(self.map, 0, MAGIC, 0, _FREE)
+
+    @property
+    def free(self) -> bool:
+        return _HEAD.unpack_from(self.map, 0)[2] == _FREE
+
+    def close(self) -> None:
+        self.map.close()
+        self.path.unlink(missing_ok=True)
+
+
+class SlotPool:
+    """The service's slots: at most ``max_slots`` files of up to ``max_bytes`` of buffers each.
+
+    Only the thread that sends replies calls ``put``.
+    """
+
+    def __init__(self, max_slots: int = 8, max_bytes: int = 256 << 20, lease_s: float = 30.0) -> None:
+        self.max_slots = max_slots
+        self.max_bytes = max_bytes
+        self.lease_s = lease_s
+        self.folder = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=_shm_root()))  # mode 0700
+        self._slots: list[_Slot] = []
+        self._made = 0
+
+    def put(self, buffers: Sequence[Buffer]) -> dict[str, Any] | None:
+        """Copy a reply's buffers (their wire bytes) into a free slot; the reply header's
+        ``shared`` entry, or None when the reply should travel inline."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        offsets, end = [], HEADER_BYTES
+        for v in views:
+            offsets.append(end)
+            end = _aligned(end + v.nbytes)
+        need = end - HEADER_BYTES
+        if not views or need > self.max_bytes:
+            return None
+        slot = self._take(need)
+        if slot is None:
+            return None
+        for off, v in zip(offsets, views):
+            slot.map[off : off + v.nbytes] = v
+        slot.generation += 1
+        slot.written = time.monotonic()
+        _HEAD.pack_into(slot.map, 0, MAGIC, slot.generation, _FULL)
+        return {"path": str(slot.path), "generation": slot.generation, "offsets": offsets}
+
+    def _take(self, need: int) -> _Slot | None:
+        free = [s for s in self._slots if s.free]
+        fitting = [s for s in free if s.capacity >= need]
+        if fitting:
+            return min(fitting, key=lambda s: s.capacity)
+        if len(self._slots) >= self.max_slots:
+            stale = [s for s in self._slots if not s.free and time.monotonic() - s.written > self.lease_s]
+            victims = free or stale
+            if not victims:
+                return None
+            self._slots.remove(victims[0])
+            victims[0].close()
+        slot = _Slot(self.folder / f"slot-{self._made}", max(need, 1 << 20))
+        self._made += 1
+        self._slots.append(slot)
+        return slot
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.close()
+        self._slots.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SharedReadError(Exception):
+    """A reply's slot could not be read (the protocol turns it into a WireError)."""
+
+
+class SlotReader:
+    """The client's side: maps the slots replies name (a few kept open) and copies out."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._keep = keep
+
+    def read(self, shared: Any, sizes: Sequence[int]) -> list[np.ndarray]:
+        """Copies of the buffers (bytes [sizes[i]] each) that a reply's ``shared`` entry names,
+        after which the slot is marked free. Raises SharedReadError."""
+        if not isinstance(shared, dict) or set(shared) != {"path", "generation", "offsets"}:
+            raise SharedReadError("'shared' must be an object with exactly 'path', 'generation' and 'offsets'")
+        path, generation, offsets = shared["path"], shared["generation"], shared["offsets"]
+        if not isinstance(path, str) or not _SLOT_NAME.fullmatch(Path(path).name) or not Path(path).parent.name.startswith(_DIR_PREFIX):
+            raise SharedReadError("'shared.path' does not name a frame slot")
+        if type(generation) is not int or not isinstance(offsets, list) or len(offsets) != len(sizes):
+            raise SharedReadError("'shared' needs an integer generation and one offset per buffer")
+        m = self._map(path)
+        if not all(type(o) is int and HEADER_BYTES <= o and o + n <= len(m) for o, n in zip(offsets, sizes)):
+            raise SharedReadError("a buffer lies outside its slot")
+        magic, gen, _ = _HEAD.unpack_from(m, 0)
+        if magic != MAGIC or gen != generation:
+            raise SharedReadError(f"the slot holds another reply (generation {gen}, not {generation}): it was read too late")
+        out = [np.frombuffer(m, np.uint8, n, o).copy() for o, n in zip(offsets, sizes)]
+        if _HEAD.unpack_from(m, 0)[1] != generation:
+            raise SharedReadError("the slot was reused while it was read: it was read too late")
+        _HEAD.pack_into(m, 0, MAGIC, generation, _FREE)
+        return out
+
+    def _map(self, path: str) -> mmap.mmap:
+        m = self._maps.pop(path, None)
+        if m is None:
+            try:
+                with open(path, "r+b") as f:
+                    m = mmap.mmap(f.fileno(), 0)
+            except (OSError, ValueError) as exc:
+                raise SharedReadError(f"cannot map {path} ({exc}); a client on another machine must not ask for shared_memory") from None
+        self._maps[path] = m  # most recent last
+        while len(self._maps) > self._keep:
+            self._maps.popitem(last=False)[1].close()
+        return m
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
