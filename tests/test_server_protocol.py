@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -229,3 +230,18 @@ def test_shared_memory_replies_round_trip_and_refuse_what_does_not_fit() -> None
         reader.close()
         pool.close()
     assert not pool.folder.exists()
+
+
+def test_a_new_slot_pool_removes_the_folders_of_dead_services() -> None:
+    live = SlotPool(max_slots=1)
+    root = live.folder.parent
+    dead = root / "spatialavatar-frames-999999999-x1"  # beyond any pid this system hands out
+    dead.mkdir()
+    (dead / "slot-0").write_bytes(b"\0" * 64)
+    try:
+        fresh = SlotPool(max_slots=1)
+        fresh.close()
+        assert not dead.exists() and live.folder.exists()  # a live service's folder stays
+    finally:
+        live.close()
+        shutil.rmtree(dead, ignore_errors=True)

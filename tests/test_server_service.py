@@ -355,3 +355,26 @@ def test_when_every_slot_is_taken_frames_travel_inline(tmp_path: Path, head: Hea
         finally:
             client.close()
     assert not service.slots.folder.exists()  # the service removes its slots when it stops
+
+
+def test_a_reply_the_client_cannot_read_fails_its_request() -> None:
+    """A stand-in service (a bare ROUTER) answers with shared buffers in a slot that is not
+    there, as a service on another machine would: the request fails with the reason instead
+    of waiting out its timeout and retrying."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=60, retries=0) as client:
+            rid = client.submit("render", {"shared_memory": True})
+            assert router.poll(10_000)
+            ident = router.recv_multipart()[0]
+            header = {"protocol": 1, "id": rid, "op": "render", "status": "ok", "seq": 0, "final": True, "result": {},
+                      "buffers": [{"name": "rgba", "dtype": "<f4", "shape": [1]}],
+                      "shared": {"path": "/nowhere/spatialavatar-frames-1-x/slot-0", "generation": 1, "offsets": [64]}}
+            router.send_multipart([ident, json.dumps(header).encode()])
+            replies: list = []
+            while not replies:  # the client's own timeout (60 s) would end it with "no reply from"
+                replies = client.poll(100)
+            assert replies[0].error is not None and replies[0].error.code == ErrorCode.MALFORMED
+            assert "bad reply" in replies[0].error.message and "cannot map" in replies[0].error.message
+            assert client.pending == []

@@ -13,7 +13,9 @@ A slot file is a 64-byte header, then the buffers::
     magic "SAFRAME1" | generation (u64) | state (u64: 0 free, 1 holds a reply) | ...
 
 A client that vanishes leaves its slot marked full; the service takes such a slot back after
-``lease_s``. A client that reads that late finds the generation changed and says so.
+``lease_s``. A client that reads that late finds the generation changed and says so. The
+folder is named after the service's process id, so a service that starts removes the folders
+of services that were killed before they could.
 When every slot is busy, or a reply is too large, the reply travels inline as usual.
 """
 
@@ -53,6 +55,23 @@ def _shm_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+def _remove_orphans(root: Path) -> None:
+    """Remove the slot folders of services that died without closing them (kill -9): shared
+    memory would otherwise stay taken until the machine restarts."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return
+    for folder in root.glob(f"{_DIR_PREFIX}*-*"):
+        pid = folder.name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 class _Slot:
     def __init__(self, path: Path, capacity: int) -> None:
         self.path = path
@@ -83,7 +102,9 @@ class SlotPool:
         self.max_slots = max_slots
         self.max_bytes = max_bytes
         self.lease_s = lease_s
-        self.folder = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=_shm_root()))  # mode 0700
+        root = _shm_root()
+        _remove_orphans(Path(root or tempfile.gettempdir()))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=root))  # mode 0700
         self._slots: list[_Slot] = []
         self._made = 0
 
