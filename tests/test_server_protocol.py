@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,8 +205,15 @@ def test_shared_memory_replies_round_trip_and_refuse_what_does_not_fit() -> None
         reply = decode_reply(frames, shared=reader)
         np.testing.assert_array_equal(reply.arrays["rgba"], rgba)
         np.testing.assert_array_equal(reply.arrays["depth"], depth)
-        # Read once, the slot is free again: the next reply reuses it with a new generation.
-        again = json.loads(bytes(encode_reply("r2", "render", {}, {"rgba": rgba}, shared=pool.put)[0]))["shared"]
+        assert not reply.arrays["rgba"].flags.writeable
+        # While the reply's arrays are held, its slot is not written again: another one is used.
+        second = encode_reply("r2", "render", {}, {"rgba": rgba}, shared=pool.put)
+        assert json.loads(bytes(second[0]))["shared"]["path"] != header["shared"]["path"]
+        decode_reply(second, shared=reader)  # read and let go: that slot is free again
+        np.testing.assert_array_equal(reply.arrays["rgba"], rgba)
+        # Once they are gone, the slot is free: the next reply reuses it with a new generation.
+        del reply
+        again = json.loads(bytes(encode_reply("r3", "render", {}, {"rgba": rgba}, shared=pool.put)[0]))["shared"]
         assert again["path"] == header["shared"]["path"] and again["generation"] == header["shared"]["generation"] + 1
         with pytest.raises(WireError, match="read too late"):
             decode_reply(frames, shared=reader)  # the first reply's slot now holds the second
@@ -245,3 +253,20 @@ def test_a_new_slot_pool_removes_the_folders_of_dead_services() -> None:
     finally:
         live.close()
         shutil.rmtree(dead, ignore_errors=True)
+
+
+def test_a_slot_held_past_its_lease_is_replaced_not_rewritten() -> None:
+    pool, reader = SlotPool(max_slots=1, lease_s=0.0), SlotReader()
+    try:
+        first = np.arange(16, dtype="<f4")
+        frames = encode_reply("r1", "render", {}, {"rgba": first}, shared=pool.put)
+        old = Path(json.loads(bytes(frames[0]))["shared"]["path"])
+        held = decode_reply(frames, shared=reader)
+        second = encode_reply("r2", "render", {}, {"rgba": first + 1}, shared=pool.put)  # the only slot is held: replaced
+        new = Path(json.loads(bytes(second[0]))["shared"]["path"])
+        assert new != old and new.exists() and not old.exists()
+        np.testing.assert_array_equal(held.arrays["rgba"], first)  # the holder still sees its own frame
+        np.testing.assert_array_equal(decode_reply(second, shared=reader).arrays["rgba"], first + 1)
+    finally:
+        reader.close()
+        pool.close()

@@ -154,6 +154,7 @@ def test_a_cropped_render_is_the_whole_frame_put_back_together(served, head: Hea
             np.testing.assert_array_equal(restored[name], a.arrays[name])
     assert "leave out 'background'" in str(error_of(client, "render", args | {"crop": True, "background": [0.0, 0.0, 0.0]}, arrays))
     assert "'crop' must be true or false" in str(error_of(client, "render", args | {"crop": "yes"}, arrays))
+    assert "'shared_memory' must be true or false" in str(error_of(client, "render", args | {"shared_memory": 1}, arrays))
 
 
 def test_full_frame_refuses_a_window_that_does_not_fit() -> None:

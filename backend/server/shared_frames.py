@@ -5,18 +5,18 @@ rest of a render request's overhead together. A client on the same machine can a
 render's buffers ``shared_memory``: the service then writes them into a *slot*, a file in a
 private folder of the shared-memory file system that both sides map, and the reply's header
 names the slot (``"shared": {"path", "generation", "offsets"}``) instead of carrying the bytes.
-The client copies the buffers out and marks the slot free for the service to reuse. Pure
-Python + numpy: the add-on's client uses it too.
+The client reads the buffers in place and marks the slot free, for the service to reuse,
+once it lets go of them. Pure Python + numpy: the add-on's client uses it too.
 
 A slot file is a 64-byte header, then the buffers::
 
     magic "SAFRAME1" | generation (u64) | state (u64: 0 free, 1 holds a reply) | ...
 
-A client that vanishes leaves its slot marked full; the service takes such a slot back after
-``lease_s``. A client that reads that late finds the generation changed and says so. The
-folder is named after the service's process id, so a service that starts removes the folders
-of services that were killed before they could.
-When every slot is busy, or a reply is too large, the reply travels inline as usual.
+The service rewrites only free slots. A client that vanishes leaves its slot full; after
+``lease_s`` the service unlinks that file and makes a new one, so a client that still maps
+it keeps its data. The folder is named after the service's process id, so a service that
+starts removes the folders of services that were killed before they could. When every slot
+is busy, or a reply is too large, the reply travels inline as usual.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import shutil
 import struct
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,7 +90,10 @@ class _Slot:
 
     def close(self) -> None:
         self.map.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # Windows keeps a file that a client still maps
+            pass
 
 
 class SlotPool:
@@ -158,15 +162,21 @@ class SharedReadError(Exception):
 
 
 class SlotReader:
-    """The client's side: maps the slots replies name (a few kept open) and copies out."""
+    """The client's side: maps the slots replies name (a few kept open) and hands out views.
+
+    The slot is marked free when the last view of its reply is gone. The service never
+    rewrites a slot that is not free (a stale one it unlinks and replaces), so a view stays
+    valid for as long as it is held.
+    """
 
     def __init__(self, keep: int = 16) -> None:
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._keep = keep
+        self._held: dict[tuple[str, int], int] = {}  # (slot, generation) -> views handed out
 
     def read(self, shared: Any, sizes: Sequence[int]) -> list[np.ndarray]:
-        """Copies of the buffers (bytes [sizes[i]] each) that a reply's ``shared`` entry names,
-        after which the slot is marked free. Raises SharedReadError."""
+        """Read-only byte views [sizes[i]] of the buffers a reply's ``shared`` entry names.
+        Raises SharedReadError."""
         if not isinstance(shared, dict) or set(shared) != {"path", "generation", "offsets"}:
             raise SharedReadError("'shared' must be an object with exactly 'path', 'generation' and 'offsets'")
         path, generation, offsets = shared["path"], shared["generation"], shared["offsets"]
@@ -180,11 +190,21 @@ class SlotReader:
         magic, gen, _ = _HEAD.unpack_from(m, 0)
         if magic != MAGIC or gen != generation:
             raise SharedReadError(f"the slot holds another reply (generation {gen}, not {generation}): it was read too late")
-        out = [np.frombuffer(m, np.uint8, n, o).copy() for o, n in zip(offsets, sizes)]
-        if _HEAD.unpack_from(m, 0)[1] != generation:
-            raise SharedReadError("the slot was reused while it was read: it was read too late")
-        _HEAD.pack_into(m, 0, MAGIC, generation, _FREE)
-        return out
+        whole = np.frombuffer(m, np.uint8)
+        whole.flags.writeable = False
+        key = (path, generation)
+        self._held[key] = self._held.get(key, 0) + 1  # one reply may be decoded more than once
+        weakref.finalize(whole, self._release, key, m)
+        return [whole[o : o + n] for o, n in zip(offsets, sizes)]
+
+    def _release(self, key: tuple[str, int], m: mmap.mmap) -> None:
+        """Mark a slot free once the last view of its reply is gone (if it still holds it)."""
+        self._held[key] -= 1
+        if self._held[key] > 0:
+            return
+        del self._held[key]
+        if not m.closed and _HEAD.unpack_from(m, 0)[:2] == (MAGIC, key[1]):
+            _HEAD.pack_into(m, 0, MAGIC, key[1], _FREE)
 
     def _map(self, path: str) -> mmap.mmap:
         m = self._maps.pop(path, None)
@@ -196,10 +216,17 @@ class SlotReader:
                 raise SharedReadError(f"cannot map {path} ({exc}); a client on another machine must not ask for shared_memory") from None
         self._maps[path] = m  # most recent last
         while len(self._maps) > self._keep:
-            self._maps.popitem(last=False)[1].close()
+            _close(self._maps.popitem(last=False)[1])
         return m
 
     def close(self) -> None:
         for m in self._maps.values():
-            m.close()
+            _close(m)
         self._maps.clear()
+
+
+def _close(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:  # views of it are still held: it unmaps when the last one goes
+        pass
