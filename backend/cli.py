@@ -311,13 +311,18 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from backend.server.service import Service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    config = ServiceConfig(bind=args.bind, store=args.store or default_store(), device=args.device, flame=args.flame, generator=args.generator, keys=args.keys)
+    if args.shared_slots < 0:
+        raise SpatialAvatarError(f"--shared-slots {args.shared_slots}: give 0 (off) or more")
+    config = ServiceConfig(
+        bind=args.bind, store=args.store or default_store(), device=args.device, flame=args.flame, generator=args.generator, keys=args.keys, shared_slots=args.shared_slots
+    )
     service = Service(config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: service.request_stop())
     d = service.engine.describe()
     secure = "CurveZMQ" if args.keys else "no encryption (loopback only)"
-    print(f"spatialavatar serve: listening on {service.endpoint} (device {d['device']}, {d['rasterizer']}; {secure}; store {config.store})", file=sys.stderr, flush=True)
+    shared = f"frames for local clients through {service.slots.folder}" if service.slots is not None else "frames through the socket"
+    print(f"spatialavatar serve: listening on {service.endpoint} (device {d['device']}, {d['rasterizer']}; {secure}; {shared}; store {config.store})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     service.serve_forever()
     return {"endpoint": service.endpoint, "requests": service.requests, "seconds": round(time.perf_counter() - t0, 1)}
@@ -480,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, help="folder of avatars, subjects and jobs (default: $SPATIALAVATAR_STORE, else the user data folder)")
     p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
     p.add_argument("--generator", type=Path, metavar="FILE", help="stage-1 generator checkpoint (default: the one `spatialavatar generate` uses)")
+    p.add_argument("--shared-slots", type=int, default=8, metavar="N", help="shared-memory slots for render frames to clients on this machine; 0: frames always go through the socket (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("blender-render", parents=[common], help="render a .blend with its avatars composited (starts a backend if none answers)")

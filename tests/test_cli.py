@@ -74,7 +74,7 @@ def test_synth_init_render_export(tmp_path) -> None:
 
 
 def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
-    """train, demo, refine and blender-render name the bad flag or file and exit 2 without a traceback."""
+    """train, demo, refine, serve and blender-render name the bad flag or file and exit 2 without a traceback."""
     not_blend = tmp_path / "shot.blend"
     not_blend.write_text("not a blend file")
     cases = [
@@ -82,6 +82,7 @@ def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
         (["demo", "--out", str(tmp_path / "demo"), "--cpu-iters", "0"], "--cpu-iters 0"),
         (["demo", "--out", str(tmp_path / "demo"), "--portrait", str(tmp_path / "nope.png")], "nope.png"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--opacity-sparsity", "-1"], "--opacity-sparsity -1"),
+        (["serve", "--store", str(tmp_path / "store"), "--shared-slots", "-1"], "--shared-slots -1"),
         (["blender-render", str(not_blend)], "not a .blend file"),
         (["blender-render", str(not_blend), "--frames", "5..2"], "--frames 5..2"),
     ]

@@ -51,10 +51,11 @@ class _Pending:
 
 
 def can_share(hello: Mapping[str, Any]) -> bool:
-    """True when a service's hello offers shared memory in a folder this machine has: then
-    its render requests may ask for ``shared_memory`` (not through a tunnel to another host)."""
+    """True when a service's hello offers shared memory in a folder that this machine has and
+    this user may open: then its render requests may ask for ``shared_memory`` (not through a
+    tunnel to another host, nor to a service run by another user)."""
     folder = hello.get("shared_memory")
-    return isinstance(folder, str) and os.path.isdir(folder)
+    return isinstance(folder, str) and os.path.isdir(folder) and os.access(folder, os.R_OK | os.W_OK | os.X_OK)
 
 
 class Client:
