@@ -228,7 +228,6 @@ def encode_reply(
     return _finish(header, frames, limits)
 
 
-
 def encode_error(request_id: str, op: str, code: ErrorCode | str, message: str, seq: int = 0) -> list[Buffer]:
     """The frames of an error reply (always final, never with buffers); the message starts with the op."""
     if not message.startswith(f"{op}: "):
@@ -302,6 +301,7 @@ def _described(header: dict, limits: Limits) -> list[tuple[str, np.dtype, list[i
     if len(descriptors) > limits.max_buffers:
         raise WireError(ErrorCode.TOO_LARGE, f"{len(descriptors)} buffers in one message; at most {limits.max_buffers}")
     described: list[tuple[str, np.dtype, list[int]]] = []
+    seen: set[str] = set()
     for i, d in enumerate(descriptors):
         where = f"buffers[{i}]"
         if not isinstance(d, dict) or set(d) != _BUFFER_KEYS:
@@ -309,8 +309,9 @@ def _described(header: dict, limits: Limits) -> list[tuple[str, np.dtype, list[i
         name, dtype, shape = d["name"], d["dtype"], d["shape"]
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise _malformed(f"{where}.name must be a lower-case name")
-        if any(name == n for n, _, _ in described):
+        if name in seen:
             raise _malformed(f"{where}.name {name!r} appears twice")
+        seen.add(name)
         np_dtype = _NP_DTYPES.get(dtype) if isinstance(dtype, str) else None
         if np_dtype is None:
             raise _malformed(f"{where}.dtype {str(dtype)[:16]!r} is not allowed; use one of {', '.join(DTYPES)} (little-endian)")
@@ -367,7 +368,7 @@ def decode_reply(frames: Sequence[Buffer], limits: Limits = Limits(), check_fini
     ``check_finite=False`` skips the NaN/Inf scan of float buffers (framing, dtypes, shapes
     and sizes are still checked): a client that trusts its service saves a pass over every
     rendered frame, and numpy's float16 scan is slow. ``shared`` reads the buffers of a reply
-    that carries them in shared memory (copied out; the slot is then free again).
+    that carries them in shared memory (in place; the slot is freed when they are dropped).
     """
     _check_total(frames, limits)
     header = _header(frames[0], limits)
