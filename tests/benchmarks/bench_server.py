@@ -13,8 +13,8 @@ checks cost; and (2) one streamed render of many frames, in frames per second. F
 it also times the same reply bytes through a bare ZeroMQ socket pair between two processes
 (the floor no service can go under). ``--crop`` asks for the avatar's window only; the round
 trip then includes putting it back into the whole frame (``windows.full_frame``).
-``--shared`` asks for the frames through shared memory instead of the socket. Not
-collected by pytest.
+``--shared`` also asks for the frames through shared memory, alternating request by request
+with the socket, and reports both. Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--gaussians", type=int, default=20_000)
     parser.add_argument("--rgba", default="<f4", choices=["<f4", "<f2", "<u1"], help="dtype of the returned RGBA")
     parser.add_argument("--crop", action="store_true", help="ask for the avatar's window only (and restore the whole frame)")
-    parser.add_argument("--shared", action="store_true", help="ask for the frames through shared memory (client and service on one machine)")
+    parser.add_argument("--shared", action="store_true", help="also time frames through shared memory, alternating with the socket (client and service on one machine)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="single-frame round trips per size")
     parser.add_argument("--frames", type=int, default=24, help="frames of the streamed render per size")
@@ -151,58 +151,72 @@ def main() -> None:
             client.call("hello")
             hellos.append(1e3 * (time.perf_counter() - t0))
         aid = client.call("import", {}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
+        # With --shared, requests through the socket and through shared memory alternate in
+        # one run, so both see the same machine at the same moment.
+        modes = (False, True) if args.shared else (False,)
         for size in args.sizes:
-            req = {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba, "crop": args.crop, "shared_memory": args.shared}
-            trips, renders = [], []
+            reqs = {
+                mode: {"avatar": aid, "width": size[0], "height": size[1], "rgba": args.rgba, "crop": args.crop, "shared_memory": mode}
+                for mode in modes
+            }
+            trips: dict[bool, list[float]] = {mode: [] for mode in modes}
+            renders: dict[bool, list[float]] = {mode: [] for mode in modes}
             # Inputs are made before the clock starts: making them is not transport.
             inputs = [expressions(head.n_expr, 1, i) | camera(*size) for i in range(args.warmup + args.repeats)]
             for i in range(args.warmup + args.repeats):
-                t0 = time.perf_counter()
-                reply = client.call("render", req, inputs[i])
-                full_frame(reply.arrays, reply.result, *size)
-                trip = 1e3 * (time.perf_counter() - t0)
-                if i >= args.warmup:
-                    trips.append(trip)
-                    renders.append(reply.result["render_ms"])
-            overhead = [t - r for t, r in zip(trips, renders)]
-            inputs = expressions(head.n_expr, args.frames, 99) | camera(*size)
-            t0 = time.perf_counter()
-            streamed = []
-            for r in client.stream("render", req, inputs):
-                full_frame(r.arrays, r.result, *size)
-                streamed.append(r)
-            wall = time.perf_counter() - t0
+                for mode in modes:
+                    t0 = time.perf_counter()
+                    reply = client.call("render", reqs[mode], inputs[i])
+                    full_frame(reply.arrays, reply.result, *size)
+                    trip = 1e3 * (time.perf_counter() - t0)
+                    if i >= args.warmup:
+                        trips[mode].append(trip)
+                        renders[mode].append(reply.result["render_ms"])
             payload = sum(a.nbytes for a in reply.arrays.values())
-            rows.append(
-                {
-                    "size": f"{size[0]}x{size[1]}",
-                    "round_trip_ms": round(statistics.median(trips), 2),
-                    "render_ms": round(statistics.median(renders), 2),
-                    "overhead_ms_median": round(statistics.median(overhead), 2),
-                    "overhead_ms_p90": round(percentile(overhead, 90), 2),
-                    "floor_ms": round(transport_floor(args.bind, dict(reply.arrays), size), 2),
-                    "stream_fps": round(len(streamed) / wall, 2),
-                    "stream_render_fps": round(1e3 * len(streamed) / sum(r.result["render_ms"] for r in streamed), 2),
-                    "reply_mib": round(payload / 2**20, 2),
-                }
-            )
+            floor = round(transport_floor(args.bind, dict(reply.arrays), size), 2)
+            del reply  # its shared-memory slot is free again
+            for mode in modes:
+                overhead = [t - r for t, r in zip(trips[mode], renders[mode])]
+                stream = expressions(head.n_expr, args.frames, 99) | camera(*size)
+                t0 = time.perf_counter()
+                # Each frame is let go of once it is used, as the add-on's compositor does: a
+                # held reply would keep its shared-memory slot taken.
+                streamed_render_ms = []
+                for r in client.stream("render", reqs[mode], stream):
+                    full_frame(r.arrays, r.result, *size)
+                    streamed_render_ms.append(r.result["render_ms"])
+                wall = time.perf_counter() - t0
+                rows.append(
+                    {
+                        "size": f"{size[0]}x{size[1]}",
+                        "frames_via": "shared memory" if mode else "socket",
+                        "round_trip_ms": round(statistics.median(trips[mode]), 2),
+                        "render_ms": round(statistics.median(renders[mode]), 2),
+                        "overhead_ms_median": round(statistics.median(overhead), 2),
+                        "overhead_ms_p90": round(percentile(overhead, 90), 2),
+                        "floor_ms": floor,
+                        "stream_fps": round(len(streamed_render_ms) / wall, 2),
+                        "stream_render_fps": round(1e3 * len(streamed_render_ms) / sum(streamed_render_ms), 2),
+                        "reply_mib": round(payload / 2**20, 2),
+                    }
+                )
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     print(f"# hello round trip (no device work): median {statistics.median(hellos):.2f} ms")
     print(
         f"# service {hello['device']} ({hello['device_name']}, {hello['rasterizer']}); {avatar.count} Gaussians; rgba {args.rgba}"
-        f"{'; cropped to the avatar' if args.crop else ''}{'; frames through shared memory' if args.shared else ''}; over {args.bind}; client and service on {machine}"
+        f"{'; cropped to the avatar' if args.crop else ''}{'; socket and shared-memory requests alternating' if args.shared else ''}; over {args.bind}; client and service on {machine}"
     )
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return
     print(
-        "| size | round trip ms | render ms | overhead ms (median / p90) | plain ZeroMQ floor ms | streamed fps | render-only fps | reply MiB |"
+        "| size | frames via | round trip ms | render ms | overhead ms (median / p90) | plain ZeroMQ floor ms | streamed fps | render-only fps | reply MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['size']} | {r['round_trip_ms']} | {r['render_ms']} | {r['overhead_ms_median']} / {r['overhead_ms_p90']} "
+            f"| {r['size']} | {r['frames_via']} | {r['round_trip_ms']} | {r['render_ms']} | {r['overhead_ms_median']} / {r['overhead_ms_p90']} "
             f"| {r['floor_ms']} | {r['stream_fps']} | {r['stream_render_fps']} | {r['reply_mib']} |"
         )
 
