@@ -240,6 +240,33 @@ def test_shared_memory_replies_round_trip_and_refuse_what_does_not_fit() -> None
     assert not pool.folder.exists()
 
 
+def test_buffers_made_in_a_reserved_slot_are_published_without_a_copy() -> None:
+    pool, reader = SlotPool(max_slots=1), SlotReader()
+    try:
+        rgba, depth = np.random.default_rng(1).random((5, 7, 4), np.float32), np.arange(35, dtype="<f4").reshape(5, 7)
+        lent = pool.reserve([rgba.nbytes, depth.nbytes])
+        made = {"rgba": lent[0].view("<f4").reshape(rgba.shape), "depth": lent[1].view("<f4").reshape(depth.shape)}
+        made["rgba"][:], made["depth"][:] = rgba, depth
+        frames = encode_reply("r1", "render", {}, made, shared=pool.put)
+        reply = decode_reply(frames, shared=reader)
+        np.testing.assert_array_equal(reply.arrays["rgba"], rgba)
+        np.testing.assert_array_equal(reply.arrays["depth"], depth)
+        # In place: the reply reads the very bytes that were lent (no copy went elsewhere).
+        made["depth"][0, 0] = -1.0
+        assert reply.arrays["depth"][0, 0] == -1.0
+        # The only slot is held by that reply: nothing to lend, and replies travel inline.
+        assert pool.reserve([16]) is None
+        assert encode_reply("r2", "render", {}, {"rgba": rgba}, shared=pool.put)[1:] != []
+        del reply
+        # A reservation that the next reply does not use lapses: that reply is copied in.
+        assert pool.reserve([rgba.nbytes]) is not None
+        copied = decode_reply(encode_reply("r3", "render", {}, {"rgba": rgba + 1}, shared=pool.put), shared=reader)
+        np.testing.assert_array_equal(copied.arrays["rgba"], rgba + 1)
+    finally:
+        reader.close()
+        pool.close()
+
+
 def test_a_new_slot_pool_removes_the_folders_of_dead_services() -> None:
     live = SlotPool(max_slots=1)
     root = live.folder.parent

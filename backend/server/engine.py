@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,10 +26,25 @@ from backend.server.protocol import ErrorCode, WireError
 from backend.server.store import Store
 
 Arrays = dict[str, np.ndarray]
+Lend = Callable[[list[int]], "list[np.ndarray] | None"]  # byte sizes -> byte arrays to fill, or None
 if TYPE_CHECKING:
     from backend.generate.model import Generator
 
 _TORCH_DTYPES = {"<f4": torch.float32, "<f2": torch.float16, "<u1": torch.uint8}
+
+
+def _to_host(tensors: dict[str, torch.Tensor], lend: Lend | None) -> Arrays:
+    """Host copies of ``tensors`` (each the dtype it travels as): into the byte arrays
+    ``lend`` gives (a shared-memory slot) when it does, else into new ones."""
+    into = lend([t.numel() * t.element_size() for t in tensors.values()]) if lend is not None else None
+    if into is None:
+        return {name: t.cpu().numpy() for name, t in tensors.items()}
+    arrays = {}
+    for (name, t), raw in zip(tensors.items(), into):
+        host = torch.from_numpy(raw).view(t.dtype).view(t.shape)
+        host.copy_(t)
+        arrays[name] = host.numpy()
+    return arrays
 
 
 def _coverage(alpha: torch.Tensor) -> tuple[int, int, int, int]:
@@ -163,6 +178,7 @@ class Engine:
         background: tuple[float, float, float] | None,
         crop: bool = False,
         chunk: int = 8,
+        lend: Lend | None = None,
     ) -> Iterator[tuple[Arrays, tuple[int, int, int, int] | None, float]]:
         """Per frame t (camera ``cameras.frame(t)``): rgba [H, W, 4] and depth [H, W] (metres,
         planar, 0 where empty), the window they cover, and the milliseconds spent. Without a
@@ -171,7 +187,8 @@ class Engine:
 
         ``crop`` (no background): only the smallest window (x, y, w, h; pixels from the top-left)
         holding every pixel of non-zero alpha is copied out and returned; outside it the frame
-        is empty (zero rgba and depth). Without ``crop`` the window is None (the whole frame)."""
+        is empty (zero rgba and depth). Without ``crop`` the window is None (the whole frame).
+        ``lend`` may give the host memory each frame is copied into (``SlotPool.reserve``)."""
         t_setup = time.perf_counter()
         avatar = self.avatar(aid)
         params = avatar.params_for(self.conform(params))
@@ -189,9 +206,10 @@ class Engine:
                 rgba, depth = rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w]
             if rgba_dtype == "<u1":
                 rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-            arrays = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype]).cpu().numpy()}
+            tensors = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype])}
             if depth_dtype is not None:
-                arrays["depth"] = depth.to(_TORCH_DTYPES[depth_dtype]).cpu().numpy()
+                tensors["depth"] = depth.to(_TORCH_DTYPES[depth_dtype])
+            arrays = _to_host(tensors, lend)
             yield arrays, window, 1e3 * (setup + share + time.perf_counter() - t1)
             setup = 0.0
 

@@ -52,6 +52,7 @@ class OpContext:
     engine: Engine
     hello: dict[str, Any]
     request_stop: Callable[[], None]
+    slots: SlotPool | None = None  # shared-memory replies; only the device worker uses them
 
 
 Handler = Callable[[OpContext, Request], "Part | Iterator[Part]"]

@@ -119,7 +119,9 @@ def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
 
     def parts() -> Iterator[Part]:
         total = params.batch_size
-        frames = ctx.engine.render(aid, params, cameras, rgba, None if depth == "none" else depth, background, crop)
+        # Frames asked for in shared memory are copied off the device straight into a slot.
+        lend = ctx.slots.reserve if shared and ctx.slots is not None else None
+        frames = ctx.engine.render(aid, params, cameras, rgba, None if depth == "none" else depth, background, crop, lend=lend)
         for t, (arrays, window, ms) in enumerate(frames):
             result = {"frame": t, "frames": total, "render_ms": round(ms, 3)} | ({"window": list(window)} if crop else {})
             yield Part(result, arrays, t == total - 1, shared)

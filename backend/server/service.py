@@ -126,7 +126,7 @@ class Service:
         try:
             self.engine = Engine(config.flame, device, self.store)
             self.jobs = Jobs(self.store, job_kinds(self.engine, self.store, config.generator))
-            self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop)
+            self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop, self.slots)
             self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending, self.slots)
             self.socket = self._zmq.socket(zmq.ROUTER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of being silently fed

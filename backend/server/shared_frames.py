@@ -6,7 +6,9 @@ render's buffers ``shared_memory``: the service then writes them into a *slot*, 
 private folder of the shared-memory file system that both sides map, and the reply's header
 names the slot (``"shared": {"path", "generation", "offsets"}``) instead of carrying the bytes.
 The client reads the buffers in place and marks the slot free, for the service to reuse,
-once it lets go of them. Pure Python + numpy: the add-on's client uses it too.
+once it lets go of them. A render can also be copied off the device straight into a slot
+(``SlotPool.reserve``), so the frame is never copied on the host at all. Pure Python + numpy:
+the add-on's client uses it too.
 
 A slot file is a 64-byte header, then the buffers::
 
@@ -51,6 +53,19 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Aligned offsets of buffers of ``sizes`` bytes in a slot, and the bytes they need past its header."""
+    offsets, end = [], HEADER_BYTES
+    for n in sizes:
+        offsets.append(end)
+        end = _aligned(end + n)
+    return offsets, end - HEADER_BYTES
+
+
+def _address(buffer: Buffer) -> int:
+    return np.frombuffer(buffer, np.uint8).ctypes.data
+
+
 def _shm_root() -> str | None:
     """The memory-backed file system where there is one (Linux), else the temp folder."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -89,7 +104,10 @@ class _Slot:
         return _HEAD.unpack_from(self.map, 0)[2] == _FREE
 
     def close(self) -> None:
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:  # arrays made in it are still alive: it unmaps when they go
+            pass
         try:
             self.path.unlink(missing_ok=True)
         except OSError:  # Windows keeps a file that a client still maps
@@ -99,7 +117,7 @@ class _Slot:
 class SlotPool:
     """The service's slots: at most ``max_slots`` files of up to ``max_bytes`` of buffers each.
 
-    Only the thread that sends replies calls ``put``.
+    One thread (the device worker) calls ``reserve`` and ``put``.
     """
 
     def __init__(self, max_slots: int = 8, max_bytes: int = 256 << 20, lease_s: float = 30.0) -> None:
@@ -111,16 +129,36 @@ class SlotPool:
         self.folder = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=root))  # mode 0700
         self._slots: list[_Slot] = []
         self._made = 0
+        self._reserved: _Slot | None = None  # lent by reserve() to the next put()
+
+    def reserve(self, sizes: Sequence[int]) -> list[np.ndarray] | None:
+        """Writable byte arrays [sizes[i]] in a free slot, to make a reply's buffers in; when
+        the next ``put`` gets buffers that lie in them, it copies nothing. None when no slot
+        is free: make them elsewhere. An unused reservation lapses at the next call."""
+        self._reserved = None
+        offsets, need = _layout(sizes)
+        if not sizes or need > self.max_bytes:
+            return None
+        slot = self._take(need)
+        if slot is None:
+            return None
+        self._reserved = slot
+        whole = np.frombuffer(slot.map, np.uint8)
+        return [whole[o : o + n] for o, n in zip(offsets, sizes)]
 
     def put(self, buffers: Sequence[Buffer]) -> dict[str, Any] | None:
-        """Copy a reply's buffers (their wire bytes) into a free slot; the reply header's
-        ``shared`` entry, or None when the reply should travel inline."""
+        """Publish a reply's buffers (their wire bytes) in a slot: in place when they were made
+        in the one ``reserve`` lent, else copied into a free one. The reply header's ``shared``
+        entry, or None when the reply should travel inline."""
         views = [memoryview(b).cast("B") for b in buffers]
-        offsets, end = [], HEADER_BYTES
-        for v in views:
-            offsets.append(end)
-            end = _aligned(end + v.nbytes)
-        need = end - HEADER_BYTES
+        reserved, self._reserved = self._reserved, None
+        if reserved is not None and views:
+            base = _address(reserved.map)
+            offsets = [_address(v) - base for v in views]
+            end = HEADER_BYTES + reserved.capacity
+            if all(HEADER_BYTES <= o and o + v.nbytes <= end for o, v in zip(offsets, views)):
+                return self._publish(reserved, offsets)
+        offsets, need = _layout([v.nbytes for v in views])
         if not views or need > self.max_bytes:
             return None
         slot = self._take(need)
@@ -128,6 +166,9 @@ class SlotPool:
             return None
         for off, v in zip(offsets, views):
             slot.map[off : off + v.nbytes] = v
+        return self._publish(slot, offsets)
+
+    def _publish(self, slot: _Slot, offsets: list[int]) -> dict[str, Any]:
         slot.generation += 1
         slot.written = time.monotonic()
         _HEAD.pack_into(slot.map, 0, MAGIC, slot.generation, _FULL)
@@ -151,6 +192,7 @@ class SlotPool:
         return slot
 
     def close(self) -> None:
+        self._reserved = None
         for slot in self._slots:
             slot.close()
         self._slots.clear()
