@@ -137,6 +137,8 @@ class Runtime:
             return
         try:
             args, arrays = overlay.render_request(scene, obj, scene_props.get(scene).overlay_scale)
+            if status["info"] is not None and connection.wire_client.can_share(status["info"]):
+                args |= {"shared_memory": True}  # a backend on this machine: the frame skips the socket
             session.submit("render", args, arrays, on_reply=self._on_render, timeout_s=overlay.CONFIG.render_timeout_s)
         except (overlay.OverlayError, connection.UserError) as e:
             self.overlay.message = str(e)

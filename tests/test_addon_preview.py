@@ -149,6 +149,12 @@ def test_overlay_renders_at_the_scene_camera(avatar_obj, addon) -> None:
 
     state = addon.runtime.RUNTIME.overlay
     version = state.version
+    # The backend runs on this machine, so once its hello is known the overlay's frame comes
+    # through a shared-memory slot (the first slot file appears in its folder).
+    hello = addon.connection.hello(addon.preferences.settings())
+    addon.runtime.found(hello)
+    slots = Path(hello["shared_memory"])
+    assert not any(slots.iterdir())
     scene.spatialavatar.overlay = True
     assert addon.overlay._drawn["handler"] is not None
     pump(addon, lambda: state.version > version and not state.in_flight)
@@ -156,6 +162,7 @@ def test_overlay_renders_at_the_scene_camera(avatar_obj, addon) -> None:
     pixels = state.pixels.reshape(state.height, state.width, 4)
     assert (state.width, state.height) == (160, 120)
     assert pixels[60, 80, 3] > 0.5 and pixels[0, 0, 3] == 0.0  # the face at the centre, nothing in the corner
+    assert any(slots.iterdir())
     # Texture rows go bottom-up: the service's top row is the buffer's last.
     rgba = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     np.testing.assert_array_equal(addon.overlay.texture_pixels(rgba).reshape(2, 3, 4)[0], rgba[1])
