@@ -16,13 +16,14 @@ from skimage.metrics import structural_similarity
 from backend.data.subject import Subject, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import LocalGaussians, deform
+from backend.gaussians.frames import quat_to_matrix
 from backend.head.model import HeadModel
 from backend.refine.config import LearningRates, RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
 from backend.refine.refine import RefineState, _add_seen_sparsity, refine
-from backend.refine.regularizers import AntiSpike, spike_stats, spike_terms
+from backend.refine.regularizers import AntiSpike, SurfaceHinge, depth_loss, spike_stats, spike_terms, surface_depth
 
 
 def hand_built(log_scales: list[list[float]], offsets: list[list[float]]) -> LocalGaussians:
@@ -53,6 +54,27 @@ def test_each_regularizer_on_hand_built_gaussians() -> None:
     # Within every threshold: exactly zero.
     ok = hand_built([[math.log(0.5), math.log(0.2), math.log(0.1)]], [[0.3, 0.0, 0.0]])
     assert all(float(v) == 0.0 for v in spike_terms(ok.log_scale, ok.offset, cfg).values())
+
+
+def test_the_depth_hinge_measures_reach_past_the_triangle_plane() -> None:
+    cfg = SurfaceHinge(weight=2.0, max_depth=0.1)
+    flat = [math.log(0.2), math.log(0.2), math.log(0.05)]  # a disc in the triangle's plane
+    g = hand_built([flat, flat, flat], [[0.5, 0.0, 0.03], [0.0, 0.0, 0.0], [0.0, 0.0, -0.3]])
+    quarter_turn_x = [math.cos(math.pi / 4), math.sin(math.pi / 4), 0.0, 0.0]  # 90 degrees about x: the disc stands up
+    g = replace(g, rotation=torch.tensor([[1.0, 0, 0, 0], quarter_turn_x, [1.0, 0, 0, 0]]))
+    depth = surface_depth(g.rotation, g.log_scale, g.offset)
+    # Reference: |o_z| + sqrt(n^T R diag(s^2) R^T n) from the whole covariance, n = z.
+    R = quat_to_matrix(g.rotation)
+    cov = R @ torch.diag_embed(g.log_scale.exp() ** 2) @ R.transpose(1, 2)
+    np.testing.assert_allclose(depth, g.offset[:, 2].abs() + cov[:, 2, 2].sqrt(), rtol=1e-5)
+    # In-plane offset and a flat disc: 0.03 + 0.05; standing up: 0.2; lifted off: 0.3 + 0.05.
+    np.testing.assert_allclose(depth, [0.08, 0.2, 0.35], rtol=1e-5)
+    assert depth_loss(g.rotation, g.log_scale, g.offset, cfg).item() == pytest.approx(2.0 * (0.1 + 0.25) / 3, rel=1e-5)
+    assert spike_stats(g, AntiSpike(), cfg)["depth_share"] == pytest.approx(2 / 3)
+    # Its gradient pulls the lifted disc back toward the plane and thins the standing one.
+    offset, log_scale = g.offset.clone().requires_grad_(True), g.log_scale.clone().requires_grad_(True)
+    depth_loss(g.rotation, log_scale, offset, cfg).backward()
+    assert offset.grad[2, 2] < 0 and offset.grad[0].abs().max() == 0 and log_scale.grad[1, 1] > 0
 
 
 def test_ssim_matches_scikit_image(rng: torch.Generator) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from backend.refine.regularizers import AntiSpike
+from backend.refine.regularizers import AntiSpike, SurfaceHinge
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class RefineConfig:
         loss_margin: pixels around the largest mask box that the loss window keeps (the
             window has one size for all views, so the compiled loss sees one shape).
         anti_spike: the three hinges; all-zero weights switch them off (baseline b).
+        surface: the depth hinge that keeps Gaussians on their triangles (kept in b, off in a).
         finetune_flame: also optimize per-frame expression, jaw, neck, eyes, global pose and
             translation with small learning rates (on for tracked real subjects).
         random_background: composite each step's target and render over a new random colour,
@@ -97,6 +98,7 @@ class RefineConfig:
     ssim_weight: float = 0.2
     loss_margin: int = 24
     anti_spike: AntiSpike = field(default_factory=AntiSpike)
+    surface: SurfaceHinge = field(default_factory=SurfaceHinge)
     finetune_flame: bool = False
     random_background: bool | None = None
     opacity_sparsity: float = 0.0
@@ -115,6 +117,7 @@ class RefineConfig:
     def from_dict(cls, d: dict) -> RefineConfig:
         d = dict(d)
         d["anti_spike"] = AntiSpike(**d.get("anti_spike", {}))
+        d["surface"] = SurfaceHinge(**d.get("surface", {}))
         d["lr"] = LearningRates(**d.get("lr", {}))
         d["densify"] = Densify(**d["densify"]) if d.get("densify") else None
         return cls(**d)
@@ -127,7 +130,9 @@ def preset(name: str, **overrides: object) -> RefineConfig:
         "ours": base,
         "no-antispike": replace(base, anti_spike=AntiSpike(scale_weight=0.0, aniso_weight=0.0, offset_weight=0.0)),
         # GaussianAvatars keeps its own two local hinges beside densification.
-        "densify": replace(base, anti_spike=AntiSpike(scale_weight=1.0, aniso_weight=0.0, offset_weight=0.01), densify=Densify()),
+        "densify": replace(
+            base, anti_spike=AntiSpike(scale_weight=1.0, aniso_weight=0.0, offset_weight=0.01), surface=SurfaceHinge(weight=0.0), densify=Densify()
+        ),
     }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")

@@ -28,7 +28,7 @@ from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
 from backend.refine.losses import photometric_loss, psnr
-from backend.refine.regularizers import spike_loss
+from backend.refine.regularizers import depth_loss, spike_loss
 from backend.refine.step_graph import GraphedStep
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
@@ -329,10 +329,12 @@ def refine(
         current = replace(source, binding=binding, local=local.map(lambda t: t.detach().clone()))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
-    def loss_fn(rgb: torch.Tensor, target: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         loss = photometric_loss(rgb, target, config.ssim_weight)
         if config.anti_spike.enabled:
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
+        if config.surface.weight > 0:
+            loss = loss + depth_loss(rotation, log_scale, offset, config.surface)
         return loss
 
     # Deformation and loss are chains of small element-wise kernels: compiled, they fuse.
@@ -372,7 +374,7 @@ def refine(
         clock.lap("deform")
         rgb = render(splats, view, background, budget=budget).rgb[:, 0]
         clock.lap("render")
-        loss = step_loss(rgb, target, local.log_scale, local.offset)
+        loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
         clock.lap("loss")
         loss.backward()
         if config.opacity_sparsity > 0:
