@@ -77,7 +77,7 @@ class RefineConfig:
         opacity_sparsity: weight of the mean opacity, applied to the Gaussians each step's
             render reaches (Gaussians no training view shows keep their opacity). Off by
             default: it clears faint coverage past the outline in the captured views, but it
-            also fades Gaussians seen only at grazing angles, which opens holes in views the
+            also fades Gaussians that those views barely show, which opens holes in views the
             video did not cover (docs/refinement.md has the numbers).
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
