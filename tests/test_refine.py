@@ -23,7 +23,15 @@ from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
 from backend.refine.refine import RefineState, _add_seen_sparsity, refine
-from backend.refine.regularizers import AntiSpike, SurfaceHinge, depth_loss, spike_stats, spike_terms, surface_depth
+from backend.refine.regularizers import (
+    AntiSpike,
+    SurfaceHinge,
+    depth_loss,
+    normal_in_gaussian_axes,
+    spike_stats,
+    spike_terms,
+    surface_depth,
+)
 
 
 def hand_built(log_scales: list[list[float]], offsets: list[list[float]]) -> LocalGaussians:
@@ -75,6 +83,11 @@ def test_the_depth_hinge_measures_reach_past_the_triangle_plane() -> None:
     offset, log_scale = g.offset.clone().requires_grad_(True), g.log_scale.clone().requires_grad_(True)
     depth_loss(g.rotation, log_scale, offset, cfg).backward()
     assert offset.grad[2, 2] < 0 and offset.grad[0].abs().max() == 0 and log_scale.grad[1, 1] > 0
+
+
+def test_the_normal_in_gaussian_axes_is_the_rotation_matrix_row_for_any_quaternion_norm(rng: torch.Generator) -> None:
+    q = torch.randn(200, 4, generator=rng) * torch.rand(200, 1, generator=rng).mul(5).add(0.1)
+    torch.testing.assert_close(normal_in_gaussian_axes(q), quat_to_matrix(q)[:, 2, :], rtol=1e-5, atol=1e-6)
 
 
 def test_ssim_matches_scikit_image(rng: torch.Generator) -> None:
@@ -183,7 +196,7 @@ def test_sparsity_gradient_is_the_mean_opacity_gradient_on_reached_gaussians_onl
     logit = torch.randn(50, generator=rng, requires_grad=True)
     photometric = torch.randn(50, generator=rng) * (torch.rand(50, generator=rng) > 0.4)
     logit.grad = photometric.clone()
-    _add_seen_sparsity(logit, 0.3)
+    _add_seen_sparsity(logit.detach(), logit.grad, 0.3)
     (reference,) = torch.autograd.grad(0.3 * torch.sigmoid(logit).mean(), logit)
     reached = photometric != 0
     torch.testing.assert_close(logit.grad[reached], photometric[reached] + reference[reached])

@@ -8,19 +8,17 @@ changes the layout, which is exactly what our refinement avoids; it exists to co
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from backend.data.subject import Subject
-from backend.gaussians.avatar import LocalGaussians, logit
+from backend.gaussians.avatar import logit
 from backend.gaussians.frames import quat_to_matrix
 from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
 from backend.refine.config import Densify
+from backend.refine.packed import PackLayout, RowAdam, pack, unpacked_copy
 from backend.render.camera import Cameras
 
-GroupsFn = Callable[[LocalGaussians], list[dict]]
 _SPLIT_SHRINK = 1.6  # 3DGS divides a split Gaussian's scale by 0.8 * 2
 
 
@@ -52,24 +50,24 @@ class DensityControl:
 
     @torch.no_grad()
     def step(
-        self, step: int, local: LocalGaussians, binding: Binding, optimizer: torch.optim.Optimizer, groups: GroupsFn
-    ) -> tuple[LocalGaussians, Binding, torch.optim.Optimizer]:
+        self, step: int, packed: torch.Tensor, layout: PackLayout, binding: Binding, optimizer: RowAdam
+    ) -> tuple[torch.Tensor, Binding, RowAdam]:
+        """After optimizer step ``step``: densify and prune, or reset opacities, when due.
+        Returns the (possibly new) packed parameters [M, D], binding and optimizer."""
         c = self.config
         if c.start <= step <= c.stop and step % c.every == 0:
-            local, binding, optimizer = self._densify_and_prune(local, binding, optimizer, groups)
+            packed, binding, optimizer = self._densify_and_prune(packed, layout, binding, optimizer)
         if step % c.reset_every == 0 and step <= c.stop:
-            cap = float(logit(c.reset_opacity))
-            local.opacity_logit.data.clamp_(max=cap)
-            for state in optimizer.state.values():
-                if state and state["exp_avg"].shape == local.opacity_logit.shape:
-                    state["exp_avg"].zero_()
-                    state["exp_avg_sq"].zero_()
-        return local, binding, optimizer
+            opacity = layout.columns("opacity_logit")
+            packed[:, opacity] = packed[:, opacity].clamp(max=float(logit(c.reset_opacity)))
+            optimizer.zero_moments(opacity)
+        return packed, binding, optimizer
 
     def _densify_and_prune(
-        self, local: LocalGaussians, binding: Binding, optimizer: torch.optim.Optimizer, groups: GroupsFn
-    ) -> tuple[LocalGaussians, Binding, torch.optim.Optimizer]:
+        self, packed: torch.Tensor, layout: PackLayout, binding: Binding, optimizer: RowAdam
+    ) -> tuple[torch.Tensor, Binding, RowAdam]:
         c = self.config
+        local = unpacked_copy(packed, layout)
         n = binding.count
         device = binding.face_idx.device
         avg = self.grad_sum / self.seen.clamp_min(1)
@@ -95,28 +93,14 @@ class DensityControl:
         split_idx = split.nonzero().squeeze(1).repeat(2)
         src = torch.cat([keep_idx, clone_idx, split_idx])
         fresh = torch.cat([torch.zeros(len(keep_idx), dtype=torch.bool, device=device), torch.ones(len(clone_idx) + len(split_idx), dtype=torch.bool, device=device)])
-        new = local.map(lambda p: p.detach()[src].clone())
+        new = local.map(lambda p: p[src])
         k = len(keep_idx) + len(clone_idx)
         if len(split_idx):
             s = new.log_scale[k:].exp()
             rot = quat_to_matrix(new.rotation[k:])
             new.offset[k:] += (rot @ (s * torch.randn_like(s))[..., None]).squeeze(-1)
             new.log_scale[k:] -= torch.log(torch.tensor(_SPLIT_SHRINK))
-        new = new.map(lambda p: p.requires_grad_(True))
+        new_packed = pack(new).requires_grad_(True)
         new_binding = Binding(binding.face_idx[src], binding.bary[src], binding.texel[src], binding.resolution)
-        new_opt = torch.optim.Adam(groups(new), eps=1e-15, fused=device.type == "cuda")
-        old_params = [g["params"][0] for g in optimizer.param_groups]
-        for old_p, group in zip(old_params, new_opt.param_groups):
-            old_state = optimizer.state.get(old_p)
-            if not old_state:
-                continue
-            p = group["params"][0]
-            new_opt.state[p] = {
-                "step": old_state["step"].clone(),
-                "exp_avg": torch.where(fresh.view(-1, *[1] * (p.ndim - 1)), 0.0, old_state["exp_avg"][src]),
-                "exp_avg_sq": torch.where(fresh.view(-1, *[1] * (p.ndim - 1)), 0.0, old_state["exp_avg_sq"][src]),
-            }
-        for g_old, g_new in zip(optimizer.param_groups, new_opt.param_groups):
-            g_new["lr"] = g_old["lr"]
         self._reset_stats(new_binding.count, device)
-        return new, new_binding, new_opt
+        return new_packed, new_binding, optimizer.gathered(new_packed, src, fresh)

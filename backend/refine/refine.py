@@ -28,6 +28,7 @@ from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
 from backend.refine.losses import photometric_loss, psnr
+from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
 from backend.refine.regularizers import depth_loss, spike_loss
 from backend.refine.step_graph import GraphedStep
 from backend.render.camera import Cameras
@@ -155,18 +156,6 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _param_groups(local: LocalGaussians, config: RefineConfig) -> list[dict]:
-    lr = config.lr
-    groups = [
-        ("offset", local.offset, lr.offset),
-        ("rotation", local.rotation, lr.rotation),
-        ("log_scale", local.log_scale, lr.log_scale),
-        ("opacity_logit", local.opacity_logit, lr.opacity_logit),
-        ("sh", local.sh, lr.sh_dc),
-    ]
-    return [{"name": name, "params": [p], "lr": rate, "base_lr": rate} for name, p, rate in groups]
-
-
 def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
     """Refuse a scale threshold that most Gaussians already exceed: on a coarse layout (few
     Gaussians per triangle) flat surface Gaussians are larger than 0.6 triangle sizes, and the
@@ -182,22 +171,21 @@ def _check_thresholds(local: LocalGaussians, config: RefineConfig) -> None:
         )
 
 
-def _lr_scale(config: RefineConfig, group: str, step: int | torch.Tensor) -> float | torch.Tensor:
-    """Multiplier of a group's base rate at ``step`` (a number, or the device step counter of
-    a captured step): an exponential decay over the run."""
-    final = config.lr.offset_final / config.lr.offset if group == "offset" else config.lr.final_factor
-    if isinstance(step, torch.Tensor):
-        return torch.exp((step / max(config.iterations, 1)).clamp(max=1.0) * math.log(final))
-    return math.exp(min(step / max(config.iterations, 1), 1.0) * math.log(final))
-
-
-def _set_learning_rates(optimizer: torch.optim.Optimizer, config: RefineConfig, step: int | torch.Tensor) -> None:
-    for g in optimizer.param_groups:
-        scale = _lr_scale(config, g["name"], step)
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].copy_(g["base_lr"] * scale)  # in place: a captured step keeps reading this tensor
-        else:
-            g["lr"] = g["base_lr"] * scale
+def learning_rates(config: RefineConfig, layout: PackLayout) -> torch.Tensor:
+    """[iterations, D] learning rate of every packed column at every step: each decays
+    exponentially over the run from its base rate (offsets to ``offset_final``, the rest to
+    ``final_factor`` times theirs). A step reads its row by its step counter."""
+    lr = config.lr
+    base = torch.empty(layout.width, dtype=torch.float64)
+    final = torch.full((layout.width,), lr.final_factor, dtype=torch.float64)
+    for name, rate in (("offset", lr.offset), ("rotation", lr.rotation), ("log_scale", lr.log_scale), ("opacity_logit", lr.opacity_logit)):
+        base[layout.columns(name)] = rate
+    sh = layout.columns("sh")
+    base[sh] = lr.sh_rest
+    base[sh.start : sh.start + 3] = lr.sh_dc
+    final[layout.columns("offset")] = lr.offset_final / lr.offset
+    progress = (torch.arange(config.iterations, dtype=torch.float64) / max(config.iterations, 1))[:, None]
+    return (base * final.pow(progress)).float()
 
 
 class _StageClock:
@@ -263,7 +251,8 @@ def refine(
         raise InputError(f"subject {subject.root} has no training frames")
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
-    local = source.local.map(lambda t: t.detach().clone().to(device).requires_grad_(True))
+    layout = PackLayout.of(source.local)
+    packed = pack(source.local).detach().to(device).requires_grad_(True)  # [N, D], the optimized leaf
     binding = source.binding.to(device)
     params = subject.params.to(device)
     params = replace(params, shape=source.shape.to(device), static_offset=None if source.static_offset is None else source.static_offset.to(device))
@@ -288,8 +277,8 @@ def refine(
     ).to(device)
     density = DensityControl(config.densify, binding, subject) if config.densify else None
     graphed = config.cuda_graph and device.type == "cuda" and density is None
-    fused = device.type == "cuda"  # one kernel per group instead of a loop over tensors
-    optimizer = torch.optim.Adam(_param_groups(local, config), eps=1e-15, fused=fused, capturable=graphed)
+    optimizer = RowAdam(packed)
+    rates = learning_rates(config, layout).to(device)  # [iterations, D]
     flame_opt = None
     if config.finetune_flame:
         lr = config.lr
@@ -302,12 +291,7 @@ def refine(
         optimizer.load_state_dict(resume.optimizer["gaussians"])
         if flame_opt is not None and "flame" in resume.optimizer:
             flame_opt.load_state_dict(resume.optimizer["flame"])
-    # A captured step reads its learning rates from device tensors, an eager one from numbers;
-    # a checkpoint brings them back as it saved them (host tensors, when read from disk).
-    for g in optimizer.param_groups:
-        rate = float(g["lr"])
-        g["lr"] = torch.tensor(rate, device=device) if graphed else rate
-    optimizers = [optimizer] + ([flame_opt] if flame_opt is not None else [])
+    optimizers: list[RowAdam | torch.optim.Optimizer] = [optimizer] + ([flame_opt] if flame_opt is not None else [])
     # Posed vertices and triangle frames of every training frame, computed once when FLAME is
     # not fine-tuned: a step then only gathers them.
     fixed: tuple[torch.Tensor, TriangleFrames] | None = None
@@ -326,7 +310,7 @@ def refine(
     def state(step: int) -> RefineState:
         # state_dict() holds the live moment tensors, which the next steps update in place.
         opt = copy.deepcopy({"gaussians": optimizer.state_dict()} | ({"flame": flame_opt.state_dict()} if flame_opt is not None else {}))
-        current = replace(source, binding=binding, local=local.map(lambda t: t.detach().clone()))
+        current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
     def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -346,8 +330,8 @@ def refine(
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
-    def posed(frame: torch.Tensor) -> Splats:
-        """The avatar's Gaussians at training frames [B] (a device index)."""
+    def posed(frame: torch.Tensor, local: LocalGaussians) -> Splats:
+        """The Gaussians ``local`` at training frames [B] (a device index)."""
         if fixed is not None:
             verts, tri = fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
         else:
@@ -356,7 +340,7 @@ def refine(
         means, quats, scales = place(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
         return assemble_splats(means, quats, scales, local)
 
-    budget = _tile_budget(posed, targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
+    budget = _tile_budget(lambda frame: posed(frame, unpack(packed, layout)), targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
 
     def train_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step at ``counter``; reads nothing back from the device. Returns the loss, the
@@ -368,7 +352,8 @@ def refine(
         background = backgrounds.index_select(0, counter)[0]
         view, target = targets.cameras(view_idx), targets.get(view_idx, background)
         clock.lap("data")
-        splats = posed(frame)
+        local = unpack(packed, layout)
+        splats = posed(frame, local)
         if density is not None:
             splats.means.retain_grad()
         clock.lap("deform")
@@ -378,13 +363,13 @@ def refine(
         clock.lap("loss")
         loss.backward()
         if config.opacity_sparsity > 0:
-            _add_seen_sparsity(local.opacity_logit, config.opacity_sparsity)
+            _add_seen_sparsity(local.opacity_logit, packed.grad[:, layout.columns("opacity_logit")][:, 0], config.opacity_sparsity)
         clock.lap("backward")
         if density is not None:
             density.observe(splats, splats.means.grad, view)
-        _set_learning_rates(optimizer, config, counter[0] if graphed else step)
-        for opt in optimizers:
-            opt.step()
+        optimizer.step(rates.index_select(0, counter)[0])
+        if flame_opt is not None:
+            flame_opt.step()
         counter.add_(1)
         clock.lap("optimizer")
         return loss, rgb, target
@@ -400,7 +385,7 @@ def refine(
         clock.collect(keep=graph is not None and graph.captured)
         done = step + 1
         if density is not None:
-            local, binding, optimizer = density.step(done, local, binding, optimizer, lambda l: _param_groups(l, config))
+            packed, binding, optimizer = density.step(done, packed, layout, binding, optimizer)
             optimizers[0] = optimizer
         if done % config.log_every == 0 or done == config.iterations:
             stats = {"loss": float(loss.detach()), "psnr": psnr(rgb.detach(), target), "count": binding.count, "seconds": time.perf_counter() - t_start}
@@ -430,12 +415,12 @@ def refine(
     return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped)
 
 
-def _add_seen_sparsity(opacity_logit: torch.Tensor, weight: float) -> None:
-    """Add to ``opacity_logit.grad`` [N] the gradient of ``weight`` * mean sigmoid opacity,
-    for the Gaussians that the photometric gradient reached this step (those the render drew
-    with some transmittance left). A term in the loss would reach every Gaussian, and Adam's
-    normalization would then fade the ones no view shows at full speed."""
-    grad = opacity_logit.grad
+def _add_seen_sparsity(opacity_logit: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+    """Add to ``grad`` [N], the photometric gradient of ``opacity_logit`` [N], the gradient of
+    ``weight`` * mean sigmoid opacity, for the Gaussians that the photometric gradient reached
+    this step (those the render drew with some transmittance left). A term in the loss would
+    reach every Gaussian, and Adam's normalization would then fade the ones no view shows at
+    full speed."""
     alpha = torch.sigmoid(opacity_logit.detach())
     grad.add_((grad != 0) * alpha * (1 - alpha) * (weight / opacity_logit.shape[0]))
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from backend.gaussians.avatar import LocalGaussians
-from backend.gaussians.frames import quat_to_matrix
 
 
 @dataclass(frozen=True)
@@ -69,10 +68,19 @@ class SurfaceHinge:
     max_depth: float = 0.1
 
 
+def normal_in_gaussian_axes(rotation: torch.Tensor) -> torch.Tensor:
+    """[N, 3] the triangle's normal (local z) in each Gaussian's own axes, R^T e_z: the
+    third row of ``quat_to_matrix(rotation)`` [N, 4], without building the other two (fewer
+    kernels in the training step)."""
+    w, x, y, z = rotation.unbind(-1)
+    row = torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w + z * z - x * x - y * y], dim=-1)
+    return row / rotation.square().sum(dim=-1, keepdim=True)
+
+
 def surface_depth(rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """[N] |offset along the normal| + standard deviation along the normal, triangle units,
-    for local rotations [N, 4], log-scales [N, 3] and offsets [N, 3]."""
-    along_normal = quat_to_matrix(rotation)[:, 2, :] * log_scale.exp()  # row z of R diag(s)
+    for local rotations [N, 4] (any norm), log-scales [N, 3] and offsets [N, 3]."""
+    along_normal = normal_in_gaussian_axes(rotation) * log_scale.exp()  # row z of R diag(s)
     return offset[:, 2].abs() + along_normal.square().sum(dim=-1).add(1e-12).sqrt()
 
 

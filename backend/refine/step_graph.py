@@ -9,11 +9,17 @@ go through a ``TileBudget``.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 
 Out = TypeVar("Out")
+
+
+class ZeroGrad(Protocol):
+    """An optimizer, as far as capturing is concerned."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
 
 
 class GraphedStep(Generic[Out]):
@@ -25,7 +31,7 @@ class GraphedStep(Generic[Out]):
     return the same tensors each call (the capture's outputs are overwritten by each replay).
     """
 
-    def __init__(self, step: Callable[[], Out], optimizers: list[torch.optim.Optimizer], warmup: int = 3) -> None:
+    def __init__(self, step: Callable[[], Out], optimizers: Sequence[ZeroGrad], warmup: int = 3) -> None:
         self._step = step
         self._optimizers = optimizers
         self._warmup = warmup
