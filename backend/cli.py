@@ -146,6 +146,7 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     from backend.gaussians.files import save_avatar
     from backend.refine.config import preset
     from backend.refine.refine import RefineState, refine
+    from backend.refine.regularizers import SurfaceHinge
 
     if args.opacity_sparsity is not None and args.opacity_sparsity < 0:
         raise SpatialAvatarError(f"--opacity-sparsity {args.opacity_sparsity}: a weight must be >= 0")
@@ -162,7 +163,7 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     if args.max_scale is not None:
         config = dataclasses.replace(config, anti_spike=dataclasses.replace(config.anti_spike, max_scale=args.max_scale))
     if args.max_depth is not None:
-        config = dataclasses.replace(config, surface=dataclasses.replace(config.surface, max_depth=args.max_depth))
+        config = dataclasses.replace(config, surface=SurfaceHinge(max_depth=args.max_depth))
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
@@ -409,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
     p.add_argument("--finetune-flame", action="store_true", help="also fine-tune per-frame FLAME parameters (for tracked subjects)")
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
-    p.add_argument("--max-depth", type=float, help="how far past its triangle's plane a Gaussian may reach, in triangle sizes (default 0.1; raise it for volume the mesh lacks, e.g. hair)")
+    p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")
     p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")

@@ -3,9 +3,10 @@ frozen layout, checkpoint and resume, and refusal of damaged subjects."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -142,6 +143,26 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
     resumed = refine(avatar, head, subject, config, resume=RefineState.load(path))
     for name, t in full.avatar.local.tensors().items():
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
+
+
+def test_tracked_subjects_default_to_no_depth_hinge_and_random_backgrounds(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real subject's hair stands off the mesh, so the depth hinge stays off unless asked for;
+    a synthetic subject's appearance lies on the mesh, so it is on. What a run decided is
+    what its avatar records."""
+    subject, avatar = setup
+    root = tmp_path / "tracked"
+    shutil.copytree(subject.root, root)
+    info = json.loads((root / "subject.json").read_text())
+    (root / "subject.json").write_text(json.dumps(info | {"source": "tracked"}))
+    config = RefineConfig(iterations=2, log_every=2, anti_spike=AntiSpike(max_scale=3.0))
+    decided = {}
+    for name, subj in (("synthetic", subject), ("tracked", Subject.load(root))):
+        decided[name] = refine(avatar, head, subj, config).avatar.meta["refine_config"]
+    assert decided["synthetic"]["surface"] == asdict(SurfaceHinge()) and decided["synthetic"]["random_background"] is False
+    assert decided["tracked"]["surface"]["weight"] == 0.0 and decided["tracked"]["random_background"] is True
+    explicit = replace(config, surface=SurfaceHinge(max_depth=0.5), random_background=False).for_subject(synthetic=False)
+    assert explicit.surface == SurfaceHinge(max_depth=0.5) and explicit.random_background is False
+    assert RefineConfig.from_dict(config.to_dict()) == config  # None survives a checkpoint
 
 
 def test_random_background_clears_gaussians_outside_the_mask(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]

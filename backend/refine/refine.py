@@ -246,6 +246,9 @@ def refine(
             is synchronized after every step (slower).
     """
     device = head.v_template.device
+    config = config.for_subject(subject.info.source == "synthetic")
+    surface = config.surface
+    assert surface is not None  # decided for the subject
     frames = subject.split["train"]
     if not frames:
         raise InputError(f"subject {subject.root} has no training frames")
@@ -269,10 +272,9 @@ def refine(
     frame_draws = torch.randint(len(frames), (config.iterations, config.views_per_step), generator=draws)
     view_draws = (frame_draws * cams + torch.randint(cams, frame_draws.shape, generator=draws)).to(device)
     frame_draws = frame_draws.to(device)
-    random_background = config.random_background if config.random_background is not None else subject.info.source != "synthetic"
     backgrounds = (
         torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
-        if random_background
+        if config.random_background
         else subject.background().expand(config.iterations, 3)
     ).to(device)
     density = DensityControl(config.densify, binding, subject) if config.densify else None
@@ -317,8 +319,8 @@ def refine(
         loss = photometric_loss(rgb, target, config.ssim_weight)
         if config.anti_spike.enabled:
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
-        if config.surface.weight > 0:
-            loss = loss + depth_loss(rotation, log_scale, offset, config.surface)
+        if surface.weight > 0:
+            loss = loss + depth_loss(rotation, log_scale, offset, surface)
         return loss
 
     # Deformation and loss are chains of small element-wise kernels: compiled, they fuse.
@@ -330,17 +332,23 @@ def refine(
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
-    def posed(frame: torch.Tensor, local: LocalGaussians) -> Splats:
-        """The Gaussians ``local`` at training frames [B] (a device index)."""
+    def posed(frame: torch.Tensor, local: LocalGaussians, fused: bool = True) -> Splats:
+        """The Gaussians ``local`` at training frames [B] (a device index); ``fused``: through
+        the compiled functions, when compiling."""
         if fixed is not None:
             verts, tri = fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
         else:
             verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
-            tri = frames_of(verts, head.faces)
-        means, quats, scales = place(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
-        return assemble_splats(means, quats, scales, local)
+            tri = (frames_of if fused else triangle_frames)(verts, head.faces)
+        placed = (place if fused else place_gaussians)(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
+        return assemble_splats(*placed, local)
 
-    budget = _tile_budget(lambda frame: posed(frame, unpack(packed, layout)), targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
+    def probe(frame: torch.Tensor) -> Splats:
+        # Without gradients: through the compiled functions this would compile a second,
+        # gradient-free variant of each (seconds, even from the on-disk cache).
+        return posed(frame, unpack(packed, layout), fused=False)
+
+    budget = _tile_budget(probe, targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
 
     def train_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step at ``counter``; reads nothing back from the device. Returns the loss, the
