@@ -13,7 +13,8 @@ class LearningRates:
 
     ``offset`` decays exponentially from ``offset`` to ``offset_final`` over the run, as
     3DGS does for positions; the other Gaussian groups decay exponentially to
-    ``final_factor`` times their rate (1.0 keeps them constant).
+    ``final_factor`` times their rate (1.0 keeps them constant). ``sh_dc`` is the rate of
+    the first SH band (the base colour), ``sh_rest`` that of the higher bands.
     """
 
     offset: float = 2e-3
