@@ -408,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--iters", type=int, default=10_000)
     p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
-    p.add_argument("--finetune-flame", action="store_true", help="also fine-tune per-frame FLAME parameters (for tracked subjects)")
+    p.add_argument(
+        "--finetune-flame",
+        action=argparse.BooleanOptionalAction,
+        help="also fine-tune the training frames' FLAME parameters (default: on for tracked subjects, off for synthetic ones)",
+    )
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")
     p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")

@@ -145,10 +145,11 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
 
 
-def test_tracked_subjects_default_to_no_depth_hinge_and_random_backgrounds(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A real subject's hair stands off the mesh, so the depth hinge stays off unless asked for;
-    a synthetic subject's appearance lies on the mesh, so it is on. What a run decided is
-    what its avatar records."""
+def test_tracked_subjects_default_to_flame_finetuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real subject's hair stands off the mesh, so the depth hinge stays off unless asked for,
+    and its tracked parameters are noisy, so they are fine-tuned; a synthetic subject's
+    appearance lies on the mesh and its parameters are exact. What a run decided is what its
+    avatar records."""
     subject, avatar = setup
     root = tmp_path / "tracked"
     shutil.copytree(subject.root, root)
@@ -158,10 +159,11 @@ def test_tracked_subjects_default_to_no_depth_hinge_and_random_backgrounds(head:
     decided = {}
     for name, subj in (("synthetic", subject), ("tracked", Subject.load(root))):
         decided[name] = refine(avatar, head, subj, config).avatar.meta["refine_config"]
-    assert decided["synthetic"]["surface"] == asdict(SurfaceHinge()) and decided["synthetic"]["random_background"] is False
-    assert decided["tracked"]["surface"]["weight"] == 0.0 and decided["tracked"]["random_background"] is True
-    explicit = replace(config, surface=SurfaceHinge(max_depth=0.5), random_background=False).for_subject(synthetic=False)
-    assert explicit.surface == SurfaceHinge(max_depth=0.5) and explicit.random_background is False
+    synthetic, tracked = decided["synthetic"], decided["tracked"]
+    assert synthetic["surface"] == asdict(SurfaceHinge()) and not synthetic["random_background"] and not synthetic["finetune_flame"]
+    assert tracked["surface"]["weight"] == 0.0 and tracked["random_background"] and tracked["finetune_flame"]
+    explicit = replace(config, surface=SurfaceHinge(max_depth=0.5), random_background=False, finetune_flame=False).for_subject(synthetic=False)
+    assert explicit.surface == SurfaceHinge(max_depth=0.5) and explicit.random_background is False and explicit.finetune_flame is False
     assert RefineConfig.from_dict(config.to_dict()) == config  # None survives a checkpoint
 
 

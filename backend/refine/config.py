@@ -73,7 +73,8 @@ class RefineConfig:
             for tracked real ones, whose hair stands off it (on the tracked astronaut it cost
             4.8 dB within the person mask; docs/refinement.md).
         finetune_flame: also optimize per-frame expression, jaw, neck, eyes, global pose and
-            translation with small learning rates (on for tracked real subjects).
+            translation with small learning rates. None: on for tracked real subjects, whose
+            parameters carry the tracker's noise, off for synthetic ones, whose are exact.
         random_background: composite each step's target and render over a new random colour,
             so Gaussians outside the mask must turn transparent instead of taking on the
             background's colour (a glow around the hair in other scenes). None: on unless the
@@ -103,7 +104,7 @@ class RefineConfig:
     loss_margin: int = 24
     anti_spike: AntiSpike = field(default_factory=AntiSpike)
     surface: SurfaceHinge | None = None
-    finetune_flame: bool = False
+    finetune_flame: bool | None = None
     random_background: bool | None = None
     opacity_sparsity: float = 0.0
     densify: Densify | None = None
@@ -122,6 +123,7 @@ class RefineConfig:
         return replace(
             self,
             random_background=(not synthetic) if self.random_background is None else self.random_background,
+            finetune_flame=(not synthetic) if self.finetune_flame is None else self.finetune_flame,
             surface=(SurfaceHinge() if synthetic else SurfaceHinge(weight=0.0)) if self.surface is None else self.surface,
         )
 

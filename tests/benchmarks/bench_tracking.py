@@ -139,15 +139,16 @@ def refine_case(head, subject_dir: Path, out: Path, args: argparse.Namespace) ->
     t0 = time.perf_counter()
     avatar = initialize_on_subject(head, subject, InitConfig(gaussians=args.gaussians)).to(device)
 
-    def score(av) -> tuple[float, float, torch.Tensor]:  # type: ignore[no-untyped-def]
-        img = render_view(av, head, subject.params.index([0]).to(device), subject.cameras(0).to(device), subject.background().to(device))[0]
+    def score(av, params) -> tuple[float, float, torch.Tensor]:  # type: ignore[no-untyped-def]
+        img = render_view(av, head, params.to(device), subject.cameras(0).to(device), subject.background().to(device))[0]
         return psnr(img, target, face), psnr(img, target, m), img
 
-    before = score(avatar)
+    before = score(avatar, subject.params.index([0]))
     t1 = time.perf_counter()
     result = refine(avatar, head, subject, RefineConfig(iterations=args.iters, compile=device == "cuda"))
     seconds = time.perf_counter() - t1
-    after = score(result.avatar)
+    # The portrait is a training frame: the avatar was fitted under its fine-tuned parameters.
+    after = score(result.avatar, result.train_params.index([subject.split["train"].index(0)]))
     pic = torch.cat([target, after[2], (after[2] - target).abs() * 4], dim=1).clamp(0, 1)
     Image.fromarray((pic.cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(out / "refined_portrait.png")
     return {
