@@ -288,6 +288,7 @@ def refine(
             [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
             + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")],
             capturable=graphed,
+            fused=device.type == "cuda",  # one kernel per group: the per-tensor loop costs more than these small tensors' math
         )
     if resume:
         optimizer.load_state_dict(resume.optimizer["gaussians"])
