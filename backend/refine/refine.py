@@ -9,7 +9,6 @@ configured), so everything keyed against the avatar in Blender still fits.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
