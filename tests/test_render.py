@@ -145,6 +145,9 @@ def test_depth_is_planar_z(xy):
     assert out.depth[0, int(v), int(u), 0].item() == pytest.approx(2.0, abs=1e-9)
     covered = out.depth[out.alpha > 0]
     torch.testing.assert_close(covered, torch.full_like(covered, 2.0))
+    # Asked for colour only, the same colour comes back and no depth.
+    rgb_only = render(fronto, cam, BG, depth=False)
+    assert rgb_only.depth is None and torch.equal(rgb_only.rgb, out.rgb) and torch.equal(rgb_only.alpha, out.alpha)
 
 
 def test_background_only_where_transparent():

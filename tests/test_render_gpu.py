@@ -144,3 +144,27 @@ def test_budget_render_replays_from_a_cuda_graph():
         expected.rgb.square().sum().backward()
         torch.testing.assert_close(rgb, expected.rgb, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, expected_means.grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_a_render_without_depth_matches_the_colour_of_one_with_it(budgeted: bool):
+    """Training renders skip the depth channel; colour, alpha and the colour's gradients must
+    not change (the depth channel's gradient is zero when the loss reads only colour)."""
+    scene = head_splats(20000, seed=5)
+    cameras = orbit_cameras(2, 0.6, 200, 160, fov_deg=25.0).to("cuda")
+    weights = torch.rand(2, 160, 200, 3, generator=torch.Generator().manual_seed(5)).cuda()
+    results = []
+    for depth in (True, False):
+        leaves = {name: getattr(scene, name).cuda().requires_grad_() for name in PARAMS}
+        budget = TileBudget(1 << 20).to("cuda") if budgeted else None
+        out = render(Splats(**leaves), cameras, BACKGROUND.cuda(), budget=budget, depth=depth)
+        (out.rgb * weights).sum().backward()
+        results.append((out, {name: leaf.grad for name, leaf in leaves.items()}))
+    (with_depth, grads_with), (without, grads_without) = results
+    assert with_depth.depth is not None and without.depth is None
+    torch.testing.assert_close(without.rgb, with_depth.rgb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(without.alpha, with_depth.alpha, atol=1e-5, rtol=1e-5)
+    for name in PARAMS:
+        # Atomic sums in the backward pass: compare with a tolerance relative to the gradient's size.
+        scale = grads_with[name].abs().max()
+        assert (grads_without[name] - grads_with[name]).abs().max() <= 1e-3 * scale + 1e-7, name

@@ -365,7 +365,7 @@ def refine(
         if density is not None:
             splats.means.retain_grad()
         clock.lap("deform")
-        rgb = render(splats, view, background, budget=budget).rgb[:, 0]
+        rgb = render(splats, view, background, budget=budget, depth=False).rgb[:, 0]
         clock.lap("render")
         loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
         clock.lap("loss")
@@ -441,7 +441,7 @@ def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, bac
     with torch.no_grad():
         for v in range(views):
             view = torch.tensor([v], device=device)
-            render(posed(view // cams), targets.cameras(view), background, budget=probe)
+            render(posed(view // cams), targets.cameras(view), background, budget=probe, depth=False)
     return TileBudget(int(TILE_HEADROOM * int(probe.peak)) + 1, probe.peak.clone())
 
 

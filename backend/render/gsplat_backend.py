@@ -44,12 +44,15 @@ def rasterize_gsplat(
     backgrounds: torch.Tensor,
     settings: RasterSettings,
     budget: TileBudget | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Render with gsplat's fused CUDA kernels ("classic" mode, "RGB+ED").
+    depth: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Render with gsplat's fused CUDA kernels ("classic" mode, "RGB+ED", or "RGB" without
+    ``depth``).
 
-    Same arguments and outputs as ``reference.rasterize_reference``; all tensors must be
-    float32 on one CUDA device. With a ``budget`` the intersection lists have a fixed size
-    and the call never waits for the GPU, so it can be captured in a CUDA graph.
+    Same arguments and outputs as ``reference.rasterize_reference`` (depth None without
+    ``depth``); all tensors must be float32 on one CUDA device. With a ``budget`` the
+    intersection lists have a fixed size and the call never waits for the GPU, so it can be
+    captured in a CUDA graph.
     """
     if not gsplat_available():
         raise RuntimeError("the gsplat backend needs CUDA and the gsplat package")
@@ -57,7 +60,7 @@ def rasterize_gsplat(
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='reference' on CPU")
     _check_builtin_constants(settings)
     if budget is not None:
-        return _rasterize_in_budget(means, quats, scales, opacities, colors, world_to_cam, K, width, height, backgrounds, settings, budget)
+        return _rasterize_in_budget(means, quats, scales, opacities, colors, world_to_cam, K, width, height, backgrounds, settings, budget, depth)
     from gsplat import rasterization
 
     # The kernels index raw memory: expanded (stride-0) views must be materialised.
@@ -79,11 +82,11 @@ def rasterize_gsplat(
         eps2d=settings.eps2d,
         packed=settings.packed,
         tile_size=settings.tile_size,
-        render_mode="RGB+ED",
+        render_mode="RGB+ED" if depth else "RGB",
         rasterize_mode="classic",
     )
     rgb = render[..., :3] + (1.0 - alpha) * backgrounds[..., None, None, :]
-    return rgb, alpha, render[..., 3:]
+    return rgb, alpha, render[..., 3:] if depth else None
 
 
 def _rasterize_in_budget(
@@ -99,7 +102,8 @@ def _rasterize_in_budget(
     backgrounds: torch.Tensor,
     settings: RasterSettings,
     budget: TileBudget,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    depth: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``rasterization``'s unpacked classic path, with ``tile_lists`` for its intersections.
 
     gsplat's own steps, called one by one: project, list (tile, Gaussian) pairs, rasterize
@@ -135,7 +139,8 @@ def _rasterize_in_budget(
     # gsplat's "RGB+ED": depth rides along as a fourth colour channel.
     if colors.ndim == means.ndim:  # one colour per Gaussian for every camera
         colors = colors[..., None, :, :]
-    channels = torch.cat((colors.expand(lead + (cams, n, 3)), depths[..., None]), dim=-1)
+    channels = colors.expand(lead + (cams, n, 3))
+    channels = torch.cat((channels, depths[..., None]), dim=-1) if depth else channels.contiguous()
     render, alpha = rasterize_to_pixels(
         means2d,
         conics,
@@ -150,4 +155,4 @@ def _rasterize_in_budget(
     )
     render, alpha = render[..., :height, :width, :], alpha[..., :height, :width, :]
     rgb = render[..., :3] + (1.0 - alpha) * backgrounds[..., None, None, :]
-    return rgb, alpha, render[..., 3:] / alpha.clamp(min=1e-10)
+    return rgb, alpha, render[..., 3:] / alpha.clamp(min=1e-10) if depth else None
