@@ -60,8 +60,9 @@ def test_synth_init_render_export(tmp_path) -> None:
     assert img.shape == (64, 64, 3) and img.std() > 10  # a head on a white background, not a blank frame
     assert (frames / "contact_sheet.png").is_file()
     refined = tmp_path / "refined.npz"
-    run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5")
-    assert load_avatar(refined).meta["refine_config"]["surface"]["max_depth"] == 0.5
+    run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5", "--finetune-flame")
+    decided = load_avatar(refined).meta["refine_config"]
+    assert decided["surface"]["max_depth"] == 0.5 and decided["finetune_flame"] is True  # on although the subject is synthetic
     scores = json.loads(run("evaluate", str(refined), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)
     assert 0.0 <= scores["orbit_holes"] < 0.5 and scores["gaussians"] == 3000
     assert json.loads(run("evaluate", str(avatar_path), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)["orbit_holes"] == 0.0
@@ -84,6 +85,7 @@ def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
         (["demo", "--out", str(tmp_path / "demo"), "--portrait", str(tmp_path / "nope.png")], "nope.png"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--opacity-sparsity", "-1"], "--opacity-sparsity -1"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--max-depth", "0"], "--max-depth 0"),
+        (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--finetune-flame=yes"], "--finetune-flame"),
         (["serve", "--store", str(tmp_path / "store"), "--shared-slots", "-1"], "--shared-slots -1"),
         (["blender-render", str(not_blend)], "not a .blend file"),
         (["blender-render", str(not_blend), "--frames", "5..2"], "--frames 5..2"),

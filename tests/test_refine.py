@@ -17,7 +17,7 @@ from skimage.metrics import structural_similarity
 from backend.data.subject import Subject, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import LocalGaussians, deform
-from backend.gaussians.frames import quat_to_matrix
+from backend.gaussians.frames import normal_in_gaussian_axes, quat_to_matrix
 from backend.head.model import HeadModel
 from backend.refine.config import LearningRates, RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
@@ -28,7 +28,6 @@ from backend.refine.regularizers import (
     AntiSpike,
     SurfaceHinge,
     depth_loss,
-    normal_in_gaussian_axes,
     spike_stats,
     spike_terms,
     surface_depth,

@@ -76,6 +76,15 @@ def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
     ).reshape(*q.shape[:-1], 3, 3)
 
 
+def normal_in_gaussian_axes(rotation: torch.Tensor) -> torch.Tensor:
+    """[..., 3] the frame's z axis (a triangle's normal) in the axes of local rotations
+    [..., 4] (w, x, y, z; any norm), R^T e_z: the third row of ``quat_to_matrix``, without
+    building the other two (fewer kernels in the training step)."""
+    w, x, y, z = rotation.unbind(-1)
+    row = torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w + z * z - x * x - y * y], dim=-1)
+    return row / rotation.square().sum(dim=-1, keepdim=True)
+
+
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product a * b of [..., 4] quaternions (w, x, y, z): rotate by b, then by a."""
     aw, ax, ay, az = a.unbind(-1)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from backend.gaussians.avatar import LocalGaussians
+from backend.gaussians.frames import normal_in_gaussian_axes
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,6 @@ class SurfaceHinge:
 
     weight: float = 10.0
     max_depth: float = 0.1
-
-
-def normal_in_gaussian_axes(rotation: torch.Tensor) -> torch.Tensor:
-    """[N, 3] the triangle's normal (local z) in each Gaussian's own axes, R^T e_z: the
-    third row of ``quat_to_matrix(rotation)`` [N, 4], without building the other two (fewer
-    kernels in the training step)."""
-    w, x, y, z = rotation.unbind(-1)
-    row = torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w + z * z - x * x - y * y], dim=-1)
-    return row / rotation.square().sum(dim=-1, keepdim=True)
 
 
 def surface_depth(rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -55,8 +56,8 @@ def render(
         settings: rasterizer constants.
         budget: gsplat only: fixed-size intersection lists, so the call never waits for the
             GPU and can be captured in a CUDA graph (see ``tile_intersect``).
-        depth: also return the depth. gsplat draws it as a fourth colour channel, which costs
-            its backward pass about 15% (a training step needs no depth).
+        depth: also return the depth. Both backends draw it as a fourth colour channel,
+            which costs gsplat's backward pass about 15% (a training step needs no depth).
 
     Returns:
         RenderOutput.
@@ -87,10 +88,8 @@ def render(
         backgrounds,
         settings,
     )
-    if use_gsplat:
-        return RenderOutput(*rasterize_gsplat(*args, budget=budget, depth=depth))
-    rgb, alpha, expected_depth = rasterize_reference(*args)
-    return RenderOutput(rgb, alpha, expected_depth if depth else None)
+    rasterize = partial(rasterize_gsplat, budget=budget) if use_gsplat else rasterize_reference
+    return RenderOutput(*rasterize(*args, depth=depth))
 
 
 def _broadcast_background(

@@ -351,7 +351,8 @@ def rasterize_reference(
     height: int,
     backgrounds: torch.Tensor,
     settings: RasterSettings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    depth: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Render C views of a set of Gaussians (optionally for B frames), any device.
 
     Args:
@@ -362,7 +363,7 @@ def rasterize_reference(
 
     Returns:
         rgb: [..., C, H, W, 3]; alpha: [..., C, H, W, 1]; depth: [..., C, H, W, 1] planar z,
-        alpha-normalised, 0 where alpha is 0.
+        alpha-normalised, 0 where alpha is 0 (None without ``depth``: one feature fewer).
     """
     proj = project_gaussians(
         means, quats, scales, opacities, world_to_cam, K, width, height, settings
@@ -371,7 +372,8 @@ def rasterize_reference(
     n = means.shape[-2]
     if colors.ndim == means.ndim:  # per-Gaussian: the same for every camera
         colors = colors[..., None, :, :].expand(*lead, n, 3)
-    features = torch.cat([colors, proj.depths[..., None]], dim=-1).reshape(-1, n, 4)
+    n_features = 4 if depth else 3
+    features = (torch.cat([colors, proj.depths[..., None]], dim=-1) if depth else colors).reshape(-1, n, n_features)
     opa = opacities[..., None, :].expand(*lead, n).reshape(-1, n)
     images = [
         rasterize_image(m2, co, op, ft, dp, rd, width, height, settings)
@@ -384,8 +386,7 @@ def rasterize_reference(
             proj.radii.reshape(-1, n, 2),
         )
     ]
-    feats = torch.stack([f for f, _ in images]).view(*lead, height, width, 4)
+    feats = torch.stack([f for f, _ in images]).view(*lead, height, width, n_features)
     alpha = torch.stack([a for _, a in images]).view(*lead, height, width, 1)
     rgb = feats[..., :3] + (1.0 - alpha) * backgrounds[..., None, None, :]
-    depth = feats[..., 3:] / alpha.clamp_min(1e-10)
-    return rgb, alpha, depth
+    return rgb, alpha, feats[..., 3:] / alpha.clamp_min(1e-10) if depth else None
