@@ -18,8 +18,13 @@ $(VENV)/.blender: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[blender]"
 	touch $@
 
+# Triton's interpreter runs the fused GPU kernels on the CPU in the tests. A CUDA build of
+# torch brings the Triton it was built with; a CPU build needs this pin.
+TRITON := 3.9.0
+
 $(VENV)/.test: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==$(TRITON)
 	touch $@
 
 venv: $(VENV)/.base

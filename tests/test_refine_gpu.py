@@ -1,5 +1,6 @@
-"""Stage 2 on the GPU: the step captured in one CUDA graph (compiled or not), and the step of
-compiled regions alone, optimize what the eager step does; a captured run resumes."""
+"""Stage 2 on the GPU: the step captured in one CUDA graph (with the fused kernels, compiled,
+or neither), and the step of compiled regions alone, optimize what the eager torch step
+does; a captured run resumes."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def case(head: HeadModel, tmp_path_factory):  # type: ignore[no-untyped-def]
     return gpu, subject, avatar, evaluate(avatar, gpu, subject)
 
 
-EAGER = {"compile": False, "cuda_graph": False}
+EAGER = {"compile": False, "cuda_graph": False, "fused": False}
 
 
 @pytest.mark.parametrize(
@@ -41,10 +42,11 @@ EAGER = {"compile": False, "cuda_graph": False}
         ({"compile": True}, False),
         ({"compile": True}, True),
         ({"compile": False}, False),
+        ({"compile": False, "fused": False}, False),
         ({"compile": False, "finetune_flame": True}, True),
         ({"compile": True, "cuda_graph": False}, False),
     ],
-    ids=["graph+compiled", "graph+compiled-random-bg", "graph", "graph-flame-random-bg", "compiled-regions"],
+    ids=["graph+compiled", "graph+compiled-random-bg", "graph+fused", "graph-unfused", "graph-flame-random-bg", "compiled-regions"],
 )
 def test_fast_refinement_matches_eager_and_keeps_layout(case, fast: dict, random_background: bool) -> None:  # type: ignore[no-untyped-def]
     gpu, subject, avatar, before = case

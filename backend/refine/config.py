@@ -96,6 +96,10 @@ class RefineConfig:
         cuda_graph: on CUDA with a frozen layout, capture the whole step (deformation,
             render, loss, backward, optimizer) in one CUDA graph and replay it: the host then
             launches one graph per step instead of every kernel from Python.
+        fused: on CUDA with Triton, run the step's photometric loss, and (with FLAME not
+            fine-tuned, SH degree 0) its placement with the hinges, as the hand-written
+            kernels of ``backend/refine/fused`` instead of chains of torch operations. Off
+            when ``compile`` is on, which fuses those operations itself.
     """
 
     iterations: int = 10_000
@@ -114,6 +118,7 @@ class RefineConfig:
     checkpoint_every: int = 1000
     compile: bool = False
     cuda_graph: bool = True
+    fused: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,15 +13,15 @@ from functools import lru_cache
 
 import torch
 
-_WINDOW = 11
-_SIGMA = 1.5
-_C1 = 0.01**2
-_C2 = 0.03**2
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
 
 
-def _gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    x = torch.arange(_WINDOW, device=device, dtype=dtype) - _WINDOW // 2
-    g = torch.exp(-(x**2) / (2 * _SIGMA**2))
+def gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, device=device, dtype=dtype) - SSIM_WINDOW // 2
+    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
     return g / g.sum()
 
 
@@ -30,9 +30,9 @@ def _blur_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
     """[n, n] banded matrix that applies the window along an axis of n pixels, zero-padded
     at the borders: row r holds the window centred on pixel r."""
     i = torch.arange(n, device=device)
-    tap = i[None, :] - i[:, None] + _WINDOW // 2
-    inside = (tap >= 0) & (tap < _WINDOW)
-    return torch.where(inside, _gaussian_window(device, dtype)[tap.clamp(0, _WINDOW - 1)], 0.0)
+    tap = i[None, :] - i[:, None] + SSIM_WINDOW // 2
+    inside = (tap >= 0) & (tap < SSIM_WINDOW)
+    return torch.where(inside, gaussian_window(device, dtype)[tap.clamp(0, SSIM_WINDOW - 1)], 0.0)
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sxx = exx - mu_x**2
     syy = eyy - mu_y**2
     sxy = exy - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + _C1) * (2 * sxy + _C2)) / ((mu_x**2 + mu_y**2 + _C1) * (sxx + syy + _C2))
+    s = ((2 * mu_x * mu_y + SSIM_C1) * (2 * sxy + SSIM_C2)) / ((mu_x**2 + mu_y**2 + SSIM_C1) * (sxx + syy + SSIM_C2))
     return s.reshape(-1, c, h, w).mean(1).reshape(*lead, h, w)
 
 

@@ -25,6 +25,7 @@ from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
+from backend.refine import fused
 from backend.refine.densify import DensityControl
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
@@ -315,8 +316,18 @@ def refine(
         current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
+    # The hand-written kernels replace chains of small torch operations (backend/refine/fused);
+    # the placement kernel reads the precomputed frames, so it needs FLAME fixed.
+    use_fused = config.fused and not config.compile and fused.usable(device)
+    fused_placement = use_fused and fixed is not None and layout.sh_coeffs == 1
+    if use_fused:
+        from backend.refine.fused.photometric import photometric_loss as photometric
+        from backend.refine.fused.placement import place_with_hinges
+    else:
+        photometric = photometric_loss
+
     def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        loss = photometric_loss(rgb, target, config.ssim_weight)
+        loss = photometric(rgb, target, config.ssim_weight)
         if config.anti_spike.enabled:
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
         if surface.weight > 0:
@@ -361,13 +372,20 @@ def refine(
         view, target = targets.cameras(view_idx), targets.get(view_idx, background)
         clock.lap("data")
         local = unpack(packed, layout)
-        splats = posed(frame, local)
+        if fused_placement:
+            assert fixed is not None
+            splats, hinges = place_with_hinges(packed, layout, frame, fixed[0], head.faces, fixed[1], binding.face_idx, binding.bary, config.anti_spike, surface)
+        else:
+            splats = posed(frame, local)
         if density is not None:
             splats.means.retain_grad()
         clock.lap("deform")
         rgb = render(splats, view, background, budget=budget, depth=False).rgb[:, 0]
         clock.lap("render")
-        loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
+        if fused_placement:
+            loss = photometric(rgb, target, config.ssim_weight) + hinges
+        else:
+            loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
         clock.lap("loss")
         loss.backward()
         if config.opacity_sparsity > 0:

@@ -1,0 +1,216 @@
+"""The photometric loss (1 - w) L1 + w D-SSIM in Triton kernels, forward and backward.
+
+The same loss as ``losses.photometric_loss`` (11 x 11 Gaussian window, sigma 1.5, zero-padded
+borders, mean over pixels and channels), with its gradient written out. Per pixel and channel
+
+    S = A1 A2 / (B1 B2)      A1 = 2 mu_x mu_y + C1    A2 = 2 s_xy + C2
+                             B1 = mu_x^2 + mu_y^2 + C1    B2 = s_xx + s_yy + C2
+    dS/dmu_x  = 2 mu_y (A2 - A1) / (B1 B2) - 2 mu_x S (1 / B1 - 1 / B2)
+    dS/dE[xx] = -S / B2
+    dS/dE[xy] = 2 A1 / (B1 B2)
+
+and since the window G is symmetric, the SSIM part of dL/dx is
+G * dS/dmu_x + 2 x (G * dS/dE[xx]) + y (G * dS/dE[xy]). The window is separable, so each blur
+is two kernels, along rows then along columns (11 + 11 taps instead of 121): forward, the
+five moments, then SSIM and its three derivative maps; backward, those three maps, then
+dL/dx. Each program covers a tile of pixels with all three channels (a fourth, masked lane
+keeps the channel axis a power of two).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from backend.refine.losses import SSIM_C1, SSIM_C2, SSIM_WINDOW, gaussian_window
+
+_TILE_H = 8
+_TILE_W = 32
+
+
+@triton.jit
+def _tile(TH: tl.constexpr, TW: tl.constexpr):
+    """Rows, columns and channel lanes of this program's tile, and the image's offset."""
+    tx, ty, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = ty * TH + tl.arange(0, TH)[:, None, None]
+    cols = tx * TW + tl.arange(0, TW)[None, :, None]
+    return rows, cols, tl.arange(0, 4)[None, None, :], b
+
+
+@triton.jit
+def _moments_along_rows(x_ptr, y_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """The horizontal pass of the window over x, y, x^2, y^2 and xy -> out [5, B, H, W, 3]."""
+    rows, cols, ch, b = _tile(TH, TW)
+    base = b * H * W * 3
+    plane = tl.num_programs(2) * H * W * 3
+    sx = tl.zeros([TH, TW, 4], tl.float32)
+    sy = tl.zeros([TH, TW, 4], tl.float32)
+    sxx = tl.zeros([TH, TW, 4], tl.float32)
+    syy = tl.zeros([TH, TW, 4], tl.float32)
+    sxy = tl.zeros([TH, TW, 4], tl.float32)
+    row_in = (rows < H) & (ch < 3)
+    for dx in range(2 * R + 1):
+        c = cols + (dx - R)
+        inside = row_in & (c >= 0) & (c < W)
+        offset = base + (rows * W + c) * 3 + ch
+        xv = tl.load(x_ptr + offset, mask=inside, other=0.0)
+        yv = tl.load(y_ptr + offset, mask=inside, other=0.0)
+        weight = tl.load(g_ptr + dx)
+        sx += weight * xv
+        sy += weight * yv
+        sxx += weight * xv * xv
+        syy += weight * yv * yv
+        sxy += weight * xv * yv
+    valid = row_in & (cols < W)
+    centre = base + (rows * W + cols) * 3 + ch
+    tl.store(out_ptr + centre, sx, mask=valid)
+    tl.store(out_ptr + plane + centre, sy, mask=valid)
+    tl.store(out_ptr + 2 * plane + centre, sxx, mask=valid)
+    tl.store(out_ptr + 3 * plane + centre, syy, mask=valid)
+    tl.store(out_ptr + 4 * plane + centre, sxy, mask=valid)
+
+
+@triton.jit
+def _ssim_along_columns(
+    x_ptr, y_ptr, g_ptr, moments_ptr, d_ptr, partial_ptr, H, W,
+    C1: tl.constexpr, C2: tl.constexpr, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+):
+    """The vertical pass, then SSIM: its three partial-derivative maps -> d [3, B, H, W, 3],
+    and this tile's sums of SSIM and |x - y| -> partial [programs, 2]."""
+    rows, cols, ch, b = _tile(TH, TW)
+    base = b * H * W * 3
+    plane = tl.num_programs(2) * H * W * 3
+    mu_x = tl.zeros([TH, TW, 4], tl.float32)
+    mu_y = tl.zeros([TH, TW, 4], tl.float32)
+    e_xx = tl.zeros([TH, TW, 4], tl.float32)
+    e_yy = tl.zeros([TH, TW, 4], tl.float32)
+    e_xy = tl.zeros([TH, TW, 4], tl.float32)
+    col_in = (cols < W) & (ch < 3)
+    for dy in range(2 * R + 1):
+        r = rows + (dy - R)
+        inside = col_in & (r >= 0) & (r < H)
+        at = moments_ptr + base + (r * W + cols) * 3 + ch
+        weight = tl.load(g_ptr + dy)
+        mu_x += weight * tl.load(at, mask=inside, other=0.0)
+        mu_y += weight * tl.load(at + plane, mask=inside, other=0.0)
+        e_xx += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
+        e_yy += weight * tl.load(at + 3 * plane, mask=inside, other=0.0)
+        e_xy += weight * tl.load(at + 4 * plane, mask=inside, other=0.0)
+    a1 = 2 * mu_x * mu_y + C1
+    a2 = 2 * (e_xy - mu_x * mu_y) + C2
+    b1 = mu_x * mu_x + mu_y * mu_y + C1
+    b2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + C2
+    s = a1 * a2 / (b1 * b2)
+    valid = col_in & (rows < H)
+    centre = base + (rows * W + cols) * 3 + ch
+    tl.store(d_ptr + centre, 2 * mu_y * (a2 - a1) / (b1 * b2) - 2 * mu_x * s * (1 / b1 - 1 / b2), mask=valid)
+    tl.store(d_ptr + plane + centre, -s / b2, mask=valid)
+    tl.store(d_ptr + 2 * plane + centre, 2 * a1 / (b1 * b2), mask=valid)
+    xc = tl.load(x_ptr + centre, mask=valid, other=0.0)
+    yc = tl.load(y_ptr + centre, mask=valid, other=0.0)
+    program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(partial_ptr + 2 * program, tl.sum(tl.sum(tl.sum(tl.where(valid, s, 0.0), 2), 1), 0))
+    tl.store(partial_ptr + 2 * program + 1, tl.sum(tl.sum(tl.sum(tl.abs(xc - yc), 2), 1), 0))
+
+
+@triton.jit
+def _blur_derivatives_along_rows(d_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """The horizontal pass of the window over the three maps d [3, B, H, W, 3] -> out."""
+    rows, cols, ch, b = _tile(TH, TW)
+    base = b * H * W * 3
+    plane = tl.num_programs(2) * H * W * 3
+    s0 = tl.zeros([TH, TW, 4], tl.float32)
+    s1 = tl.zeros([TH, TW, 4], tl.float32)
+    s2 = tl.zeros([TH, TW, 4], tl.float32)
+    row_in = (rows < H) & (ch < 3)
+    for dx in range(2 * R + 1):
+        c = cols + (dx - R)
+        inside = row_in & (c >= 0) & (c < W)
+        at = d_ptr + base + (rows * W + c) * 3 + ch
+        weight = tl.load(g_ptr + dx)
+        s0 += weight * tl.load(at, mask=inside, other=0.0)
+        s1 += weight * tl.load(at + plane, mask=inside, other=0.0)
+        s2 += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
+    valid = row_in & (cols < W)
+    centre = base + (rows * W + cols) * 3 + ch
+    tl.store(out_ptr + centre, s0, mask=valid)
+    tl.store(out_ptr + plane + centre, s1, mask=valid)
+    tl.store(out_ptr + 2 * plane + centre, s2, mask=valid)
+
+
+@triton.jit
+def _gradient_along_columns(
+    x_ptr, y_ptr, g_ptr, d_ptr, grad_out_ptr, grad_ptr, H, W, l1_scale, ssim_scale,
+    R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+):
+    """The vertical pass over the row-blurred maps d [3, B, H, W, 3], then dL/dx."""
+    rows, cols, ch, b = _tile(TH, TW)
+    base = b * H * W * 3
+    plane = tl.num_programs(2) * H * W * 3
+    blur_mu = tl.zeros([TH, TW, 4], tl.float32)
+    blur_xx = tl.zeros([TH, TW, 4], tl.float32)
+    blur_xy = tl.zeros([TH, TW, 4], tl.float32)
+    col_in = (cols < W) & (ch < 3)
+    for dy in range(2 * R + 1):
+        r = rows + (dy - R)
+        inside = col_in & (r >= 0) & (r < H)
+        at = d_ptr + base + (r * W + cols) * 3 + ch
+        weight = tl.load(g_ptr + dy)
+        blur_mu += weight * tl.load(at, mask=inside, other=0.0)
+        blur_xx += weight * tl.load(at + plane, mask=inside, other=0.0)
+        blur_xy += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
+    valid = col_in & (rows < H)
+    centre = base + (rows * W + cols) * 3 + ch
+    xc = tl.load(x_ptr + centre, mask=valid, other=0.0)
+    yc = tl.load(y_ptr + centre, mask=valid, other=0.0)
+    sign = tl.where(xc > yc, 1.0, tl.where(xc < yc, -1.0, 0.0))
+    grad = l1_scale * sign + ssim_scale * (blur_mu + 2 * xc * blur_xx + yc * blur_xy)
+    tl.store(grad_ptr + centre, tl.load(grad_out_ptr) * grad, mask=valid)
+
+
+@lru_cache(maxsize=4)
+def _window(device: torch.device) -> torch.Tensor:
+    return gaussian_window(device, torch.float32)
+
+
+class _PhotometricLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:  # type: ignore[override]
+        x, y = rendered.contiguous(), target.contiguous()
+        batch, height, width, _ = x.shape
+        grid = (triton.cdiv(width, _TILE_W), triton.cdiv(height, _TILE_H), batch)
+        window = _window(x.device)
+        tile = {"R": SSIM_WINDOW // 2, "TH": _TILE_H, "TW": _TILE_W}
+        moments = torch.empty((5, *x.shape), device=x.device, dtype=torch.float32)
+        _moments_along_rows[grid](x, y, window, moments, height, width, **tile)
+        derivatives = torch.empty((3, *x.shape), device=x.device, dtype=torch.float32)
+        partials = torch.empty(grid[0] * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32)
+        _ssim_along_columns[grid](x, y, window, moments, derivatives, partials, height, width, C1=SSIM_C1, C2=SSIM_C2, **tile)
+        ctx.save_for_backward(x, y, derivatives)
+        ctx.ssim_weight = ssim_weight
+        ctx.grid = grid
+        ssim_sum, l1_sum = partials.sum(0) / x.numel()
+        return (1.0 - ssim_weight) * l1_sum + ssim_weight * (1.0 - ssim_sum)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        x, y, derivatives = ctx.saved_tensors
+        height, width, n = x.shape[1], x.shape[2], x.numel()
+        window = _window(x.device)
+        tile = {"R": SSIM_WINDOW // 2, "TH": _TILE_H, "TW": _TILE_W}
+        blurred = torch.empty_like(derivatives)
+        _blur_derivatives_along_rows[ctx.grid](derivatives, window, blurred, height, width, **tile)
+        grad = torch.empty_like(x)
+        _gradient_along_columns[ctx.grid](
+            x, y, window, blurred, grad_out.contiguous(), grad, height, width, (1.0 - ctx.ssim_weight) / n, -ctx.ssim_weight / n, **tile
+        )
+        return grad, None, None
+
+
+def photometric_loss(rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    """``losses.photometric_loss`` of [B, H, W, 3] float32 images on a CUDA device; the
+    gradient reaches ``rendered`` only."""
+    return _PhotometricLoss.apply(rendered, target.detach(), float(ssim_weight))
