@@ -19,12 +19,16 @@ $(VENV)/.blender: $(VENV)/.base
 	touch $@
 
 # Triton's interpreter runs the fused GPU kernels on the CPU in the tests. A CUDA build of
-# torch brings the Triton it was built with; a CPU build needs this pin.
+# torch brings the Triton it was built with; for a CPU build this one goes into a folder of
+# its own, which only the interpreter tests' subprocesses see: installed in the venv, torch
+# would import it in every process (with torch.optim), and beside bpy and mediapipe that
+# crashed the test run.
 TRITON := 3.9.0
+TRITON_INTERPRETER := $(VENV)/triton-interpreter
 
 $(VENV)/.test: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==$(TRITON)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps --target $(TRITON_INTERPRETER) triton==$(TRITON)
 	touch $@
 
 venv: $(VENV)/.base
