@@ -32,45 +32,70 @@ _TILE_W = 32
 
 
 @triton.jit
-def _tile(TH: tl.constexpr, TW: tl.constexpr):
-    """Rows, columns and channel lanes of this program's tile, and the image's offset."""
+def _tile(H, W, TH: tl.constexpr, TW: tl.constexpr):
+    """Rows, columns and channel lanes of this program's tile; the offset of its image and the
+    size of one [B, H, W, 3] plane of a map stack."""
     tx, ty, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = ty * TH + tl.arange(0, TH)[:, None, None]
     cols = tx * TW + tl.arange(0, TW)[None, :, None]
-    return rows, cols, tl.arange(0, 4)[None, None, :], b
+    return rows, cols, tl.arange(0, 4)[None, None, :], b * H * W * 3, tl.num_programs(2) * H * W * 3
+
+
+@triton.jit
+def _tap(rows, cols, ch, H, W, k, R: tl.constexpr, ALONG_ROWS: tl.constexpr):
+    """Offset within an image, and in-image mask, of each pixel's k-th window tap; the zero
+    padding outside the image is the mask."""
+    if ALONG_ROWS:
+        r, c = rows, cols + (k - R)
+    else:
+        r, c = rows + (k - R), cols
+    return (r * W + c) * 3 + ch, (r >= 0) & (r < H) & (c >= 0) & (c < W) & (ch < 3)
+
+
+@triton.jit
+def _blur(src_ptr, g_ptr, rows, cols, ch, H, W, COUNT: tl.constexpr, R: tl.constexpr, ALONG_ROWS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """One pass of the window over the first COUNT (2 or 3) planes of a map stack at
+    ``src_ptr`` (already offset to this image); the third result is 0 when COUNT is 2."""
+    plane = tl.num_programs(2) * H * W * 3
+    first = tl.zeros([TH, TW, 4], tl.float32)
+    second = tl.zeros([TH, TW, 4], tl.float32)
+    third = tl.zeros([TH, TW, 4], tl.float32)
+    for k in range(2 * R + 1):
+        offset, inside = _tap(rows, cols, ch, H, W, k, R, ALONG_ROWS)
+        weight = tl.load(g_ptr + k)
+        first += weight * tl.load(src_ptr + offset, mask=inside, other=0.0)
+        second += weight * tl.load(src_ptr + plane + offset, mask=inside, other=0.0)
+        if COUNT == 3:
+            third += weight * tl.load(src_ptr + 2 * plane + offset, mask=inside, other=0.0)
+    return first, second, third
 
 
 @triton.jit
 def _moments_along_rows(x_ptr, y_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """The horizontal pass of the window over x, y, x^2, y^2 and xy -> out [5, B, H, W, 3]."""
-    rows, cols, ch, b = _tile(TH, TW)
-    base = b * H * W * 3
-    plane = tl.num_programs(2) * H * W * 3
+    """The pass along rows of the window over x, y, x^2, y^2 and xy -> out [5, B, H, W, 3]."""
+    rows, cols, ch, base, plane = _tile(H, W, TH, TW)
     sx = tl.zeros([TH, TW, 4], tl.float32)
     sy = tl.zeros([TH, TW, 4], tl.float32)
     sxx = tl.zeros([TH, TW, 4], tl.float32)
     syy = tl.zeros([TH, TW, 4], tl.float32)
     sxy = tl.zeros([TH, TW, 4], tl.float32)
-    row_in = (rows < H) & (ch < 3)
-    for dx in range(2 * R + 1):
-        c = cols + (dx - R)
-        inside = row_in & (c >= 0) & (c < W)
-        offset = base + (rows * W + c) * 3 + ch
-        xv = tl.load(x_ptr + offset, mask=inside, other=0.0)
-        yv = tl.load(y_ptr + offset, mask=inside, other=0.0)
-        weight = tl.load(g_ptr + dx)
+    for k in range(2 * R + 1):
+        offset, inside = _tap(rows, cols, ch, H, W, k, R, True)
+        xv = tl.load(x_ptr + base + offset, mask=inside, other=0.0)
+        yv = tl.load(y_ptr + base + offset, mask=inside, other=0.0)
+        weight = tl.load(g_ptr + k)
         sx += weight * xv
         sy += weight * yv
         sxx += weight * xv * xv
         syy += weight * yv * yv
         sxy += weight * xv * yv
-    valid = row_in & (cols < W)
-    centre = base + (rows * W + cols) * 3 + ch
-    tl.store(out_ptr + centre, sx, mask=valid)
-    tl.store(out_ptr + plane + centre, sy, mask=valid)
-    tl.store(out_ptr + 2 * plane + centre, sxx, mask=valid)
-    tl.store(out_ptr + 3 * plane + centre, syy, mask=valid)
-    tl.store(out_ptr + 4 * plane + centre, sxy, mask=valid)
+    centre, valid = _tap(rows, cols, ch, H, W, R, R, True)
+    at = out_ptr + base + centre
+    tl.store(at, sx, mask=valid)
+    tl.store(at + plane, sy, mask=valid)
+    tl.store(at + 2 * plane, sxx, mask=valid)
+    tl.store(at + 3 * plane, syy, mask=valid)
+    tl.store(at + 4 * plane, sxy, mask=valid)
 
 
 @triton.jit
@@ -78,67 +103,38 @@ def _ssim_along_columns(
     x_ptr, y_ptr, g_ptr, moments_ptr, d_ptr, partial_ptr, H, W,
     C1: tl.constexpr, C2: tl.constexpr, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
 ):
-    """The vertical pass, then SSIM: its three partial-derivative maps -> d [3, B, H, W, 3],
+    """The pass along columns, then SSIM: its three partial-derivative maps -> d [3, B, H, W, 3],
     and this tile's sums of SSIM and |x - y| -> partial [programs, 2]."""
-    rows, cols, ch, b = _tile(TH, TW)
-    base = b * H * W * 3
-    plane = tl.num_programs(2) * H * W * 3
-    mu_x = tl.zeros([TH, TW, 4], tl.float32)
-    mu_y = tl.zeros([TH, TW, 4], tl.float32)
-    e_xx = tl.zeros([TH, TW, 4], tl.float32)
-    e_yy = tl.zeros([TH, TW, 4], tl.float32)
-    e_xy = tl.zeros([TH, TW, 4], tl.float32)
-    col_in = (cols < W) & (ch < 3)
-    for dy in range(2 * R + 1):
-        r = rows + (dy - R)
-        inside = col_in & (r >= 0) & (r < H)
-        at = moments_ptr + base + (r * W + cols) * 3 + ch
-        weight = tl.load(g_ptr + dy)
-        mu_x += weight * tl.load(at, mask=inside, other=0.0)
-        mu_y += weight * tl.load(at + plane, mask=inside, other=0.0)
-        e_xx += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
-        e_yy += weight * tl.load(at + 3 * plane, mask=inside, other=0.0)
-        e_xy += weight * tl.load(at + 4 * plane, mask=inside, other=0.0)
+    rows, cols, ch, base, plane = _tile(H, W, TH, TW)
+    mu_x, mu_y, e_xx = _blur(moments_ptr + base, g_ptr, rows, cols, ch, H, W, 3, R, False, TH, TW)
+    e_yy, e_xy, _ = _blur(moments_ptr + 3 * plane + base, g_ptr, rows, cols, ch, H, W, 2, R, False, TH, TW)
     a1 = 2 * mu_x * mu_y + C1
     a2 = 2 * (e_xy - mu_x * mu_y) + C2
     b1 = mu_x * mu_x + mu_y * mu_y + C1
     b2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + C2
     s = a1 * a2 / (b1 * b2)
-    valid = col_in & (rows < H)
-    centre = base + (rows * W + cols) * 3 + ch
-    tl.store(d_ptr + centre, 2 * mu_y * (a2 - a1) / (b1 * b2) - 2 * mu_x * s * (1 / b1 - 1 / b2), mask=valid)
-    tl.store(d_ptr + plane + centre, -s / b2, mask=valid)
-    tl.store(d_ptr + 2 * plane + centre, 2 * a1 / (b1 * b2), mask=valid)
-    xc = tl.load(x_ptr + centre, mask=valid, other=0.0)
-    yc = tl.load(y_ptr + centre, mask=valid, other=0.0)
-    program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    centre, valid = _tap(rows, cols, ch, H, W, R, R, False)
+    at = d_ptr + base + centre
+    tl.store(at, 2 * mu_y * (a2 - a1) / (b1 * b2) - 2 * mu_x * s * (1 / b1 - 1 / b2), mask=valid)
+    tl.store(at + plane, -s / b2, mask=valid)
+    tl.store(at + 2 * plane, 2 * a1 / (b1 * b2), mask=valid)
+    xc = tl.load(x_ptr + base + centre, mask=valid, other=0.0)
+    yc = tl.load(y_ptr + base + centre, mask=valid, other=0.0)
+    program = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
     tl.store(partial_ptr + 2 * program, tl.sum(tl.sum(tl.sum(tl.where(valid, s, 0.0), 2), 1), 0))
     tl.store(partial_ptr + 2 * program + 1, tl.sum(tl.sum(tl.sum(tl.abs(xc - yc), 2), 1), 0))
 
 
 @triton.jit
 def _blur_derivatives_along_rows(d_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-    """The horizontal pass of the window over the three maps d [3, B, H, W, 3] -> out."""
-    rows, cols, ch, b = _tile(TH, TW)
-    base = b * H * W * 3
-    plane = tl.num_programs(2) * H * W * 3
-    s0 = tl.zeros([TH, TW, 4], tl.float32)
-    s1 = tl.zeros([TH, TW, 4], tl.float32)
-    s2 = tl.zeros([TH, TW, 4], tl.float32)
-    row_in = (rows < H) & (ch < 3)
-    for dx in range(2 * R + 1):
-        c = cols + (dx - R)
-        inside = row_in & (c >= 0) & (c < W)
-        at = d_ptr + base + (rows * W + c) * 3 + ch
-        weight = tl.load(g_ptr + dx)
-        s0 += weight * tl.load(at, mask=inside, other=0.0)
-        s1 += weight * tl.load(at + plane, mask=inside, other=0.0)
-        s2 += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
-    valid = row_in & (cols < W)
-    centre = base + (rows * W + cols) * 3 + ch
-    tl.store(out_ptr + centre, s0, mask=valid)
-    tl.store(out_ptr + plane + centre, s1, mask=valid)
-    tl.store(out_ptr + 2 * plane + centre, s2, mask=valid)
+    """The pass along rows of the window over the three maps d [3, B, H, W, 3] -> out."""
+    rows, cols, ch, base, plane = _tile(H, W, TH, TW)
+    first, second, third = _blur(d_ptr + base, g_ptr, rows, cols, ch, H, W, 3, R, True, TH, TW)
+    centre, valid = _tap(rows, cols, ch, H, W, R, R, True)
+    at = out_ptr + base + centre
+    tl.store(at, first, mask=valid)
+    tl.store(at + plane, second, mask=valid)
+    tl.store(at + 2 * plane, third, mask=valid)
 
 
 @triton.jit
@@ -146,29 +142,15 @@ def _gradient_along_columns(
     x_ptr, y_ptr, g_ptr, d_ptr, grad_out_ptr, grad_ptr, H, W, l1_scale, ssim_scale,
     R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
 ):
-    """The vertical pass over the row-blurred maps d [3, B, H, W, 3], then dL/dx."""
-    rows, cols, ch, b = _tile(TH, TW)
-    base = b * H * W * 3
-    plane = tl.num_programs(2) * H * W * 3
-    blur_mu = tl.zeros([TH, TW, 4], tl.float32)
-    blur_xx = tl.zeros([TH, TW, 4], tl.float32)
-    blur_xy = tl.zeros([TH, TW, 4], tl.float32)
-    col_in = (cols < W) & (ch < 3)
-    for dy in range(2 * R + 1):
-        r = rows + (dy - R)
-        inside = col_in & (r >= 0) & (r < H)
-        at = d_ptr + base + (r * W + cols) * 3 + ch
-        weight = tl.load(g_ptr + dy)
-        blur_mu += weight * tl.load(at, mask=inside, other=0.0)
-        blur_xx += weight * tl.load(at + plane, mask=inside, other=0.0)
-        blur_xy += weight * tl.load(at + 2 * plane, mask=inside, other=0.0)
-    valid = col_in & (rows < H)
-    centre = base + (rows * W + cols) * 3 + ch
-    xc = tl.load(x_ptr + centre, mask=valid, other=0.0)
-    yc = tl.load(y_ptr + centre, mask=valid, other=0.0)
+    """The pass along columns over the row-blurred maps d [3, B, H, W, 3], then dL/dx."""
+    rows, cols, ch, base, _ = _tile(H, W, TH, TW)
+    blur_mu, blur_xx, blur_xy = _blur(d_ptr + base, g_ptr, rows, cols, ch, H, W, 3, R, False, TH, TW)
+    centre, valid = _tap(rows, cols, ch, H, W, R, R, False)
+    xc = tl.load(x_ptr + base + centre, mask=valid, other=0.0)
+    yc = tl.load(y_ptr + base + centre, mask=valid, other=0.0)
     sign = tl.where(xc > yc, 1.0, tl.where(xc < yc, -1.0, 0.0))
     grad = l1_scale * sign + ssim_scale * (blur_mu + 2 * xc * blur_xx + yc * blur_xy)
-    tl.store(grad_ptr + centre, tl.load(grad_out_ptr) * grad, mask=valid)
+    tl.store(grad_ptr + base + centre, tl.load(grad_out_ptr) * grad, mask=valid)
 
 
 @lru_cache(maxsize=4)
