@@ -25,8 +25,8 @@ from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
-from backend.refine import fused
 from backend.refine.densify import DensityControl
+from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
 from backend.refine.regularizers import depth_loss, spike_loss
@@ -317,8 +317,9 @@ def refine(
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
     # The hand-written kernels replace chains of small torch operations (backend/refine/fused);
-    # the placement kernel reads the precomputed frames, so it needs FLAME fixed.
-    use_fused = config.fused and not config.compile and fused.usable(device)
+    # the placement kernel reads the precomputed frames, so it needs FLAME fixed. Imported
+    # here: Triton is present only where they run.
+    use_fused = config.fused and not config.compile and fused_kernels_usable(device)
     fused_placement = use_fused and fixed is not None and layout.sh_coeffs == 1
     if use_fused:
         from backend.refine.fused.photometric import photometric_loss as photometric
@@ -343,21 +344,21 @@ def refine(
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
-    def posed(frame: torch.Tensor, local: LocalGaussians, fused: bool = True) -> Splats:
-        """The Gaussians ``local`` at training frames [B] (a device index); ``fused``: through
-        the compiled functions, when compiling."""
+    def posed(frame: torch.Tensor, local: LocalGaussians, through_compiled: bool = True) -> Splats:
+        """The Gaussians ``local`` at training frames [B] (a device index); with
+        ``through_compiled``, through the compiled functions when compiling."""
         if fixed is not None:
             verts, tri = fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
         else:
             verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
-            tri = (frames_of if fused else triangle_frames)(verts, head.faces)
-        placed = (place if fused else place_gaussians)(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
+            tri = (frames_of if through_compiled else triangle_frames)(verts, head.faces)
+        placed = (place if through_compiled else place_gaussians)(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
         return assemble_splats(*placed, local)
 
     def probe(frame: torch.Tensor) -> Splats:
         # Without gradients: through the compiled functions this would compile a second,
         # gradient-free variant of each (seconds, even from the on-disk cache).
-        return posed(frame, unpack(packed, layout), fused=False)
+        return posed(frame, unpack(packed, layout), through_compiled=False)
 
     budget = _tile_budget(probe, targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
 
