@@ -255,6 +255,20 @@ def refine(
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
     layout = PackLayout.of(source.local)
+    # The hand-written kernels replace chains of small torch operations (backend/refine/fused);
+    # the placement kernel reads precomputed frames, so it needs FLAME fixed. They compile
+    # in the background while the rest is set up. Imported here: Triton is present only
+    # where they run.
+    use_fused = config.fused and not config.compile and fused_kernels_usable(device)
+    fused_placement = use_fused and not config.finetune_flame and layout.sh_coeffs == 1
+    if use_fused:
+        from backend.refine.fused import compile_ahead
+        from backend.refine.fused.photometric import photometric_loss as photometric
+        from backend.refine.fused.placement import place_with_hinges
+
+        compiled_ahead = compile_ahead(device, fused_placement)
+    else:
+        photometric = photometric_loss
     packed = pack(source.local).detach().to(device).requires_grad_(True)  # [N, D], the optimized leaf
     binding = source.binding.to(device)
     params = subject.params.to(device)
@@ -316,16 +330,6 @@ def refine(
         current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
-    # The hand-written kernels replace chains of small torch operations (backend/refine/fused);
-    # the placement kernel reads the precomputed frames, so it needs FLAME fixed. Imported
-    # here: Triton is present only where they run.
-    use_fused = config.fused and not config.compile and fused_kernels_usable(device)
-    fused_placement = use_fused and fixed is not None and layout.sh_coeffs == 1
-    if use_fused:
-        from backend.refine.fused.photometric import photometric_loss as photometric
-        from backend.refine.fused.placement import place_with_hinges
-    else:
-        photometric = photometric_loss
 
     def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         loss = photometric(rgb, target, config.ssim_weight)
@@ -401,6 +405,8 @@ def refine(
         clock.lap("optimizer")
         return loss, rgb, target
 
+    if use_fused:
+        compiled_ahead()
     graph = GraphedStep(train_step, optimizers) if graphed else None
     t_start = time.perf_counter()
     step = start

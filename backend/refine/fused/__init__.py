@@ -8,6 +8,8 @@ about 1.5-2 us, which is most of what separates the step from the rasterizer's o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import torch
@@ -25,3 +27,38 @@ def _triton_present() -> bool:
 def usable(device: torch.device) -> bool:
     """True where the fused kernels run: a CUDA device and Triton installed."""
     return device.type == "cuda" and _triton_present()
+
+
+def compile_ahead(device: torch.device, placement: bool = True) -> Callable[[], None]:
+    """Start compiling the fused kernels (the placement's too with ``placement``) for
+    ``device`` in the background, one thread per kernel; returns a function that waits for
+    them and raises what they raised.
+
+    On a machine's first run Triton compiles each kernel and builds its launcher at first
+    launch, most of it waiting on ptxas and the C compiler, which run side by side from
+    threads. Later runs load them from Triton's on-disk cache. Triton's driver, which every
+    launch needs (and builds once per machine), is set up first.
+    """
+    import triton
+
+    from backend.refine.fused import photometric
+    from backend.refine.fused import placement as placing
+
+    launches = photometric.first_launches(device) + (placing.first_launches(device) if placement else [])
+    pool = ThreadPoolExecutor(1 + len(launches))
+
+    def run() -> None:
+        triton.runtime.driver.active.get_current_device()
+        for job in [pool.submit(launch) for launch in launches]:
+            job.result()
+        torch.cuda.synchronize(device)
+
+    started = pool.submit(run)
+
+    def wait() -> None:
+        try:
+            started.result()
+        finally:
+            pool.shutdown()
+
+    return wait

@@ -19,6 +19,8 @@ keeps the channel axis a power of two).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -70,7 +72,7 @@ def _blur(src_ptr, g_ptr, rows, cols, ch, H, W, COUNT: tl.constexpr, R: tl.const
     return first, second, third
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _moments_along_rows(x_ptr, y_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """The pass along rows of the window over x, y, x^2, y^2 and xy -> out [5, B, H, W, 3]."""
     rows, cols, ch, base, plane = _tile(H, W, TH, TW)
@@ -98,7 +100,7 @@ def _moments_along_rows(x_ptr, y_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH:
     tl.store(at + 4 * plane, sxy, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _ssim_along_columns(
     x_ptr, y_ptr, g_ptr, moments_ptr, d_ptr, partial_ptr, H, W,
     C1: tl.constexpr, C2: tl.constexpr, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
@@ -125,7 +127,7 @@ def _ssim_along_columns(
     tl.store(partial_ptr + 2 * program + 1, tl.sum(tl.sum(tl.sum(tl.abs(xc - yc), 2), 1), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _blur_derivatives_along_rows(d_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """The pass along rows of the window over the three maps d [3, B, H, W, 3] -> out."""
     rows, cols, ch, base, plane = _tile(H, W, TH, TW)
@@ -137,7 +139,7 @@ def _blur_derivatives_along_rows(d_ptr, g_ptr, out_ptr, H, W, R: tl.constexpr, T
     tl.store(at + 2 * plane, third, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _gradient_along_columns(
     x_ptr, y_ptr, g_ptr, d_ptr, grad_out_ptr, grad_ptr, H, W, l1_scale, ssim_scale,
     R: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
@@ -158,38 +160,69 @@ def _window(device: torch.device) -> torch.Tensor:
     return gaussian_window(device, torch.float32)
 
 
+_TILE = {"R": SSIM_WINDOW // 2, "TH": _TILE_H, "TW": _TILE_W}
+
+
+def _grid(x: torch.Tensor) -> tuple[int, int, int]:
+    """Programs over the tiles of images x [B, H, W, 3]."""
+    batch, height, width, _ = x.shape
+    return (triton.cdiv(width, _TILE_W), triton.cdiv(height, _TILE_H), batch)
+
+
+def _moments(x: torch.Tensor, y: torch.Tensor, moments: torch.Tensor) -> None:
+    _moments_along_rows[_grid(x)](x, y, _window(x.device), moments, x.shape[1], x.shape[2], **_TILE)
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, moments: torch.Tensor, derivatives: torch.Tensor, partials: torch.Tensor) -> None:
+    _ssim_along_columns[_grid(x)](x, y, _window(x.device), moments, derivatives, partials, x.shape[1], x.shape[2], C1=SSIM_C1, C2=SSIM_C2, **_TILE)
+
+
+def _blur_derivatives(derivatives: torch.Tensor, blurred: torch.Tensor) -> None:
+    _blur_derivatives_along_rows[_grid(derivatives[0])](derivatives, _window(derivatives.device), blurred, derivatives.shape[2], derivatives.shape[3], **_TILE)
+
+
+def _gradient(x: torch.Tensor, y: torch.Tensor, blurred: torch.Tensor, grad_out: torch.Tensor, grad: torch.Tensor, ssim_weight: float) -> None:
+    n = x.numel()
+    _gradient_along_columns[_grid(x)](
+        x, y, _window(x.device), blurred, grad_out, grad, x.shape[1], x.shape[2], (1.0 - ssim_weight) / n, -ssim_weight / n, **_TILE
+    )
+
+
 class _PhotometricLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:  # type: ignore[override]
         x, y = rendered.contiguous(), target.contiguous()
-        batch, height, width, _ = x.shape
-        grid = (triton.cdiv(width, _TILE_W), triton.cdiv(height, _TILE_H), batch)
-        window = _window(x.device)
-        tile = {"R": SSIM_WINDOW // 2, "TH": _TILE_H, "TW": _TILE_W}
         moments = torch.empty((5, *x.shape), device=x.device, dtype=torch.float32)
-        _moments_along_rows[grid](x, y, window, moments, height, width, **tile)
+        _moments(x, y, moments)
         derivatives = torch.empty((3, *x.shape), device=x.device, dtype=torch.float32)
-        partials = torch.empty(grid[0] * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32)
-        _ssim_along_columns[grid](x, y, window, moments, derivatives, partials, height, width, C1=SSIM_C1, C2=SSIM_C2, **tile)
+        partials = torch.empty(math.prod(_grid(x)), 2, device=x.device, dtype=torch.float32)
+        _ssim(x, y, moments, derivatives, partials)
         ctx.save_for_backward(x, y, derivatives)
         ctx.ssim_weight = ssim_weight
-        ctx.grid = grid
         ssim_sum, l1_sum = partials.sum(0) / x.numel()
         return (1.0 - ssim_weight) * l1_sum + ssim_weight * (1.0 - ssim_sum)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         x, y, derivatives = ctx.saved_tensors
-        height, width, n = x.shape[1], x.shape[2], x.numel()
-        window = _window(x.device)
-        tile = {"R": SSIM_WINDOW // 2, "TH": _TILE_H, "TW": _TILE_W}
         blurred = torch.empty_like(derivatives)
-        _blur_derivatives_along_rows[ctx.grid](derivatives, window, blurred, height, width, **tile)
+        _blur_derivatives(derivatives, blurred)
         grad = torch.empty_like(x)
-        _gradient_along_columns[ctx.grid](
-            x, y, window, blurred, grad_out.contiguous(), grad, height, width, (1.0 - ctx.ssim_weight) / n, -ctx.ssim_weight / n, **tile
-        )
+        _gradient(x, y, blurred, grad_out.contiguous(), grad, ctx.ssim_weight)
         return grad, None, None
+
+
+def first_launches(device: torch.device) -> list[Callable[[], None]]:
+    """One launch of each kernel on a small scratch image: the first launch compiles a kernel
+    (sizes are not specialized on, so these serve every image size)."""
+    x = torch.zeros(1, _TILE_H, _TILE_W, 3, device=device)
+    maps = torch.zeros(3, *x.shape, device=device)
+    return [
+        lambda: _moments(x, x, torch.empty(5, *x.shape, device=device)),
+        lambda: _ssim(x, x, torch.zeros(5, *x.shape, device=device), torch.empty_like(maps), torch.empty(1, 2, device=device)),
+        lambda: _blur_derivatives(maps, torch.empty_like(maps)),
+        lambda: _gradient(x, x, maps, torch.ones((), device=device), torch.empty_like(x), 0.2),
+    ]
 
 
 def photometric_loss(rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float) -> torch.Tensor:

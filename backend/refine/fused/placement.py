@@ -20,6 +20,7 @@ through n = p(q) / |q|^2, p = (2(xz - wy), 2(yz + wx), w^2 + z^2 - x^2 - y^2).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -86,7 +87,7 @@ def _hinge_terms(o, q, s, max_scale, log_max_ratio, max_offset, max_depth):
     return values, arg_max, arg_min, big, o_norm, qq, p, u, sigma
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "V", "F"])
 def _place_forward(
     packed_ptr, frame_ptr, verts_ptr, faces_ptr, rot_ptr, quat_ptr, size_ptr, face_idx_ptr, bary_ptr,
     means_ptr, quats_ptr, scales_ptr, opacity_ptr, colour_ptr, partial_ptr, N, V, F,
@@ -126,7 +127,7 @@ def _place_forward(
         tl.store(partial_ptr + pid, tl.sum(tl.where(ok, hinge, 0.0), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "F", "B"])
 def _place_backward(
     packed_ptr, frame_ptr, rot_ptr, quat_ptr, size_ptr, face_idx_ptr,
     g_means_ptr, g_quats_ptr, g_scales_ptr, g_opacity_ptr, g_colour_ptr, g_hinge_ptr, grad_ptr, N, F, B,
@@ -229,6 +230,37 @@ def _hinge_args(anti_spike: AntiSpike, surface: SurfaceHinge) -> tuple[float, ..
     )
 
 
+def _forward(
+    packed: torch.Tensor, frame: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, frames: TriangleFrames,
+    face_idx: torch.Tensor, bary: torch.Tensor, hinges: tuple[float, ...],
+) -> tuple[torch.Tensor, ...]:
+    """Means, quats, scales [B, N, ...], opacities [N], colours [N, 3] and hinge sums per block."""
+    n, width = packed.shape
+    batch, device = frame.shape[0], packed.device
+    blocks = triton.cdiv(n, _BLOCK)
+    out = (
+        torch.empty(batch, n, 3, device=device), torch.empty(batch, n, 4, device=device), torch.empty(batch, n, 3, device=device),
+        torch.empty(n, device=device), torch.empty(n, 3, device=device), torch.empty(blocks, device=device),
+    )
+    _place_forward[(blocks, batch)](
+        packed, frame, vertices, faces, *frames, face_idx, bary, *out, n, vertices.shape[1], frames.size.shape[1], *hinges,
+        D=width, C0=SH_C0, BLOCK=_BLOCK,
+    )
+    return out
+
+
+def _backward(
+    packed: torch.Tensor, frame: torch.Tensor, frames: TriangleFrames, face_idx: torch.Tensor, grads: tuple[torch.Tensor, ...], hinges: tuple[float, ...]
+) -> torch.Tensor:
+    """The packed gradient [N, D] from the outputs' gradients (means ... hinge, contiguous)."""
+    n, width = packed.shape
+    grad = torch.empty_like(packed)
+    _place_backward[(triton.cdiv(n, _BLOCK),)](
+        packed, frame, *frames, face_idx, *grads, grad, n, frames.size.shape[1], frame.shape[0], *hinges, D=width, C0=SH_C0, BLOCK=_BLOCK,
+    )
+    return grad
+
+
 class _Placement(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -242,36 +274,34 @@ class _Placement(torch.autograd.Function):
         bary: torch.Tensor,
         hinges: tuple[float, ...],
     ) -> tuple[torch.Tensor, ...]:
-        n, width = packed.shape
-        batch = frame.shape[0]
-        device = packed.device
-        means = torch.empty(batch, n, 3, device=device)
-        quats = torch.empty(batch, n, 4, device=device)
-        scales = torch.empty(batch, n, 3, device=device)
-        opacities = torch.empty(n, device=device)
-        colours = torch.empty(n, 3, device=device)
-        blocks = triton.cdiv(n, _BLOCK)
-        partials = torch.empty(blocks, device=device)
-        rot, quat, size = (t.contiguous() for t in frames)
-        _place_forward[(blocks, batch)](
-            packed, frame, vertices, faces, rot, quat, size, face_idx, bary,
-            means, quats, scales, opacities, colours, partials, n, vertices.shape[1], size.shape[1], *hinges,
-            D=width, C0=SH_C0, BLOCK=_BLOCK,
-        )
-        ctx.save_for_backward(packed, frame, rot, quat, size, face_idx)
+        frames = TriangleFrames(*(t.contiguous() for t in frames))
+        *splats, partials = _forward(packed, frame, vertices, faces, frames, face_idx, bary, hinges)
+        ctx.save_for_backward(packed, frame, *frames, face_idx)
         ctx.hinges = hinges
-        return means, quats, scales, opacities, colours, partials.sum() / n
+        return (*splats, partials.sum() / packed.shape[0])
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         packed, frame, rot, quat, size, face_idx = ctx.saved_tensors
-        n, width = packed.shape
-        grad = torch.empty_like(packed)
-        _place_backward[(triton.cdiv(n, _BLOCK),)](
-            packed, frame, rot, quat, size, face_idx, *(g.contiguous() for g in grads), grad, n, size.shape[1], frame.shape[0],
-            *ctx.hinges, D=width, C0=SH_C0, BLOCK=_BLOCK,
-        )
+        grad = _backward(packed, frame, TriangleFrames(rot, quat, size), face_idx, tuple(g.contiguous() for g in grads), ctx.hinges)
         return grad, None, None, None, None, None, None, None
+
+
+def first_launches(device: torch.device) -> list[Callable[[], None]]:
+    """One launch of each kernel on one Gaussian on one triangle: the first launch compiles a
+    kernel (sizes are not specialized on, so these serve every layout)."""
+    layout = PackLayout(1)
+    packed = torch.zeros(1, layout.width, device=device)
+    packed[:, layout.columns("rotation").start] = 1.0  # the unit quaternion
+    frame, face_idx = torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+    vertices, faces, bary = torch.zeros(1, 3, 3, device=device), torch.arange(3, device=device)[None], torch.full((1, 3), 1 / 3, device=device)
+    frames = TriangleFrames(torch.eye(3, device=device).expand(1, 1, 3, 3).contiguous(), torch.tensor([[[1.0, 0, 0, 0]]], device=device), torch.ones(1, 1, device=device))
+    hinges = _hinge_args(AntiSpike(), SurfaceHinge())
+    grads = (torch.zeros(1, 1, 3, device=device), torch.zeros(1, 1, 4, device=device), torch.zeros(1, 1, 3, device=device), torch.zeros(1, device=device), torch.zeros(1, 3, device=device), torch.ones((), device=device))
+    return [
+        lambda: _forward(packed, frame, vertices, faces, frames, face_idx, bary, hinges),
+        lambda: _backward(packed, frame, frames, face_idx, grads, hinges),
+    ]
 
 
 def place_with_hinges(
