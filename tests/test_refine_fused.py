@@ -73,7 +73,7 @@ def test_compiling_ahead_covers_every_size(tmp_path: Path) -> None:
         "from backend.refine.fused import compile_ahead\n"
         "from tests.fused_cases import check_photometric, check_placement\n"
         "count = lambda: sum(len(f) for _, _, f in os.walk(os.environ['TRITON_CACHE_DIR']))\n"
-        "compile_ahead(torch.device('cuda'))()\n"
+        "compile_ahead(torch.device('cuda'), mesh=True)()\n"
         "before = count()\n"
         "check_photometric('cuda'); check_placement('cuda')\n"
         "print(before, count())\n"

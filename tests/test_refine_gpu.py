@@ -66,6 +66,24 @@ def test_fast_refinement_matches_eager_and_keeps_layout(case, fast: dict, random
     assert quick.avatar.count == avatar.count
 
 
+def test_fused_step_moves_flame_as_the_eager_step(case) -> None:  # type: ignore[no-untyped-def]
+    # With FLAME fine-tuned, its gradient comes through the fused placement's backward to the
+    # mesh. Adam's first update is +-lr per element (the gradient's sign), so after one step
+    # the captured fused run must have moved every parameter the way the eager torch run did.
+    gpu, subject, avatar, _ = case
+    config = RefineConfig(
+        iterations=1, log_every=1, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), finetune_flame=True, random_background=True
+    )
+    quick, eager = (refine(avatar, gpu, subject, replace(config, **extra)) for extra in ({}, EAGER))
+    rows = subject.split["train"]
+    for name in ("expr", "rotation", "jaw_pose", "neck_pose", "translation"):
+        start = getattr(subject.params, name)[rows]
+        a, b = (getattr(r.train_params, name).cpu() - start for r in (quick, eager))
+        assert float(b.abs().max()) > 0, name
+        agree = float((torch.sign(a) == torch.sign(b)).float().mean())
+        assert agree > 0.97, (name, agree)
+
+
 def test_captured_run_resumes_where_it_stopped(case, tmp_path) -> None:  # type: ignore[no-untyped-def]
     gpu, subject, avatar, _ = case
     config = RefineConfig(iterations=200, log_every=50, checkpoint_every=100, anti_spike=AntiSpike(max_scale=3.0))

@@ -255,18 +255,17 @@ def refine(
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
     layout = PackLayout.of(source.local)
-    # The hand-written kernels replace chains of small torch operations (backend/refine/fused);
-    # the placement kernel reads precomputed frames, so it needs FLAME fixed. They compile
-    # in the background while the rest is set up. Imported here: Triton is present only
-    # where they run.
+    # The hand-written kernels replace chains of small torch operations (backend/refine/fused).
+    # They compile in the background while the rest is set up. Imported here: Triton is
+    # present only where they run.
     use_fused = config.fused and not config.compile and fused_kernels_usable(device)
-    fused_placement = use_fused and not config.finetune_flame and layout.sh_coeffs == 1
+    fused_placement = use_fused and layout.sh_coeffs == 1
     if use_fused:
         from backend.refine.fused import compile_ahead
         from backend.refine.fused.photometric import photometric_loss as photometric
         from backend.refine.fused.placement import place_with_hinges
 
-        compiled_ahead = compile_ahead(device, fused_placement)
+        compiled_ahead = compile_ahead(device, fused_placement, mesh=config.finetune_flame)
     else:
         photometric = photometric_loss
     packed = pack(source.local).detach().to(device).requires_grad_(True)  # [N, D], the optimized leaf
@@ -286,6 +285,7 @@ def refine(
     frame_draws = torch.randint(len(frames), (config.iterations, config.views_per_step), generator=draws)
     view_draws = (frame_draws * cams + torch.randint(cams, frame_draws.shape, generator=draws)).to(device)
     frame_draws = frame_draws.to(device)
+    step_rows = torch.arange(config.views_per_step, device=device)  # a step's own posed frames
     backgrounds = (
         torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
         if config.random_background
@@ -348,14 +348,17 @@ def refine(
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
-    def posed(frame: torch.Tensor, local: LocalGaussians, through_compiled: bool = True) -> Splats:
-        """The Gaussians ``local`` at training frames [B] (a device index); with
-        ``through_compiled``, through the compiled functions when compiling."""
+    def mesh_at(frame: torch.Tensor, through_compiled: bool = True) -> tuple[torch.Tensor, TriangleFrames]:
+        """Posed vertices [B, V, 3] and triangle frames at training frames [B] (a device
+        index); with ``through_compiled``, through the compiled functions when compiling."""
         if fixed is not None:
-            verts, tri = fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
-        else:
-            verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
-            tri = (frames_of if through_compiled else triangle_frames)(verts, head.faces)
+            return fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
+        verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
+        return verts, (frames_of if through_compiled else triangle_frames)(verts, head.faces)
+
+    def posed(frame: torch.Tensor, local: LocalGaussians, through_compiled: bool = True) -> Splats:
+        """The Gaussians ``local`` at training frames [B] (a device index)."""
+        verts, tri = mesh_at(frame, through_compiled)
         placed = (place if through_compiled else place_gaussians)(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
         return assemble_splats(*placed, local)
 
@@ -378,8 +381,9 @@ def refine(
         clock.lap("data")
         local = unpack(packed, layout)
         if fused_placement:
-            assert fixed is not None
-            splats, hinges = place_with_hinges(packed, layout, frame, fixed[0], head.faces, fixed[1], binding.face_idx, binding.bary, config.anti_spike, surface)
+            # The kernel gathers precomputed frames itself; posed ones are this step's own.
+            verts, tri, rows = (*fixed, frame) if fixed is not None else (*mesh_at(frame), step_rows)
+            splats, hinges = place_with_hinges(packed, layout, rows, verts, head.faces, tri, binding.face_idx, binding.bary, config.anti_spike, surface)
         else:
             splats = posed(frame, local)
         if density is not None:

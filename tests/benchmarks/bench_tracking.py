@@ -145,7 +145,7 @@ def refine_case(head, subject_dir: Path, out: Path, args: argparse.Namespace) ->
 
     before = score(avatar, subject.params.index([0]))
     t1 = time.perf_counter()
-    result = refine(avatar, head, subject, RefineConfig(iterations=args.iters, compile=device == "cuda"))
+    result = refine(avatar, head, subject, RefineConfig(iterations=args.iters))  # the defaults a user gets
     seconds = time.perf_counter() - t1
     # The portrait is a training frame: the avatar was fitted under its fine-tuned parameters.
     after = score(result.avatar, result.train_params.index([subject.split["train"].index(0)]))

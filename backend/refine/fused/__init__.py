@@ -29,10 +29,10 @@ def usable(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_present()
 
 
-def compile_ahead(device: torch.device, placement: bool = True) -> Callable[[], None]:
-    """Start compiling the fused kernels (the placement's too with ``placement``) for
-    ``device`` in the background, one thread per kernel; returns a function that waits for
-    them and raises what they raised.
+def compile_ahead(device: torch.device, placement: bool = True, mesh: bool = False) -> Callable[[], None]:
+    """Start compiling the fused kernels (the placement's too with ``placement``, and its
+    backward to the mesh with ``mesh``) for ``device`` in the background, one thread per
+    kernel; returns a function that waits for them and raises what they raised.
 
     On a machine's first run Triton compiles each kernel and builds its launcher at first
     launch, most of it waiting on ptxas and the C compiler, which run side by side from
@@ -44,7 +44,7 @@ def compile_ahead(device: torch.device, placement: bool = True) -> Callable[[], 
     from backend.refine.fused import photometric
     from backend.refine.fused import placement as placing
 
-    launches = photometric.first_launches(device) + (placing.first_launches(device) if placement else [])
+    launches = photometric.first_launches(device) + (placing.first_launches(device, mesh) if placement else [])
     pool = ThreadPoolExecutor(1 + len(launches))
 
     def run() -> None:

@@ -127,16 +127,23 @@ def _place_forward(
         tl.store(partial_ptr + pid, tl.sum(tl.where(ok, hinge, 0.0), 0))
 
 
-@triton.jit(do_not_specialize=["N", "F", "B"])
+@triton.jit(do_not_specialize=["N", "V", "F", "B"])
 def _place_backward(
-    packed_ptr, frame_ptr, rot_ptr, quat_ptr, size_ptr, face_idx_ptr,
-    g_means_ptr, g_quats_ptr, g_scales_ptr, g_opacity_ptr, g_colour_ptr, g_hinge_ptr, grad_ptr, N, F, B,
+    packed_ptr, frame_ptr, faces_ptr, rot_ptr, quat_ptr, size_ptr, face_idx_ptr, bary_ptr,
+    g_means_ptr, g_quats_ptr, g_scales_ptr, g_opacity_ptr, g_colour_ptr, g_hinge_ptr, grad_ptr,
+    g_verts_ptr, g_rot_ptr, g_quat_ptr, g_size_ptr, N, V, F, B,
     w_scale, max_scale, w_aniso, log_max_ratio, w_offset, max_offset, w_depth, max_depth,
-    D: tl.constexpr, C0: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, C0: tl.constexpr, BLOCK: tl.constexpr, MESH: tl.constexpr,
 ):
+    """The packed gradient's rows; with MESH also the gradients of the vertices and the
+    triangle frames, added atomically (many Gaussians share a triangle)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
     o, q, s = _load_row(packed_ptr, i, ok, D)
+    if MESH:
+        unit = 1.0 / tl.maximum(tl.sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]), 1e-12)
+        bw, bx, by, bz = q[0] * unit, q[1] * unit, q[2] * unit, q[3] * unit
+        f_i = tl.load(face_idx_ptr + i, mask=ok, other=0)
     g_o0 = tl.zeros([BLOCK], tl.float32)
     g_o1 = tl.zeros([BLOCK], tl.float32)
     g_o2 = tl.zeros([BLOCK], tl.float32)
@@ -148,7 +155,7 @@ def _place_backward(
     g_y = tl.zeros([BLOCK], tl.float32)
     g_z = tl.zeros([BLOCK], tl.float32)
     for b in range(B):
-        _, rot, qf, k = _triangle(frame_ptr, b, face_idx_ptr, i, ok, rot_ptr, quat_ptr, size_ptr, F)
+        t, rot, qf, k = _triangle(frame_ptr, b, face_idx_ptr, i, ok, rot_ptr, quat_ptr, size_ptr, F)
         at = (b * N + i) * 3
         gm0 = tl.load(g_means_ptr + at, mask=ok, other=0.0)
         gm1 = tl.load(g_means_ptr + at + 1, mask=ok, other=0.0)
@@ -156,9 +163,12 @@ def _place_backward(
         g_o0 += k * (rot[0] * gm0 + rot[3] * gm1 + rot[6] * gm2)
         g_o1 += k * (rot[1] * gm0 + rot[4] * gm1 + rot[7] * gm2)
         g_o2 += k * (rot[2] * gm0 + rot[5] * gm1 + rot[8] * gm2)
-        g_s0 += tl.load(g_scales_ptr + at, mask=ok, other=0.0) * k * tl.exp(s[0])
-        g_s1 += tl.load(g_scales_ptr + at + 1, mask=ok, other=0.0) * k * tl.exp(s[1])
-        g_s2 += tl.load(g_scales_ptr + at + 2, mask=ok, other=0.0) * k * tl.exp(s[2])
+        gs0 = tl.load(g_scales_ptr + at, mask=ok, other=0.0) * tl.exp(s[0])
+        gs1 = tl.load(g_scales_ptr + at + 1, mask=ok, other=0.0) * tl.exp(s[1])
+        gs2 = tl.load(g_scales_ptr + at + 2, mask=ok, other=0.0) * tl.exp(s[2])
+        g_s0 += gs0 * k
+        g_s1 += gs1 * k
+        g_s2 += gs2 * k
         gq = g_quats_ptr + (b * N + i) * 4
         gW, gX = tl.load(gq, mask=ok, other=0.0), tl.load(gq + 1, mask=ok, other=0.0)
         gY, gZ = tl.load(gq + 2, mask=ok, other=0.0), tl.load(gq + 3, mask=ok, other=0.0)
@@ -168,6 +178,26 @@ def _place_backward(
         g_x += -ax * gW + aw * gX + az * gY - ay * gZ
         g_y += -ay * gW - az * gX + aw * gY + ax * gZ
         g_z += -az * gW + ay * gX - ax * gY + aw * gZ
+        if MESH:
+            tri = t * F + f_i
+            gm = (gm0, gm1, gm2)
+            turned = tl.zeros([BLOCK], tl.float32)
+            for a in tl.static_range(3):
+                turned += gm[a] * (rot[3 * a] * o[0] + rot[3 * a + 1] * o[1] + rot[3 * a + 2] * o[2])
+                for c in tl.static_range(3):
+                    tl.atomic_add(g_rot_ptr + tri * 9 + 3 * a + c, k * gm[a] * o[c], mask=ok)
+            tl.atomic_add(g_size_ptr + tri, turned + gs0 + gs1 + gs2, mask=ok)
+            # ... and linear in its left factor, the frame's quaternion.
+            g_frame_quat = g_quat_ptr + tri * 4
+            tl.atomic_add(g_frame_quat, bw * gW + bx * gX + by * gY + bz * gZ, mask=ok)
+            tl.atomic_add(g_frame_quat + 1, -bx * gW + bw * gX - bz * gY + by * gZ, mask=ok)
+            tl.atomic_add(g_frame_quat + 2, -by * gW + bz * gX + bw * gY - bx * gZ, mask=ok)
+            tl.atomic_add(g_frame_quat + 3, -bz * gW - by * gX + bx * gY + bw * gZ, mask=ok)
+            for j in tl.static_range(3):
+                vertex = tl.load(faces_ptr + f_i * 3 + j, mask=ok, other=0)
+                weight = tl.load(bary_ptr + i * 3 + j, mask=ok, other=0.0)
+                for a in tl.static_range(3):
+                    tl.atomic_add(g_verts_ptr + (t * V + vertex) * 3 + a, weight * gm[a], mask=ok)
 
     values, arg_max, arg_min, big, o_norm, qq, p, u, sigma = _hinge_terms(o, q, s, max_scale, log_max_ratio, max_offset, max_depth)
     g_hinge = tl.load(g_hinge_ptr) / N
@@ -250,15 +280,21 @@ def _forward(
 
 
 def _backward(
-    packed: torch.Tensor, frame: torch.Tensor, frames: TriangleFrames, face_idx: torch.Tensor, grads: tuple[torch.Tensor, ...], hinges: tuple[float, ...]
-) -> torch.Tensor:
-    """The packed gradient [N, D] from the outputs' gradients (means ... hinge, contiguous)."""
+    packed: torch.Tensor, frame: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, frames: TriangleFrames,
+    face_idx: torch.Tensor, bary: torch.Tensor, grads: tuple[torch.Tensor, ...], hinges: tuple[float, ...], mesh: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, TriangleFrames | None]:
+    """The packed gradient [N, D] from the outputs' gradients (means ... hinge, contiguous);
+    with ``mesh`` also those of ``vertices`` and ``frames`` (else None)."""
     n, width = packed.shape
     grad = torch.empty_like(packed)
+    g_verts = torch.zeros_like(vertices) if mesh else None
+    g_frames = TriangleFrames(*(torch.zeros_like(t) for t in frames)) if mesh else None
+    unused = (grad,) * 4  # pointers the kernel does not read without MESH
     _place_backward[(triton.cdiv(n, _BLOCK),)](
-        packed, frame, *frames, face_idx, *grads, grad, n, frames.size.shape[1], frame.shape[0], *hinges, D=width, C0=SH_C0, BLOCK=_BLOCK,
+        packed, frame, faces, *frames, face_idx, bary, *grads, grad, *((g_verts, *g_frames) if mesh else unused),
+        n, vertices.shape[1], frames.size.shape[1], frame.shape[0], *hinges, D=width, C0=SH_C0, BLOCK=_BLOCK, MESH=mesh,
     )
-    return grad
+    return grad, g_verts, g_frames
 
 
 class _Placement(torch.autograd.Function):
@@ -269,27 +305,33 @@ class _Placement(torch.autograd.Function):
         frame: torch.Tensor,
         vertices: torch.Tensor,
         faces: torch.Tensor,
-        frames: TriangleFrames,
+        rot: torch.Tensor,
+        quat: torch.Tensor,
+        size: torch.Tensor,
         face_idx: torch.Tensor,
         bary: torch.Tensor,
         hinges: tuple[float, ...],
     ) -> tuple[torch.Tensor, ...]:
-        frames = TriangleFrames(*(t.contiguous() for t in frames))
-        *splats, partials = _forward(packed, frame, vertices, faces, frames, face_idx, bary, hinges)
-        ctx.save_for_backward(packed, frame, *frames, face_idx)
+        # The frame's fields come one by one: autograd follows tensors, not tuples of them.
+        *splats, partials = _forward(packed, frame, vertices, faces, TriangleFrames(rot, quat, size), face_idx, bary, hinges)
+        ctx.save_for_backward(packed, frame, vertices, faces, rot, quat, size, face_idx, bary)
         ctx.hinges = hinges
         return (*splats, partials.sum() / packed.shape[0])
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        packed, frame, rot, quat, size, face_idx = ctx.saved_tensors
-        grad = _backward(packed, frame, TriangleFrames(rot, quat, size), face_idx, tuple(g.contiguous() for g in grads), ctx.hinges)
-        return grad, None, None, None, None, None, None, None
+        packed, frame, vertices, faces, rot, quat, size, face_idx, bary = ctx.saved_tensors
+        mesh = any(ctx.needs_input_grad[i] for i in (2, 4, 5, 6))
+        grad, g_verts, g_frames = _backward(
+            packed, frame, vertices, faces, TriangleFrames(rot, quat, size), face_idx, bary, tuple(g.contiguous() for g in grads), ctx.hinges, mesh
+        )
+        return grad, None, g_verts, None, *(g_frames or (None, None, None)), None, None, None
 
 
-def first_launches(device: torch.device) -> list[Callable[[], None]]:
+def first_launches(device: torch.device, mesh: bool = False) -> list[Callable[[], None]]:
     """One launch of each kernel on one Gaussian on one triangle: the first launch compiles a
-    kernel (sizes are not specialized on, so these serve every layout)."""
+    kernel (sizes are not specialized on, so these serve every layout). With ``mesh``, the
+    backward that also gives the mesh's gradients (FLAME fine-tuned) is compiled too."""
     layout = PackLayout(1)
     packed = torch.zeros(1, layout.width, device=device)
     packed[:, layout.columns("rotation").start] = 1.0  # the unit quaternion
@@ -298,9 +340,9 @@ def first_launches(device: torch.device) -> list[Callable[[], None]]:
     frames = TriangleFrames(torch.eye(3, device=device).expand(1, 1, 3, 3).contiguous(), torch.tensor([[[1.0, 0, 0, 0]]], device=device), torch.ones(1, 1, device=device))
     hinges = _hinge_args(AntiSpike(), SurfaceHinge())
     grads = (torch.zeros(1, 1, 3, device=device), torch.zeros(1, 1, 4, device=device), torch.zeros(1, 1, 3, device=device), torch.zeros(1, device=device), torch.zeros(1, 3, device=device), torch.ones((), device=device))
-    return [
-        lambda: _forward(packed, frame, vertices, faces, frames, face_idx, bary, hinges),
-        lambda: _backward(packed, frame, frames, face_idx, grads, hinges),
+    return [lambda: _forward(packed, frame, vertices, faces, frames, face_idx, bary, hinges)] + [
+        lambda with_mesh=with_mesh: _backward(packed, frame, vertices, faces, frames, face_idx, bary, grads, hinges, with_mesh)
+        for with_mesh in ((False, True) if mesh else (False,))
     ]
 
 
@@ -320,16 +362,19 @@ def place_with_hinges(
 
     Args:
         packed: [N, D] local parameters in ``layout`` (SH degree 0 only).
-        frame: [B] int64 indices into the precomputed ``vertices`` [T, V, 3] (metres) and
-            ``frames`` (fields [T, F, ...]).
+        frame: [B] int64 indices into ``vertices`` [T, V, 3] (metres) and ``frames``
+            (fields [T, F, ...]): precomputed for every training frame, or posed for this
+            step's (T = B, ``frame`` = 0 .. B-1) when FLAME is fine-tuned.
         faces: [F, 3]; face_idx: [N]; bary: [N, 3] the binding.
     Returns:
         Splats with means, quats, scales [B, N, ...] and opacities [N], colours [N, 3]; the
-        anti-spike plus depth hinges (``spike_loss`` + ``depth_loss``).
+        anti-spike plus depth hinges (``spike_loss`` + ``depth_loss``). The gradient reaches
+        ``packed``, and ``vertices`` and ``frames`` where they require it.
     """
     if layout.sh_coeffs != 1:
         raise ValueError("the fused placement handles SH degree 0 only")
     means, quats, scales, opacities, colours, hinge = _Placement.apply(
-        packed.contiguous(), frame, vertices.contiguous(), faces.contiguous(), frames, face_idx.contiguous(), bary.contiguous(), _hinge_args(anti_spike, surface)
+        packed.contiguous(), frame, vertices.contiguous(), faces.contiguous(), *(t.contiguous() for t in frames),
+        face_idx.contiguous(), bary.contiguous(), _hinge_args(anti_spike, surface),
     )
     return Splats(means, quats, scales, opacities, colours), hinge
