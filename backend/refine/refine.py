@@ -330,7 +330,6 @@ def refine(
         current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
-
     def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         loss = photometric(rgb, target, config.ssim_weight)
         if config.anti_spike.enabled:
