@@ -10,8 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# LPIPS's per-channel weights ship in the lpips package. Its code builds AlexNet through
+# torchvision, which has no wheel for the pinned CPU build of torch, so it is installed
+# without dependencies: backend/refine/perceptual.py reads its weight file, and a test runs
+# its code against ours.
+LPIPS := 0.1.4
+
 $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps lpips==$(LPIPS)
 	touch $@
 
 $(VENV)/.blender: $(VENV)/.base

@@ -136,6 +136,12 @@ def cmd_render(args: argparse.Namespace) -> dict:
     return {"frames": len(paths), "out": str(args.out), "seconds": round(seconds, 2), "contact_sheet": str(Path(args.out) / "contact_sheet.png")}
 
 
+LPIPS_WEIGHTS_HELP = (
+    "folder holding LPIPS's weight files, looked in first: alexnet-owt-7be5be79.pth (torchvision's AlexNet; "
+    "otherwise torch's hub cache) and alex.pth (the lpips package's v0.1 weights; otherwise that package)"
+)
+
+
 def cmd_refine(args: argparse.Namespace) -> dict:
     """Stage 2 on a subject; Ctrl-C writes a checkpoint that --resume continues from."""
     import signal
@@ -152,6 +158,8 @@ def cmd_refine(args: argparse.Namespace) -> dict:
         raise SpatialAvatarError(f"--opacity-sparsity {args.opacity_sparsity}: a weight must be >= 0")
     if args.max_depth is not None and not args.max_depth > 0:
         raise SpatialAvatarError(f"--max-depth {args.max_depth}: the depth threshold must be > 0 (triangle sizes)")
+    if args.lpips is not None and args.lpips < 0:
+        raise SpatialAvatarError(f"--lpips {args.lpips}: a weight must be >= 0")
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     subject = Subject.load(args.subject)
@@ -164,6 +172,8 @@ def cmd_refine(args: argparse.Namespace) -> dict:
         config = dataclasses.replace(config, anti_spike=dataclasses.replace(config.anti_spike, max_scale=args.max_scale))
     if args.max_depth is not None:
         config = dataclasses.replace(config, surface=SurfaceHinge(max_depth=args.max_depth))
+    if args.lpips is not None:
+        config = dataclasses.replace(config, lpips_weight=args.lpips, lpips_folder=str(args.lpips_weights) if args.lpips_weights else None)
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
@@ -181,12 +191,17 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
+    for note in result.notes:
+        print(f"spatialavatar refine: {note}", file=sys.stderr)
     if result.stopped_early:
         raise SpatialAvatarError(f"interrupted at iteration {result.avatar.meta['refined_iterations']}; checkpoint written to {ckpt_path}, continue with --resume")
     save_avatar(result.avatar, args.out)
     ckpt_path.unlink(missing_ok=True)
     wall = result.timings["wall"]
-    return {"avatar": str(args.out), "iterations": config.iterations, "gaussians": result.avatar.count, "seconds": round(wall, 2), "final": result.history[-1] if result.history else {}}
+    return {
+        "avatar": str(args.out), "iterations": config.iterations, "gaussians": result.avatar.count, "seconds": round(wall, 2),
+        "final": result.history[-1] if result.history else {}, "notes": result.notes,
+    }
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -196,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     avatar, head = _load_avatar(args, _device(args.device))
     reference = _avatar_for(args.against, head) if args.against is not None else None
     subject = Subject.load(args.subject)
-    scores = evaluate(avatar, head, subject, split=args.split, worst_view_png=args.worst_view)
+    scores = evaluate(avatar, head, subject, split=args.split, worst_view_png=args.worst_view, lpips_folder=args.lpips_weights)
     if reference is not None:
         scores["orbit_holes"] = orbit_holes(avatar, reference, head, subject.params.index(subject.split[args.split][:1]))
     return scores
@@ -416,15 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")
     p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")
+    p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS to the loss with this weight (off; only where its weights are on this machine, never downloaded: see --lpips-weights)")
+    p.add_argument("--lpips-weights", type=Path, metavar="DIR", help=LPIPS_WEIGHTS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")
     p.set_defaults(fn=cmd_refine)
 
-    p = sub.add_parser("evaluate", parents=[common], help="PSNR/SSIM on a subject's split, spike statistics")
+    p = sub.add_parser("evaluate", parents=[common], help="PSNR/SSIM (LPIPS where its weights are on this machine) on a subject's split, spike statistics")
     p.add_argument("avatar", type=Path)
     p.add_argument("subject", type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--worst-view", type=Path, metavar="PNG", help="write the worst view (ground truth | render)")
+    p.add_argument("--lpips-weights", type=Path, metavar="DIR", help=LPIPS_WEIGHTS_HELP)
     p.add_argument("--against", type=Path, metavar="AVATAR", help="also report orbit_holes: the share of what AVATAR (e.g. the one a refinement started from) covers on a turntable around the head that this avatar leaves open")
     p.set_defaults(fn=cmd_evaluate)
 
@@ -459,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (phase 1: 4e-4, phase 2: 2e-4)")
     p.add_argument("--l2sp", type=float, help="L2-SP weight toward the phase-1 weights (phase 2 default 1e-3; 0 = off)")
     p.add_argument("--cross-time", type=float, help="phase 2 share of samples with targets from another time (default 0.25)")
-    p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS (needs the lpips package and its weights locally)")
+    p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS (only where its weight files are on this machine: torch's hub cache and the lpips package; never downloaded)")
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes; the same command continues")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, help="steps between log.jsonl lines (default 25)")

@@ -45,7 +45,8 @@ def test_missing_files_are_one_line_errors(tmp_path) -> None:
     assert proc.returncode == 2 and "FLAME path does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_synth_init_render_export(tmp_path) -> None:
+def test_synth_init_render_export(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no LPIPS weights in the commands' hub cache
     subject = tmp_path / "subject"
     out = json.loads(run("synth", str(subject), "--frames", "3", "--size", "64", "--reference-gaussians", "20000", "--json").stdout)
     assert out["frames"] == 3
@@ -65,6 +66,7 @@ def test_synth_init_render_export(tmp_path) -> None:
     assert decided["surface"]["max_depth"] == 0.5 and decided["finetune_flame"] is True  # on although the subject is synthetic
     scores = json.loads(run("evaluate", str(refined), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)
     assert 0.0 <= scores["orbit_holes"] < 0.5 and scores["gaussians"] == 3000
+    assert scores["lpips"] is None and "never downloaded" in scores["lpips_note"]
     assert json.loads(run("evaluate", str(avatar_path), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)["orbit_holes"] == 0.0
     proc = run("evaluate", str(refined), str(subject), "--against", str(tmp_path / "nope.npz"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"spatialavatar evaluate: error: avatar file not found: {tmp_path / 'nope.npz'}"]
@@ -85,6 +87,7 @@ def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
         (["demo", "--out", str(tmp_path / "demo"), "--portrait", str(tmp_path / "nope.png")], "nope.png"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--opacity-sparsity", "-1"], "--opacity-sparsity -1"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--max-depth", "0"], "--max-depth 0"),
+        (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--lpips", "-1"], "--lpips -1"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--finetune-flame=yes"], "--finetune-flame"),
         (["serve", "--store", str(tmp_path / "store"), "--shared-slots", "-1"], "--shared-slots -1"),
         (["blender-render", str(not_blend)], "not a .blend file"),

@@ -16,6 +16,8 @@ from backend.gaussians.files import load_avatar
 from backend.generate.model import Generator, preset
 from backend.generate.train import TrainConfig, compute_loss, l2sp_penalty, mean_over_ranks, setup_distributed, teardown_distributed, train
 from backend.head.flame_files import write_flame
+from backend.refine.perceptual import Lpips
+from tests.lpips_weights import stand_in_weights
 from tests.test_generate_support import (  # noqa: F401 (autouse fixture)
     assert_ddp_matches_union_batch,
     ddp_gradient_worker,
@@ -49,6 +51,18 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(corpus_dirs) -> None:  # t
         losses.append(float(loss.detach()))
         assert set(terms) >= {"l1", "dssim", "spike", "psnr"}
     assert losses[-1] < losses[0]
+
+
+def test_lpips_term_from_local_weights(corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Stand-in LPIPS weight files: the term is added, with its weight.
+    lpips = Lpips(stand_in_weights(tmp_path))
+    head = tiny_head()
+    batch = fixed_batch(head, corpus_dirs[0])
+    model = seeded_model(head)
+    plain, _ = compute_loss(model, batch, TrainConfig())
+    with_lpips, terms = compute_loss(model, batch, TrainConfig(lpips_weight=0.5), lpips=lpips)
+    assert float(terms["lpips"]) > 0
+    torch.testing.assert_close(with_lpips, plain + 0.5 * terms["lpips"])
 
 
 def test_l2sp_is_zero_at_the_anchor_and_positive_away() -> None:

@@ -50,6 +50,7 @@ from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, sh
 from backend.generate.model import Generator, GeneratorConfig, deform_batched
 from backend.head.model import HeadModel
 from backend.refine.losses import l1, mse, ssim_map
+from backend.refine.perceptual import Lpips, load_lpips
 from backend.refine.regularizers import AntiSpike, spike_loss
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
@@ -74,7 +75,7 @@ class TrainConfig:
     anti_spike: the refinement's three hinges on the predicted Gaussians.
     l2sp: weight of sum ||theta - theta_anchor||^2 (phase 2; the anchor is the phase-1 weights).
     cross_time: phase 2's share of samples with targets from another time.
-    lpips_weight: LPIPS term (needs the `lpips` package and its weights locally; 0 = off).
+    lpips_weight: LPIPS term (its weight files on this machine, backend/refine/perceptual.py; 0 = off).
     seed: sampling and initialization.
     log_every, checkpoint_every: steps between log lines / checkpoints.
     max_minutes: stop cleanly (checkpoint written) after this much wall time in one
@@ -136,23 +137,6 @@ def l2sp_penalty(model: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Ten
     return total
 
 
-class _Lpips:
-    """LPIPS through the `lpips` package, if it and its weights are present locally."""
-
-    def __init__(self, device: torch.device) -> None:
-        try:
-            import lpips  # type: ignore[import-not-found]
-
-            self.net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
-        except Exception as exc:  # missing package or weights that cannot be downloaded
-            raise InputError(f"LPIPS was asked for (--lpips) but is not available locally ({type(exc).__name__}: {exc}); drop --lpips") from exc
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.net(a.permute(0, 3, 1, 2) * 2 - 1, b.permute(0, 3, 1, 2) * 2 - 1).mean()
-
-
 # The surface init's in-plane size in triangle units at the default layout density (~33K
 # Gaussians on the built-in head); see relative_log_scales.
 REFERENCE_IN_PLANE = 0.35
@@ -180,7 +164,7 @@ def render_targets(model: Generator, local_batched, batch: Batch) -> torch.Tenso
     return render(splats, cams, batch.background).rgb[:, 0]
 
 
-def compute_loss(net: nn.Module, batch: Batch, config: TrainConfig, anchor: dict[str, torch.Tensor] | None = None, lpips: _Lpips | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(net: nn.Module, batch: Batch, config: TrainConfig, anchor: dict[str, torch.Tensor] | None = None, lpips: Lpips | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one batch and its terms (detached).
 
     ``net`` is the Generator or its DDP wrapper (the forward pass goes through it so DDP
@@ -200,7 +184,7 @@ def compute_loss(net: nn.Module, batch: Batch, config: TrainConfig, anchor: dict
         loss = loss + term_spike
         terms["spike"] = term_spike
     if lpips is not None and config.lpips_weight > 0:
-        term_lpips = lpips(rendered, target)
+        term_lpips = lpips(rendered, target).mean()
         loss = loss + config.lpips_weight * term_lpips
         terms["lpips"] = term_lpips
     if anchor is not None and config.l2sp > 0:
@@ -374,7 +358,11 @@ def train(
     net: nn.Module = model
     if info.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False)
-    lpips = _Lpips(info.device) if config.lpips_weight > 0 else None
+    lpips = None
+    if config.lpips_weight > 0:
+        lpips, note = load_lpips(info.device)
+        if lpips is None:
+            raise InputError(f"--lpips: {note.removeprefix('not computed: ')}; drop --lpips")
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -79,6 +79,12 @@ class RefineConfig:
             so Gaussians outside the mask must turn transparent instead of taking on the
             background's colour (a glow around the hair in other scenes). None: on unless the
             subject is synthetic (whose figures were measured on its fixed background).
+        lpips_weight: weight of LPIPS (AlexNet, v0.1) in the loss; 0 leaves it out. It runs
+            only where its weight files are on this machine (``perceptual.py``; never
+            downloaded); elsewhere it is left out and ``RefineResult.notes`` says so. Off by
+            default: it adds two AlexNet passes and a backward to every step.
+        lpips_folder: where to look first for LPIPS's weight files (then torch's hub cache
+            and the lpips package).
         opacity_sparsity: weight of the mean opacity, applied to the Gaussians each step's
             render reaches (Gaussians no training view shows keep their opacity). Off by
             default: it clears faint coverage past the outline in the captured views, but it
@@ -92,14 +98,13 @@ class RefineConfig:
         compile: on CUDA, fuse deformation and loss with torch.compile instead of the
             hand-written kernels (``fused``). Its step is slower than theirs (1.92 against
             1.47 ms on an H100) and it costs ~10-20 s of compilation per process, so it pays
-            only where the kernels do not reach (FLAME fine-tuning's posing, SH degree > 0) in
-            long runs. Without ``cuda_graph`` it is what keeps the step fast.
+            only where the kernels do not reach (SH degree > 0) in long runs. Without ``cuda_graph`` it is what keeps the step fast.
         cuda_graph: on CUDA with a frozen layout, capture the whole step (deformation,
             render, loss, backward, optimizer) in one CUDA graph and replay it: the host then
             launches one graph per step instead of every kernel from Python.
-        fused: on CUDA with Triton, run the step's photometric loss, and (with FLAME not
-            fine-tuned, SH degree 0) its placement with the hinges, as the hand-written
-            kernels of ``backend/refine/fused`` instead of chains of torch operations. Off
+        fused: on CUDA with Triton, run the step's photometric loss, and (SH degree 0) its
+            placement with the hinges, as the hand-written kernels of
+            ``backend/refine/fused`` instead of chains of torch operations. Off
             when ``compile`` is on, which fuses those operations itself.
     """
 
@@ -111,6 +116,8 @@ class RefineConfig:
     surface: SurfaceHinge | None = None
     finetune_flame: bool | None = None
     random_background: bool | None = None
+    lpips_weight: float = 0.0
+    lpips_folder: str | None = None
     opacity_sparsity: float = 0.0
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)

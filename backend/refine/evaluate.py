@@ -2,8 +2,8 @@
 spike statistics and the Gaussian count; and holes seen from all around the head, which a
 subject's own views cannot show.
 
-LPIPS needs network weights that cannot be downloaded here; it is reported only when a
-local weights file is given (see docs/refinement.md), and otherwise listed as unavailable.
+LPIPS is reported when its weights are on this machine (``perceptual.py``: never
+downloaded); otherwise ``lpips`` is None and ``lpips_note`` says what is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.losses import psnr, ssim
+from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import AntiSpike, spike_stats
 from backend.render.camera import Cameras, orbit_cameras
 from backend.render.rasterize import render
@@ -52,23 +53,31 @@ def evaluate(
     split: str = "test",
     anti_spike: AntiSpike = AntiSpike(),
     worst_view_png: str | Path | None = None,
+    lpips_folder: Path | None = None,
 ) -> dict:
-    """Scores averaged over every (frame, camera) of ``split``; see module doc."""
+    """Scores averaged over every (frame, camera) of ``split``; see module doc.
+    ``lpips_folder``: where to look first for LPIPS's weight files."""
     frames = subject.split.get(split, [])
     if not frames:
         raise InputError(f"subject {subject.root} has no '{split}' frames")
     device = head.v_template.device
     avatar = avatar.to(device)
     bg = subject.background().to(device)
+    lpips, lpips_note = load_lpips(device, lpips_folder)
     scores: list[ViewScore] = []
+    distances: list[float] = []
     worst: tuple[float, np.ndarray] | None = None
     for t in frames:
-        rgb = render_view(avatar, head, subject.params.index([t]).to(device), subject.cameras(t).to(device), bg).cpu()
+        rendered = render_view(avatar, head, subject.params.index([t]).to(device), subject.cameras(t).to(device), bg)
+        rgb = rendered.cpu()
         for c in range(subject.num_cameras):
             m = subject.mask(t, c)
             target = subject.image(t, c) * m + subject.background() * (1 - m)
             s = ViewScore(t, c, psnr(rgb[c], target), psnr(rgb[c], target, m), float(ssim(rgb[c], target)), float(ssim(rgb[c], target, m)))
             scores.append(s)
+            if lpips is not None:
+                with torch.no_grad():
+                    distances.append(float(lpips(rendered[c : c + 1].clamp(0, 1), target[None].to(device))[0]))
             if worst is None or s.psnr < worst[0]:
                 worst = (s.psnr, np.concatenate([target.numpy(), rgb[c].clamp(0, 1).numpy()], axis=1))
     if worst_view_png is not None and worst is not None:
@@ -85,8 +94,8 @@ def evaluate(
         "psnr_mask": mean("psnr_mask"),
         "ssim": mean("ssim"),
         "ssim_mask": mean("ssim_mask"),
-        "lpips": None,
-        "lpips_note": "not computed: LPIPS needs network weights that are not available offline",
+        "lpips": float(np.mean(distances)) if distances else None,
+        "lpips_note": lpips_note,
         "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},
         "gaussians": avatar.count,
         **spike_stats(avatar.local, anti_spike),

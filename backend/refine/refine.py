@@ -29,6 +29,7 @@ from backend.refine.densify import DensityControl
 from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
+from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import depth_loss, spike_loss
 from backend.refine.step_graph import GraphedStep
 from backend.render.camera import Cameras
@@ -98,6 +99,7 @@ class RefineResult:
     history: list[dict]
     timings: dict[str, float]
     stopped_early: bool
+    notes: list[str]  # what the run left out and why (LPIPS without its weights)
 
 
 class _Targets:
@@ -255,6 +257,14 @@ def refine(
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
     layout = PackLayout.of(source.local)
+    if config.lpips_weight < 0:
+        raise InputError(f"lpips_weight {config.lpips_weight}: a weight must be >= 0")
+    notes: list[str] = []
+    lpips = None
+    if config.lpips_weight > 0:
+        lpips, lpips_note = load_lpips(device, Path(config.lpips_folder) if config.lpips_folder else None)
+        if lpips is None:
+            notes.append(f"LPIPS left out of the loss: {lpips_note.removeprefix('not computed: ')}")
     # The hand-written kernels replace chains of small torch operations (backend/refine/fused).
     # They compile in the background while the rest is set up. Imported here: Triton is
     # present only where they run.
@@ -330,8 +340,14 @@ def refine(
         current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
         return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
-    def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def image_loss(rgb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = photometric(rgb, target, config.ssim_weight)
+        if lpips is not None:
+            loss = loss + config.lpips_weight * lpips(rgb, target).mean()
+        return loss
+
+    def loss_fn(rgb: torch.Tensor, target: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        loss = image_loss(rgb, target)
         if config.anti_spike.enabled:
             loss = loss + spike_loss(log_scale, offset, config.anti_spike)
         if surface.weight > 0:
@@ -391,7 +407,7 @@ def refine(
         rgb = render(splats, view, background, budget=budget, depth=False).rgb[:, 0]
         clock.lap("render")
         if fused_placement:
-            loss = photometric(rgb, target, config.ssim_weight) + hinges
+            loss = image_loss(rgb, target) + hinges
         else:
             loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
         clock.lap("loss")
@@ -448,7 +464,7 @@ def refine(
         raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
     out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=binding.to("cpu"))
     out_avatar.meta = dict(source.meta) | {"refined_iterations": final_step, "refine_config": config.to_dict()}
-    return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped)
+    return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped, notes)
 
 
 def _add_seen_sparsity(opacity_logit: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
