@@ -18,6 +18,7 @@ from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import ssim_map
 from backend.refine.refine import RefineState, refine
 from backend.refine.regularizers import AntiSpike
+from tests.lpips_weights import stand_in_weights
 
 pytestmark = [
     pytest.mark.cuda,
@@ -82,6 +83,22 @@ def test_fused_step_moves_flame_as_the_eager_step(case) -> None:  # type: ignore
         assert float(b.abs().max()) > 0, name
         agree = float((torch.sign(a) == torch.sign(b)).float().mean())
         assert agree > 0.97, (name, agree)
+
+
+def test_captured_step_with_lpips_in_the_loss(case, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # LPIPS (stand-in weight files) inside the captured fused step: the same loss as the
+    # eager torch step, and more than without it.
+    gpu, subject, avatar, _ = case
+    stand_in_weights(tmp_path)
+    config = RefineConfig(
+        iterations=1, log_every=1, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), lpips_weight=0.5, lpips_folder=str(tmp_path)
+    )
+    quick, eager, plain = (refine(avatar, gpu, subject, replace(config, **extra)) for extra in ({}, EAGER, {"lpips_weight": 0.0}))
+    assert quick.notes == [] and eager.notes == []
+    assert quick.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=1e-4)
+    assert quick.history[0]["loss"] > plain.history[0]["loss"] + 1e-3
+    longer = refine(avatar, gpu, subject, replace(config, iterations=20, log_every=10))  # captured from the fourth step on
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in longer.history)
 
 
 def test_captured_run_resumes_where_it_stopped(case, tmp_path) -> None:  # type: ignore[no-untyped-def]
