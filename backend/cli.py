@@ -142,6 +142,11 @@ LPIPS_WEIGHTS_HELP = (
 )
 
 
+def _check_lpips_folder(folder: Path | None) -> None:
+    if folder is not None and not folder.is_dir():
+        raise SpatialAvatarError(f"--lpips-weights {folder}: not a folder")
+
+
 def cmd_refine(args: argparse.Namespace) -> dict:
     """Stage 2 on a subject; Ctrl-C writes a checkpoint that --resume continues from."""
     import signal
@@ -160,6 +165,9 @@ def cmd_refine(args: argparse.Namespace) -> dict:
         raise SpatialAvatarError(f"--max-depth {args.max_depth}: the depth threshold must be > 0 (triangle sizes)")
     if args.lpips is not None and args.lpips < 0:
         raise SpatialAvatarError(f"--lpips {args.lpips}: a weight must be >= 0")
+    if args.lpips_weights is not None and args.lpips is None:
+        raise SpatialAvatarError("--lpips-weights: give --lpips WEIGHT too (LPIPS is not in the loss without it)")
+    _check_lpips_folder(args.lpips_weights)
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     subject = Subject.load(args.subject)
@@ -208,6 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     from backend.data.subject import Subject
     from backend.refine.evaluate import evaluate, orbit_holes
 
+    _check_lpips_folder(args.lpips_weights)
     avatar, head = _load_avatar(args, _device(args.device))
     reference = _avatar_for(args.against, head) if args.against is not None else None
     subject = Subject.load(args.subject)

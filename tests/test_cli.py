@@ -78,7 +78,7 @@ def test_synth_init_render_export(tmp_path, monkeypatch) -> None:
 
 
 def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
-    """train, demo, refine, serve and blender-render name the bad flag or file and exit 2 without a traceback."""
+    """train, demo, refine, evaluate, serve and blender-render name the bad flag or file and exit 2 without a traceback."""
     not_blend = tmp_path / "shot.blend"
     not_blend.write_text("not a blend file")
     cases = [
@@ -88,6 +88,9 @@ def test_new_commands_refuse_bad_input_in_one_line(tmp_path) -> None:
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--opacity-sparsity", "-1"], "--opacity-sparsity -1"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--max-depth", "0"], "--max-depth 0"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--lpips", "-1"], "--lpips -1"),
+        (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--lpips-weights", str(tmp_path)], "give --lpips WEIGHT"),
+        (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--lpips", "0.1", "--lpips-weights", str(tmp_path / "no")], "not a folder"),
+        (["evaluate", str(tmp_path / "a.npz"), str(tmp_path), "--lpips-weights", str(tmp_path / "no")], "--lpips-weights"),
         (["refine", str(tmp_path / "a.npz"), str(tmp_path), "--out", str(tmp_path / "b.npz"), "--finetune-flame=yes"], "--finetune-flame"),
         (["serve", "--store", str(tmp_path / "store"), "--shared-slots", "-1"], "--shared-slots -1"),
         (["blender-render", str(not_blend)], "not a .blend file"),

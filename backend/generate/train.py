@@ -362,7 +362,7 @@ def train(
     if config.lpips_weight > 0:
         lpips, note = load_lpips(info.device)
         if lpips is None:
-            raise InputError(f"--lpips: {note.removeprefix('not computed: ')}; drop --lpips")
+            raise InputError(f"--lpips: {note}; drop --lpips")
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -98,7 +98,8 @@ class RefineConfig:
         compile: on CUDA, fuse deformation and loss with torch.compile instead of the
             hand-written kernels (``fused``). Its step is slower than theirs (1.92 against
             1.47 ms on an H100) and it costs ~10-20 s of compilation per process, so it pays
-            only where the kernels do not reach (SH degree > 0) in long runs. Without ``cuda_graph`` it is what keeps the step fast.
+            only where the kernels do not reach (SH degree > 0) in long runs. Without
+            ``cuda_graph`` it is what keeps the step fast.
         cuda_graph: on CUDA with a frozen layout, capture the whole step (deformation,
             render, loss, backward, optimizer) in one CUDA graph and replay it: the host then
             launches one graph per step instead of every kernel from Python.

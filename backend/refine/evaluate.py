@@ -95,7 +95,7 @@ def evaluate(
         "ssim": mean("ssim"),
         "ssim_mask": mean("ssim_mask"),
         "lpips": float(np.mean(distances)) if distances else None,
-        "lpips_note": lpips_note,
+        "lpips_note": lpips_note if lpips is not None else f"not computed: {lpips_note}",
         "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},
         "gaussians": avatar.count,
         **spike_stats(avatar.local, anti_spike),

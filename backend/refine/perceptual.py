@@ -57,7 +57,7 @@ def find_lpips_files(folder: Path | None = None) -> LpipsFiles | str:
         hits = [d / name for d in dirs if (d / name).is_file()]
         if not hits:
             where = ", ".join(str(d) for d in dirs) or "nowhere: no folder given and no lpips package installed"
-            return f"not computed: LPIPS needs {name} on this machine (looked in {where}); weights are never downloaded"
+            return f"LPIPS needs {name} on this machine (looked in {where}); weights are never downloaded"
         found[name] = hits[0]
     return LpipsFiles(found[ALEXNET_FILE], found[LINEAR_FILE])
 
@@ -104,8 +104,8 @@ def _loaded(files: LpipsFiles, device: torch.device) -> Lpips:
 
 
 def load_lpips(device: torch.device | str, folder: Path | None = None) -> tuple[Lpips | None, str]:
-    """LPIPS on ``device`` from local files, or None; and a note for the output saying which.
-    The files are looked for on every call (they may appear while a service runs)."""
+    """LPIPS on ``device`` from local files and where they came from, or None and what is
+    missing. The files are looked for on every call (they may appear while a service runs)."""
     files = find_lpips_files(folder)
     if isinstance(files, str):
         return None, files

@@ -264,7 +264,7 @@ def refine(
     if config.lpips_weight > 0:
         lpips, lpips_note = load_lpips(device, Path(config.lpips_folder) if config.lpips_folder else None)
         if lpips is None:
-            notes.append(f"LPIPS left out of the loss: {lpips_note.removeprefix('not computed: ')}")
+            notes.append(f"LPIPS left out of the loss: {lpips_note}")
     # The hand-written kernels replace chains of small torch operations (backend/refine/fused).
     # They compile in the background while the rest is set up. Imported here: Triton is
     # present only where they run.
