@@ -25,7 +25,6 @@ from backend.tracking import TrackConfig, track
 from backend.tracking.crop import CropConfig
 from backend.tracking.evaluate import compare_params, exact_fit_input
 from backend.tracking.fit import LandmarkFitter
-from backend.tracking.track import LANDMARKS_FILE, face_region
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,8 @@ def test_refinement_reproduces_the_tracked_portrait(head: HeadModel, tmp_path: P
     Image.fromarray(skimage.data.astronaut()).save(photo)
     result = track([photo], tmp_path / "subject", head, TrackConfig(crop=CropConfig(size=64)))
     subject = Subject.load(result.root)
-    face = torch.as_tensor(face_region(np.load(result.root / LANDMARKS_FILE)["mediapipe"][0], 64))[..., None].float()
+    face = subject.face_mask(0)
+    assert face is not None and 0.1 < float(face.mean()) < 0.9
     m = subject.mask(0)
     target = subject.image(0) * m + subject.background() * (1 - m)
 

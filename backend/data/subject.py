@@ -8,6 +8,8 @@ A subject is a folder:
     flame_param.npz    per-frame FLAME parameters, VHAP / GaussianAvatars layout ([T, k] arrays)
     cameras.npz        K [T, C, 3, 3] (pixels), world_to_cam [T, C, 4, 4] (OpenCV: x right,
                        y down, z forward), per frame and camera
+    landmarks.npz      optional, written by tracking (monocular subjects): mediapipe [T, 478, 3]
+                       in the frames' pixels; the face region that metrics use is their hull
 
 The test split is the last 20% of frames (the INSTA / SplattingAvatar protocol) unless the
 subject names its own. Synthetic, tracked and converted subjects all use this format.
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from backend.data.regions import hull_mask
 from backend.errors import InputError
 from backend.head.params import FlameParams
 from backend.render.camera import Cameras
@@ -30,6 +33,7 @@ from backend.render.camera import Cameras
 FORMAT = "spatialavatar.subject"
 VERSION = 1
 TEST_FRACTION = 0.2
+LANDMARKS_FILE = "landmarks.npz"
 
 
 def default_split(num_frames: int) -> dict[str, list[int]]:
@@ -109,6 +113,7 @@ class Subject:
         self.params = params
         self.K = K  # [T, C, 3, 3]
         self.world_to_cam = world_to_cam  # [T, C, 4, 4]
+        self._landmarks: np.ndarray | None = None  # [T, 478, 2], read on first use
 
     @property
     def num_frames(self) -> int:
@@ -133,6 +138,18 @@ class Subject:
     def mask(self, t: int, c: int = 0) -> torch.Tensor:
         """[H, W, 1] float32 in [0, 1]."""
         return _read_png(self.root / "masks" / frame_name(t, c), "L", (self.info.width, self.info.height))[..., None]
+
+    def face_mask(self, t: int) -> torch.Tensor | None:
+        """[H, W, 1] float32: 1 inside the convex hull of frame t's tracked landmarks (camera 0),
+        None for subjects without ``landmarks.npz`` (synthetic and converted ones)."""
+        path = self.root / LANDMARKS_FILE
+        if not path.is_file():
+            return None
+        if self._landmarks is None:
+            with np.load(path, allow_pickle=False) as z:
+                self._landmarks = z["mediapipe"][..., :2].astype(np.float64)
+        inside = hull_mask(self._landmarks[t], self.info.height, self.info.width)
+        return torch.from_numpy(inside.astype(np.float32))[..., None]
 
     def background(self) -> torch.Tensor:
         return torch.tensor(self.info.background, dtype=torch.float32)

@@ -1,6 +1,7 @@
-"""Metrics of an avatar on a subject's split: PSNR and SSIM (full image and within the mask),
-spike statistics and the Gaussian count; and holes seen from all around the head, which a
-subject's own views cannot show.
+"""Metrics of an avatar on a subject's split: PSNR and SSIM (full image, within the person
+mask, and within the face region where the subject has tracked landmarks), spike statistics
+and the Gaussian count; and holes seen from all around the head, which a subject's own views
+cannot show.
 
 LPIPS is reported when its weights are on this machine (``perceptual.py``: never
 downloaded); otherwise ``lpips`` is None and ``lpips_note`` says what is missing.
@@ -35,6 +36,8 @@ class ViewScore:
     psnr_mask: float
     ssim: float
     ssim_mask: float
+    psnr_face: float | None
+    ssim_face: float | None
 
 
 @torch.no_grad()
@@ -54,12 +57,20 @@ def evaluate(
     anti_spike: AntiSpike = AntiSpike(),
     worst_view_png: str | Path | None = None,
     lpips_folder: Path | None = None,
+    frames: list[int] | None = None,
+    params: FlameParams | None = None,
 ) -> dict:
     """Scores averaged over every (frame, camera) of ``split``; see module doc.
-    ``lpips_folder``: where to look first for LPIPS's weight files."""
-    frames = subject.split.get(split, [])
+
+    ``lpips_folder``: where to look first for LPIPS's weight files. ``frames``: score these
+    frames instead of the split's. ``params``: [len(frames)] parameters to pose them with
+    instead of the subject's (a refinement's fine-tuned training parameters).
+    """
+    frames = subject.split.get(split, []) if frames is None else list(frames)
     if not frames:
         raise InputError(f"subject {subject.root} has no '{split}' frames")
+    if params is not None and params.batch_size != len(frames):
+        raise InputError(f"{params.batch_size} parameter frames given for {len(frames)} frames")
     device = head.v_template.device
     avatar = avatar.to(device)
     bg = subject.background().to(device)
@@ -67,13 +78,25 @@ def evaluate(
     scores: list[ViewScore] = []
     distances: list[float] = []
     worst: tuple[float, np.ndarray] | None = None
-    for t in frames:
-        rendered = render_view(avatar, head, subject.params.index([t]).to(device), subject.cameras(t).to(device), bg)
+    for i, t in enumerate(frames):
+        frame_params = subject.params.index([t]) if params is None else params.index([i])
+        rendered = render_view(avatar, head, frame_params.to(device), subject.cameras(t).to(device), bg)
         rgb = rendered.cpu()
+        face = subject.face_mask(t)
         for c in range(subject.num_cameras):
             m = subject.mask(t, c)
             target = subject.image(t, c) * m + subject.background() * (1 - m)
-            s = ViewScore(t, c, psnr(rgb[c], target), psnr(rgb[c], target, m), float(ssim(rgb[c], target)), float(ssim(rgb[c], target, m)))
+            in_face = face is not None and c == 0
+            s = ViewScore(
+                t,
+                c,
+                psnr(rgb[c], target),
+                psnr(rgb[c], target, m),
+                float(ssim(rgb[c], target)),
+                float(ssim(rgb[c], target, m)),
+                psnr(rgb[c], target, face) if in_face else None,
+                float(ssim(rgb[c], target, face)) if in_face else None,
+            )
             scores.append(s)
             if lpips is not None:
                 with torch.no_grad():
@@ -84,16 +107,19 @@ def evaluate(
         Path(worst_view_png).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((worst[1] * 255 + 0.5).astype(np.uint8)).save(worst_view_png)
 
-    def mean(key: str) -> float:
-        return float(np.mean([getattr(s, key) for s in scores]))
+    def mean(key: str) -> float | None:
+        values = [getattr(s, key) for s in scores if getattr(s, key) is not None]
+        return float(np.mean(values)) if values else None
 
     return {
         "split": split,
         "views": len(scores),
         "psnr": mean("psnr"),
         "psnr_mask": mean("psnr_mask"),
+        "psnr_face": mean("psnr_face"),
         "ssim": mean("ssim"),
         "ssim_mask": mean("ssim_mask"),
+        "ssim_face": mean("ssim_face"),
         "lpips": float(np.mean(distances)) if distances else None,
         "lpips_note": lpips_note if lpips is not None else f"not computed: {lpips_note}",
         "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from backend.data.subject import SubjectInfo, default_split, write_frame, write_subject
+from backend.data.subject import LANDMARKS_FILE, SubjectInfo, default_split, write_frame, write_subject
 from backend.errors import InputError
 from backend.head.model import HeadModel
 from backend.tracking.correspondence import ibug68_from_mediapipe, inter_ocular
@@ -261,9 +261,6 @@ def track(
     return TrackResult(root, frames, fit, boxes, warnings, previews, seconds)
 
 
-LANDMARKS_FILE = "landmarks.npz"
-
-
 def write_landmarks(root: Path, frames: list[TrackedFrame], boxes: np.ndarray, size: int) -> Path:
     """``landmarks.npz`` beside the subject: what the fit saw, in the crops' pixels.
 
@@ -274,16 +271,6 @@ def write_landmarks(root: Path, frames: list[TrackedFrame], boxes: np.ndarray, s
     path = root / LANDMARKS_FILE
     np.savez(path, mediapipe=mp.astype("<f4"), ibug68=ibug68_from_mediapipe(mp[..., :2]).astype("<f4"), iod=inter_ocular(mp).astype("<f4"))
     return path
-
-
-def face_region(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """[size, size] bool: the convex hull of one frame's 478 mediapipe landmarks (the face mask)."""
-    import cv2
-
-    hull = cv2.convexHull(np.round(np.asarray(landmarks)[:, :2] * 16).astype(np.int32))
-    img = np.zeros((size, size), np.uint8)
-    cv2.fillConvexPoly(img, hull, 255, lineType=cv2.LINE_8, shift=4)
-    return img > 0
 
 
 def _write_frames(

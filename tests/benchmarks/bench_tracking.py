@@ -12,7 +12,7 @@ tracked and its landmark reprojection error (against mediapipe) reported.
 
 With ``--refine SUBJECT`` it instead refines an avatar on a tracked subject (made from one
 portrait, which is also the training frame) and reports the PSNR within the face (the
-convex hull of the tracked landmarks) and within the subject mask; this is the GPU check
+convex hull of the tracked landmarks, ``Subject.face_mask``) and within the subject mask; this is the GPU check
 that the refinement reproduces the portrait at 512 x 512:
 
     python tests/benchmarks/bench_tracking.py --refine SUBJECT --out DIR [--iters 10000]
@@ -96,31 +96,6 @@ def astronaut_case(head, root: Path, config) -> dict:  # type: ignore[no-untyped
     }
 
 
-def hull_mask(points: np.ndarray, size: int) -> np.ndarray:
-    """[size, size] bool: pixel centres inside the convex hull of [N, 2] points (numpy only, for GPU hosts without OpenCV)."""
-    pts = sorted(map(tuple, np.asarray(points, np.float64)))
-
-    def cross(o, a, b) -> float:  # type: ignore[no-untyped-def]
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower: list = []
-    upper: list = []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    hull = np.array(lower[:-1] + upper[:-1])  # counter-clockwise in (x, y)
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    inside = np.ones((size, size), bool)
-    for a, c in zip(hull, np.roll(hull, -1, axis=0)):
-        inside &= (c[0] - a[0]) * (yy - a[1]) - (c[1] - a[1]) * (xx - a[0]) >= 0
-    return inside
-
-
 def refine_case(head, subject_dir: Path, out: Path, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
     """Initialize and refine on the subject's frame 0; PSNR of that frame within the face and the mask."""
     from backend.refine.config import RefineConfig
@@ -131,7 +106,7 @@ def refine_case(head, subject_dir: Path, out: Path, args: argparse.Namespace) ->
 
     device = args.device
     subject = Subject.load(subject_dir)
-    face = torch.as_tensor(hull_mask(np.load(subject_dir / "landmarks.npz")["mediapipe"][0, :, :2], subject.info.width))[..., None].float()
+    face = subject.face_mask(0)
     head = head.to(device)
     m = subject.mask(0)
     target = (subject.image(0) * m + subject.background() * (1 - m)).to(device)
