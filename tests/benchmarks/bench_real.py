@@ -1,0 +1,124 @@
+"""The real-face benchmark: public clips and photos of real people (docs/benchmarks-real.md).
+
+One command per stage; each is resumable (finished work is kept and skipped) and prints its
+progress. DATA is an ignored folder (default data/real):
+
+    # 1. media out of repository snapshots, with a manifest (any machine)
+    python tests/benchmarks/bench_real.py prepare --snapshot KwaiVGI/LivePortrait=PATH ...
+    # 2. tracking (CPU machine, mediapipe), then compact packs for the GPU machine
+    python tests/benchmarks/bench_real.py track [--clips NAME ...] [--photos]
+    python tests/benchmarks/bench_real.py pack [--clips NAME ...] [--photos]
+    # 3. refinement and generation (GPU machine): one JSON and pictures per clip
+    python tests/benchmarks/bench_real.py clips [--clips NAME ...] [--methods M ...]
+    python tests/benchmarks/bench_real.py photos
+    # 4. tables and figures from every result found
+    python tests/benchmarks/bench_real.py report --figures docs/figures/real
+
+Your own material: list it in a sources file of the same form (``--sources FILE``), or
+track your videos into DATA/subjects/NAME with ``spatialavatar track`` and run ``clips
+--clips NAME`` on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks.real.data import SOURCES, Layout, Sources, prepare  # noqa: E402
+from tests.benchmarks.real.protocol import METHODS, Protocol  # noqa: E402
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_prepare(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    snapshots = {}
+    for spec in args.snapshot:
+        repo, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--snapshot {spec!r}: expected OWNER/NAME=PATH")
+        snapshots[repo] = Path(path)
+    manifest = prepare(snapshots, layout, sources)
+    log(f"{len(manifest['files'])} files in {layout.media}, manifest {layout.manifest}")
+
+
+def cmd_track(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.tracking import track_clip, track_photos
+
+    protocol = Protocol()
+    jobs = [(c.name, lambda c=c: track_clip(c, layout, protocol, log)) for c in sources.select_clips(args.clips)]
+    if args.photos:
+        jobs += [(p.name, lambda p=p: track_photos(p, layout, protocol, log)) for p in sources.photos]
+    for i, (name, job) in enumerate(jobs):
+        log(f"[{i + 1}/{len(jobs)}] tracking {name}")
+        s = job()
+        log(f"  {s['frames']} frames (stride {s['stride']}), landmarks {s['landmark_error_iod_percent']:.2f}% IOD, {s['wall_seconds']:.0f} s")
+
+
+def cmd_pack(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.tracking import pack
+
+    names = [c.name for c in sources.select_clips(args.clips)] + ([p.name for p in sources.photos] if args.photos else [])
+    for name in names:
+        dest = pack(layout.subjects / name, layout.packs / f"{name}.tar", Protocol().jpeg_quality)
+        log(f"{dest}: {dest.stat().st_size / 2**20:.1f} MiB")
+
+
+def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.clips import run_clip
+
+    protocol = Protocol(iterations=args.iters)
+    clips = sources.select_clips(args.clips)
+    for i, clip in enumerate(clips):
+        log(f"[{i + 1}/{len(clips)}] {clip.name}")
+        run_clip(clip.name, layout, protocol, args.methods, log)
+
+
+def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.photos import run_photos
+
+    for i, photos in enumerate(sources.photos):
+        log(f"[{i + 1}/{len(sources.photos)}] {photos.name}")
+        run_photos(photos, layout, Protocol(), log)
+
+
+def cmd_report(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.report import write_report
+
+    print(write_report(layout, sources, args.figures))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("data/real"), help="benchmark data folder (ignored by git)")
+    ap.add_argument("--sources", type=Path, default=SOURCES, help="the list of clips and photos")
+    sub = ap.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("prepare", help="copy the media out of repository snapshots and write the manifest")
+    p.add_argument("--snapshot", action="append", default=[], metavar="OWNER/NAME=PATH", help="a git directory or checkout of that repository")
+    p.set_defaults(fn=cmd_prepare)
+    for name, fn, text in (("track", cmd_track, "track clips (and photos) into subjects"), ("pack", cmd_pack, "compact packs of tracked subjects for the GPU machine")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--clips", nargs="*", help="clip names (default: all)")
+        p.add_argument("--photos", action="store_true", help="the photo identities too")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("clips", help="refine and score every method on each clip (GPU)")
+    p.add_argument("--clips", nargs="*", help="clip names (default: all)")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--iters", type=int, default=Protocol.iterations)
+    p.set_defaults(fn=cmd_clips)
+    p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
+    p.set_defaults(fn=cmd_photos)
+    p = sub.add_parser("report", help="tables (Markdown) and figures from the results")
+    p.add_argument("--figures", type=Path, help="also copy the representative figures here")
+    p.set_defaults(fn=cmd_report)
+    args = ap.parse_args()
+    args.fn(args, Layout(args.data), Sources.load(args.sources))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The clip stage: every method on one tracked clip, scored on its held-out frames.
+
+Writes ``results/<clip>/scores.json`` (one entry per method, merged with earlier runs so a
+method can be rerun alone) and pictures: ``heldout_<method>.png`` (three held-out frames,
+the most turned head among them) and ``turntable_<method>.png`` (+- the protocol's yaw).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.data.subject import Subject
+from backend.gaussians.avatar import Avatar, deform
+from backend.head.model import HeadModel
+from backend.head.params import FlameParams
+from backend.refine.evaluate import evaluate, orbit_holes, render_view
+from backend.render.animation import to_uint8
+from backend.render.camera import sphere_cameras
+from backend.render.rasterize import render
+from tests.benchmarks.real.data import Layout
+from tests.benchmarks.real.protocol import Protocol
+from tests.benchmarks.real.tracking import unpack
+
+Log = Callable[[str], None]
+PICTURE_SIDE = 256  # each tile of the pictures, pixels
+TURNTABLE_VIEWS = 7
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def head_turn_deg(params: FlameParams, world_to_cam: torch.Tensor) -> np.ndarray:
+    """[B] angle between the face's forward axis (+z of the head, after the global and neck
+    rotations) and the direction to the camera, degrees. world_to_cam: [B, 4, 4]."""
+    from smplx.lbs import batch_rodrigues
+
+    forward = batch_rodrigues(params.rotation.float()) @ batch_rodrigues(params.neck_pose.float()) @ torch.tensor([0.0, 0.0, 1.0])
+    in_cam = (world_to_cam[:, :3, :3].float() @ forward[..., None])[..., 0]
+    return torch.rad2deg(torch.arccos((-in_cam[:, 2]).clamp(-1, 1))).numpy()
+
+
+def picture_frames(subject: Subject) -> list[int]:
+    """Three held-out frames: the first, the middle and the most turned head (a distinct one)."""
+    test = subject.split["test"]
+    turn = head_turn_deg(subject.params.index(test), subject.world_to_cam[test, 0])
+    turned = test[int(turn.argmax())]
+    picks = [test[0], test[len(test) // 2]]
+    return [t for t in picks if t != turned][:2] + [turned]
+
+
+def _tile(rgb: torch.Tensor) -> np.ndarray:
+    img = Image.fromarray(to_uint8(rgb))
+    return np.asarray(img.resize((PICTURE_SIDE, PICTURE_SIDE), Image.Resampling.LANCZOS))
+
+
+def ground_truth_row(subject: Subject, frames: list[int]) -> list[np.ndarray]:
+    bg = subject.background()
+    return [_tile(subject.image(t) * subject.mask(t) + bg * (1 - subject.mask(t))) for t in frames]
+
+
+@torch.no_grad()
+def heldout_tiles(avatar: Avatar, head: HeadModel, subject: Subject, frames: list[int]) -> list[np.ndarray]:
+    device = head.v_template.device
+    bg = subject.background().to(device)
+    return [_tile(render_view(avatar, head, subject.params.index([t]).to(device), subject.cameras(t).to(device), bg)[0].cpu()) for t in frames]
+
+
+@torch.no_grad()
+def turntable_tiles(avatar: Avatar, head: HeadModel, params: FlameParams, yaw_deg: float, views: int = TURNTABLE_VIEWS) -> list[np.ndarray]:
+    """The head of one frame's expression (global rotation, neck and translation zeroed)
+    seen from ``views`` yaws spread over [-yaw_deg, yaw_deg], over white."""
+    device = head.v_template.device
+    p = params.to(device)
+    p.rotation, p.neck_pose, p.translation = (torch.zeros_like(x) for x in (p.rotation, p.neck_pose, p.translation))
+    centre = head(p, check=False).vertices[0].mean(dim=0)
+    cams = sphere_cameras(torch.linspace(-yaw_deg, yaw_deg, views), torch.tensor(5.0), 0.75, PICTURE_SIDE, PICTURE_SIDE, target=tuple(centre.tolist()), focal_px=2.0 * PICTURE_SIDE)
+    rgb = render(deform(avatar.to(device), head, p).frame(0), cams.to(device), torch.ones(3, device=device)).rgb
+    return [to_uint8(x.cpu()) for x in rgb]
+
+
+def save_row(tiles: list[np.ndarray], path: Path) -> None:
+    save_grid([tiles], path)
+
+
+def save_grid(rows: list[list[np.ndarray]], path: Path) -> None:
+    """Rows of equal-sized tiles, short rows padded with white."""
+    width = max(len(r) for r in rows)
+    blank = np.full_like(rows[0][0], 255)
+    Image.fromarray(np.concatenate([np.concatenate(r + [blank] * (width - len(r)), axis=1) for r in rows], axis=0)).save(path)
+
+
+def _subject(name: str, layout: Layout) -> Subject:
+    folder = layout.subjects / name
+    if not (folder / "subject.json").is_file():
+        unpack(layout.packs / f"{name}.tar", folder)
+    return Subject.load(folder)
+
+
+def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Protocol, log: Log) -> dict[str, tuple[Avatar, float]]:
+    """The starting avatars the methods need, with the seconds each took."""
+    from backend.generate.checkpoint import load_generator
+    from backend.generate.generate import generate_avatar
+    from backend.refine.initialize import InitConfig, initialize_on_subject
+
+    starts: dict[str, tuple[Avatar, float]] = {}
+    device = head.v_template.device
+    if any(m in methods for m in ("ours-surface", "no-antispike", "densify")):
+        t0 = time.perf_counter()
+        starts["surface"] = (initialize_on_subject(head, subject, InitConfig(gaussians=protocol.gaussians)), time.perf_counter() - t0)
+    if any(m in methods for m in ("generator", "ours-generator")):
+        t0 = time.perf_counter()
+        model, _ = load_generator(None, head)
+        avatar = generate_avatar(model.to(device), head, subject, [(0, 0)])
+        _sync(device)
+        starts["generator"] = (avatar, time.perf_counter() - t0)
+        log(f"  generated {avatar.count} Gaussians in {avatar.meta['generate_ms']:.1f} ms (network), {starts['generator'][1]:.1f} s with loading")
+    return starts
+
+
+def _refine(start: Avatar, head: HeadModel, subject: Subject, preset_name: str, protocol: Protocol) -> tuple[object, float]:
+    from backend.refine.config import preset
+    from backend.refine.refine import refine
+
+    config = preset(preset_name, iterations=protocol.iterations, log_every=max(protocol.iterations // 10, 1), checkpoint_every=0)
+    device = head.v_template.device
+    _sync(device)
+    t0 = time.perf_counter()
+    result = refine(start, head, subject, config)
+    _sync(device)
+    return result, time.perf_counter() - t0
+
+
+def score(avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subject, protocol: Protocol, train_params: FlameParams | None) -> dict:
+    """Held-out scores, training-frame PSNR (every n-th training frame, under the fine-tuned
+    parameters when given) and turntable holes against the start (None: not a refinement)."""
+    test = evaluate(avatar, head, subject, "test")
+    train = subject.split["train"]
+    picked = list(range(0, len(train), protocol.train_every))
+    params = train_params.index(picked) if train_params is not None else subject.params.index([train[i] for i in picked])
+    train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params)
+    holes = None if start is None else orbit_holes(avatar, start, head, subject.params.index(subject.split["test"][:1]))
+    return {
+        **{k: test[k] for k in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face", "lpips", "lpips_note", "spike_share", "gaussians")},
+        "train_psnr": train_scores["psnr"],
+        "train_psnr_mask": train_scores["psnr_mask"],
+        "orbit_holes": holes,
+    }
+
+
+def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], log: Log) -> dict:
+    """Run ``methods`` on one clip; returns (and merges into) its scores.json."""
+    from backend.head.registry import load_head_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = layout.results / name
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scores.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"clip": name, "methods": {}}
+    head = load_head_model().to(device)
+    subject = _subject(name, layout)
+    report["subject"] = {"frames": subject.num_frames, "train": len(subject.split["train"]), "test": len(subject.split["test"]), "size": subject.info.width}
+    frames = picture_frames(subject)
+    report["picture_frames"] = frames
+    report["picture_turn_deg"] = [float(x) for x in head_turn_deg(subject.params.index(frames), subject.world_to_cam[frames, 0])]
+    save_row(ground_truth_row(subject, frames), out / "heldout_truth.png")
+    starts = _starts(methods, head, subject, protocol, log)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    for method in methods:
+        if method == "generator":
+            avatar, start_avatar = starts["generator"][0], None
+            entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
+            train_params = None
+        else:
+            start_name = "generator" if method == "ours-generator" else "surface"
+            start_avatar = starts[start_name][0]
+            result, wall = _refine(start_avatar, head, subject, "ours" if method.startswith("ours") else method, protocol)
+            avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
+            entry = {"wall_seconds": wall, "start_seconds": starts[start_name][1], "iterations": protocol.iterations}
+        entry |= score(avatar, start_avatar, head, subject, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
+        report["methods"][method] = entry
+        save_row(heldout_tiles(avatar, head, subject, frames), out / f"heldout_{method}.png")
+        save_row(turntable_tiles(avatar, head, subject.params.index([subject.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{method}.png")
+        path.write_text(json.dumps(report, indent=1))
+        log(f"  {method}: held-out PSNR {entry['psnr']:.2f} / mask {entry['psnr_mask']:.2f} / face {entry['psnr_face']:.2f} dB, train {entry['train_psnr']:.2f} dB, {entry['wall_seconds']:.1f} s")
+    return report

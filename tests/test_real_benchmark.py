@@ -1,0 +1,172 @@
+"""The real-face benchmark's own code: its media never enter git, the media copy checks what
+it copies, packs carry a subject faithfully, and the face region and held-out picks are right.
+
+The real media are not used here (they never enter CI); a small synthetic subject and a git
+repository made in the test stand in for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backend.data.regions import hull_mask
+from backend.data.subject import LANDMARKS_FILE, Subject
+from backend.data.synthetic import SynthConfig, synthesize
+from backend.head.model import HeadModel
+from backend.refine.evaluate import evaluate
+from backend.refine.initialize import InitConfig, initialize_on_subject
+from backend.refine.losses import psnr
+from tests.benchmarks.real.clips import head_turn_deg, picture_frames
+from tests.benchmarks.real.data import PHOTO_SUFFIXES, VIDEO_SUFFIXES, Layout, Sources, clip_stride, prepare
+from tests.benchmarks.real.tracking import pack, unpack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_no_benchmark_media_is_tracked() -> None:
+    """No tracked file is a video, and none has the blob id of a listed clip or photo."""
+    sources = Sources.load()
+    listed = {f.blob for f in sources.all_files()}
+    assert len(listed) == len(sources.all_files()) >= 10 + 3 * 5
+    tracked = [line.split(maxsplit=3) for line in _git("ls-files", "-s").splitlines()]
+    assert tracked, "git ls-files listed nothing"
+    videos = [entry[3] for entry in tracked if entry[3].lower().endswith(VIDEO_SUFFIXES)]
+    assert videos == []
+    media = [entry[3] for entry in tracked if entry[1] in listed]
+    assert media == []
+
+
+def test_sources_cover_the_protocol() -> None:
+    """At least 10 clips and 5 photo identities with 3 or more photos each, every repository
+    with a commit and a stated licence."""
+    sources = Sources.load()
+    assert len(sources.clips) >= 10 and len({c.name for c in sources.clips}) == len(sources.clips)
+    assert len(sources.photos) >= 5 and all(len(p.files) >= 3 for p in sources.photos)
+    assert all(f.path.lower().endswith(PHOTO_SUFFIXES) for p in sources.photos for f in p.files)
+    for f in sources.all_files():
+        assert len(sources.repos[f.repo]["commit"]) == 40 and sources.repos[f.repo]["licence"]
+
+
+def test_prepare_copies_and_checks_blob_ids(tmp_path: Path) -> None:
+    """prepare copies a file out of a repository's history (no work tree needed) with its
+    manifest entry, and refuses a file whose blob id differs from the list."""
+    from PIL import Image
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git("init", "-q", cwd=repo)
+    Image.fromarray(np.full((12, 10, 3), 200, np.uint8)).save(repo / "face.jpg")
+    _git("add", "face.jpg", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "add", cwd=repo)
+    blob = _git("rev-parse", "HEAD:face.jpg", cwd=repo).strip()
+    listed = tmp_path / "sources.json"
+    entry = {"repos": {"o/r": {"commit": "", "licence": "MIT (the repository's code)"}}, "clips": [], "photos": [{"name": "p", "repo": "o/r", "files": [{"path": "face.jpg", "blob": blob}]}]}
+    listed.write_text(json.dumps(entry))
+    layout = Layout(tmp_path / "data")
+    manifest = prepare({"o/r": repo}, layout, Sources.load(listed))
+    (item,) = manifest["files"]
+    assert (item["width"], item["height"], item["blob"], item["media_licence"]) == (10, 12, blob, "not stated")
+    assert (layout.media / item["file"]).read_bytes() == (repo / "face.jpg").read_bytes()
+    assert item["commit"] == _git("rev-parse", "HEAD", cwd=repo).strip()
+
+    entry["photos"][0]["files"][0]["blob"] = "0" * 40
+    listed.write_text(json.dumps(entry))
+    with pytest.raises(SystemExit, match="blob"):
+        prepare({"o/r": repo}, Layout(tmp_path / "other"), Sources.load(listed))
+    with pytest.raises(SystemExit, match="no snapshot"):
+        prepare({}, Layout(tmp_path / "other"), Sources.load(listed))
+
+
+def test_clip_stride_keeps_at_most_the_cap() -> None:
+    for frames in (1, 119, 120, 121, 354, 448):
+        stride = clip_stride(frames, 120)
+        assert math.ceil(frames / stride) <= 120
+        assert stride == 1 or math.ceil(frames / (stride - 1)) > 120
+
+
+def test_hull_mask_is_the_polygon() -> None:
+    """A square's hull mask holds exactly the pixel centres inside it; inner points change nothing."""
+    square = np.array([[2.0, 3.0], [9.0, 3.0], [9.0, 8.0], [2.0, 8.0]])
+    inner = np.array([[4.0, 4.0], [5.0, 6.0]])
+    mask = hull_mask(np.concatenate([square, inner]), 12, 14)
+    yy, xx = np.mgrid[0:12, 0:14] + 0.5
+    assert np.array_equal(mask, (xx >= 2) & (xx <= 9) & (yy >= 3) & (yy <= 8))
+
+
+@pytest.fixture(scope="module")
+def tracked_like(head: HeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic monocular subject with a landmarks.npz, as tracking writes one: the face
+    region of frame t is the square [8 + t, 40] x [10, 44] pixels."""
+    root = synthesize(head, tmp_path_factory.mktemp("real") / "s", SynthConfig(frames=10, size=64, reference_gaussians=20_000, seed=3))
+    pts = np.zeros((10, 478, 3), np.float32)
+    for t in range(10):
+        corners = np.array([[8 + t, 10], [40, 10], [40, 44], [8 + t, 44]], np.float32)
+        pts[t, :, :2] = corners[np.arange(478) % 4]
+    np.savez(root / LANDMARKS_FILE, mediapipe=pts)
+    return root
+
+
+def test_face_scores_are_taken_inside_the_landmark_hull(head: HeadModel, tracked_like: Path) -> None:
+    subject = Subject.load(tracked_like)
+    face = subject.face_mask(2)
+    assert face is not None and face.shape == (64, 64, 1)
+    assert float(face.sum()) == pytest.approx((40 - 10) * (44 - 10))  # pixel centres 10.5 .. 39.5 by 10.5 .. 43.5
+    avatar = initialize_on_subject(head, subject, InitConfig(gaussians=3000))
+    scores = evaluate(avatar, head, subject, frames=[2])
+    from backend.refine.evaluate import render_view
+
+    rendered = render_view(avatar, head, subject.params.index([2]), subject.cameras(2), subject.background())[0]
+    m = subject.mask(2)
+    target = subject.image(2) * m + subject.background() * (1 - m)
+    assert scores["psnr_face"] == pytest.approx(psnr(rendered, target, face), abs=1e-4)
+    assert scores["psnr_face"] != pytest.approx(scores["psnr"], abs=1e-3)
+
+
+def test_evaluate_poses_frames_with_the_given_parameters(head: HeadModel, tracked_like: Path) -> None:
+    """Scores under a frame's own parameters equal the default; another frame's differ."""
+    subject = Subject.load(tracked_like)
+    avatar = initialize_on_subject(head, subject, InitConfig(gaussians=3000))
+    own = evaluate(avatar, head, subject, frames=[1, 3])
+    same = evaluate(avatar, head, subject, frames=[1, 3], params=subject.params.index([1, 3]))
+    other = evaluate(avatar, head, subject, frames=[1, 3], params=subject.params.index([4, 0]))
+    assert same["psnr"] == pytest.approx(own["psnr"], abs=1e-6)
+    assert other["psnr"] < own["psnr"] - 0.5
+
+
+def test_pack_round_trip(tracked_like: Path, tmp_path: Path) -> None:
+    """Arrays travel byte for byte, masks exactly, frames within JPEG's error; a subject loads."""
+    tar = pack(tracked_like, tmp_path / "s.tar", quality=90)
+    out = unpack(tar, tmp_path / "unpacked")
+    a, b = Subject.load(tracked_like), Subject.load(out)
+    for name in ("flame_param.npz", "cameras.npz", LANDMARKS_FILE, "subject.json"):
+        assert (out / name).read_bytes() == (tracked_like / name).read_bytes()
+    for t in range(a.num_frames):
+        assert torch.equal(a.mask(t), b.mask(t))
+        assert psnr(a.image(t), b.image(t)) > 30.0
+
+
+def test_head_turn_and_picture_frames(head: HeadModel, tracked_like: Path) -> None:
+    """A head yawed by 30 degrees in front of a camera looking at it is turned 30 degrees; the
+    pictures take the most turned held-out frame."""
+    params = head.neutral_params(2)
+    params.rotation[1, 1] = math.radians(30.0)
+    facing = torch.eye(4).expand(2, 4, 4).clone()
+    facing[:, 0, 0] = facing[:, 2, 2] = -1.0  # camera on +z looking back at the face
+    assert np.allclose(head_turn_deg(params, facing), [0.0, 30.0], atol=1e-3)
+
+    subject = Subject.load(tracked_like)
+    test = subject.split["test"]
+    turns = head_turn_deg(subject.params.index(test), subject.world_to_cam[test, 0])
+    frames = picture_frames(subject)
+    assert frames[-1] == test[int(turns.argmax())] and len(set(frames)) == len(frames) and set(frames) <= set(test)
