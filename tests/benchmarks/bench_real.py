@@ -15,8 +15,8 @@ progress. DATA is an ignored folder (default data/real):
     python tests/benchmarks/bench_real.py report --figures docs/figures/real
 
 Your own material: list it in a sources file of the same form (``--sources FILE``), or
-track your videos into DATA/subjects/NAME with ``spatialavatar track`` and run ``clips
---clips NAME`` on them.
+track your video into DATA/subjects/NAME with ``spatialavatar track`` and run ``clips
+--clips NAME`` on it.
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
     from tests.benchmarks.real.clips import run_clip
 
     protocol = Protocol(iterations=args.iters)
-    clips = sources.select_clips(args.clips)
-    for i, clip in enumerate(clips):
-        log(f"[{i + 1}/{len(clips)}] {clip.name}")
-        run_clip(clip.name, layout, protocol, args.methods, log)
+    # Any subject in the data folder (or its pack) can be named, listed or not.
+    names = args.clips or [c.name for c in sources.clips]
+    for i, name in enumerate(names):
+        log(f"[{i + 1}/{len(names)}] {name}")
+        run_clip(name, layout, protocol, args.methods, log)
 
 
 def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -107,7 +108,7 @@ def main() -> None:
         p.add_argument("--photos", action="store_true", help="the photo identities too")
         p.set_defaults(fn=fn)
     p = sub.add_parser("clips", help="refine and score every method on each clip (GPU)")
-    p.add_argument("--clips", nargs="*", help="clip names (default: all)")
+    p.add_argument("--clips", nargs="*", help="subject names in DATA/subjects or DATA/packs (default: every listed clip)")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--iters", type=int, default=Protocol.iterations)
     p.set_defaults(fn=cmd_clips)

@@ -30,12 +30,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def clip_results(layout: Layout, sources: Sources) -> dict[str, dict]:
-    found = {}
-    for clip in sources.clips:
-        path = layout.results / clip.name / "scores.json"
-        if path.is_file():
-            found[clip.name] = json.loads(path.read_text())
-    return found
+    """Every clip's scores.json in the data folder: listed clips first, in list order."""
+    order = {c.name: i for i, c in enumerate(sources.clips)}
+    paths = sorted(layout.results.glob("*/scores.json"), key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name))
+    return {p.parent.name: json.loads(p.read_text()) for p in paths}
 
 
 def clip_tables(results: dict[str, dict]) -> str:
