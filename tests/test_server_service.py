@@ -379,3 +379,45 @@ def test_a_reply_the_client_cannot_read_fails_its_request() -> None:
             assert replies[0].error is not None and replies[0].error.code == ErrorCode.MALFORMED
             assert "bad reply" in replies[0].error.message and "cannot map" in replies[0].error.message
             assert client.pending == []
+
+
+EMPTY_BUT_HUGE = [{"name": "expr", "dtype": "<f4", "shape": [0, 10**30]}]
+
+
+def test_a_buffer_of_zero_size_but_huge_shape_is_answered_malformed(served) -> None:
+    """Over a real DEALER socket: the descriptor holds no bytes, so only its dimensions can
+    be wrong; the service answers malformed (it used to send nothing) and keeps serving."""
+    service, client, _, _ = served
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(service.endpoint)
+    try:
+        header = {"protocol": 1, "id": "huge1", "op": "hello", "args": {}, "buffers": EMPTY_BUT_HUGE}
+        sock.send_multipart([b"", json.dumps(header).encode(), b""])
+        assert sock.poll(10_000), "no reply to a malformed buffer descriptor"
+        reply = decode_reply(sock.recv_multipart()[1:])
+        assert reply.id == "huge1" and reply.error is not None and reply.error.code == ErrorCode.MALFORMED
+        assert "buffers[0].shape" in reply.error.message
+    finally:
+        sock.close()
+    assert client.call("hello").result["protocol"] == 1
+
+
+def test_a_reply_with_a_zero_size_but_huge_buffer_fails_its_request() -> None:
+    """A stand-in service (a bare ROUTER) answers with such a descriptor: the client fails
+    the request as malformed at once instead of raising from its poll or waiting it out."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        router.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=60, retries=0) as client:
+            rid = client.submit("hello")
+            assert router.poll(10_000)
+            ident = router.recv_multipart()[0]
+            header = {"protocol": 1, "id": rid, "op": "hello", "status": "ok", "seq": 0, "final": True, "result": {}, "buffers": EMPTY_BUT_HUGE}
+            router.send_multipart([ident, json.dumps(header).encode(), b""])
+            replies: list = []
+            while not replies:
+                replies = client.poll(100)
+            assert replies[0].error is not None and replies[0].error.code == ErrorCode.MALFORMED
+            assert "buffers[0].shape" in replies[0].error.message and client.pending == []

@@ -317,6 +317,11 @@ def _described(header: dict, limits: Limits) -> list[tuple[str, np.dtype, list[i
             raise _malformed(f"{where}.dtype {str(dtype)[:16]!r} is not allowed; use one of {', '.join(DTYPES)} (little-endian)")
         if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(type(s) is int and s >= 0 for s in shape):
             raise _malformed(f"{where}.shape must be a list of at most {limits.max_ndim} non-negative integers")
+        # An empty array holds no bytes whatever its other dimensions, so the byte count
+        # alone cannot bound them; numpy refuses dimensions past its index range. Bound the
+        # array the shape would describe without its zeros by the message limit.
+        if _nbytes(np_dtype, [s for s in shape if s]) > limits.max_message_bytes:
+            raise _malformed(f"{where}.shape {str(shape)[:80]} describes more than {limits.max_message_bytes} bytes")
         described.append((name, np_dtype, shape))
     return described
 
@@ -335,7 +340,10 @@ def _arrays(described: list[tuple[str, np.dtype, list[int]]], frames: Sequence[B
         expected = _nbytes(np_dtype, shape)
         if expected != view.nbytes:
             raise _malformed(f"buffer '{name}' should hold {expected} bytes for {np_dtype.str} {shape}, the frame has {view.nbytes}")
-        a = np.frombuffer(view, dtype=np_dtype).reshape(shape)
+        try:
+            a = np.frombuffer(view, dtype=np_dtype).reshape(shape)
+        except (ValueError, TypeError) as exc:  # whatever numpy still refuses is the sender's error
+            raise _malformed(f"buffer '{name}' cannot be read as {np_dtype.str} {str(shape)[:80]} ({exc})") from None
         a.flags.writeable = False
         if check_finite and np_dtype.kind == "f" and not bool(np.isfinite(a).all()):
             raise WireError(ErrorCode.INVALID_ARGUMENT, f"buffer '{name}' contains NaN or Inf")
