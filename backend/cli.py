@@ -112,11 +112,10 @@ def _load_avatar(args: argparse.Namespace, device: str):  # type: ignore[no-unty
 
 def _avatar_for(path: Path, head):  # type: ignore[no-untyped-def]
     """The avatar file at ``path``, refused unless it was made for ``head``."""
-    from backend.gaussians.files import load_avatar
-    from backend.head.registry import check_fits
+    from backend.gaussians.files import check_fits_head, load_avatar
 
     avatar = load_avatar(path)
-    check_fits(head.data, avatar.head_name, avatar.head_fingerprint)
+    check_fits_head(avatar, head.data, str(path))
     return avatar
 
 

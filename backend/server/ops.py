@@ -184,20 +184,27 @@ def op_delete(ctx: OpContext, req: Request) -> Part:
     return Part({"deleted": thing})
 
 
-def op_import(ctx: OpContext, req: Request) -> Part:
-    """An avatar .npz sent as bytes (e.g. kept in a .blend) becomes a stored avatar."""
-    from backend.gaussians.files import avatar_from_bytes
+def op_import(ctx: OpContext, req: Request) -> Iterator[Part]:
+    """An avatar .npz sent as bytes (e.g. kept in a .blend) becomes a stored avatar.
 
+    The arguments are checked here; reading and validating the file runs on the worker
+    (a device op), so a large upload never holds up the thread that answers ``hello``."""
     a = Args(req)
     data = blob(a.array("file", ("<u1",), [(None,)]), "file", ctx.config.requests.max_upload_bytes)
     name = a.str("name", None)
     a.done()
-    avatar = avatar_from_bytes(data, "the uploaded file")
+    return _import(ctx, data, name)
+
+
+def _import(ctx: OpContext, data: bytes, name: str | None) -> Iterator[Part]:
+    from backend.gaussians.files import FileLimits, avatar_from_bytes, check_fits_head
+
+    source = "the uploaded file"
+    avatar = avatar_from_bytes(data, source, FileLimits(max_gaussians=ctx.config.requests.max_gaussians))
     ctx.engine.check_fits(avatar)
-    if avatar.count > ctx.config.requests.max_gaussians:
-        raise WireError(ErrorCode.TOO_LARGE, f"import: {avatar.count} Gaussians; at most {ctx.config.requests.max_gaussians}")
+    check_fits_head(avatar, ctx.engine.head.data, source)
     info = ctx.store.put_avatar(ctx.store.new_id("av"), avatar, name=name, source="import")
-    return Part({"avatar": info.to_json()})
+    yield Part({"avatar": info.to_json()})
 
 
 def op_cancel(ctx: OpContext, req: Request) -> Part:

@@ -70,7 +70,7 @@ OPS: dict[str, Op] = {
     "list": Op(op_list),
     "get": Op(op_get),
     "delete": Op(op_delete, replay=True),
-    "import": Op(op_import, replay=True),
+    "import": Op(op_import, device=True, replay=True),
     "export": Op(op_export, device=True),
     "deform": Op(op_deform, device=True),
     "render": Op(op_render, device=True),
@@ -290,10 +290,14 @@ class Service:
 
     def _reply_once(self, envelope: list[bytes], req: Request, op: Op, frames: list[Buffer]) -> None:
         if op.replay:
-            self._replay[req.id] = frames
-            while len(self._replay) > self.config.replay_size:
-                self._replay.popitem(last=False)
+            self._remember(req, frames)
         self._send(envelope, frames)
+
+    def _remember(self, req: Request, frames: list[Buffer]) -> None:
+        """Keep the reply of a request that must not run twice, for its retries."""
+        self._replay[req.id] = frames
+        while len(self._replay) > self.config.replay_size:
+            self._replay.popitem(last=False)
 
     def _send(self, envelope: list[bytes], frames: list[Buffer]) -> bool:
         """False when the client is gone or has stopped reading (its reply is dropped)."""
@@ -330,6 +334,9 @@ class Service:
                 task, frames = self._outbox.get_nowait()
             except queue.Empty:
                 return
+            op = OPS.get(task.request.op)
+            if op is not None and op.replay:
+                self._remember(task.request, frames)
             if not task.abandoned.is_set() and not self._send(task.envelope, frames):
                 task.abandoned.set()
                 log.info("a client is gone or not reading: the rest of its stream is skipped")
