@@ -197,3 +197,35 @@ def test_fill_missing_takes_neighbours(head: HeadModel) -> None:
     filled = fill_missing(binding, values, known)
     assert torch.equal(filled[known], values[known])
     assert torch.allclose(filled, torch.full_like(filled, 3.0))
+
+
+def _square_charts(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A triangulation of the unit UV square (float32, as heads store UVs) with a seam at
+    u = 0.5 (two charts whose boundary vertices are duplicated) and vertices on a 1/18 grid,
+    so many texel centres fall exactly on edges and vertices at the tested resolutions."""
+    from scipy.spatial import Delaunay
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(10), np.arange(19), indexing="ij"), -1).reshape(-1, 2) / np.array([18.0, 18.0])
+    uvs, faces = [], []
+    for left in (0.0, 0.5):
+        pts = grid[(rng.random(len(grid)) < 0.5) | (grid[:, 0] % 0.5 == 0) | (grid[:, 1] % 1 == 0)] + [left, 0.0]
+        tri = Delaunay(pts).simplices
+        faces.append(tri + sum(len(u) for u in uvs))
+        uvs.append(pts)
+    return np.concatenate(uvs).astype(np.float32), np.concatenate(faces)
+
+
+@pytest.mark.parametrize("res", [9, 18, 27, 36, 45, 101])
+def test_every_texel_of_a_covered_square_lands_once(res: int) -> None:
+    """Charts tiling the whole square: every texel centre is in exactly one triangle, also
+    those exactly on the seam, on shared edges and on vertices."""
+    from backend.gaussians.layout import _rasterize_uv
+
+    for seed in range(3):
+        uv, faces = _square_charts(seed)
+        texel, face, bary = _rasterize_uv(uv, faces, res)
+        assert np.array_equal(np.sort(texel), np.arange(res * res)), (seed, res * res - len(np.unique(texel)))
+        corners = uv.astype(np.float64)[faces[face]] * res
+        centres = np.stack([texel % res + 0.5, texel // res + 0.5], axis=1)
+        assert np.allclose(np.einsum("nk,nkd->nd", bary, corners), centres, atol=1e-6)

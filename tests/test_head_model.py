@@ -171,3 +171,41 @@ def test_skinning_matches_smplx_lbs(head: HeadModel, batched_template: bool) -> 
     ref_verts, ref_joints = lbs(coeffs, pose, template, head.dirs, head.posedirs, head.j_regressor, head.parents, head.weights)
     torch.testing.assert_close(verts, ref_verts, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(joints, ref_joints, atol=1e-6, rtol=1e-5)
+
+
+def test_a_multi_tile_uv_map_is_packed_and_every_triangle_gets_gaussians(head: HeadModel, tmp_path) -> None:
+    """The built-in head written as a FLAME-format model whose UV map spans three tiles
+    (u in [0, 1], [1, 2] and [2, 3], as a multi-tile scan head has): loaded, its UVs lie in
+    one square with every triangle's area in proportion, and a layout covers the triangles
+    the single-tile map covers. Laid out on the raw tiles, two thirds get nothing, with a
+    warning."""
+    from backend.gaussians.layout import sample_layout
+
+    uv, faces = head.data.uv_coords.astype(np.float64), head.data.uv_faces
+    centre_u = uv[faces].mean(axis=1)[:, 0]
+    thirds = np.digitize(centre_u, [1 / 3, 2 / 3])  # each triangle's third of the map
+    # Copy the vertices once per third, then move each copy into tile 0, 1 or 2.
+    tiled_uv = np.concatenate([uv + [k, 0.0] for k in range(3)])
+    tiled_faces = faces + thirds[:, None] * len(uv)
+    folder = write_flame(head.data, tmp_path / "flame")
+    np.savez(folder / "FLAME_texture.npz", vt=tiled_uv.astype(np.float32), ft=tiled_faces)
+    loaded = read_flame(folder, n_shape=head.n_shape, n_expr=head.n_expr)
+    assert loaded.uv_coords.min() >= 0.0 and loaded.uv_coords.max() <= 1.0
+
+    def areas(u: np.ndarray, f: np.ndarray) -> np.ndarray:
+        t = u.astype(np.float64)[f]
+        e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+        return 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+
+    ratio = areas(loaded.uv_coords, loaded.uv_faces) / np.maximum(areas(uv, faces), 1e-12)
+    big = areas(uv, faces) > 1e-7
+    assert np.allclose(ratio[big], ratio[big][0], rtol=1e-3)  # one scale for every tile
+
+    count = 20_000
+    one_tile = sample_layout(head.data.uv_coords, head.data.uv_faces, count)
+    packed = sample_layout(loaded.uv_coords, loaded.uv_faces, count)
+    assert len(np.unique(packed.face_idx)) >= 0.9 * len(np.unique(one_tile.face_idx))
+    assert set(thirds[np.unique(packed.face_idx.numpy())]) == {0, 1, 2}
+    with pytest.warns(UserWarning, match="outside the \\[0, 1\\] UV square"):
+        raw = sample_layout(tiled_uv.astype(np.float32), tiled_faces, count)
+    assert set(thirds[np.unique(raw.face_idx.numpy())]) == {0}

@@ -9,6 +9,7 @@ the texel of every Gaussian gives the generator a UV image to decode into.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,20 +45,45 @@ class Binding:
         return Binding(self.face_idx.to(device), self.bary.to(device), self.texel.to(device), self.resolution)
 
 
+def _edge(u: np.ndarray, v: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Twice the signed area of (u, v, p), positive when p lies left of u -> v (y up).
+
+    Evaluated with the edge's endpoints in one canonical order, so the two triangles that
+    share an edge compute bit-identical values of opposite sign: a texel centre exactly on
+    it is decided the same way by both, and the top-left rule gives it to exactly one."""
+    swap = (u[..., 0] > v[..., 0]) | ((u[..., 0] == v[..., 0]) & (u[..., 1] > v[..., 1]))
+    lo = np.where(swap[..., None], v, u)
+    hi = np.where(swap[..., None], u, v)
+    e = (hi[..., 0] - lo[..., 0]) * (p[..., 1] - lo[..., 1]) - (hi[..., 1] - lo[..., 1]) * (p[..., 0] - lo[..., 0])
+    return np.where(swap, -e, e)
+
+
+def _top_left(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Edges u -> v of counter-clockwise triangles (y up) that own the points on them: the
+    left edges (going down) and the top ones (horizontal, going left)."""
+    return (v[..., 1] < u[..., 1]) | ((v[..., 1] == u[..., 1]) & (v[..., 0] < u[..., 0]))
+
+
 def _rasterize_uv(uv: np.ndarray, uv_faces: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Texels of an res x res grid whose centres fall in a UV triangle.
 
-    Returns (texel_index [M] row-major, face [M], bary [M, 3]); each texel at most once (the
-    lowest face index wins on shared edges).
+    Returns (texel_index [M] row-major, face [M], bary [M, 3]). Every texel centre inside
+    the charts lands in exactly one triangle (where charts overlap, the lowest face index): the inside test runs in float64 on edge
+    functions shared bit for bit by neighbouring triangles, with the top-left rule on ties
+    (a centre on a shared edge or vertex; float32 barycentrics dropped some from both).
     """
-    tri = uv[uv_faces] * res  # [F, 3, 2] in texel units, v up
+    tri = uv.astype(np.float64)[uv_faces] * res  # [F, 3, 2] in texel units, v up
+    area = (tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1]) - (tri[:, 2, 0] - tri[:, 0, 0]) * (tri[:, 1, 1] - tri[:, 0, 1])
+    tri = np.where((area < 0)[:, None, None], tri[:, [0, 2, 1]], tri)  # counter-clockwise
+    corner = np.where(area < 0, 1, 0)  # which corner of the original order moved, to undo below
+    valid = area != 0
     lo = np.floor(tri.min(axis=1) - 0.5).astype(np.int64).clip(0, res - 1)
     hi = np.ceil(tri.max(axis=1) - 0.5).astype(np.int64).clip(0, res - 1)
     span = hi - lo + 1
     texels, owners, barys = [], [], []
     # Triangles grouped by bounding-box size keep the work vectorized without padding to the largest box.
-    keys = span[:, 0] * (res + 1) + span[:, 1]
-    for key in np.unique(keys):
+    keys = np.where(valid, span[:, 0] * (res + 1) + span[:, 1], -1)
+    for key in np.unique(keys[valid]):
         sel = np.nonzero(keys == key)[0]
         w, h = span[sel[0]]
         gx, gy = np.meshgrid(np.arange(w), np.arange(h), indexing="xy")
@@ -65,24 +91,23 @@ def _rasterize_uv(uv: np.ndarray, uv_faces: np.ndarray, res: int) -> tuple[np.nd
         py = lo[sel, 1, None] + gy.reshape(1, -1)  # [S, w*h] row from the bottom (v up)
         p = np.stack([px + 0.5, py + 0.5], axis=-1)
         a, b, c = tri[sel, 0, None], tri[sel, 1, None], tri[sel, 2, None]
-        v0, v1, v2 = b - a, c - a, p - a
-        den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
-        den = np.where(np.abs(den) < 1e-12, np.nan, den)
-        l1 = (v2[..., 0] * v1[..., 1] - v1[..., 0] * v2[..., 1]) / den
-        l2 = (v0[..., 0] * v2[..., 1] - v2[..., 0] * v0[..., 1]) / den
-        l0 = 1.0 - l1 - l2
-        inside = (l0 >= -1e-9) & (l1 >= -1e-9) & (l2 >= -1e-9)
+        w0, w1, w2 = _edge(b, c, p), _edge(c, a, p), _edge(a, b, p)  # weights of a, b, c
+        inside = np.ones(w0.shape, bool)
+        for e, (u, v) in zip((w0, w1, w2), ((b, c), (c, a), (a, b))):
+            inside &= (e > 0) | ((e == 0) & _top_left(u, v))
         s_idx, p_idx = np.nonzero(inside)
+        weights = np.stack([w0, w1, w2], axis=-1)[s_idx, p_idx]
+        flipped = corner[sel[s_idx]] == 1
+        weights[flipped] = weights[flipped][:, [0, 2, 1]]  # back to the face's own corner order
         texels.append(py[s_idx, p_idx] * res + px[s_idx, p_idx])
         owners.append(sel[s_idx])
-        barys.append(np.stack([l0, l1, l2], axis=-1)[s_idx, p_idx])
+        barys.append(weights / weights.sum(axis=1, keepdims=True))
     texel = np.concatenate(texels)
     face = np.concatenate(owners)
     bary = np.concatenate(barys).clip(0.0, 1.0)
-    bary /= bary.sum(axis=1, keepdims=True)
     order = np.lexsort((face, texel))
     texel, face, bary = texel[order], face[order], bary[order]
-    first = np.ones(texel.shape[0], bool)
+    first = np.ones(texel.shape[0], bool)  # charts that overlap in UV: the lowest face wins
     first[1:] = texel[1:] != texel[:-1]
     return texel[first], face[first], bary[first]
 
@@ -96,6 +121,7 @@ def sample_layout(uv_coords: np.ndarray, uv_faces: np.ndarray, count: int) -> Bi
     """
     if not MIN_GAUSSIANS <= count <= MAX_GAUSSIANS:
         raise InputError(f"Gaussian count {count} is outside [{MIN_GAUSSIANS}, {MAX_GAUSSIANS}]")
+    _warn_outside(uv_coords, uv_faces)
     e1 = uv_coords[uv_faces[:, 1]] - uv_coords[uv_faces[:, 0]]
     e2 = uv_coords[uv_faces[:, 2]] - uv_coords[uv_faces[:, 0]]
     uv_area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum()
@@ -116,6 +142,22 @@ def sample_layout(uv_coords: np.ndarray, uv_faces: np.ndarray, count: int) -> Bi
         texel=torch.from_numpy(np.stack([rows, cols], axis=1).astype(np.int64)),
         resolution=res,
     )
+
+
+def _warn_outside(uv_coords: np.ndarray, uv_faces: np.ndarray) -> None:
+    """Warn when triangles lie outside the [0, 1] UV square: the grid cannot reach them, so
+    they get no Gaussians (the head loaders pack multi-tile maps into one square first)."""
+    tri = uv_coords.astype(np.float64)[uv_faces]
+    centre = tri.mean(axis=1)
+    outside = ((centre < 0.0) | (centre > 1.0)).any(axis=1)
+    if outside.any():
+        e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+        area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+        warnings.warn(
+            f"layout: {int(outside.sum())} of {len(uv_faces)} triangles ({100 * area[outside].sum() / max(area.sum(), 1e-12):.0f}% "
+            "of the UV area) lie outside the [0, 1] UV square and carry no Gaussians; pack the tiles first (backend.head.uv_tiles)",
+            stacklevel=3,
+        )
 
 
 def texel_footprint(vertices: torch.Tensor, faces: torch.Tensor, uv_coords: torch.Tensor, uv_faces: torch.Tensor, binding: Binding) -> torch.Tensor:

@@ -24,6 +24,7 @@ import numpy as np
 
 from backend.errors import HeadModelError
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModelData
+from backend.head.uv_tiles import pack_uv_tiles
 
 FLAME_DOWNLOAD_HINT = (
     "FLAME is licensed separately and is not shipped with SpatialAvatar: register and download it "
@@ -121,6 +122,7 @@ def _read_obj_uv(path: Path, num_faces: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_uv(folder: Path, num_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uv [T, 2] in [0, 1], uv_faces [F, 3]); a map over several UV tiles is packed into one."""
     for name in UV_FILE_NAMES:
         path = folder / name
         if not path.is_file():
@@ -129,8 +131,8 @@ def _read_uv(folder: Path, num_faces: int) -> tuple[np.ndarray, np.ndarray]:
             with np.load(path, allow_pickle=False) as z:
                 if "vt" not in z.files or "ft" not in z.files:
                     raise HeadModelError(f"{path}: needs arrays 'vt' and 'ft'")
-                return z["vt"].astype(np.float32), z["ft"].astype(np.int64)
-        return _read_obj_uv(path, num_faces)
+                return pack_uv_tiles(z["vt"].astype(np.float32), z["ft"].astype(np.int64))
+        return pack_uv_tiles(*_read_obj_uv(path, num_faces))
     raise HeadModelError(
         f"no UV layout for the FLAME model in {folder}: put FLAME_texture.npz (from the FLAME texture "
         f"space download) or head_template.obj beside the model file."
