@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,16 @@ import pytest
 import zmq
 
 from backend.cli import main as cli_main
-from backend.errors import SpatialAvatarError
+from backend.errors import InputError, SpatialAvatarError
+from backend.gaussians.files import save_avatar
 from backend.head.model import HeadModel
 from backend.server.client import Client, ServiceUnavailable
 from backend.server.config import ServiceConfig
+from backend.server.jobs import JobRecord
 from backend.server.protocol import ErrorCode, WireError
 from backend.server.security import ClientKeys
 from backend.server.service import Service
+from backend.server.store import Store
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_thread, small_avatar
 
 ESCAPES = [
@@ -117,3 +121,47 @@ def test_keys_command_adds_clients_without_replacing_the_service_key(tmp_path: P
     assert cli_main(["keys", str(keys), "--client", "laptop"]) == 2  # exists: a one-line error
     assert "pick another --client name" in capsys.readouterr().err
     np.testing.assert_equal(len(ClientKeys.from_dir(keys, "laptop").secret), 40)
+
+
+def test_symlinks_in_the_store_are_skipped_at_start_up(tmp_path: Path, head: HeadModel, caplog: pytest.LogCaptureFixture) -> None:
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    real, linked_avatar, linked_subject, linked_job = "av_" + "1" * 16, "av_" + "2" * 16, "sb_" + "3" * 16, "jb_" + "4" * 16
+    save_avatar(small_avatar(head, 1000), store / "avatars" / f"{real}.npz")
+    save_avatar(small_avatar(head, 1000, seed=1), outside / "avatar.npz")
+    (outside / "subject").mkdir()
+    (outside / "subject" / "subject.json").write_text(json.dumps({"num_frames": 1, "num_cameras": 1, "width": 8, "height": 8}))
+    # Queued, so a start-up that took it in would also rewrite it as interrupted.
+    (outside / "job.json").write_text(json.dumps(JobRecord(linked_job, "refine", {}, "request").to_json()))
+    links = {
+        f"avatars/{linked_avatar}.npz": outside / "avatar.npz",
+        f"subjects/{linked_subject}": outside / "subject",
+        f"jobs/{linked_job}.json": outside / "job.json",
+    }
+    for name, target in links.items():
+        (store / name).parent.mkdir(parents=True, exist_ok=True)
+        (store / name).symlink_to(target)
+    outside_before = tree(outside)
+
+    with caplog.at_level(logging.WARNING, logger="spatialavatar.server"):
+        with service_thread(store) as service, Client(service.endpoint, timeout_s=30) as client:
+            assert [a["id"] for a in client.call("list").result["avatars"]] == [real]
+            assert client.call("list", {"kind": "subjects"}).result["subjects"] == []
+            assert client.call("list", {"kind": "jobs"}).result["jobs"] == []
+            for thing in (linked_avatar, linked_subject, linked_job):
+                with pytest.raises(WireError) as info:
+                    client.call("get", {"id": thing})
+                assert info.value.code == ErrorCode.NOT_FOUND
+
+    skipped = [r.getMessage() for r in caplog.records if r.name == "spatialavatar.server" and "symlink" in r.getMessage()]
+    assert sorted(skipped) == sorted(f"store: skipping {name}, a symlink (the store serves only what lies inside it)" for name in links)
+    assert not any(str(tmp_path) in message for message in skipped)  # names inside the store, not paths of this machine
+    assert all((store / name).is_symlink() for name in links)  # skipped, not removed
+    assert tree(outside) == outside_before
+
+
+def test_a_store_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "avatars").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="avatars is a symlink; the store's folders must be real folders"):
+        Store(tmp_path / "store")

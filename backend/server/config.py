@@ -30,6 +30,11 @@ class RequestLimits:
         max_upload_bytes: one uploaded file (portrait, video, avatar .npz).
         max_image_pixels: decoded portrait size, pixels (guards against decompression bombs).
         max_gaussians: Gaussians of a new avatar.
+        max_video_frames: frames of an uploaded video (the tracker reads every one of them).
+        max_video_seconds: length of an uploaded video.
+        max_video_side: width and height of an uploaded video's frames, pixels.
+        min_video_side: width and height of an uploaded video's frames, pixels; the tracker's
+            smallest frame (``backend.tracking.images.MIN_IMAGE_SIDE``).
     """
 
     max_frames: int = 1024
@@ -37,6 +42,10 @@ class RequestLimits:
     max_upload_bytes: int = 256 * 2**20
     max_image_pixels: int = 40_000_000
     max_gaussians: int = 1_000_000
+    max_video_frames: int = 36_000  # ten minutes at 60 fps
+    max_video_seconds: float = 600.0
+    max_video_side: int = 4096
+    min_video_side: int = 64
 
 
 @dataclass(frozen=True)

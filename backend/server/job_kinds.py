@@ -7,8 +7,8 @@
   first frame not yet scored.
 - refine: stage 2 (backend.refine.refine) of a stored avatar on a stored subject into a new
   avatar, written at every refinement checkpoint; resume continues from the last one.
-- track: uploaded portraits or a video, kept in the store, tracked into a subject (resume
-  tracks again).
+- track: uploaded portraits or a video, kept in the store until the job ends, tracked into
+  a subject (resume tracks again).
 - generate: stage 1 from uploaded portraits (tracked first into a subject of their own) or
   from views of a stored subject; resume skips the tracking when it was done.
 
@@ -127,7 +127,8 @@ def run_refine(engine: Engine, store: Store, args: JobArgs, progress: Progress, 
 
 
 def _track_into_store(engine: Engine, store: Store, key: str, sid: str, config: TrackConfig | None, progress: Progress) -> list[str]:
-    """Track the uploads kept under ``key`` into subject ``sid``; returns the tracker's warnings."""
+    """Track the uploads kept under ``key`` into subject ``sid``; returns the tracker's warnings
+    (which name the uploads relative to the store)."""
     from backend.tracking import TrackConfig, track
 
     warnings: list[str] = []
@@ -144,7 +145,7 @@ def _track_into_store(engine: Engine, store: Store, key: str, sid: str, config: 
         store.commit_subject(sid, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return warnings
+    return [store.relative(w) for w in warnings]
 
 
 def run_track(engine: Engine, store: Store, args: JobArgs, progress: Progress, should_cancel: ShouldCancel) -> dict:
@@ -155,7 +156,6 @@ def run_track(engine: Engine, store: Store, args: JobArgs, progress: Progress, s
     p = args.params
     frames = FrameRange(max_frames=p["max_frames"]) if p.get("max_frames") else FrameRange()
     warnings = _track_into_store(engine, store, p["out"], p["out"], TrackConfig(crop=CropConfig(size=p["size"]), frames=frames), progress)
-    store.delete_inputs(p["out"])
     subject = Subject.load(store.subject_dir(p["out"]))
     return {"subject": p["out"], "frames": subject.num_frames, "warnings": warnings}
 
@@ -185,7 +185,6 @@ def run_generate(
     avatar = generate_avatar(engine.generator(checkpoint), engine.head, subject, views)
     avatar.meta["subject"] = sid  # generate_avatar records the folder; clients know subjects by id
     store.put_avatar(aid, avatar, name=p.get("name"), source=f"generate from {sid}")
-    store.delete_inputs(aid)
     return {"avatar": aid, "subject": sid, "sources": len(views), "generate_ms": avatar.meta["generate_ms"], "warnings": warnings}
 
 

@@ -8,6 +8,11 @@ one whose service is stopping, by raising ``JobCancelled``, so a kind that only 
 progress is cancellable too. ``checkpoint`` (JSON) is kept in the job record on
 disk; a job that was queued or running when the service died is "interrupted", and
 ``resume`` runs it again with ``args.resume`` set to its last checkpoint.
+
+A job's uploads are kept in the store under the id it makes (``params["out"]``, see
+ops_jobs.py) for as long as a run of it may read them: they go when it ends any way but
+resumable, when its record is deleted, and at start-up when no job can use them. Failure
+messages name files relative to the store.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ class Jobs:
                 rec.message = "the service stopped while this job was " + ("running" if rec.step else "queued")
                 store.put_job(rec.to_json())
             self._records[rec.id] = rec
+        store.prune_inputs({rec.params["out"] for rec in self._records.values() if rec.resumable and "out" in rec.params})
 
     # -- the service thread ----------------------------------------------------------------
 
@@ -181,6 +187,7 @@ class Jobs:
             rec = self._get(jid)
             if rec.state in ACTIVE:
                 raise WireError(ErrorCode.CONFLICT, f"job {jid} is {rec.state}; cancel it before deleting it")
+            self._drop_inputs(rec)
             self._store.delete_job(jid)
             del self._records[jid]
 
@@ -205,6 +212,12 @@ class Jobs:
         rec.resumable = state == JobState.INTERRUPTED and self.kinds[rec.kind].resumable
         self._cancel.discard(rec.id)
         self._touch(rec, persist=True)
+        if not rec.resumable:
+            self._drop_inputs(rec)
+
+    def _drop_inputs(self, rec: JobRecord) -> None:
+        if rec.params.get("out"):
+            self._store.delete_inputs(rec.params["out"])
 
     def take_next(self) -> JobRecord | None:
         """The oldest queued job, now marked running."""
@@ -244,20 +257,22 @@ class Jobs:
                 else:
                     self._finish(rec, JobState.INTERRUPTED, "the service stopped during this job")
             return
-        except WireError as exc:
+        except Exception as exc:
+            code, message = self._failure(rec, exc)
             with self._lock:
-                self._finish(rec, JobState.FAILED, str(exc), {"code": exc.code, "message": str(exc)})
-            return
-        except SpatialAvatarError as exc:
-            with self._lock:
-                self._finish(rec, JobState.FAILED, str(exc), {"code": ErrorCode.INVALID_ARGUMENT, "message": str(exc)})
-            return
-        except Exception as exc:  # a bug: the job fails, the service keeps serving
-            log.exception("job %s (%s) failed", rec.id, rec.kind)
-            with self._lock:
-                message = f"{rec.kind} failed: {type(exc).__name__}: {exc}"
-                self._finish(rec, JobState.FAILED, message, {"code": ErrorCode.INTERNAL, "message": message})
+                self._finish(rec, JobState.FAILED, message, {"code": code, "message": message})
             return
         with self._lock:
             rec.result.update(result)
             self._finish(rec, JobState.DONE, "done")
+
+    def _failure(self, rec: JobRecord, exc: Exception) -> tuple[str, str]:
+        """The error code and message a job that raised ``exc`` fails with."""
+        if isinstance(exc, WireError):
+            code, message = exc.code, str(exc)
+        elif isinstance(exc, SpatialAvatarError):
+            code, message = ErrorCode.INVALID_ARGUMENT, str(exc)
+        else:  # a bug: the job fails, the service keeps serving
+            log.error("job %s (%s) failed", rec.id, rec.kind, exc_info=exc)
+            code, message = ErrorCode.INTERNAL, f"{rec.kind} failed: {type(exc).__name__}: {exc}"
+        return code, self._store.relative(message)

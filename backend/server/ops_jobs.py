@@ -2,8 +2,9 @@
 
 Each checks its request, queues a job and answers at once with the job's record; the client
 follows it with ``watch`` (a stream of progress events) or ``get``, and may ``cancel`` it.
-track and generate decode every upload completely before anything is kept; the uploads are
-then stored with the job, so a resumed job finds them.
+track and generate decode every portrait completely, and probe a video (container, stream,
+first frame, length, resolution), before anything is kept; the uploads are then stored with
+the job, so a resumed job finds them, and removed once no run of it can use them (jobs.py).
 """
 
 from __future__ import annotations
@@ -105,13 +106,13 @@ def op_track(ctx: OpContext, req: Request) -> Part:
     images = a.names("image")
     if images != [f"image{i}" for i in range(len(images))] or len(images) > MAX_TRACKED_IMAGES:
         raise a.error(f"name portraits image0, image1, ... (at most {MAX_TRACKED_IMAGES})")
-    files = _uploads(a, images, lim.max_upload_bytes, lim.max_image_pixels)
     video = a.array("video", ("<u1",), [(None,)], required=False)
-    if video is not None:
-        data = blob(video, "video", lim.max_upload_bytes)
-        files.append((video_suffix(data, "video"), data))
     if bool(images) == (video is not None):
         raise a.error("send either portraits (buffers image0, image1, ...) or one 'video' buffer")
+    files = _uploads(a, images, lim.max_upload_bytes, lim.max_image_pixels)
+    if video is not None:
+        data = blob(video, "video", lim.max_upload_bytes)
+        files.append((video_suffix(data, "video", lim), data))
     params = {"size": a.int("size", 512, lo=64, hi=2048), "max_frames": a.int("max_frames", None, lo=1, hi=100_000)}
     a.done()
     if not ctx.hello["capabilities"]["track"]["available"]:

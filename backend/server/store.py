@@ -6,8 +6,10 @@ Layout::
     STORE/avatars/av_<16 hex>.json   its summary (name, counts, head model, times, source)
     STORE/subjects/sb_<16 hex>/      a subject folder (backend.data.subject format)
     STORE/jobs/jb_<16 hex>.json      a job record (see jobs.py)
-    STORE/jobs/jb_<16 hex>.ckpt      its resumable state, for jobs that keep one
-    STORE/inputs/<id>/inputN.<ext>   uploads (portraits, video) of the job that will make <id>
+    STORE/jobs/jb_<16 hex>.ckpt      its resumable state, for jobs that keep one (written as .ckpt.partial
+                                     first; one a crash left behind is removed at start-up)
+    STORE/inputs/<id>/inputN.<ext>   uploads (portraits, video) of the job that will make <id>, kept
+                                     while a run of that job may still read them
     STORE/tmp/                       scratch for imports, exports and subjects being written
 
 Ids are made here (a kind prefix and 16 random hex digits) and every id a client sends is
@@ -15,6 +17,11 @@ checked against that pattern before it comes near a path, so no request can name
 outside the store. Files are written to scratch first, flushed, then renamed into place: a
 crash leaves either the old file or the new one. The .json summary follows its .npz and is
 rebuilt from it at start-up when missing. One service uses a store at a time (STORE/.lock).
+
+The store serves only what lies inside it. A symlink among avatars, subjects or job
+records could point anywhere, and ids never resolve through one, so such an entry is
+skipped at start-up with one warning and never listed; the store's own folders must not be
+symlinks at all.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from backend.server.protocol import ErrorCode, WireError
 log = logging.getLogger("spatialavatar.server")
 
 ID = re.compile(r"(av|sb|jb)_[0-9a-f]{16}")
+PARTIAL = ".partial"  # RefineState.save writes <checkpoint>.partial, then renames it into place
 KIND_NAMES = {"av": "avatar", "sb": "subject", "jb": "job"}
 
 
@@ -84,9 +92,12 @@ class Store:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).resolve()
-        self.avatars_dir, self.subjects_dir, self.jobs_dir, self.inputs_dir, self.tmp_dir = (
+        self.avatars_dir, self.subjects_dir, self.jobs_dir, self.inputs_dir, self.tmp_dir = folders = tuple(
             self.root / d for d in ("avatars", "subjects", "jobs", "inputs", "tmp")
         )
+        for d in folders:
+            if d.is_symlink():
+                raise InputError(f"{d} is a symlink; the store's folders must be real folders inside {self.root}")
         for d in (self.avatars_dir, self.subjects_dir, self.jobs_dir, self.inputs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.root / ".lock", "w")
@@ -97,9 +108,11 @@ class Store:
             raise InputError(f"store {self.root} is in use by another running service") from None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # leftovers of a crash
         self.tmp_dir.mkdir()
+        self._remove_partials()
         self._lock = threading.RLock()
         self._avatars: dict[str, AvatarInfo] = {}
         self._versions: dict[str, int] = {}
+        self._linked = self._find_links()
         self._scan_avatars()
 
     def close(self) -> None:
@@ -124,6 +137,11 @@ class Store:
             raise WireError(ErrorCode.INVALID_ARGUMENT, "that id does not name anything in the store")
         return path
 
+    def relative(self, text: str) -> str:
+        """``text`` with every path into the store written relative to it: messages that leave
+        the service never tell where the store lies on its machine."""
+        return text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
+
     def scratch(self, suffix: str = "") -> Path:
         """A fresh path in the store's scratch folder."""
         return self.tmp_dir / f"{secrets.token_hex(8)}{suffix}"
@@ -133,12 +151,23 @@ class Store:
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
         _fsync_replace(tmp, path)
 
+    def _find_links(self) -> frozenset[str]:
+        """The names (up to the first dot) of symlinked entries, each logged once; they are never listed."""
+        names = set()
+        for folder in (self.avatars_dir, self.subjects_dir, self.jobs_dir):
+            for path in sorted(folder.iterdir()):
+                if path.is_symlink():
+                    name = path.relative_to(self.root).as_posix()
+                    log.warning("store: skipping %s, a symlink (the store serves only what lies inside it)", name)
+                    names.add(path.name.split(".", 1)[0])
+        return frozenset(names)
+
     # -- avatars ---------------------------------------------------------------------------
 
     def _scan_avatars(self) -> None:
         for npz in sorted(self.avatars_dir.glob("av_*.npz")):
             aid = npz.stem
-            if not ID.fullmatch(aid):
+            if not ID.fullmatch(aid) or aid in self._linked:
                 continue
             summary = npz.with_suffix(".json")
             try:
@@ -155,7 +184,7 @@ class Store:
                 self._avatars[aid] = info
             self._versions[aid] = 0
         for summary in self.avatars_dir.glob("av_*.json"):
-            if summary.stem not in self._avatars:
+            if summary.stem not in self._avatars and summary.stem not in self._linked:
                 summary.unlink(missing_ok=True)
 
     @staticmethod
@@ -225,15 +254,17 @@ class Store:
         return target
 
     def subject_dir(self, sid: str) -> Path:
-        path = self._inside(self.subjects_dir, check_id(sid, "sb", "subject"))
-        if not (path / "subject.json").is_file():
+        path = self.subjects_dir / check_id(sid, "sb", "subject")
+        # A symlinked subject is skipped by listings, so it is absent here too rather than an escape.
+        if path.is_symlink() or not (self._inside(self.subjects_dir, sid) / "subject.json").is_file():
             raise WireError(ErrorCode.NOT_FOUND, f"no subject {sid} in the store")
         return path
 
     def subjects(self) -> list[dict[str, Any]]:
         out = []
         for path in sorted(self.subjects_dir.iterdir()):
-            if ID.fullmatch(path.name) and path.name.startswith("sb_"):
+            # Checked on every listing: a link made after start-up is skipped too.
+            if ID.fullmatch(path.name) and path.name.startswith("sb_") and not path.is_symlink():
                 try:
                     info = json.loads((path / "subject.json").read_text())
                     out.append(
@@ -269,6 +300,17 @@ class Store:
     def delete_inputs(self, key: str) -> None:
         shutil.rmtree(self._input_dir(key), ignore_errors=True)
 
+    def prune_inputs(self, keep: set[str]) -> None:
+        """Remove the uploads kept under every key not in ``keep`` (no job can read them any more)."""
+        for entry in self.inputs_dir.iterdir():
+            if entry.name in keep or entry.is_symlink():  # a link is left alone, as everywhere in the store
+                continue
+            log.info("store: removing inputs/%s, uploads no job can use", entry.name)
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     # -- job records -----------------------------------------------------------------------
 
     def put_job(self, record: dict[str, Any]) -> None:
@@ -277,7 +319,7 @@ class Store:
     def job_records(self) -> list[dict[str, Any]]:
         out = []
         for path in sorted(self.jobs_dir.glob("jb_*.json")):
-            if ID.fullmatch(path.stem):
+            if ID.fullmatch(path.stem) and path.stem not in self._linked:
                 try:
                     out.append(json.loads(path.read_text()))
                 except (OSError, ValueError):
@@ -288,6 +330,16 @@ class Store:
         """Where job ``jid`` keeps its resumable state (e.g. a refinement checkpoint)."""
         return self._inside(self.jobs_dir, check_id(jid, "jb") + ".ckpt")
 
+    def _remove_partials(self) -> None:
+        """Checkpoints a crash left half-written: no run will ever finish them."""
+        for stale in self.jobs_dir.glob("*" + PARTIAL):
+            if stale.is_symlink():  # a link is left alone, as everywhere in the store
+                continue
+            log.info("store: removing jobs/%s, a checkpoint that was being written when the service stopped", stale.name)
+            stale.unlink()
+
     def delete_job(self, jid: str) -> None:
-        self.job_checkpoint(jid).unlink(missing_ok=True)
+        ckpt = self.job_checkpoint(jid)
+        ckpt.unlink(missing_ok=True)
+        ckpt.with_name(ckpt.name + PARTIAL).unlink(missing_ok=True)
         self._inside(self.jobs_dir, check_id(jid, "jb") + ".json").unlink(missing_ok=True)
