@@ -421,3 +421,40 @@ def test_a_reply_with_a_zero_size_but_huge_buffer_fails_its_request() -> None:
                 replies = client.poll(100)
             assert replies[0].error is not None and replies[0].error.code == ErrorCode.MALFORMED
             assert "buffers[0].shape" in replies[0].error.message and client.pending == []
+
+
+def test_a_default_socket_that_reads_nothing_gets_a_window_then_a_dropped_stream(tmp_path: Path, head: HeadModel, caplog: pytest.LogCaptureFixture) -> None:
+    """Default service settings and a raw DEALER with default options (its I/O thread
+    drains the socket whether or not the program reads): a 200-frame render runs at most
+    one window of replies ahead of acknowledgements, then is dropped with a final 'busy'
+    reply, and the service goes on serving."""
+    caplog.set_level(logging.INFO, logger="spatialavatar.server")
+    with service_thread(tmp_path / "store") as service, Client(service.endpoint, timeout_s=60) as client:
+        window = client.call("hello").result["limits"]["stream_window"]
+        aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 1000))}).result["avatar"]["id"]
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(service.endpoint)
+        try:
+            K, w2c = front_camera(32)
+            sock.send_multipart(encode_request("render", {"avatar": aid, "width": 32, "height": 32}, flame_buffers(head, 200) | {"intrinsics": K, "world_to_cam": w2c})[1])
+            replies = []
+            while not replies or not replies[-1].final:
+                assert sock.poll(30_000), f"no final reply after {len(replies)} replies"
+                replies.append(decode_reply(sock.recv_multipart()))
+        finally:
+            sock.close()
+        assert len(replies) == window + 1 and [r.seq for r in replies] == list(range(window + 1))
+        assert replies[-1].error is not None and replies[-1].error.code == ErrorCode.BUSY and "stream dropped" in replies[-1].error.message
+        assert "its stream is dropped" in caplog.text
+        assert client.call("render", *render_request(aid, head, 1)).final
+
+
+def test_a_reading_client_gets_a_stream_longer_than_the_window(served, head: HeadModel) -> None:
+    """The client library acknowledges each reply, so a 40-frame stream arrives whole."""
+    _, client, aid, _ = served
+    window = client.call("hello").result["limits"]["stream_window"]
+    frames = 40
+    assert frames > 2 * window
+    replies = list(client.stream("render", *render_request(aid, head, frames)))
+    assert [r.seq for r in replies] == list(range(frames)) and replies[-1].final and all(r.error is None for r in replies)

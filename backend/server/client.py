@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from backend.server.protocol import Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request, salvage_id
+from backend.server.protocol import ACK, Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request, salvage_id
 from backend.server.shared_frames import SlotReader
 from backend.server.security import ClientKeys, secure_client
 
@@ -247,7 +247,16 @@ class Client:
         pending.deadline = time.monotonic() + pending.timeout_s
         if reply.final:
             del self._pending[reply.id]
+        else:
+            self._acknowledge(reply)
         self._ready.append(reply)
+
+    def _acknowledge(self, reply: Reply) -> None:
+        """Tell the service a stream's reply arrived: it runs a stream only a window of
+        replies ahead of the last acknowledged one (its credit; no reply comes to this)."""
+        assert self._socket is not None
+        _, frames = encode_request(ACK, {"request": reply.id, "seq": reply.seq}, limits=self.limits)
+        self._socket.send_multipart(frames, copy=False)
 
     def _expire(self) -> None:
         now = time.monotonic()

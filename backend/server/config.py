@@ -60,8 +60,10 @@ class ServiceConfig:
     limits: message size limits.
     requests: what one request may ask for.
     max_pending: device requests waiting for the worker before new ones get "busy".
-    send_timeout_s: how long a reply may wait for a client that stopped reading before its stream is dropped.
+    send_timeout_s: how long a stream waits for a client that stopped reading (no ``ack``
+        of its replies, or a full socket) before the stream is dropped.
     send_hwm: replies queued per client.
+    stream_window: replies a stream may run ahead of the last one its client acknowledged.
     watch_interval_s: a job watcher hears from the service at least this often.
     replay_size: final replies remembered for clients that retry a non-idempotent request.
     shared_slots: shared-memory slots for the render replies of clients on this machine that
@@ -79,6 +81,7 @@ class ServiceConfig:
     max_pending: int = 64
     send_timeout_s: float = 1.0
     send_hwm: int = 256
+    stream_window: int = 16
     watch_interval_s: float = 1.0
     replay_size: int = 256
     shared_slots: int = 8

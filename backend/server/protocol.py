@@ -55,6 +55,9 @@ _REPLY_KEYS = frozenset({"protocol", "id", "op", "status", "seq", "final", "resu
 _BUFFER_KEYS = frozenset({"name", "dtype", "shape"})
 
 
+ACK = "ack"  # client -> service: reply ``seq`` of stream ``request`` arrived (credit; never answered)
+
+
 class ErrorCode(StrEnum):
     """Machine-readable error codes; every error reply also carries a one-sentence message."""
 

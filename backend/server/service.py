@@ -45,6 +45,7 @@ from backend.server.ops import (
 from backend.server.ops_jobs import op_generate, op_initialize, op_refine, op_synthesize, op_track
 from backend.server.ops_pose import op_deform, op_export, op_render
 from backend.server.protocol import (
+    ACK,
     DTYPES,
     PROTOCOL_VERSION,
     UNKNOWN_ID,
@@ -127,7 +128,7 @@ class Service:
             self.engine = Engine(config.flame, device, self.store)
             self.jobs = Jobs(self.store, job_kinds(self.engine, self.store, config.generator))
             self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop, self.slots)
-            self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending, self.slots)
+            self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending, self.slots, config.stream_window, config.send_timeout_s)
             self.socket = self._zmq.socket(zmq.ROUTER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of being silently fed
             self.socket.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
@@ -151,7 +152,7 @@ class Service:
 
     def _hello(self, secure: bool) -> dict[str, Any]:
         head = self.engine.head
-        capabilities = {op: {"available": True} for op in (*OPS, WATCH)}
+        capabilities = {op: {"available": True} for op in (*OPS, WATCH, ACK)}
         if importlib.util.find_spec("mediapipe") is None:
             capabilities["track"] = {"available": False, "reason": "tracking needs mediapipe, which is not installed with this service"}
         if not Path(self.config.generator or DEFAULT_CHECKPOINT).is_file():
@@ -183,6 +184,8 @@ class Service:
                 "max_frames": req.max_frames,
                 "max_image_side": req.max_image_side,
                 "max_upload_bytes": req.max_upload_bytes,
+                "stream_window": self.config.stream_window,
+                "stream_stall_s": self.config.send_timeout_s,
             },
         }
 
@@ -262,6 +265,9 @@ class Service:
         if req.op == WATCH:
             self._watch(envelope, req)
             return
+        if req.op == ACK:
+            self._ack(envelope, req)
+            return
         op = OPS.get(req.op)
         if op is None:
             self._send(envelope, encode_error(req.id, req.op, ErrorCode.UNKNOWN_OP, f"unknown operation '{req.op}'; hello lists them"))
@@ -340,6 +346,17 @@ class Service:
             if not task.abandoned.is_set() and not self._send(task.envelope, frames):
                 task.abandoned.set()
                 log.info("a client is gone or not reading: the rest of its stream is skipped")
+
+    def _ack(self, envelope: list[bytes], req: Request) -> None:
+        """Credit for a stream of this client; answered only when malformed."""
+        try:
+            a = Args(req)
+            request_id, seq = a.str("request"), a.int("seq", lo=0)
+            a.done()
+        except Exception as exc:
+            self._send(envelope, error_frames(req.id, req.op, exc))
+            return
+        self.worker.credit(envelope, request_id, seq)
 
     # -- job watchers ----------------------------------------------------------------------
 
