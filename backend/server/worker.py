@@ -92,7 +92,10 @@ class Worker:
     def credit(self, envelope: list[bytes], request_id: str, seq: int) -> None:
         """The client read reply ``seq`` of ``request_id`` (called on the service thread)."""
         self._credits.put(((bytes(envelope[0]) if envelope else b"", request_id), seq))
-        self.wake()
+        # Only an idle worker needs waking (a busy one tends its streams between requests and
+        # job steps); a wake-up per ack would fill the queue that max_pending counts.
+        if self._tasks.empty():
+            self.wake()
 
     def wake(self) -> None:
         """Look for queued jobs now."""
