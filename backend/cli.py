@@ -389,7 +389,11 @@ def cmd_blender_render(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--flame", metavar="PATH", help="FLAME model folder or file (default: $SPATIALAVATAR_FLAME, else the built-in head)")
+    common.add_argument(
+        "--flame",
+        metavar="PATH",
+        help="head model: a FLAME folder or file, 'builtin' or 'ict' (the shipped ICT-FaceKit head); default: $SPATIALAVATAR_FLAME, else builtin",
+    )
     common.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: CUDA when present)")
 

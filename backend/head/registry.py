@@ -1,4 +1,4 @@
-"""Which head model to use: a real FLAME from a user path, or the built-in head."""
+"""Which head model to use: a real FLAME from a user path, the built-in head or the ICT head."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from backend.head.model import HeadModel, HeadModelData
 
 FLAME_ENV = "SPATIALAVATAR_FLAME"
 BUILTIN = "builtin"
+ICT = "ict"  # ICT-FaceKit in FLAME's layout, shipped in backend/head/ict/data
 
 
 def resolve_flame_path(flame: str | os.PathLike | None) -> str:
@@ -29,6 +30,10 @@ def _load_data(source: str) -> HeadModelData:
         from backend.head.builtin import build_builtin_head
 
         return build_builtin_head()
+    if source == ICT:
+        from backend.head.ict import load_ict_head
+
+        return load_ict_head()
     from backend.head.flame_files import read_flame
 
     return read_flame(Path(source))
@@ -39,7 +44,7 @@ def load_head_data(flame: str | os.PathLike | None = None) -> HeadModelData:
 
 
 def load_head_model(flame: str | os.PathLike | None = None) -> HeadModel:
-    """A HeadModel on the CPU. ``flame``: a FLAME folder or file, or None for the default."""
+    """A HeadModel on the CPU. ``flame``: a FLAME folder or file, "builtin", "ict", or None for the default."""
     return HeadModel(load_head_data(flame))
 
 
