@@ -98,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("data/real"), help="benchmark data folder (ignored by git)")
     ap.add_argument("--sources", type=Path, default=SOURCES, help="the list of clips and photos")
+    ap.add_argument("--flame", help="head model for tracking and scoring ('ict', a FLAME folder; default the built-in head); its subjects and results get folders of their own")
     sub = ap.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("prepare", help="copy the media out of repository snapshots and write the manifest")
     p.add_argument("--snapshot", action="append", default=[], metavar="OWNER/NAME=PATH", help="a git directory or checkout of that repository")
@@ -118,7 +119,7 @@ def main() -> None:
     p.add_argument("--figures", type=Path, help="also copy the representative figures here")
     p.set_defaults(fn=cmd_report)
     args = ap.parse_args()
-    args.fn(args, Layout(args.data), Sources.load(args.sources))
+    args.fn(args, Layout(args.data, args.flame), Sources.load(args.sources))
 
 
 if __name__ == "__main__":

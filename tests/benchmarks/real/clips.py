@@ -165,7 +165,7 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.json"
     report = json.loads(path.read_text()) if path.is_file() else {"clip": name, "methods": {}}
-    head = load_head_model().to(device)
+    head = load_head_model(layout.head).to(device)
     subject = _subject(name, layout)
     report["subject"] = {"frames": subject.num_frames, "train": len(subject.split["train"]), "test": len(subject.split["test"]), "size": subject.info.width}
     frames = picture_frames(subject)

@@ -24,9 +24,15 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 @dataclass(frozen=True)
 class Layout:
-    """Folders of one benchmark data root (ignored by git)."""
+    """Folders of one benchmark data root (ignored by git). Subjects and results of a head
+    model other than the default (``head``, e.g. "ict") live in folders of their own."""
 
     root: Path
+    head: str | None = None
+
+    @property
+    def _suffix(self) -> str:
+        return f"_{Path(self.head).name}" if self.head else ""
 
     @property
     def media(self) -> Path:
@@ -38,15 +44,15 @@ class Layout:
 
     @property
     def subjects(self) -> Path:
-        return self.root / "subjects"
+        return self.root / f"subjects{self._suffix}"
 
     @property
     def packs(self) -> Path:
-        return self.root / "packs"
+        return self.root / f"packs{self._suffix}"
 
     @property
     def results(self) -> Path:
-        return self.root / "results"
+        return self.root / f"results{self._suffix}"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log) -
     from backend.head.registry import load_head_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    head = load_head_model().to(device)
+    head = load_head_model(layout.head).to(device)
     subject = _subject(photos.name, layout)
     n = subject.num_frames
     if n < 3:

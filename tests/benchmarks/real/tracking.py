@@ -23,7 +23,7 @@ TRACK_SUMMARY = "track_summary.json"
 SUBJECT_FILES = ("subject.json", "flame_param.npz", "cameras.npz", "landmarks.npz", TRACK_SUMMARY)
 
 
-def _track(inputs: list[Path], out: Path, protocol: Protocol, stride: int, log) -> dict:  # type: ignore[no-untyped-def]
+def _track(inputs: list[Path], out: Path, head: str | None, protocol: Protocol, stride: int, log) -> dict:  # type: ignore[no-untyped-def]
     from backend.head.registry import load_head_model
     from backend.tracking import TrackConfig, track
     from backend.tracking.crop import CropConfig
@@ -31,7 +31,7 @@ def _track(inputs: list[Path], out: Path, protocol: Protocol, stride: int, log) 
 
     config = TrackConfig(crop=CropConfig(size=protocol.size), frames=FrameRange(stride=stride))
     t0 = time.perf_counter()
-    result = track([str(p) for p in inputs], out, load_head_model(), config, warn=lambda m: log(f"  warning: {m}"))
+    result = track([str(p) for p in inputs], out, load_head_model(head), config, warn=lambda m: log(f"  warning: {m}"))
     summary = result.summary() | {"stride": stride, "wall_seconds": round(time.perf_counter() - t0, 1)}
     (out / TRACK_SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary
@@ -44,7 +44,7 @@ def track_clip(clip: Clip, layout: Layout, protocol: Protocol, log) -> dict:  # 
         return json.loads((out / TRACK_SUMMARY).read_text())
     manifest = {e["file"]: e for e in json.loads(layout.manifest.read_text())["files"]}
     frames = manifest[clip.file.local_name]["frames"]
-    return _track([layout.media / clip.file.local_name], out, protocol, clip_stride(frames, protocol.max_frames), log)
+    return _track([layout.media / clip.file.local_name], out, layout.head, protocol, clip_stride(frames, protocol.max_frames), log)
 
 
 def track_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log) -> dict:  # type: ignore[no-untyped-def]
@@ -52,7 +52,7 @@ def track_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log) -> d
     out = layout.subjects / photos.name
     if (out / TRACK_SUMMARY).is_file():
         return json.loads((out / TRACK_SUMMARY).read_text())
-    return _track([layout.media / f.local_name for f in photos.files], out, protocol, 1, log)
+    return _track([layout.media / f.local_name for f in photos.files], out, layout.head, protocol, 1, log)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
