@@ -43,6 +43,15 @@ SCLERA_POLYGONS = 800
 EYE_CHART_FILL = 0.9
 
 
+def arkit_name(ict_name: str) -> str:
+    """ARKit's spelling of an ICT expression name: ``mouthSmile_L`` -> ``mouthSmileLeft``, the
+    names artists animate with (iPhone face capture, MetaHuman, VRM). ICT's two extras beyond
+    ARKit's 52 (cheekPuff split per side; no tongueOut) are spelt the same way."""
+    for suffix, side in (("_L", "Left"), ("_R", "Right")):
+        if ict_name.endswith(suffix):
+            return ict_name[: -len(suffix)] + side
+    return ict_name
+
 def _part(name: str) -> IctPart:
     return next(p for p in PARTS if p.name == name)
 
@@ -192,6 +201,7 @@ def build_arrays(snapshot: Snapshot) -> tuple[dict[str, np.ndarray], dict[str, f
     names = snapshot.expression_names()
     identity = np.stack([snapshot.positions(f"identity{i:03d}")[keep] - mesh.vertices[keep] for i in range(NUM_IDENTITIES)]) * CM_TO_M
     expression = np.stack([snapshot.positions(n)[keep] - mesh.vertices[keep] for n in names]) * CM_TO_M
+    names = tuple(arkit_name(n) for n in names)
 
     # Rig (see rig.py): jaw from ICT's own jawOpen, eyes at their sphere centres.
     jaw_open = expression[names.index("jawOpen")]
