@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -90,3 +91,21 @@ def test_render_is_answered_while_a_refinement_runs(served, head: HeadModel) -> 
     with pytest.raises(WireError) as err:
         client.call("resume", {"job": jid})
     assert err.value.code == ErrorCode.CONFLICT
+
+
+def test_a_job_running_when_the_service_died_says_running_even_before_its_first_step(tmp_path: Path) -> None:
+    """The record's state, not its step count, tells whether a job was running: a job killed
+    in its first second (no step saved yet) used to be reported as having been queued."""
+    from backend.server.jobs import JobRecord, JobState
+    from backend.server.store import Store
+
+    store = Store(tmp_path / "store")
+    running = JobRecord(id="jb_" + "1" * 16, kind="synthesize", params={}, request_id="r1", state=JobState.RUNNING, step=0)
+    queued = JobRecord(id="jb_" + "2" * 16, kind="synthesize", params={}, request_id="r2", state=JobState.QUEUED)
+    for rec in (running, queued):
+        store.put_job(rec.to_json())
+    store.close()
+    with service_thread(tmp_path / "store") as service, Client(service.endpoint, timeout_s=60) as client:
+        jobs = {j["id"]: j for j in client.call("list", {"kind": "jobs"}).result["jobs"]}
+    assert jobs[running.id]["state"] == "interrupted" and jobs[running.id]["message"].endswith("was running")
+    assert jobs[queued.id]["state"] == "interrupted" and jobs[queued.id]["message"].endswith("was queued")

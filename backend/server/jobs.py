@@ -119,9 +119,9 @@ class Jobs:
                 log.error("jobs: skipping a job record with unknown fields (%s)", raw.get("id"))
                 continue
             if rec.state in ACTIVE:
+                rec.message = f"the service stopped while this job was {rec.state}"
                 rec.state = JobState.INTERRUPTED
                 rec.resumable = rec.kind in kinds and kinds[rec.kind].resumable
-                rec.message = "the service stopped while this job was " + ("running" if rec.step else "queued")
                 store.put_job(rec.to_json())
             self._records[rec.id] = rec
         store.prune_inputs({rec.params["out"] for rec in self._records.values() if rec.resumable and "out" in rec.params})

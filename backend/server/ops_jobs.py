@@ -9,6 +9,8 @@ the job, so a resumed job finds them, and removed once no run of it can use them
 
 from __future__ import annotations
 
+import json
+
 from backend.errors import InputError
 from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
 from backend.server.args import Args
@@ -58,12 +60,13 @@ def op_initialize(ctx: OpContext, req: Request) -> Part:
     """A new avatar laid on a stored subject's surface, then scored on every frame of it."""
     a = Args(req)
     subject = check_id(a.str("subject"), "sb", "subject")
-    ctx.store.subject_dir(subject)
+    info = json.loads((ctx.store.subject_dir(subject) / "subject.json").read_text())
     params = {
         "subject": subject,
         "gaussians": a.int("gaussians", 100_000, lo=MIN_GAUSSIANS, hi=min(MAX_GAUSSIANS, ctx.config.requests.max_gaussians)),
-        "frame": a.int("frame", 0, lo=0),
-        "camera": a.int("camera", 0, lo=0),
+        # Checked against the subject here, so a bad reference view never becomes a job.
+        "frame": a.int("frame", 0, lo=0, hi=int(info["num_frames"]) - 1),
+        "camera": a.int("camera", 0, lo=0, hi=int(info["num_cameras"]) - 1),
         "name": a.str("name", None),
     }
     a.done()

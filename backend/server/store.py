@@ -72,7 +72,8 @@ class AvatarInfo:
 def check_id(value: Any, prefix: str, field: str = "id") -> str:
     """``value`` when it is a well-formed id of kind ``prefix`` ("av", "sb", "jb"); else invalid_argument."""
     if not isinstance(value, str) or not ID.fullmatch(value) or not value.startswith(prefix + "_"):
-        raise WireError(ErrorCode.INVALID_ARGUMENT, f"'{field}' must be a {KIND_NAMES[prefix]} id like {prefix}_0123456789abcdef")
+        kind = KIND_NAMES[prefix]
+        raise WireError(ErrorCode.INVALID_ARGUMENT, f"'{field}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind} id like {prefix}_0123456789abcdef")
     return value
 
 
