@@ -64,6 +64,21 @@ class Case:
     single: bool = True
 
 
+
+def lying_sh_header(arrays: dict[str, np.ndarray]) -> bytes:
+    """An avatar .npz whose 'sh' header claims 4M x 16 x 3 floats (768 MiB) over a member of
+    a few bytes: a reader that trusts headers allocates it all."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for key, value in arrays.items():
+            with zf.open(f"{key}.npy", "w") as f:
+                if key == "sh":
+                    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (4_000_000, 16, 3)})
+                    f.write(b"\0" * 64)
+                else:
+                    np.lib.format.write_array(f, value)
+    return buf.getvalue()
+
 def outcome(reply: Any) -> str:
     """ "ok" or the reply's error code."""
     return str(reply.error.code) if reply.error is not None else "ok"
@@ -371,16 +386,7 @@ def hostile_avatar_files(head: HeadModel, max_gaussians: int) -> list[tuple[str,
             FILE_REFUSED,
         )
     )
-    liar = io.BytesIO()
-    with zipfile.ZipFile(liar, "w") as zf:
-        for key, value in good.items():
-            with zf.open(f"{key}.npy", "w") as f:
-                if key == "sh":
-                    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (4_000_000, 16, 3)})
-                    f.write(b"\0" * 64)
-                else:
-                    np.lib.format.write_array(f, value)
-    files.append(("a header that lies about its data", liar.getvalue(), FILE_REFUSED))
+    files.append(("a header that lies about its data", lying_sh_header(good), FILE_REFUSED))
     whole = _npz(good)
     files.append(("truncated", whole[: len(whole) // 2], FILE_REFUSED))
     files.append(("not a zip", b"hello, this is not an avatar", FILE_REFUSED))

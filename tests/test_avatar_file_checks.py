@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import tracemalloc
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from backend.gaussians.files import FileLimits, avatar_arrays, avatar_from_bytes
 from backend.head.model import HeadModel
 from backend.server.client import Client
 from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
+from tests.hostile_messages import lying_sh_header
 from tests.test_server_support import npz_buffer, service_thread, small_avatar
 
 
@@ -102,17 +102,7 @@ def test_a_decompression_bomb_is_refused_before_it_inflates(head: HeadModel) -> 
     with pytest.raises(InputError, match="unknown member"):
         avatar_from_bytes(bomb)
 
-    # 'sh' claims 4M x 16 x 3 floats (768 MiB) but the member holds a few bytes.
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for key, value in arrays.items():
-            with zf.open(f"{key}.npy", "w") as f:
-                if key == "sh":
-                    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (4_000_000, 16, 3)})
-                    f.write(b"\0" * 64)
-                else:
-                    np.lib.format.write_array(f, value)
-    liar = buf.getvalue()
+    liar = lying_sh_header(arrays)
     assert _peak_bytes(lambda: avatar_from_bytes(liar, limits=FileLimits(max_gaussians=1000))) < 16 * 2**20
     with pytest.raises(InputError, match="'sh'"):
         avatar_from_bytes(liar, limits=FileLimits(max_gaussians=1000))

@@ -26,6 +26,7 @@ from backend.server.config import RequestLimits
 from backend.server.protocol import ErrorCode, Limits, WireError, decode_reply, encode_request
 from backend.server.service import Service
 from tests.hostile_messages import (
+    ESCAPING_IDS,
     REPLY_WAIT_MS,
     Case,
     Sampler,
@@ -121,16 +122,7 @@ def hostile(draw, seeds: list[list[bytes]]) -> list[bytes]:  # type: ignore[no-u
         header["op"] = draw(st.sampled_from(["get", "delete", "export", "render"]))
         header["args"] = {
             draw(st.sampled_from(["id", "avatar"])): draw(
-                st.sampled_from(
-                    [
-                        "../../etc/passwd",
-                        "/etc/passwd",
-                        "av_../../x",
-                        "av_0123456789abcdef/../..",
-                        "av_0123456789ABCDEF",
-                        "av_0123456789abcdef\n",
-                    ]
-                )
+                st.sampled_from(ESCAPING_IDS)
             )
         }
     frames[0] = json.dumps(header).encode()
