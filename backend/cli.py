@@ -232,6 +232,17 @@ def cmd_convert(args: argparse.Namespace) -> dict:
     return {"subject": str(root)}
 
 
+def cmd_arkit(args: argparse.Namespace) -> dict:
+    """A Live Link Face CSV (ARKit curves) -> flame_param.npz for the head model, resampled."""
+    from backend.head.arkit_curves import read_live_link_csv, resample, to_flame_params
+
+    curves = resample(read_live_link_csv(args.csv, args.source_fps), args.fps)
+    params, missing = to_flame_params(curves, _head(args).data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    params.save(args.out)
+    return {"out": str(args.out), "frames": params.batch_size, "fps": args.fps, "channels_not_in_head": missing}
+
+
 def cmd_track(args: argparse.Namespace) -> dict:
     """Photos / a video / a folder of frames of one person -> a subject folder (offline)."""
     from backend.tracking import TrackConfig, track
@@ -464,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--test-frames", type=int, default=350, help="the benchmark tests on the last 350 frames")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV) -> flame_param.npz for a head named after ARKit (--flame ict)")
+    p.add_argument("csv", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="flame_param.npz to write")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second of the output")
+    p.add_argument("--source-fps", type=float, default=60.0, help="the recording's frame rate (its timecode counts frames at it)")
+    p.set_defaults(fn=cmd_arkit)
 
     p = sub.add_parser("track", parents=[common], help="track portrait photos, a video or a folder of frames of one person into a subject")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="1 to N photos of one person, a video file, or a folder of frames")
