@@ -98,7 +98,8 @@ def save_grid(rows: list[list[np.ndarray]], path: Path) -> None:
     Image.fromarray(np.concatenate([np.concatenate(r + [blank] * (width - len(r)), axis=1) for r in rows], axis=0)).save(path)
 
 
-def _subject(name: str, layout: Layout) -> Subject:
+def open_subject(name: str, layout: Layout) -> Subject:
+    """The subject ``name`` of the data folder, unpacked from its pack when only that travelled."""
     folder = layout.subjects / name
     if not (folder / "subject.json").is_file():
         unpack(layout.packs / f"{name}.tar", folder)
@@ -166,7 +167,7 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
     path = out / "scores.json"
     report = json.loads(path.read_text()) if path.is_file() else {"clip": name, "methods": {}}
     head = load_head_model(layout.head).to(device)
-    subject = _subject(name, layout)
+    subject = open_subject(name, layout)
     report["subject"] = {"frames": subject.num_frames, "train": len(subject.split["train"]), "test": len(subject.split["test"]), "size": subject.info.width}
     frames = picture_frames(subject)
     report["picture_frames"] = frames

@@ -17,7 +17,7 @@ import torch
 
 from backend.generate.model import MAX_SOURCES
 from backend.refine.evaluate import evaluate
-from tests.benchmarks.real.clips import Log, _subject, _tile, heldout_tiles, save_grid, turntable_tiles
+from tests.benchmarks.real.clips import Log, ground_truth_row, heldout_tiles, open_subject, save_grid, turntable_tiles
 from tests.benchmarks.real.data import Layout, PhotoSet
 from tests.benchmarks.real.protocol import Protocol
 
@@ -31,7 +31,7 @@ def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log) -
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     head = load_head_model(layout.head).to(device)
-    subject = _subject(photos.name, layout)
+    subject = open_subject(photos.name, layout)
     n = subject.num_frames
     if n < 3:
         raise SystemExit(f"{photos.name}: {n} photos tracked; leave-one-out needs at least 3")
@@ -40,8 +40,7 @@ def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log) -
     model = model.to(device)
     out = layout.results / photos.name
     out.mkdir(parents=True, exist_ok=True)
-    bg = subject.background()
-    rows: list[list[np.ndarray]] = [[_tile(subject.image(t) * subject.mask(t) + bg * (1 - subject.mask(t))) for t in range(n)]]
+    rows: list[list[np.ndarray]] = [ground_truth_row(subject, list(range(n)))]
     report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "k": {}}
     ks = list(range(1, min(MAX_SOURCES, n - 1) + 1))
     for k in ks:
