@@ -23,6 +23,7 @@ from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
 from backend.server.client import Client, can_share
+from backend.server.config import RequestLimits
 from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
 from backend.server.service import Service
 from backend.server.windows import full_frame
@@ -72,6 +73,11 @@ def test_hello_says_what_the_service_can_do(served) -> None:
     assert caps["track"]["available"] == (importlib.util.find_spec("mediapipe") is not None)
     assert not caps["generate"]["available"] and "generator checkpoint" in caps["generate"]["reason"]
     assert hello["head"]["name"] == "builtin-v1" and hello["secure"] is False
+    limits, requests = hello["limits"], RequestLimits()
+    assert (limits["max_video_frames"], limits["max_video_seconds"], limits["max_video_side"], limits["min_video_side"]) == (
+        requests.max_video_frames, requests.max_video_seconds, requests.max_video_side, requests.min_video_side
+    )
+    assert limits["stream_window"] >= 1 and limits["stream_stall_s"] > 0
 
 
 def test_hello_offers_generate_with_the_shipped_weights(tmp_path: Path) -> None:
