@@ -144,8 +144,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
-def avatar_from_arrays(arrays: dict[str, np.ndarray], source: str, limits: FileLimits = FileLimits()) -> Avatar:
-    """Validate arrays in the .npz layout and build the Avatar; errors name ``source`` and the field."""
+def _avatar_from_arrays(arrays: dict[str, np.ndarray], source: str, limits: FileLimits) -> Avatar:
+    """The Avatar from arrays as ``_read_arrays`` returns them (every array's dtype and shape
+    already checked against ``_LAYOUT``): the values checked; errors name ``source`` and the field."""
     fmt = arrays.get("format")
     if fmt is None or fmt.shape != () or str(fmt) != FORMAT:
         raise InputError(f"{source}: not a SpatialAvatar avatar file (format field missing or different)")
@@ -158,11 +159,6 @@ def avatar_from_arrays(arrays: dict[str, np.ndarray], source: str, limits: FileL
     missing = [k for k in required if k not in arrays]
     if missing:
         raise InputError(f"{source}: missing arrays {missing}")
-    sizes: dict[str, int] = {}
-    for key, a in arrays.items():
-        if key not in _LAYOUT:
-            raise InputError(f"{source}: unknown array '{key}'")
-        _check_header(key, a.dtype, a.shape, sizes, limits, source)
     try:
         meta = json.loads(str(arrays["meta"]), parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
@@ -276,7 +272,7 @@ def _load(file: Path | io.BytesIO, source: str, limits: FileLimits) -> Avatar:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"{source}: not a readable avatar .npz (truncated or corrupt: {exc})") from exc
-    return avatar_from_arrays(arrays, source, limits)
+    return _avatar_from_arrays(arrays, source, limits)
 
 
 def export_ply(splats: Splats, sh: torch.Tensor, path: str | Path) -> Path:
