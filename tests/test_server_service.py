@@ -27,6 +27,7 @@ from backend.server.config import RequestLimits
 from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
 from backend.server.service import Service
 from backend.server.windows import full_frame
+from tests.hostile_messages import connect
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, reference_render, service_thread, small_avatar
 
 SIZE = 64
@@ -394,10 +395,7 @@ def test_a_buffer_of_zero_size_but_huge_shape_is_answered_malformed(served) -> N
     """Over a real DEALER socket: the descriptor holds no bytes, so only its dimensions can
     be wrong; the service answers malformed (it used to send nothing) and keeps serving."""
     service, client, _, _ = served
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(service.endpoint)
+    sock = connect(service.endpoint)
     try:
         header = {"protocol": 1, "id": "huge1", "op": "hello", "args": {}, "buffers": EMPTY_BUT_HUGE}
         sock.send_multipart([b"", json.dumps(header).encode(), b""])
@@ -438,9 +436,7 @@ def test_a_default_socket_that_reads_nothing_gets_a_window_then_a_dropped_stream
     with service_thread(tmp_path / "store") as service, Client(service.endpoint, timeout_s=60) as client:
         window = client.call("hello").result["limits"]["stream_window"]
         aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 1000))}).result["avatar"]["id"]
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(service.endpoint)
+        sock = connect(service.endpoint)
         try:
             K, w2c = front_camera(32)
             sock.send_multipart(encode_request("render", {"avatar": aid, "width": 32, "height": 32}, flame_buffers(head, 200) | {"intrinsics": K, "world_to_cam": w2c})[1])

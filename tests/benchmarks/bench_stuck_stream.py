@@ -13,22 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import zmq
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backend.head.registry import load_head_model  # noqa: E402
 from backend.server.client import Client  # noqa: E402
 from backend.server.protocol import encode_request  # noqa: E402
+from tests.hostile_messages import connect, rss_mib  # noqa: E402
 from tests.test_server_support import ServiceProcess, flame_buffers, front_camera, npz_buffer, small_avatar  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -42,10 +34,8 @@ def main() -> None:
     try:
         with Client(service.endpoint, timeout_s=60) as client:
             aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 2000))}).result["avatar"]["id"]
-            print(f"service RSS before: {rss_mb(service.proc.pid):.0f} MB", flush=True)
-            sock = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(service.endpoint)
+            print(f"service RSS before: {rss_mib(service.proc.pid):.0f} MiB", flush=True)
+            sock = connect(service.endpoint)
             K, w2c = front_camera(args.size)
             render = {"avatar": aid, "width": args.size, "height": args.size}
             sock.send_multipart(encode_request("render", render, flame_buffers(head, args.frames) | {"intrinsics": K, "world_to_cam": w2c})[1])
@@ -53,7 +43,7 @@ def main() -> None:
                 time.sleep(2)
                 t0 = time.perf_counter()
                 client.call("hello")
-                print(f"t = {2 * (i + 1)} s: service RSS {rss_mb(service.proc.pid):.0f} MB, hello {1000 * (time.perf_counter() - t0):.1f} ms", flush=True)
+                print(f"t = {2 * (i + 1)} s: service RSS {rss_mib(service.proc.pid):.0f} MiB, hello {1000 * (time.perf_counter() - t0):.1f} ms", flush=True)
             held = 0
             while sock.poll(100):
                 sock.recv_multipart()
@@ -61,7 +51,7 @@ def main() -> None:
             sock.close(linger=0)
             time.sleep(3)
             print(f"replies the stuck socket was sent: {held} of {args.frames}", flush=True)
-            print(f"service RSS 3 s after it left: {rss_mb(service.proc.pid):.0f} MB", flush=True)
+            print(f"service RSS 3 s after it left: {rss_mib(service.proc.pid):.0f} MiB", flush=True)
     finally:
         service.stop()
 
