@@ -90,6 +90,16 @@ def test_a_bad_file_is_one_clear_error_and_nothing_is_written(tmp_path: Path, co
     assert done.returncode == 2 and words.split("'")[0].strip() in done.stderr and not out.exists()
 
 
+def test_a_frame_rate_that_is_not_positive_is_refused(tmp_path: Path) -> None:
+    curves = read_live_link_csv(recording(tmp_path / "take.csv"))
+    for fps in (0.0, -24.0):
+        with pytest.raises(InputError, match="--fps must be positive"):
+            resample(curves, fps)
+    out = tmp_path / "out.npz"
+    done = subprocess.run([sys.executable, "-m", "backend", "arkit", str(tmp_path / "take.csv"), "--out", str(out), "--flame", "ict", "--fps", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "--fps must be positive" in done.stderr and not out.exists()
+
+
 def test_a_head_without_arkit_names_says_so(tmp_path: Path) -> None:
     curves = read_live_link_csv(recording(tmp_path / "take.csv"))
     with pytest.raises(InputError, match="--flame ict"):

@@ -161,3 +161,14 @@ def test_rebuild_from_snapshot_matches_the_shipped_arrays(tmp_path) -> None:
     built = json.loads((tmp_path / CHECKSUMS_FILE).read_text())["arrays"]
     shipped = json.loads((DATA_DIR / CHECKSUMS_FILE).read_text())["arrays"]
     assert built == shipped
+
+
+def test_the_build_refuses_a_folder_that_is_no_snapshot(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """One line naming the folder, exit status 2, nothing written."""
+    from backend.head.ict.build import main
+
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
+        assert str(folder) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -170,3 +170,10 @@ def test_head_turn_and_picture_frames(head: HeadModel, tracked_like: Path) -> No
     turns = head_turn_deg(subject.params.index(test), subject.world_to_cam[test, 0])
     frames = picture_frames(subject)
     assert frames[-1] == test[int(turns.argmax())] and len(set(frames)) == len(frames) and set(frames) <= set(test)
+
+
+def test_a_subject_that_was_never_tracked_is_named_in_one_line(tmp_path: Path) -> None:
+    from tests.benchmarks.real.clips import open_subject
+
+    with pytest.raises(SystemExit, match="no subject 'nosuch'.*track and pack it first"):
+        open_subject("nosuch", Layout(tmp_path))

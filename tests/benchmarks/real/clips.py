@@ -102,7 +102,10 @@ def open_subject(name: str, layout: Layout) -> Subject:
     """The subject ``name`` of the data folder, unpacked from its pack when only that travelled."""
     folder = layout.subjects / name
     if not (folder / "subject.json").is_file():
-        unpack(layout.packs / f"{name}.tar", folder)
+        pack = layout.packs / f"{name}.tar"
+        if not pack.is_file():
+            raise SystemExit(f"no subject '{name}': neither {folder} nor {pack} exists (track and pack it first)")
+        unpack(pack, folder)
     return Subject.load(folder)
 
 
