@@ -126,6 +126,7 @@ def cmd_render(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     params = FlameParams.load(args.anim)
+    params.check_head(head.name, head.expr_names, str(args.anim))
     view = ViewConfig(size=args.size, turntable_degrees=args.turntable)
     cams = view_cameras(view, params.batch_size)
     t0 = time.perf_counter()
@@ -170,6 +171,8 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     subject = Subject.load(args.subject)
+    # Refinement poses the head unchecked in its loop, so the subject's names are checked here.
+    subject.params.check_head(head.name, head.expr_names, str(subject.root / "flame_param.npz"))
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
     config = preset(args.preset, iterations=args.iters, finetune_flame=args.finetune_flame, seed=args.seed)
@@ -322,6 +325,7 @@ def cmd_export_ply(args: argparse.Namespace) -> dict:
     params = head.neutral_params(1)
     if args.anim:
         anim = FlameParams.load(args.anim)
+        anim.check_head(head.name, head.expr_names, str(args.anim))
         if not 0 <= args.frame < anim.batch_size:
             raise SpatialAvatarError(f"--frame {args.frame} is outside the animation's {anim.batch_size} frames")
         params = anim.index([args.frame])

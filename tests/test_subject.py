@@ -32,6 +32,7 @@ def test_synthetic_subject_validates_against_format(head: HeadModel, synthetic) 
     s = Subject.load(synthetic)
     assert s.num_frames == 5 and s.num_cameras == 2
     assert s.info.source == "synthetic" and s.info.head_model == head.name
+    assert s.params.expr_names == head.expr_names  # flame_param.npz names the head's expressions
     assert s.split["test"] == [4]
     img, mask = s.image(4, 1), s.mask(4, 1)
     assert img.shape == (64, 64, 3) and mask.shape == (64, 64, 1)

@@ -67,6 +67,7 @@ def test_astronaut_subject_is_complete(tracked, head: HeadModel) -> None:  # typ
     subject = Subject.load(tracked.root)
     assert (subject.info.width, subject.info.height, subject.num_frames, subject.num_cameras) == (512, 512, 1, 1)
     assert subject.info.source == "tracked" and subject.info.head_model == head.name
+    assert subject.params.expr_names == head.expr_names  # flame_param.npz names the head's expressions
     assert subject.split == {"train": [0], "test": []}
     img, mask = subject.image(0), subject.mask(0)[..., 0]
     # The crop is centred on the face: the mask is on at the face centre and off in the top corners.

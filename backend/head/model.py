@@ -156,12 +156,13 @@ class HeadModel(torch.nn.Module):
         return self.data.num_faces
 
     def neutral_params(self, batch: int = 1) -> FlameParams:
-        return FlameParams.neutral(batch, self.n_shape, self.n_expr, device=self.v_template.device)
+        return FlameParams.neutral(batch, self.n_shape, self.n_expr, device=self.v_template.device, expr_names=self.expr_names)
 
     def forward(self, params: FlameParams, check: bool = True) -> HeadOutput:
         """Pose the model. ``check=False`` skips validation (a device sync) in inner loops."""
         if check:
             params.validate()
+            params.check_head(self.name, self.expr_names)
         # Files from other tools carry 300 / 100 coefficients, ours may carry fewer: pad or trim losslessly.
         params = params.conformed(self.n_shape, self.n_expr)
         b = params.batch_size

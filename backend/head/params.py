@@ -6,6 +6,7 @@ in metres. A batch of ``B`` parameter sets shares one identity (``shape``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from backend.errors import InputError
+from backend.head import expression_names
 
 # Per-frame pose fields and their trailing width.
 POSE_FIELDS: dict[str, int] = {
@@ -37,6 +39,9 @@ class FlameParams:
         eyes_pose: [B, 6] left then right eye, axis-angle each.
         translation: [B, 3] metres, applied after posing.
         static_offset: optional [V, 3] per-vertex offset of the template (metres).
+        expr_names: the names of the leading expression components in the head model the
+            parameters were made for (empty: not known); ``flame_param.npz`` keeps them,
+            and posing with another head's names is refused (``check_head``).
     """
 
     shape: torch.Tensor
@@ -47,10 +52,15 @@ class FlameParams:
     eyes_pose: torch.Tensor
     translation: torch.Tensor
     static_offset: torch.Tensor | None = None
+    expr_names: tuple[str, ...] = ()
 
     @property
     def batch_size(self) -> int:
         return int(self.expr.shape[0])
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor field by name (``static_offset`` only when set)."""
+        return {f.name: t for f in fields(self) if isinstance(t := getattr(self, f.name), torch.Tensor)}
 
     @classmethod
     def neutral(
@@ -60,8 +70,9 @@ class FlameParams:
         n_expr: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        expr_names: Sequence[str] = (),
     ) -> FlameParams:
-        """Zero expression, zero pose, mean identity."""
+        """Zero expression, zero pose, mean identity; ``expr_names``: the head's."""
 
         def z(*s: int) -> torch.Tensor:
             return torch.zeros(*s, device=device, dtype=dtype)
@@ -70,6 +81,7 @@ class FlameParams:
             shape=z(n_shape),
             expr=z(batch, n_expr),
             **{name: z(batch, width) for name, width in POSE_FIELDS.items()},
+            expr_names=tuple(expr_names),
         )
 
     def validate(self) -> None:
@@ -83,10 +95,13 @@ class FlameParams:
             t = getattr(self, name)
             if tuple(t.shape) != (b, width):
                 raise InputError(f"FLAME '{name}' must have shape [{b}, {width}], got {list(t.shape)}")
-        for f in fields(self):
-            t = getattr(self, f.name)
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise InputError(f"FLAME '{f.name}' contains NaN or Inf")
+        for name, t in self._tensors().items():
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"FLAME '{name}' contains NaN or Inf")
+
+    def check_head(self, head_name: str, head_expr_names: Sequence[str], source: str = "the FLAME parameters") -> None:
+        """InputError unless these parameters' expression names are the head's (none known: no check)."""
+        expression_names.check(self.expr_names, head_expr_names, f"head model '{head_name}'", source)
 
     def conformed(self, n_shape: int, n_expr: int) -> FlameParams:
         """These parameters for a model with ``n_shape`` / ``n_expr`` components.
@@ -106,10 +121,7 @@ class FlameParams:
         return replace(self, shape=fit(self.shape, n_shape, "shape"), expr=fit(self.expr, n_expr, "expr"))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlameParams:
-        return replace(
-            self,
-            **{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self) if getattr(self, f.name) is not None},
-        )
+        return replace(self, **{name: t.to(device=device, dtype=dtype) for name, t in self._tensors().items()})
 
     def index(self, idx: slice | list[int] | torch.Tensor) -> FlameParams:
         """Select frames; the identity (and static offset) is kept."""
@@ -117,15 +129,18 @@ class FlameParams:
         return replace(self, **per_frame)
 
     def detach_clone(self) -> FlameParams:
-        return replace(self, **{f.name: getattr(self, f.name).detach().clone() for f in fields(self) if getattr(self, f.name) is not None})
+        return replace(self, **{name: t.detach().clone() for name, t in self._tensors().items()})
 
     # -- the flame_param.npz layout (VHAP / GaussianAvatars) ---------------------------------
 
     def to_numpy_dict(self) -> dict[str, np.ndarray]:
-        """Arrays in the VHAP ``flame_param.npz`` layout: per-frame arrays are [T, k]."""
-        out = {f.name: getattr(self, f.name).detach().cpu().numpy().astype(np.float32) for f in fields(self) if getattr(self, f.name) is not None}
+        """Arrays in the VHAP ``flame_param.npz`` layout: per-frame arrays are [T, k]; the
+        expression names, when known, as ``expr_names`` [k] strings."""
+        out = {name: t.detach().cpu().numpy().astype(np.float32) for name, t in self._tensors().items()}
         if "static_offset" in out:
             out["static_offset"] = out["static_offset"][None]
+        if self.expr_names:
+            out[expression_names.KEY] = expression_names.to_array(self.expr_names)
         return out
 
     def save(self, path: str | Path) -> None:
@@ -136,7 +151,7 @@ class FlameParams:
         """Build from the VHAP layout; missing pose fields are zero, extra keys are ignored.
 
         ``shape`` may be [S] or [1, S] (both are in use); per-frame arrays [T, k]; a single
-        frame stored as [k] is accepted too.
+        frame stored as [k] is accepted too; ``expr_names`` [k] strings, when present.
         """
         if "expr" not in arrays:
             raise InputError(f"{source}: no 'expr' array; a flame_param.npz needs at least 'expr' [T, E]")
@@ -159,12 +174,14 @@ class FlameParams:
         if static is not None:
             static = np.asarray(static, dtype=np.float32)
             values["static_offset"] = torch.from_numpy(static.reshape(static.shape[-2], 3).copy())
-        params = cls(**values)
+        params = cls(**values, expr_names=expression_names.from_arrays(arrays, expr.shape[1], source))
         params.validate()
         return params
 
     @classmethod
     def load(cls, path: str | Path) -> FlameParams:
+        """A ``flame_param.npz``; its expression names are checked when a head poses it
+        (``HeadModel`` calls ``check_head``), or earlier by the caller."""
         path = Path(path)
         if not path.is_file():
             raise InputError(f"FLAME parameter file not found: {path}")
