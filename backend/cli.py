@@ -237,7 +237,8 @@ def cmd_convert(args: argparse.Namespace) -> dict:
 
 def cmd_arkit(args: argparse.Namespace) -> dict:
     """A Live Link Face CSV (ARKit curves) -> flame_param.npz for the head model, resampled."""
-    from backend.head.arkit_curves import read_live_link_csv, resample, to_flame_params
+    from backend.head.arkit_csv import read_live_link_csv, resample
+    from backend.head.arkit_curves import to_flame_params
 
     curves = resample(read_live_link_csv(args.csv, args.source_fps), args.fps)
     params, missing = to_flame_params(curves, _head(args).data)

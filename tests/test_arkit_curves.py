@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from backend.errors import InputError
-from backend.head.arkit_curves import read_live_link_csv, resample, to_flame_params
+from backend.head.arkit_csv import euler_to_axis_angle, read_live_link_csv, resample
+from backend.head.arkit_curves import to_flame_params
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import load_head_data
@@ -65,6 +66,10 @@ def test_the_command_writes_a_flame_param_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     params = FlameParams.load(out)
     assert params.batch_size == 25 and params.expr.shape[1] == 53
+    # The file names its channels after the head it was made for, so no other head takes it.
+    assert params.expr_names == load_head_data("ict").expr_names and "mouthSmileLeft" in params.expr_names
+    with pytest.raises(InputError, match="made for another head"):
+        params.check_head("builtin-v1", load_head_data("builtin").expr_names)
 
 
 @pytest.mark.parametrize(
@@ -105,3 +110,15 @@ def test_a_head_without_arkit_names_says_so(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--flame ict"):
         to_flame_params(curves, load_head_data("builtin"))
     assert torch.is_tensor(to_flame_params(curves, load_head_data("ict"))[0].expr)
+
+
+def test_head_angles_turn_as_scipys_intrinsic_yxz() -> None:
+    """The numpy conversion (the add-on has no scipy) agrees with scipy, half turns included."""
+    from scipy.spatial.transform import Rotation
+
+    angles = np.random.default_rng(0).uniform(-np.pi, np.pi, (500, 3))
+    angles[:3] = [[np.pi, 0, 0], [0, 0, 0], [1e-9, 0, 0]]
+    ours = euler_to_axis_angle(angles[:, 0], angles[:, 1], angles[:, 2])
+    theirs = Rotation.from_euler("YXZ", angles)
+    np.testing.assert_allclose(Rotation.from_rotvec(ours).as_matrix(), theirs.as_matrix(), atol=1e-9)
+    assert np.all(np.linalg.norm(ours, axis=1) <= np.pi + 1e-9)

@@ -1,136 +1,19 @@
-"""ARKit face curves (Live Link Face's CSV recordings from an iPhone) as FLAME parameters.
-
-A recording holds ARKit's 52 blendshape weights in [0, 1] per row, with the head's and the
-eyes' yaw, pitch and roll in radians. Each weight drives the head model's expression
-component of the same name (ARKit's spelling, compared without regard to the first letter's
-case: the CSV's ``MouthSmileLeft`` is the head's ``mouthSmileLeft``); the head's rotation
-drives the neck joint. A head whose expressions are not named after ARKit's (the built-in
-head) cannot take them, and says so.
-"""
+"""ARKit face curves (a Live Link Face CSV, read by ``arkit_csv``) as ``FlameParams`` for a head model."""
 
 from __future__ import annotations
 
-import csv
-import math
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from backend.errors import InputError
+from backend.head.arkit_csv import ArkitCurves, flame_channels
 from backend.head.model import HeadModelData
 from backend.head.params import FlameParams
 
-TIMECODE = "Timecode"
-HEAD_ANGLES = ("HeadYaw", "HeadPitch", "HeadRoll")
-# Live Link Face writes these beside the 52 weights; the eyes' own angles are not used
-# (the eyeLook* weights carry the gaze on heads that have them).
-NOT_WEIGHTS = frozenset({TIMECODE, "BlendShapeCount", *HEAD_ANGLES, *(f"{e}Eye{a}" for e in ("Left", "Right") for a in ("Yaw", "Pitch", "Roll"))})
-
-
-@dataclass(frozen=True)
-class ArkitCurves:
-    """One recording.
-
-    Attributes:
-        seconds: [T] time of each row from the first, seconds.
-        names: the weight columns, as the file spells them.
-        weights: [T, len(names)] in [0, 1].
-        head: [T, 3] yaw, pitch, roll in radians (zeros when the file has none).
-    """
-
-    seconds: np.ndarray
-    names: tuple[str, ...]
-    weights: np.ndarray
-    head: np.ndarray
-
-
-def _timecode_seconds(text: str, source_fps: float) -> float:
-    """``HH:MM:SS:FF.fff`` (the frame field counted at ``source_fps``) -> seconds."""
-    parts = text.strip().split(":")
-    if len(parts) != 4:
-        raise ValueError(f"timecode {text!r} is not HH:MM:SS:FF")
-    hours, minutes, secs, frames = (float(p) for p in parts)
-    return hours * 3600 + minutes * 60 + secs + frames / source_fps
-
-
-def read_live_link_csv(path: str | Path, source_fps: float = 60.0) -> ArkitCurves:
-    """Read a Live Link Face CSV; every problem is one InputError naming the file, row or
-    column. ``source_fps``: the recording's frame rate (its timecode counts frames at it)."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read as a text CSV ({exc})") from exc
-    if not rows or TIMECODE not in rows[0]:
-        raise InputError(f"{path}: not a Live Link Face recording (no '{TIMECODE}' column in the first row)")
-    header = [h.strip() for h in rows[0]]
-    weights_at = [i for i, h in enumerate(header) if h not in NOT_WEIGHTS]
-    if not weights_at:
-        raise InputError(f"{path}: no blendshape columns")
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
-    if not body:
-        raise InputError(f"{path}: no rows after the header")
-    seconds, weights, head = [], [], []
-    for n, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise InputError(f"{path}: row {n} has {len(row)} fields, the header {len(header)}")
-        try:
-            seconds.append(_timecode_seconds(row[header.index(TIMECODE)], source_fps))
-            weights.append([float(row[i]) for i in weights_at])
-            head.append([float(row[header.index(a)]) if a in header else 0.0 for a in HEAD_ANGLES])
-        except ValueError as exc:
-            raise InputError(f"{path}: row {n}: {exc}") from None
-    t = np.asarray(seconds, np.float64)
-    w = np.asarray(weights, np.float64)
-    if not np.isfinite(w).all() or not np.isfinite(np.asarray(head)).all():
-        raise InputError(f"{path}: holds NaN or Inf")
-    if np.any(np.diff(t) < 0):
-        raise InputError(f"{path}: its timecodes go backwards")
-    return ArkitCurves(t - t[0], tuple(header[i] for i in weights_at), w, np.asarray(head, np.float64))
-
-
-def _canonical(name: str) -> str:
-    return name[:1].lower() + name[1:]
-
-
-def resample(curves: ArkitCurves, fps: float) -> ArkitCurves:
-    """The curves at ``fps`` frames a second from the first row to the last (linear)."""
-    if fps <= 0:
-        raise InputError(f"--fps must be positive, got {fps}")
-    count = int(math.floor(curves.seconds[-1] * fps + 1e-9)) + 1
-    t = np.arange(count) / fps
-    weights = np.stack([np.interp(t, curves.seconds, curves.weights[:, k]) for k in range(curves.weights.shape[1])], axis=1)
-    head = np.stack([np.interp(t, curves.seconds, curves.head[:, k]) for k in range(3)], axis=1)
-    return ArkitCurves(t, curves.names, weights, head)
-
-
-def _euler_to_axis_angle(yaw: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
-    """[T, 3] axis-angle of R = Ry(yaw) Rx(pitch) Rz(roll) in FLAME's frame (+y up, +z forward)."""
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_euler("YXZ", np.stack([yaw, pitch, roll], axis=1)).as_rotvec()
-
 
 def to_flame_params(curves: ArkitCurves, head: HeadModelData) -> tuple[FlameParams, list[str]]:
-    """FLAME parameters [T] for ``head`` (neutral identity) and the ARKit names it has no
-    component for. InputError when it has none of them."""
-    index = {_canonical(n): i for i, n in enumerate(head.expr_names)}
-    used = [(k, index[_canonical(n)]) for k, n in enumerate(curves.names) if _canonical(n) in index]
-    if not used:
-        raise InputError(
-            f"head model '{head.name}' names no expression after ARKit's blendshapes ({', '.join(curves.names[:3])}, ...); "
-            "use a head that does, e.g. --flame ict"
-        )
-    params = FlameParams.neutral(len(curves.seconds), head.n_shape, head.n_expr)
-    expr = np.zeros((len(curves.seconds), head.n_expr), np.float32)
-    for column, component in used:
-        expr[:, component] = curves.weights[:, column]
-    params.expr = torch.from_numpy(expr)
-    # Yaw about FLAME's +y, pitch about +x, roll about +z, with the file's signs; not yet
-    # checked against a recording of a known head motion (docs/head.md).
-    params.neck_pose = torch.from_numpy(_euler_to_axis_angle(curves.head[:, 0], curves.head[:, 1], curves.head[:, 2]).astype(np.float32))
-    missing = [n for n in curves.names if _canonical(n) not in index]
-    return params, missing
+    """FLAME parameters [T] for ``head`` (neutral identity, its expression names kept) and the
+    ARKit names it has no component for. InputError when it has none of them."""
+    channels = flame_channels(curves, head.expr_names, head.n_expr, f"head model '{head.name}'")
+    params = FlameParams.neutral(len(curves.seconds), head.n_shape, head.n_expr, expr_names=head.expr_names)
+    params.expr = torch.from_numpy(channels.expr)
+    params.neck_pose = torch.from_numpy(channels.neck_pose)
+    return params, list(channels.missing)
