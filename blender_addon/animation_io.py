@@ -1,4 +1,5 @@
-"""flame_param.npz <-> keyframes on the object's FLAME properties, in bulk.
+"""flame_param.npz <-> keyframes on the object's FLAME properties, in bulk; ARKit face curves
+(a Live Link Face CSV) -> keyframes.
 
 Keys are written with ``keyframe_points.add`` + ``foreach_set`` (no per-frame operator). The
 F-curves live in the action's channel bag for the object's slot on Blender 4.4+ (layered
@@ -96,7 +97,7 @@ def export_animation(obj: bpy.types.Object, frame_start: float, frames: int, fra
         else:
             values[ch] = np.fromiter((fc.evaluate(float(f)) for f in at), np.float32, frames)
     shape = obj.get("spatialavatar_shape")
-    return FlameAnimation.from_channels(n_expr, values, frames, None if shape is None else np.asarray(shape, np.float32))
+    return FlameAnimation.from_channels(n_expr, values, frames, None if shape is None else np.asarray(shape, np.float32), group.names())
 
 
 def keyed_range(obj: bpy.types.Object) -> tuple[float, float] | None:
@@ -112,10 +113,30 @@ def keyed_range(obj: bpy.types.Object) -> tuple[float, float] | None:
     return None if lo > hi else (float(lo), float(hi))
 
 
+def _head(obj: bpy.types.Object) -> str:
+    """How error messages call the object's head model."""
+    return f"avatar object '{obj.name}'"
+
+
 def import_file(obj: bpy.types.Object, path: str | Path, frame_start: float, file_fps: float, scene_fps: float) -> FlameAnimation:
-    anim = flame_data.read_flame_npz(path)
+    """Key a flame_param.npz; a file made for a head with other expression names is refused
+    before anything is keyed."""
+    anim = flame_data.read_flame_npz(path, getattr(obj, flame_data.PROP_GROUP).names(), _head(obj))
     import_animation(obj, anim, frame_start, flame_data.frame_step_for(file_fps, scene_fps))
     return anim
+
+
+def import_arkit_file(
+    obj: bpy.types.Object, path: str | Path, frame_start: float, scene_fps: float, source_fps: float
+) -> tuple[FlameAnimation, tuple[str, ...]]:
+    """Key a Live Link Face CSV at the scene's rate, one key per scene frame from ``frame_start``:
+    the expressions by their ARKit names, the neck from the head's angles. The whole file is
+    read and matched before anything is keyed. Returns the animation and the file's weights the
+    head has no expression for."""
+    group = getattr(obj, flame_data.PROP_GROUP)
+    anim, missing = flame_data.read_arkit_csv(path, group.names(), group.expression_count, scene_fps, source_fps, _head(obj))
+    import_animation(obj, anim, frame_start, 1.0)
+    return anim, missing
 
 
 def export_file(obj: bpy.types.Object, path: str | Path, frame_start: float, frame_end: float, frame_step: float = 1.0) -> FlameAnimation:

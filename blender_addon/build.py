@@ -4,10 +4,10 @@
 
 Steps:
 1. stage: copy the add-on modules (blender_addon/*.py but this file) to the staging root,
-   the torch-free wire modules of backend/server (protocol, client, args, security),
-   backend/errors.py and backend/render/blender_camera_math.py to ``wire/``, with their
-   ``backend.*`` imports made relative, and the repository's blender_manifest.toml; there is
-   one copy of the protocol and of the camera conversion in git;
+   the torch-free backend modules it shares (WIRE_FILES: the wire modules of backend/server,
+   backend/errors.py, the camera conversion, the expression names of flame_param.npz and
+   the ARKit CSV reader) to ``wire/``, with their ``backend.*`` imports made relative, and
+   the repository's blender_manifest.toml; git holds one copy of each;
 2. optionally (``--wheels``, registry access at build time only) download pyzmq 26.x
    wheels for CPython 3.11 (Blender 4.2-5.0) and 3.13 (5.1+) and list them in the manifest;
 3. run Blender's own extension tool ``blender_ext.py build`` and then ``validate``. The tool is
@@ -27,7 +27,8 @@ from pathlib import Path
 ADDON = Path(__file__).resolve().parent
 ROOT = ADDON.parent
 MANIFEST = ROOT / "blender_manifest.toml"
-# The wire modules: (source, name in wire/). They import numpy and pyzmq, never torch.
+# The backend modules the add-on carries: (source, name in wire/). They import numpy and
+# pyzmq, never torch.
 WIRE_FILES = (
     ("backend/server/protocol.py", "protocol.py"),
     ("backend/server/client.py", "client.py"),
@@ -37,6 +38,8 @@ WIRE_FILES = (
     ("backend/server/security.py", "security.py"),
     ("backend/errors.py", "errors.py"),
     ("backend/render/blender_camera_math.py", "blender_camera_math.py"),  # the one Blender camera conversion
+    ("backend/head/expression_names.py", "expression_names.py"),  # flame_param.npz's expr_names and their check
+    ("backend/head/arkit_csv.py", "arkit_csv.py"),  # Live Link Face CSVs onto FLAME channels
 )
 PYZMQ = "pyzmq==26.4.0"  # 27.x ships cp312-abi3 wheels, which Blender reads as "3.12 only"
 PYTHONS = ("3.11", "3.13")
@@ -46,7 +49,9 @@ PLATFORMS = {  # Blender platform -> pip platform tag
     "macos-arm64": "macosx_11_0_arm64",
     "macos-x64": "macosx_10_15_x86_64",
 }
-_IMPORT = re.compile(r"^(\s*from )backend(?:\.server)?\.(\w+)( import .*)$", re.M)
+# ``backend.a.b`` -> its name in wire/, for the modules carried there.
+WIRE_MODULES = {src.removesuffix(".py").replace("/", "."): name.removesuffix(".py") for src, name in WIRE_FILES}
+_IMPORT = re.compile(r"^(\s*from )(backend(?:\.\w+)+)( import .*)$", re.M)
 
 
 class BuildError(RuntimeError):
@@ -58,8 +63,9 @@ def addon_modules() -> list[Path]:
 
 
 def relative_imports(source: str, name: str) -> str:
-    """``from backend.server.x import y`` / ``from backend.errors import y`` -> ``from .x import y``."""
-    out = _IMPORT.sub(r"\1.\2\3", source)
+    """``from backend.server.x import y`` / ``from backend.errors import y`` -> ``from .x import y``
+    for the modules in WIRE_FILES; any other backend import is an error."""
+    out = _IMPORT.sub(lambda m: f"{m[1]}.{WIRE_MODULES[m[2]]}{m[3]}" if m[2] in WIRE_MODULES else m[0], source)
     leftover = [line for line in out.splitlines() if re.match(r"\s*(from|import) backend\b", line)]
     if leftover:
         raise BuildError(f"{name}: imports the backend in a way the build cannot make relative: {leftover[0].strip()}")

@@ -1,4 +1,5 @@
-"""FLAME animation channels and the ``flame_param.npz`` layout (pure Python + numpy, no bpy).
+"""FLAME animation channels, the ``flame_param.npz`` layout and ARKit face curves (pure
+Python + numpy, no bpy).
 
 The avatar object stores its FLAME parameters in the ``spatialavatar_flame`` property group
 (see ``flame_props``); Blender vector properties hold at most 32 values, so the expression
@@ -14,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from .wire import arkit_csv, expression_names
+except ImportError:  # a development checkout: the same modules, from the backend package
+    from backend.head import arkit_csv, expression_names
 
 EXPR_CHUNK = 25  # values per expression vector property (Blender's limit is 32)
 EXPR_CHUNKS = 4  # 4 x 25 = the 100 expressions of FLAME 2020
@@ -64,6 +70,7 @@ class FlameAnimation:
     expr: np.ndarray
     poses: dict[str, np.ndarray]
     shape: np.ndarray | None = None  # identity coefficients [S], kept for the round trip
+    expr_names: tuple[str, ...] = ()  # the head's names of expr[:, :k]; empty when not known
 
     @property
     def frames(self) -> int:
@@ -81,7 +88,9 @@ class FlameAnimation:
         return out
 
     @classmethod
-    def from_channels(cls, n_expr: int, values: dict[Channel, np.ndarray], frames: int, shape: np.ndarray | None = None) -> FlameAnimation:
+    def from_channels(
+        cls, n_expr: int, values: dict[Channel, np.ndarray], frames: int, shape: np.ndarray | None = None, expr_names: Sequence[str] = ()
+    ) -> FlameAnimation:
         """The inverse of ``channels``: missing channels are zero."""
 
         def column(ch: Channel) -> np.ndarray:
@@ -90,11 +99,15 @@ class FlameAnimation:
 
         expr = np.stack([column(Channel(*expr_location(i))) for i in range(n_expr)], axis=1) if n_expr else np.zeros((frames, 0), np.float32)
         poses = {name: np.stack([column(Channel(name, k)) for k in range(w)], axis=1) for name, w in POSE_FIELDS.items()}
-        return cls(expr=expr.reshape(frames, n_expr), poses=poses, shape=shape)
+        return cls(expr=expr.reshape(frames, n_expr), poses=poses, shape=shape, expr_names=tuple(expr_names)[:n_expr])
 
 
-def read_flame_npz(path: str | Path) -> FlameAnimation:
-    """Read and check a flame_param.npz; missing pose fields are zero, ``expr`` is required."""
+def read_flame_npz(path: str | Path, head_names: Sequence[str] | None = None, head: str = "the avatar") -> FlameAnimation:
+    """Read and check a flame_param.npz; missing pose fields are zero, ``expr`` is required.
+
+    With ``head_names`` (the avatar's expression names), a file that names its expressions
+    otherwise is refused; ``head`` is how the message calls the avatar.
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -117,10 +130,12 @@ def read_flame_npz(path: str | Path) -> FlameAnimation:
         elif arr.shape != (frames, width):
             raise FlameFileError(f"{path.name}: '{name}' must have shape [{frames}, {width}], got {list(arr.shape)}")
         poses[name] = arr.astype(np.float32)
-    anim = FlameAnimation(expr.astype(np.float32), poses, data.get("shape"))
+    anim = FlameAnimation(expr.astype(np.float32), poses, data.get("shape"), expression_names.from_arrays(data, expr.shape[1], path.name))
     for name, arr in [("expr", anim.expr), *poses.items()]:
         if not np.isfinite(arr).all():
             raise FlameFileError(f"{path.name}: '{name}' holds NaN or Inf")
+    if head_names is not None:
+        expression_names.check(anim.expr_names, head_names, head, path.name)
     return anim
 
 
@@ -130,9 +145,26 @@ def write_flame_npz(path: str | Path, anim: FlameAnimation) -> Path:
     arrays = {"expr": anim.expr.astype(np.float32), **{k: v.astype(np.float32) for k, v in anim.poses.items()}}
     if anim.shape is not None:
         arrays["shape"] = np.asarray(anim.shape, np.float32)
+    if anim.expr_names:
+        arrays[expression_names.KEY] = expression_names.to_array(anim.expr_names)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
     return path
+
+
+def read_arkit_csv(
+    path: str | Path, expr_names: Sequence[str], n_expr: int, fps: float, source_fps: float, head: str = "the avatar"
+) -> tuple[FlameAnimation, tuple[str, ...]]:
+    """A Live Link Face CSV as an animation at ``fps`` for an avatar with ``n_expr`` expressions
+    named ``expr_names``: each ARKit weight on the expression of its name, the head's angles
+    on the neck, every other channel zero (what ``spatialavatar arkit`` writes). Also returns
+    the file's weights the avatar has no expression for. ``source_fps``: the recording's rate.
+    """
+    curves = arkit_csv.resample(arkit_csv.read_live_link_csv(path, source_fps), fps)
+    channels = arkit_csv.flame_channels(curves, expr_names, n_expr, head)
+    poses = {name: np.zeros((len(curves.seconds), width), np.float32) for name, width in POSE_FIELDS.items()}
+    poses["neck_pose"] = channels.neck_pose
+    return FlameAnimation(channels.expr, poses, expr_names=tuple(expr_names)[:n_expr]), channels.missing
 
 
 def keyframe_coords(values: np.ndarray, frame_start: float, frame_step: float) -> np.ndarray:

@@ -46,9 +46,12 @@ class SPATIALAVATAR_PG_flame(bpy.types.PropertyGroup):
 
     __annotations__ = _group_annotations()
 
+    def names(self) -> tuple[str, ...]:
+        """The head model's expression names, as the backend gave them (empty when not known)."""
+        return tuple(self.expression_names.split(",")) if self.expression_names else ()
+
     def labels(self) -> list[str]:
-        names = self.expression_names.split(",") if self.expression_names else None
-        return flame_data.expression_labels(names, self.expression_count)
+        return flame_data.expression_labels(list(self.names()), self.expression_count)
 
     def sliders(self) -> list[tuple[str, int, str]]:
         """(vector property, element, label) of every expression coefficient the head uses, in order."""

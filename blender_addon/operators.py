@@ -1,8 +1,8 @@
 """Thin operators: read settings, call the plain modules, report errors.
 
-Here: the connection, Load Avatar, FLAME animation import/export and the final-render set-up
-(compositing, embedded avatars). The background workflow (portraits, Generate, Refine,
-tasks, export, overlay) is in ``operators_jobs``.
+Here: the connection, Load Avatar, FLAME animation import/export, ARKit curves import and the
+final-render set-up (compositing, embedded avatars). The background workflow (portraits,
+Generate, Refine, tasks, export, overlay) is in ``operators_jobs``.
 """
 
 from __future__ import annotations
@@ -159,6 +159,37 @@ class SPATIALAVATAR_OT_import_flame(_NeedsObject, bpy.types.Operator, ImportHelp
         return {"FINISHED"}
 
 
+class SPATIALAVATAR_OT_import_arkit(_NeedsObject, bpy.types.Operator, ImportHelper):
+    """Key the active avatar's expressions by their ARKit names and its neck from a Live Link Face CSV (iPhone face capture)"""
+
+    bl_idname = "spatialavatar.import_arkit"
+    bl_label = "Import ARKit Curves"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filename_ext = ".csv"
+    filter_glob: StringProperty(default="*.csv", options={"HIDDEN"})
+    frame_start: IntProperty(name="Start frame", default=1, description="Scene frame of the recording's first row")
+    source_fps: FloatProperty(
+        name="Recording frame rate",
+        default=flame_data.arkit_csv.SOURCE_FPS,
+        min=0.001,
+        description="Frames per second the recording's timecodes count; keys go on every scene frame",
+    )
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = context.scene
+        scene_fps = scene.render.fps / scene.render.fps_base
+        try:
+            anim, missing = animation_io.import_arkit_file(
+                context.active_object, self.filepath, self.frame_start, scene_fps, self.source_fps
+            )
+        except ValueError as e:  # the file or the head, in one sentence; nothing was keyed
+            return fail(self, str(e))
+        unused = f"; the head has no expression for {', '.join(missing)}" if missing else ""
+        self.report({"INFO"}, f"Keyed {anim.frames} frames at {scene_fps:g} fps from {Path(self.filepath).name}{unused}")
+        return {"FINISHED"}
+
+
 class SPATIALAVATAR_OT_export_flame(_NeedsObject, bpy.types.Operator, ExportHelper):
     """Write the active object's FLAME animation to a flame_param.npz (one frame per scene frame)"""
 
@@ -238,6 +269,7 @@ classes = (
     SPATIALAVATAR_OT_list_avatars,
     SPATIALAVATAR_OT_load_avatar,
     SPATIALAVATAR_OT_import_flame,
+    SPATIALAVATAR_OT_import_arkit,
     SPATIALAVATAR_OT_export_flame,
     SPATIALAVATAR_OT_setup_compositing,
     SPATIALAVATAR_OT_embed_avatars,

@@ -140,6 +140,7 @@ class SPATIALAVATAR_PT_avatar(_Sidebar, bpy.types.Panel):
         row = layout.row(align=True)
         row.operator("spatialavatar.import_flame", icon="IMPORT")
         row.operator("spatialavatar.export_flame", icon="EXPORT")
+        layout.operator("spatialavatar.import_arkit", icon="IMPORT")
         if obj is not None:
             group = getattr(obj, flame_data.PROP_GROUP)
             col = layout.column()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +81,27 @@ def test_stage_makes_wire_imports_relative(tmp_path: Path) -> None:
     assert (src / "blender_manifest.toml").is_file() and not (src / "build.py").exists()
     with pytest.raises(build.BuildError, match="torch"):
         build.relative_imports("import torch\n", "x.py")
+    assert build.relative_imports("from backend.head.arkit_csv import read_live_link_csv\n", "x.py") == "from .arkit_csv import read_live_link_csv\n"
+    with pytest.raises(build.BuildError, match="cannot make relative"):
+        build.relative_imports("from backend.head.model import HeadModelData\n", "x.py")  # not carried
+
+
+def test_the_backend_modules_the_addon_carries_import_neither_torch_nor_scipy() -> None:
+    """Blender's Python has numpy, not torch or scipy; every module copied into wire/ must do with that."""
+    modules = [src.removesuffix(".py").replace("/", ".") for src, _ in build.WIRE_FILES]
+    assert {"backend.head.arkit_csv", "backend.head.expression_names"} <= set(modules)
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "bad = [m for m in ('torch', 'scipy', 'bpy') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_flame_files_keep_expression_names_and_refuse_another_heads(tmp_path: Path) -> None:
+    anim = _anim(e=3)
+    anim.expr_names = ("jawOpen", "eyeBlinkLeft")
+    path = flame_data.write_flame_npz(tmp_path / "f.npz", anim)
+    assert flame_data.read_flame_npz(path, ("jawOpen", "eyeBlinkLeft", "x")).expr_names == ("jawOpen", "eyeBlinkLeft")
+    with pytest.raises(ValueError, match="f.npz: expression 1 is 'eyeBlinkLeft' there but 'blink_L' in the avatar"):
+        flame_data.read_flame_npz(path, ("jawOpen", "blink_L"))
