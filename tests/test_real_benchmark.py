@@ -177,3 +177,22 @@ def test_a_subject_that_was_never_tracked_is_named_in_one_line(tmp_path: Path) -
 
     with pytest.raises(SystemExit, match="no subject 'nosuch'.*track and pack it first"):
         open_subject("nosuch", Layout(tmp_path))
+
+
+def test_a_lever_changes_only_its_fields_of_ours() -> None:
+    """A lever's nested changes merge into their group; everything else stays ours."""
+    from backend.refine.config import preset
+    from tests.benchmarks.real.clips import refine_config
+    from tests.benchmarks.real.protocol import LEVERS, Protocol, lever_of, method_choices
+
+    protocol = Protocol()
+    ours = refine_config("ours-surface", protocol)
+    assert ours == preset("ours", iterations=protocol.iterations, log_every=protocol.iterations // 10, checkpoint_every=0)
+    loose = refine_config("ours-surface+loose-hinges", protocol)
+    assert (loose.anti_spike.max_scale, loose.anti_spike.max_offset) == (1.5, 2.5)
+    assert loose.anti_spike.aniso_weight == ours.anti_spike.aniso_weight and loose.lr == ours.lr
+    fast = refine_config("ours-surface+fast-lr", protocol)
+    assert fast.lr.offset == 2 * ours.lr.offset and fast.lr.rotation == ours.lr.rotation
+    assert lever_of("densify") is None and all(f"ours-surface+{n}" in method_choices() for n in LEVERS)
+    with pytest.raises(SystemExit, match="unknown lever"):
+        lever_of("ours-surface+nosuch")

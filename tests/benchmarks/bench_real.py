@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.benchmarks.real.data import SOURCES, Layout, Sources, prepare  # noqa: E402
-from tests.benchmarks.real.protocol import METHODS, Protocol  # noqa: E402
+from tests.benchmarks.real.protocol import METHODS, Protocol, method_choices  # noqa: E402
 
 
 def log(line: str) -> None:
@@ -77,7 +77,7 @@ def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
     names = args.clips or [c.name for c in sources.clips]
     for i, name in enumerate(names):
         log(f"[{i + 1}/{len(names)}] {name}")
-        run_clip(name, layout, protocol, args.methods, log)
+        run_clip(name, layout, protocol, args.methods, log, args.shared)
 
 
 def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -110,8 +110,9 @@ def main() -> None:
         p.set_defaults(fn=fn)
     p = sub.add_parser("clips", help="refine and score every method on each clip (GPU)")
     p.add_argument("--clips", nargs="*", help="subject names in DATA/subjects or DATA/packs (default: every listed clip)")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=method_choices(), help="methods, and levers on ours (ours-surface+NAME, tests/benchmarks/real/protocol.py)")
     p.add_argument("--iters", type=int, default=Protocol.iterations)
+    p.add_argument("--shared", type=int, default=1, metavar="N", help="N runs share the GPU at once (recorded, so the report marks their wall times as not comparable)")
     p.set_defaults(fn=cmd_clips)
     p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
     p.set_defaults(fn=cmd_photos)

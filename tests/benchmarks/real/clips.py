@@ -20,12 +20,13 @@ from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
+from backend.refine.config import RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.render.animation import to_uint8
 from backend.render.camera import sphere_cameras
 from backend.render.rasterize import render
 from tests.benchmarks.real.data import Layout
-from tests.benchmarks.real.protocol import Protocol
+from tests.benchmarks.real.protocol import Protocol, lever_of
 from tests.benchmarks.real.tracking import unpack
 
 Log = Callable[[str], None]
@@ -117,9 +118,9 @@ def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Pro
 
     starts: dict[str, tuple[Avatar, float]] = {}
     device = head.v_template.device
-    if any(m in methods for m in ("ours-surface", "no-antispike", "densify")):
+    for count in sorted({_surface_gaussians(m, protocol) for m in methods if m not in ("generator", "ours-generator")}):
         t0 = time.perf_counter()
-        starts["surface"] = (initialize_on_subject(head, subject, InitConfig(gaussians=protocol.gaussians)), time.perf_counter() - t0)
+        starts[f"surface-{count}"] = (initialize_on_subject(head, subject, InitConfig(gaussians=count)), time.perf_counter() - t0)
     if any(m in methods for m in ("generator", "ours-generator")):
         t0 = time.perf_counter()
         model, _ = load_generator(None, head)
@@ -130,11 +131,32 @@ def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Pro
     return starts
 
 
-def _refine(start: Avatar, head: HeadModel, subject: Subject, preset_name: str, protocol: Protocol) -> tuple[object, float]:
-    from backend.refine.config import preset
+def _surface_gaussians(method: str, protocol: Protocol) -> int:
+    lever = lever_of(method)
+    return lever.gaussians if lever is not None and lever.gaussians else protocol.gaussians
+
+
+def _start_name(method: str, protocol: Protocol) -> str:
+    return "generator" if method == "ours-generator" else f"surface-{_surface_gaussians(method, protocol)}"
+
+
+def refine_config(method: str, protocol: Protocol) -> RefineConfig:
+    """The configuration a refining method runs with: its preset at the protocol's budget,
+    with a lever's changes applied."""
+    lever = lever_of(method)
+    name = "ours" if method.startswith("ours") else method
+    config = preset(name, iterations=protocol.iterations, log_every=max(protocol.iterations // 10, 1), checkpoint_every=0)
+    if lever is None:
+        return config
+    d = config.to_dict()
+    for key, value in lever.refine.items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) else value
+    return RefineConfig.from_dict(d)
+
+
+def _refine(start: Avatar, head: HeadModel, subject: Subject, config: RefineConfig) -> tuple[object, float]:
     from backend.refine.refine import refine
 
-    config = preset(preset_name, iterations=protocol.iterations, log_every=max(protocol.iterations // 10, 1), checkpoint_every=0)
     device = head.v_template.device
     _sync(device)
     t0 = time.perf_counter()
@@ -160,8 +182,9 @@ def score(avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subjec
     }
 
 
-def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], log: Log) -> dict:
-    """Run ``methods`` on one clip; returns (and merges into) its scores.json."""
+def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], log: Log, shared: int = 1) -> dict:
+    """Run ``methods`` on one clip; returns (and merges into) its scores.json. ``shared``:
+    how many runs share the GPU at once (recorded beside the wall times)."""
     from backend.head.registry import load_head_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,12 +207,14 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
             entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
             train_params = None
         else:
-            start_name = "generator" if method == "ours-generator" else "surface"
+            start_name = _start_name(method, protocol)
             start_avatar = starts[start_name][0]
-            result, wall = _refine(start_avatar, head, subject, "ours" if method.startswith("ours") else method, protocol)
+            result, wall = _refine(start_avatar, head, subject, refine_config(method, protocol))
             avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
             entry = {"wall_seconds": wall, "start_seconds": starts[start_name][1], "iterations": protocol.iterations}
         entry |= score(avatar, start_avatar, head, subject, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
+        if shared > 1:
+            entry["concurrent_runs"] = shared
         report["methods"][method] = entry
         save_row(heldout_tiles(avatar, head, subject, frames), out / f"heldout_{method}.png")
         save_row(turntable_tiles(avatar, head, subject.params.index([subject.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{method}.png")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Methods scored on every clip, in table order. "generator" is Stage 1 alone (zero-shot).
 METHODS = ("generator", "ours-generator", "ours-surface", "no-antispike", "densify")
@@ -37,3 +37,41 @@ class Protocol:
     train_every: int = 4
     turntable_deg: float = 45.0
     jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One change to ours from the surface, measured against it on the same clips (method
+    ``ours-surface+NAME``). Attributes:
+    about: what it changes, for the table.
+    refine: fields of RefineConfig.to_dict() replaced (nested dicts merge into their group).
+    gaussians: Gaussians of its surface start (None: the protocol's).
+    """
+
+    about: str
+    refine: dict = field(default_factory=dict)
+    gaussians: int | None = None
+
+
+LEVERS = {
+    "loose-hinges": Lever("anti-spike thresholds x2.5 (scale 1.5 k, offset 2.5 k)", {"anti_spike": {"max_scale": 1.5, "max_offset": 2.5}}),
+    "200k": Lever("200,000 Gaussians instead of 100,000", gaussians=200_000),
+    "no-flame-ft": Lever("FLAME parameters of the training frames kept as tracked", {"finetune_flame": False}),
+    "fast-lr": Lever("learning rates of offsets, scales and colour x2", {"lr": {"offset": 4e-3, "log_scale": 1e-2, "sh_dc": 5e-3}}),
+    "loose-200k": Lever("loose-hinges and 200k together", {"anti_spike": {"max_scale": 1.5, "max_offset": 2.5}}, gaussians=200_000),
+}
+LEVER_PREFIX = "ours-surface+"
+
+
+def lever_of(method: str) -> Lever | None:
+    """The lever a method name ``ours-surface+NAME`` stands for (None: a plain method)."""
+    if not method.startswith(LEVER_PREFIX):
+        return None
+    name = method[len(LEVER_PREFIX) :]
+    if name not in LEVERS:
+        raise SystemExit(f"unknown lever {name!r}; choose from {sorted(LEVERS)}")
+    return LEVERS[name]
+
+
+def method_choices() -> list[str]:
+    return [*METHODS, *(LEVER_PREFIX + name for name in LEVERS)]

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tests.benchmarks.real.data import Layout, Sources
-from tests.benchmarks.real.protocol import METHOD_LABELS, METHODS
+from tests.benchmarks.real.protocol import LEVER_PREFIX, LEVERS, METHOD_LABELS, METHODS
 
 LABEL_WIDTH = 200
 
@@ -57,7 +57,26 @@ def clip_tables(results: dict[str, dict]) -> str:
         shared = max(e.get("concurrent_runs", 1) for e in entries)
         if shared > 1:
             lines.append(f"| (its wall time: {shared} runs shared the GPU at once, not comparable) |")
-    return "\n".join(lines)
+    return "\n".join(lines + lever_table(results))
+
+
+def lever_table(results: dict[str, dict]) -> list[str]:
+    """Each lever against ours from the surface on the clips the lever ran on: mean
+    differences (dB; SSIM in the mask), and the lever's own spike share and wall time."""
+    base = "ours-surface"
+    levers = [n for n in LEVERS if any(LEVER_PREFIX + n in r["methods"] for r in results.values())]
+    if not levers:
+        return []
+    deltas = [("psnr", 2), ("psnr_mask", 2), ("psnr_face", 2), ("ssim_mask", 3), ("train_psnr", 2)]
+    lines = ["", "### Levers on ours from the surface: difference from it on the same clips", ""]
+    lines.append("| lever | what it changes | clips | " + " | ".join(f"d {k}" for k, _ in deltas) + " | spike_share | wall_seconds |")
+    lines.append("|---|---|---|" + "---|" * (len(deltas) + 2))
+    for name in levers:
+        pairs = [(r["methods"][LEVER_PREFIX + name], r["methods"][base]) for r in results.values() if LEVER_PREFIX + name in r["methods"] and base in r["methods"]]
+        cells = [_fmt(_mean([a[k] - b[k] for a, b in pairs]), d) for k, d in deltas]
+        own = [_fmt(_mean([a.get(k) for a, _ in pairs]), d) for k, d in (("spike_share", 4), ("wall_seconds", 1))]
+        lines.append(f"| {name} | {LEVERS[name].about} | {', '.join(n for n, r in results.items() if LEVER_PREFIX + name in r['methods'])} | " + " | ".join(cells + own) + " |")
+    return lines
 
 
 def photo_tables(layout: Layout, sources: Sources) -> str:
@@ -99,7 +118,8 @@ def clip_figures(name: str, layout: Layout, dest: Path) -> list[Path]:
     folder = layout.results / name
     written = []
     for kind, first in (("heldout", [("ground truth", folder / "heldout_truth.png")]), ("turntable", [])):
-        rows = first + [(METHOD_LABELS[m], folder / f"{kind}_{m}.png") for m in METHODS if (folder / f"{kind}_{m}.png").is_file()]
+        labelled = [(METHOD_LABELS[m], m) for m in METHODS] + [(f"ours + {n}", LEVER_PREFIX + n) for n in LEVERS]
+        rows = first + [(label, folder / f"{kind}_{m}.png") for label, m in labelled if (folder / f"{kind}_{m}.png").is_file()]
         sheet = _labelled([(label, np.asarray(Image.open(p).convert("RGB"))) for label, p in rows])
         path = dest / f"{name}_{kind}.png"
         sheet.save(path)
