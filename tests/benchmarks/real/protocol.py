@@ -59,6 +59,10 @@ LEVERS = {
     "no-flame-ft": Lever("FLAME parameters of the training frames kept as tracked", {"finetune_flame": False}),
     "fast-lr": Lever("learning rates of offsets, scales and colour x2", {"lr": {"offset": 4e-3, "log_scale": 1e-2, "sh_dc": 5e-3}}),
     "loose-200k": Lever("loose-hinges and 200k together", {"anti_spike": {"max_scale": 1.5, "max_offset": 2.5}}, gaussians=200_000),
+    "combined": Lever(
+        "no-flame-ft, loose-hinges and fast-lr together",
+        {"finetune_flame": False, "anti_spike": {"max_scale": 1.5, "max_offset": 2.5}, "lr": {"offset": 4e-3, "log_scale": 1e-2, "sh_dc": 5e-3}},
+    ),
 }
 LEVER_PREFIX = "ours-surface+"
 
