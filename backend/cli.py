@@ -175,7 +175,9 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     subject.params.check_head(head.name, head.expr_names, str(subject.root / "flame_param.npz"))
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
-    config = preset(args.preset, iterations=args.iters, finetune_flame=args.finetune_flame, seed=args.seed)
+    config = preset(args.preset, iterations=args.iters, seed=args.seed)
+    if args.finetune_flame is not None:
+        config = dataclasses.replace(config, finetune_flame=args.finetune_flame)
     if args.opacity_sparsity is not None:
         config = dataclasses.replace(config, opacity_sparsity=args.opacity_sparsity)
     if args.max_scale is not None:
@@ -235,16 +237,48 @@ def cmd_convert(args: argparse.Namespace) -> dict:
     return {"subject": str(root)}
 
 
+def _is_live_link_csv(path: Path) -> bool:
+    """A ``.csv``, or a file of another name that starts with Live Link Face's first column."""
+    if path.suffix.lower() == ".csv":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16).removeprefix(b"\xef\xbb\xbf").startswith(b"Timecode")
+    except OSError:
+        return False  # a folder or a missing file: the video reader names the problem
+
+
 def cmd_arkit(args: argparse.Namespace) -> dict:
-    """A Live Link Face CSV (ARKit curves) -> flame_param.npz for the head model, resampled."""
-    from backend.head.arkit_csv import read_live_link_csv, resample
+    """ARKit curves -> flame_param.npz for the head model, resampled: from a Live Link Face CSV,
+    or measured on a driving video or folder of frames by mediapipe's face landmarker."""
+    from backend.head.arkit_csv import SOURCE_FPS, expression_columns, read_live_link_csv, resample, write_live_link_csv
     from backend.head.arkit_curves import to_flame_params
 
-    curves = resample(read_live_link_csv(args.csv, args.source_fps), args.fps)
-    params, missing = to_flame_params(curves, _head(args).data)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    head = _head(args).data
+    summary: dict[str, Any] = {}
+    if _is_live_link_csv(args.input):
+        curves = read_live_link_csv(args.input, SOURCE_FPS if args.source_fps is None else args.source_fps)
+    else:
+        from backend.tracking.blendshapes import ARKIT_NAMES, BlendshapeConfig, video_curves
+        from backend.tracking.video import FrameRange
+
+        # Refuse a head without ARKit names before minutes of video, not after.
+        expression_columns(ARKIT_NAMES, head.expr_names, head.n_expr, f"head model '{head.name}'")
+        frames = FrameRange() if args.source_fps is None else FrameRange(fps=args.source_fps)
+        measured = video_curves(args.input, BlendshapeConfig(frames=frames), progress=_progress("arkit", not args.json))
+        if measured.faceless:
+            print(f"spatialavatar arkit: warning: no face in {measured.faceless} of {len(measured.curves.seconds)} frames; their values are interpolated from the frames around them", file=sys.stderr)
+        curves, summary = measured.curves, measured.summary()
+    params, missing = to_flame_params(resample(curves, args.fps), head)
+    for path in (args.out, args.csv):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if args.csv is not None:
+        # At the source's own rate: Import ARKit Curves resamples to the scene's.
+        write_live_link_csv(curves, args.csv)
+        summary["csv"] = str(args.csv)
     params.save(args.out)
-    return {"out": str(args.out), "frames": params.batch_size, "fps": args.fps, "channels_not_in_head": missing}
+    return {"out": str(args.out), "frames": params.batch_size, "fps": args.fps, "channels_not_in_head": missing, **summary}
 
 
 def cmd_track(args: argparse.Namespace) -> dict:
@@ -454,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finetune-flame",
         action=argparse.BooleanOptionalAction,
-        help="also fine-tune the training frames' FLAME parameters (default: on for tracked subjects, off for synthetic ones)",
+        help="also fine-tune the training frames' FLAME parameters (default: off for ours, on for the baselines; on real clips it helps the training frames, not the held-out ones)",
     )
-    p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6; raise it for coarse layouts)")
+    p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6, which tracked real subjects multiply by 2.5 like the offset threshold; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")
     p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")
     p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS to the loss with this weight (off; only where its weights are on this machine, never downloaded: see --lpips-weights)")
@@ -481,11 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-frames", type=int, default=350, help="the benchmark tests on the last 350 frames")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV) -> flame_param.npz for a head named after ARKit (--flame ict)")
-    p.add_argument("csv", type=Path)
+    p = sub.add_parser(
+        "arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV, or measured on a driving video) -> flame_param.npz for a head named after ARKit (--flame ict)"
+    )
+    p.add_argument("input", type=Path, metavar="INPUT", help="a Live Link Face CSV (.csv, or any file starting with its Timecode column), a video file, or a folder of frames")
     p.add_argument("--out", type=Path, required=True, help="flame_param.npz to write")
+    p.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write the curves as a Live Link Face CSV, at the input's own rate (Import ARKit Curves in Blender keys it)")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second of the output")
-    p.add_argument("--source-fps", type=float, default=60.0, help="the recording's frame rate (its timecode counts frames at it)")
+    p.add_argument(
+        "--source-fps", type=float, help="the input's frame rate: a CSV's timecode counts frames at it (default 60), a folder of frames plays at it (default 25); a video's own is read from the file"
+    )
     p.set_defaults(fn=cmd_arkit)
 
     p = sub.add_parser("track", parents=[common], help="track portrait photos, a video or a folder of frames of one person into a subject")

@@ -19,7 +19,7 @@ from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import LocalGaussians, deform
 from backend.gaussians.frames import normal_in_gaussian_axes, quat_to_matrix
 from backend.head.model import HeadModel
-from backend.refine.config import LearningRates, RefineConfig, preset
+from backend.refine.config import LearningRates, RealTuning, RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
@@ -144,11 +144,11 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
 
 
-def test_tracked_subjects_default_to_flame_finetuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A real subject's hair stands off the mesh, so the depth hinge stays off unless asked for,
-    and its tracked parameters are noisy, so they are fine-tuned; a synthetic subject's
-    appearance lies on the mesh and its parameters are exact. What a run decided is what its
-    avatar records."""
+def test_tracked_subjects_default_to_real_tuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real subject's hair stands off the mesh, so the depth hinge stays off unless asked for
+    and the hinges and rates get the real-subject tuning; a synthetic subject's appearance lies
+    on the mesh and keeps the configuration as given. Neither fine-tunes FLAME by default. What
+    a run decided is what its avatar records."""
     subject, avatar = setup
     root = tmp_path / "tracked"
     shutil.copytree(subject.root, root)
@@ -160,10 +160,20 @@ def test_tracked_subjects_default_to_flame_finetuning_random_backgrounds_and_no_
         decided[name] = refine(avatar, head, subj, config).avatar.meta["refine_config"]
     synthetic, tracked = decided["synthetic"], decided["tracked"]
     assert synthetic["surface"] == asdict(SurfaceHinge()) and not synthetic["random_background"] and not synthetic["finetune_flame"]
-    assert tracked["surface"]["weight"] == 0.0 and tracked["random_background"] and tracked["finetune_flame"]
-    explicit = replace(config, surface=SurfaceHinge(max_depth=0.5), random_background=False, finetune_flame=False).for_subject(synthetic=False)
-    assert explicit.surface == SurfaceHinge(max_depth=0.5) and explicit.random_background is False and explicit.finetune_flame is False
+    assert tracked["surface"]["weight"] == 0.0 and tracked["random_background"] and not tracked["finetune_flame"]
+    # The real-subject tuning is applied once, to tracked subjects only, and recorded as applied.
+    tune = RealTuning()
+    assert synthetic["anti_spike"] == asdict(config.anti_spike) and synthetic["lr"] == asdict(config.lr)
+    assert tracked["anti_spike"]["max_scale"] == 3.0 * tune.threshold_factor and tracked["anti_spike"]["max_offset"] == config.anti_spike.max_offset * tune.threshold_factor
+    assert tracked["lr"]["offset"] == config.lr.offset * tune.lr_factor and tracked["lr"]["rotation"] == config.lr.rotation
+    assert synthetic["real_tuning"] is None and tracked["real_tuning"] is None
+    once = config.for_subject(synthetic=False)
+    assert once.for_subject(synthetic=False) == once  # a decided configuration (a checkpoint's) is not tuned twice
+    explicit = replace(config, surface=SurfaceHinge(max_depth=0.5), random_background=False, finetune_flame=True, real_tuning=None).for_subject(synthetic=False)
+    assert explicit.surface == SurfaceHinge(max_depth=0.5) and explicit.random_background is False and explicit.finetune_flame is True
+    assert explicit.anti_spike == config.anti_spike and explicit.lr == config.lr
     assert RefineConfig.from_dict(config.to_dict()) == config  # None survives a checkpoint
+    assert RefineConfig.from_dict(once.to_dict()) == once
 
 
 def test_random_background_clears_gaussians_outside_the_mask(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
