@@ -179,20 +179,25 @@ def test_a_subject_that_was_never_tracked_is_named_in_one_line(tmp_path: Path) -
         open_subject("nosuch", Layout(tmp_path))
 
 
-def test_a_lever_changes_only_its_fields_of_ours() -> None:
+def test_a_lever_changes_only_its_fields_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lever's nested changes merge into their group; everything else stays ours."""
+    from dataclasses import replace
+
     from backend.refine.config import preset
     from tests.benchmarks.real.clips import refine_config
-    from tests.benchmarks.real.protocol import LEVERS, Protocol, lever_of, method_choices
+    from tests.benchmarks.real.protocol import LEVERS, Lever, Protocol, lever_of, method_choices
 
     protocol = Protocol()
     ours = refine_config("ours-surface", protocol)
     assert ours == preset("ours", iterations=protocol.iterations, log_every=protocol.iterations // 10, checkpoint_every=0)
-    loose = refine_config("ours-surface+loose-hinges", protocol)
-    assert (loose.anti_spike.max_scale, loose.anti_spike.max_offset) == (1.5, 2.5)
-    assert loose.anti_spike.aniso_weight == ours.anti_spike.aniso_weight and loose.lr == ours.lr
-    fast = refine_config("ours-surface+fast-lr", protocol)
-    assert fast.lr.offset == 2 * ours.lr.offset and fast.lr.rotation == ours.lr.rotation
+    plain = refine_config("ours-surface+no-real-tuning", protocol)
+    assert plain.real_tuning is None and ours.real_tuning is not None
+    assert replace(plain, real_tuning=ours.real_tuning) == ours
+    tuned = refine_config("ours-surface+flame-ft", protocol)
+    assert tuned.finetune_flame and replace(tuned, finetune_flame=False) == ours
+    monkeypatch.setitem(LEVERS, "looser", Lever("scale threshold 1.0", {"anti_spike": {"max_scale": 1.0}}))
+    looser = refine_config("ours-surface+looser", protocol)
+    assert looser.anti_spike.max_scale == 1.0 and replace(looser.anti_spike, max_scale=ours.anti_spike.max_scale) == ours.anti_spike
     assert lever_of("densify") is None and all(f"ours-surface+{n}" in method_choices() for n in LEVERS)
     with pytest.raises(SystemExit, match="unknown lever"):
         lever_of("ours-surface+nosuch")

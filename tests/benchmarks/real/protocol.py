@@ -54,15 +54,9 @@ class Lever:
 
 
 LEVERS = {
-    "loose-hinges": Lever("anti-spike thresholds x2.5 (scale 1.5 k, offset 2.5 k)", {"anti_spike": {"max_scale": 1.5, "max_offset": 2.5}}),
     "200k": Lever("200,000 Gaussians instead of 100,000", gaussians=200_000),
-    "no-flame-ft": Lever("FLAME parameters of the training frames kept as tracked", {"finetune_flame": False}),
-    "fast-lr": Lever("learning rates of offsets, scales and colour x2", {"lr": {"offset": 4e-3, "log_scale": 1e-2, "sh_dc": 5e-3}}),
-    "loose-200k": Lever("loose-hinges and 200k together", {"anti_spike": {"max_scale": 1.5, "max_offset": 2.5}}, gaussians=200_000),
-    "combined": Lever(
-        "no-flame-ft, loose-hinges and fast-lr together",
-        {"finetune_flame": False, "anti_spike": {"max_scale": 1.5, "max_offset": 2.5}, "lr": {"offset": 4e-3, "log_scale": 1e-2, "sh_dc": 5e-3}},
-    ),
+    "flame-ft": Lever("FLAME parameters of the training frames fine-tuned, as before", {"finetune_flame": True}),
+    "no-real-tuning": Lever("hinge thresholds and learning rates as on synthetic subjects", {"real_tuning": None}),
 }
 LEVER_PREFIX = "ours-surface+"
 
