@@ -1,4 +1,6 @@
-"""ARKit face curves (Live Link Face's CSV recordings from an iPhone) as FLAME channels.
+"""ARKit face curves (Live Link Face's CSV recordings from an iPhone) as FLAME channels,
+and curves measured elsewhere (a driving video, ``backend/tracking/blendshapes.py``) written
+in the same CSV layout.
 
 A recording holds ARKit's 52 blendshape weights in [0, 1] per row, with the head's and the
 eyes' yaw, pitch and roll in radians. Each weight drives the head model's expression
@@ -115,6 +117,35 @@ def _canonical(name: str) -> str:
     return name[:1].lower() + name[1:]
 
 
+def _timecode(seconds: float, source_fps: float) -> str:
+    """Seconds -> ``HH:MM:SS:FF.fff``, the frame field counted at ``source_fps``
+    (``_timecode_seconds`` reads it back to within 0.0005 of a frame)."""
+    whole = math.floor(seconds)
+    minutes, secs = divmod(whole, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}:{(seconds - whole) * source_fps:.3f}"
+
+
+def write_live_link_csv(curves: ArkitCurves, path: str | Path, source_fps: float = SOURCE_FPS) -> Path:
+    """Write ``curves`` as a Live Link Face CSV: ``Timecode`` from 00:00:00 (frames counted at
+    ``source_fps``, the rate ``read_live_link_csv`` and the add-on's Import ARKit Curves assume
+    by default), ``BlendShapeCount``, the weights under Live Link's spelling (``EyeBlinkLeft``),
+    ``HeadYaw``, ``HeadPitch``, ``HeadRoll`` in radians. Columns the curves lack (the eyes'
+    own angles) are left out rather than written as zeros."""
+    path = Path(path)
+    header = [TIMECODE, "BlendShapeCount", *(n[:1].upper() + n[1:] for n in curves.names), *HEAD_ANGLES]
+    count = len(curves.names) + len(HEAD_ANGLES)  # Live Link counts every value after it
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            out = csv.writer(fh)
+            out.writerow(header)
+            for t, w, h in zip(curves.seconds, curves.weights, curves.head):
+                out.writerow([_timecode(float(t), source_fps), count, *map(repr, w.tolist()), *map(repr, h.tolist())])
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be written ({exc})") from exc
+    return path
+
+
 def resample(curves: ArkitCurves, fps: float) -> ArkitCurves:
     """The curves at ``fps`` frames a second from the first row to the last (linear)."""
     if not fps > 0:
@@ -158,18 +189,27 @@ def flame_channels(curves: ArkitCurves, expr_names: Sequence[str], n_expr: int, 
     """The curves on a head with ``n_expr`` expression components named ``expr_names``
     (its leading ones). ``head``: how an error calls the head (e.g. "head model 'builtin-v1'").
     InputError when no weight is named after one of its expressions."""
-    index = {_canonical(n): i for i, n in enumerate(expr_names) if i < n_expr}
-    used = [(k, index[_canonical(n)]) for k, n in enumerate(curves.names) if _canonical(n) in index]
-    if not used:
-        raise InputError(
-            f"{head} names no expression after ARKit's blendshapes ({', '.join(curves.names[:3])}, ...); "
-            "use a head that does (the ICT head, --flame ict)"
-        )
+    used = expression_columns(curves.names, expr_names, n_expr, head)
     expr = np.zeros((len(curves.seconds), n_expr), np.float32)
     for column, component in used:
         expr[:, component] = curves.weights[:, column]
     # Yaw about FLAME's +y, pitch about +x, roll about +z, with the file's signs; not yet
     # checked against a recording of a known head motion (docs/head.md).
     neck = euler_to_axis_angle(curves.head[:, 0], curves.head[:, 1], curves.head[:, 2]).astype(np.float32)
-    missing = tuple(n for n in curves.names if _canonical(n) not in index)
+    found = {column for column, _ in used}
+    missing = tuple(n for k, n in enumerate(curves.names) if k not in found)
     return ArkitChannels(expr, neck, missing)
+
+
+def expression_columns(names: Sequence[str], expr_names: Sequence[str], n_expr: int, head: str) -> list[tuple[int, int]]:
+    """(column, component) for each of ``names`` (ARKit weights) that the head's leading
+    ``n_expr`` expressions, named ``expr_names``, include. InputError when none is: a caller
+    can check a head before it spends minutes on a video."""
+    index = {_canonical(n): i for i, n in enumerate(expr_names) if i < n_expr}
+    used = [(k, index[_canonical(n)]) for k, n in enumerate(names) if _canonical(n) in index]
+    if not used:
+        raise InputError(
+            f"{head} names no expression after ARKit's blendshapes ({', '.join(names[:3])}, ...); "
+            "use a head that does (the ICT head, --flame ict)"
+        )
+    return used
