@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-blender venv venv-test
+.PHONY: demo test test-blender venv venv-test face-landmarker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m pip install -q --no-deps lpips==$(LPIPS)
 	touch $@
+
+# mediapipe's face_landmarker.task (Apache-2.0; not in the mediapipe wheel, never downloaded)
+# is kept with the project's shared models, not in git: copied beside the code that reads it
+# when it is there (backend/tracking/models/README.md); that code checks its SHA-256.
+FACE_LANDMARKER_FROM ?= ../shared/models/face_landmarker.task
+FACE_LANDMARKER := backend/tracking/models/face_landmarker.task
+
+face-landmarker:
+	@if [ -f $(FACE_LANDMARKER_FROM) ] && ! cmp -s $(FACE_LANDMARKER_FROM) $(FACE_LANDMARKER); then cp $(FACE_LANDMARKER_FROM) $(FACE_LANDMARKER); fi
 
 $(VENV)/.blender: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[blender]"
@@ -38,11 +47,11 @@ $(VENV)/.test: $(VENV)/.base
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps --target $(TRITON_INTERPRETER) triton==$(TRITON)
 	touch $@
 
-venv: $(VENV)/.base
-venv-test: $(VENV)/.test
+venv: $(VENV)/.base face-landmarker
+venv-test: $(VENV)/.test face-landmarker
 
 # The demo builds and renders a .blend, so it needs Blender as a module (the blender extra).
-demo: $(VENV)/.blender
+demo: $(VENV)/.blender face-landmarker
 	$(BIN)/spatialavatar demo --out out
 
 # pytest exits 5 when it collected no test: that is a failure here.

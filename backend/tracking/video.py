@@ -44,6 +44,8 @@ class FrameRange:
             raise InputError(f"--end ({self.end}) must be after --start ({self.start})")
         if self.max_frames is not None and self.max_frames < 1:
             raise InputError(f"--max-frames must be >= 1, got {self.max_frames}")
+        if not self.fps > 0:
+            raise InputError(f"the frame rate of a folder of frames must be positive, got {self.fps}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class Source:
 
     def estimate(self) -> int | None:
         """Rough number of frames this source will yield (for progress bars), None if unknown."""
+        return None
+
+    @property
+    def fps(self) -> float | None:
+        """Frames a second of a video (its own) or a folder (``FrameRange.fps``); None for a photo."""
         return None
 
     def exif_focal(self) -> float | None:
@@ -157,6 +164,10 @@ class FolderSource(Source):
     def estimate(self) -> int:
         return len(self.files)
 
+    @property
+    def fps(self) -> float:
+        return self.range.fps
+
 
 class VideoSource(Source):
     """A video file decoded with PyAV (FFmpeg): stride, time range, rotation metadata honoured."""
@@ -193,6 +204,10 @@ class VideoSource(Source):
         finally:
             container.close()
         return fps, duration, count
+
+    @property
+    def fps(self) -> float:
+        return self._fps
 
     def estimate(self) -> int | None:
         if self._count is None:
