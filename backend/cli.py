@@ -20,6 +20,7 @@ import torch
 
 from backend import __version__
 from backend.errors import SpatialAvatarError
+from backend.head.registry import SHIPPED_HEADS
 
 
 def _progress(desc: str, enabled: bool) -> Callable[[int, int], None]:
@@ -439,10 +440,12 @@ def cmd_blender_render(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    head = common.add_mutually_exclusive_group()
+    head.add_argument("--head", choices=SHIPPED_HEADS, help="a shipped head model: builtin (procedural) or ict (ICT-FaceKit, scanned, ARKit expression names)")
+    head.add_argument(
         "--flame",
         metavar="PATH",
-        help="head model: a FLAME folder or file, 'builtin' or 'ict' (the shipped ICT-FaceKit head); default: $SPATIALAVATAR_FLAME, else builtin",
+        help="head model: a FLAME folder or file (or a shipped head's name); default: $SPATIALAVATAR_FLAME, else builtin",
     )
     common.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: CUDA when present)")
@@ -516,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser(
-        "arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV, or measured on a driving video) -> flame_param.npz for a head named after ARKit (--flame ict)"
+        "arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV, or measured on a driving video) -> flame_param.npz for a head named after ARKit (--head ict)"
     )
     p.add_argument("input", type=Path, metavar="INPUT", help="a Live Link Face CSV (.csv, or any file starting with its Timecode column), a video file, or a folder of frames")
     p.add_argument("--out", type=Path, required=True, help="flame_param.npz to write")
@@ -608,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "head", None):
+        args.flame = args.head  # one head argument downstream: a shipped name or a FLAME path
     try:
         result = args.fn(args)
     except SpatialAvatarError as exc:

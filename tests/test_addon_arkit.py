@@ -72,7 +72,7 @@ def test_a_live_link_recording_keys_the_expressions_by_name_and_the_neck(bpy_emp
     assert getattr(group, prop)[index] == pytest.approx(0.5)
     np.testing.assert_allclose(group.neck_pose, [0.0, 0.3, 0.0], atol=1e-6)
 
-    # Channel for channel what `spatialavatar arkit --flame ict --fps 30` writes.
+    # Channel for channel what `spatialavatar arkit --head ict --fps 30` writes.
     cli, missing = to_flame_params(resample(read_live_link_csv(take), 30), ICT)
     keyed = addon.animation_io.export_animation(obj, 5, 31)
     np.testing.assert_allclose(keyed.expr, cli.expr.numpy(), atol=1e-6)

@@ -60,7 +60,7 @@ def test_each_weight_drives_the_expression_of_its_name(ict: HeadModel, tmp_path:
 def test_the_command_writes_a_flame_param_file(tmp_path: Path) -> None:
     out = tmp_path / "anim" / "flame_param.npz"
     done = subprocess.run(
-        [sys.executable, "-m", "backend", "arkit", str(recording(tmp_path / "take.csv")), "--out", str(out), "--flame", "ict", "--fps", "24", "--json"],
+        [sys.executable, "-m", "backend", "arkit", str(recording(tmp_path / "take.csv")), "--out", str(out), "--head", "ict", "--fps", "24", "--json"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
@@ -107,7 +107,7 @@ def test_a_frame_rate_that_is_not_positive_is_refused(tmp_path: Path) -> None:
 
 def test_a_head_without_arkit_names_says_so(tmp_path: Path) -> None:
     curves = read_live_link_csv(recording(tmp_path / "take.csv"))
-    with pytest.raises(InputError, match="--flame ict"):
+    with pytest.raises(InputError, match="--head ict"):
         to_flame_params(curves, load_head_data("builtin"))
     assert torch.is_tensor(to_flame_params(curves, load_head_data("ict"))[0].expr)
 

@@ -154,7 +154,7 @@ def test_written_curves_read_back_as_a_live_link_recording(tmp_path: Path) -> No
 @needs_model
 def test_the_command_writes_flame_parameters_and_a_csv_the_reader_takes(clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, csv = tmp_path / "anim" / "flame_param.npz", tmp_path / "curves" / "drive.csv"
-    code = cli_main(["arkit", str(clip), "--out", str(out), "--csv", str(csv), "--flame", "ict", "--fps", "20"])
+    code = cli_main(["arkit", str(clip), "--out", str(out), "--csv", str(csv), "--head", "ict", "--fps", "20"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "no face in 1 of 8 frames" in err
@@ -232,7 +232,7 @@ def test_a_head_without_arkit_names_is_refused_before_the_video_is_read(tmp_path
     out = tmp_path / "out" / "flame_param.npz"
     code = cli_main(["arkit", str(tmp_path / "never-read.mp4"), "--out", str(out), "--flame", "builtin"])
     err = capsys.readouterr().err
-    assert code == 2 and "--flame ict" in err and not out.parent.exists()
+    assert code == 2 and "--head ict" in err and not out.parent.exists()
 
 
 def test_the_config_names_its_model(tmp_path: Path, face: np.ndarray) -> None:

@@ -31,6 +31,15 @@ def test_info_json() -> None:
     assert 0.2 < info["head_model"]["sizes_m"]["height"] < 0.5  # metres: chin-to-crown plus the neck
 
 
+def test_head_picks_a_shipped_head_and_excludes_flame() -> None:
+    info = json.loads(run("info", "--head", "ict", "--json").stdout)
+    assert info["head_model"]["source"] == "ict" and "mouthSmileLeft" in info["head_model"]["expression_names"]
+    assert json.loads(run("info", "--head", "builtin", "--json").stdout)["head_model"]["name"] == "builtin-v1"
+    proc = run("info", "--head", "ict", "--flame", "builtin", check=False)
+    assert proc.returncode == 2 and "not allowed with argument --head" in proc.stderr
+    assert "invalid choice" in run("info", "--head", "flame2020", check=False).stderr
+
+
 def test_unknown_flag_is_a_clear_error() -> None:
     proc = run("info", "--no-such-flag", check=False)
     assert proc.returncode == 2

@@ -210,6 +210,6 @@ def expression_columns(names: Sequence[str], expr_names: Sequence[str], n_expr: 
     if not used:
         raise InputError(
             f"{head} names no expression after ARKit's blendshapes ({', '.join(names[:3])}, ...); "
-            "use a head that does (the ICT head, --flame ict)"
+            "use a head that does (the ICT head, --head ict)"
         )
     return used

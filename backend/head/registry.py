@@ -15,6 +15,7 @@ from backend.head.model import HeadModel, HeadModelData
 FLAME_ENV = "SPATIALAVATAR_FLAME"
 BUILTIN = "builtin"
 ICT = "ict"  # ICT-FaceKit in FLAME's layout, shipped in backend/head/ict/data
+SHIPPED_HEADS = (BUILTIN, ICT)
 
 
 def resolve_flame_path(flame: str | os.PathLike | None) -> str:
