@@ -233,3 +233,14 @@ def test_eyeballs_found_from_skinning_when_a_model_has_no_part_masks(head: HeadM
     w[:, 0] += 1.0 - w.sum(1)
     eyeless = dc_replace(bare, weights=w)
     assert eyeball_vertices(eyeless) is None and not model_points(eyeless).has_eyes
+
+
+def test_the_fit_uses_every_expression_of_a_named_head() -> None:
+    """ICT's 53 ARKit channels are not ordered by importance: fitting only the first 50 would
+    leave mouthUpperUpRight and both noseSneer channels at zero in every tracked frame."""
+    from backend.head.registry import load_head_model
+    from backend.tracking.fit import LandmarkFitter
+
+    ict = load_head_model("ict")
+    assert LandmarkFitter(ict).n_expr == ict.n_expr == 53
+    assert LandmarkFitter(ict, FitConfig(n_expr=10)).n_expr == 10

@@ -51,7 +51,9 @@ class FitConfig:
     """Knobs of the landmark fit (defaults tuned on synthetic subjects and real portraits).
 
     Attributes:
-        n_shape / n_expr: leading identity / expression components fitted (clipped to the model's).
+        n_shape / n_expr: leading identity / expression components fitted (clipped to the model's;
+            None: all of them). Expression components of a named head (ICT's ARKit channels) are
+            not ordered by importance, so leaving some out would silence those channels.
         rigid_steps / full_steps: Adam iterations of the two stages.
         lr: base learning rate (per-group multiples inside).
         robust_sigma: Geman-McClure scale, in inter-ocular distances.
@@ -71,7 +73,7 @@ class FitConfig:
     """
 
     n_shape: int = 100
-    n_expr: int = 50
+    n_expr: int | None = None
     rigid_steps: int = 120
     full_steps: int = 500
     lr: float = 0.01
@@ -286,7 +288,7 @@ class LandmarkFitter:
                     blend[p, remap[int(v)]] += w
         self.blend = torch.as_tensor(blend, dtype=torch.float32)  # [P, n]: model points from the posed vertices
         self.n_shape = min(config.n_shape, head.n_shape)
-        self.n_expr = min(config.n_expr, head.n_expr)
+        self.n_expr = head.n_expr if config.n_expr is None else min(config.n_expr, head.n_expr)
         self.sparse = SparseHead(head.to("cpu"), used, self.n_shape, self.n_expr)
 
     @property
