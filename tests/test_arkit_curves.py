@@ -57,6 +57,18 @@ def test_each_weight_drives_the_expression_of_its_name(ict: HeadModel, tmp_path:
     assert float(chin[0] - chin[1]) > 0.01  # the jaw opened by the curve drops the chin
 
 
+def test_a_weight_the_head_splits_drives_both_halves(ict: HeadModel, tmp_path: Path) -> None:
+    """ARKit's browInnerUp and cheekPuff are one weight each; ICT has a left and a right."""
+    columns = ["Timecode", "BlendShapeCount", "BrowInnerUp", "CheekPuff", "HeadYaw", "HeadPitch", "HeadRoll"]
+    rows = [[f"10:00:00:{k}.000", 52, 0.4, 0.7, 0.0, 0.0, 0.0] for k in range(3)]
+    params, missing = to_flame_params(read_live_link_csv(write_csv(tmp_path / "take.csv", rows, columns)), ict.data)
+    names = list(ict.data.expr_names)
+    expr = params.expr.numpy()
+    assert np.allclose(expr[:, [names.index("browInnerUpLeft"), names.index("browInnerUpRight")]], 0.4)
+    assert np.allclose(expr[:, [names.index("cheekPuffLeft"), names.index("cheekPuffRight")]], 0.7)
+    assert missing == [] and np.count_nonzero(expr[0]) == 4
+
+
 def test_the_command_writes_a_flame_param_file(tmp_path: Path) -> None:
     out = tmp_path / "anim" / "flame_param.npz"
     done = subprocess.run(

@@ -201,12 +201,23 @@ def flame_channels(curves: ArkitCurves, expr_names: Sequence[str], n_expr: int, 
     return ArkitChannels(expr, neck, missing)
 
 
+def _components(name: str, index: dict[str, int]) -> list[int]:
+    """The head's components one ARKit weight drives: its namesake, else both halves of a
+    head that splits it in two (ICT's browInnerUpLeft and browInnerUpRight for ARKit's
+    browInnerUp, likewise cheekPuff)."""
+    key = _canonical(name)
+    if key in index:
+        return [index[key]]
+    return [index[k] for k in (key + "Left", key + "Right") if k in index]
+
+
 def expression_columns(names: Sequence[str], expr_names: Sequence[str], n_expr: int, head: str) -> list[tuple[int, int]]:
     """(column, component) for each of ``names`` (ARKit weights) that the head's leading
-    ``n_expr`` expressions, named ``expr_names``, include. InputError when none is: a caller
+    ``n_expr`` expressions, named ``expr_names``, include (a weight whose halves the head
+    splits gives a pair for each half). InputError when none is: a caller
     can check a head before it spends minutes on a video."""
     index = {_canonical(n): i for i, n in enumerate(expr_names) if i < n_expr}
-    used = [(k, index[_canonical(n)]) for k, n in enumerate(names) if _canonical(n) in index]
+    used = [(k, c) for k, n in enumerate(names) for c in _components(n, index)]
     if not used:
         raise InputError(
             f"{head} names no expression after ARKit's blendshapes ({', '.join(names[:3])}, ...); "
