@@ -127,6 +127,11 @@ class SPATIALAVATAR_OT_load_avatar(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def scene_fps(scene: bpy.types.Scene) -> float:
+    """The scene's frame rate, frames per second (Blender stores it as fps / fps_base)."""
+    return scene.render.fps / scene.render.fps_base
+
+
 class _NeedsObject:
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -149,10 +154,8 @@ class SPATIALAVATAR_OT_import_flame(_NeedsObject, bpy.types.Operator, ImportHelp
     file_fps: FloatProperty(name="File frame rate", default=25.0, min=0.001, description="Frames per second of the file; keys are spread to the scene's rate")
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        scene = context.scene
-        scene_fps = scene.render.fps / scene.render.fps_base
         try:
-            anim = animation_io.import_file(context.active_object, self.filepath, self.frame_start, self.file_fps, scene_fps)
+            anim = animation_io.import_file(context.active_object, self.filepath, self.frame_start, self.file_fps, scene_fps(context.scene))
         except (flame_data.FlameFileError, ValueError) as e:
             return fail(self, str(e))
         self.report({"INFO"}, f"Imported {anim.frames} frames from {Path(self.filepath).name}")
@@ -177,16 +180,13 @@ class SPATIALAVATAR_OT_import_arkit(_NeedsObject, bpy.types.Operator, ImportHelp
     )
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        scene = context.scene
-        scene_fps = scene.render.fps / scene.render.fps_base
+        fps = scene_fps(context.scene)
         try:
-            anim, missing = animation_io.import_arkit_file(
-                context.active_object, self.filepath, self.frame_start, scene_fps, self.source_fps
-            )
+            anim, missing = animation_io.import_arkit_file(context.active_object, self.filepath, self.frame_start, fps, self.source_fps)
         except ValueError as e:  # the file or the head, in one sentence; nothing was keyed
             return fail(self, str(e))
         unused = f"; the head has no expression for {', '.join(missing)}" if missing else ""
-        self.report({"INFO"}, f"Keyed {anim.frames} frames at {scene_fps:g} fps from {Path(self.filepath).name}{unused}")
+        self.report({"INFO"}, f"Keyed {anim.frames} frames at {fps:g} fps from {Path(self.filepath).name}{unused}")
         return {"FINISHED"}
 
 
