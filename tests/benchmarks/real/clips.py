@@ -8,6 +8,7 @@ the most turned head among them) and ``turntable_<method>.png`` (+- the protocol
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig, preset
+from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.render.animation import to_uint8
 from backend.render.camera import sphere_cameras
@@ -110,34 +112,43 @@ def open_subject(name: str, layout: Layout) -> Subject:
     return Subject.load(folder)
 
 
-def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Protocol, log: Log) -> dict[str, tuple[Avatar, float]]:
-    """The starting avatars the methods need, with the seconds each took."""
+def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Protocol, log: Log) -> dict[InitConfig | str, tuple[Avatar, float]]:
+    """The starting avatars the methods need (keyed by ``_start_key``), with the seconds each took."""
     from backend.generate.checkpoint import load_generator
     from backend.generate.generate import generate_avatar
-    from backend.refine.initialize import InitConfig, initialize_on_subject
 
-    starts: dict[str, tuple[Avatar, float]] = {}
+    starts: dict[InitConfig | str, tuple[Avatar, float]] = {}
     device = head.v_template.device
-    for count in sorted({_surface_gaussians(m, protocol) for m in methods if m not in ("generator", "ours-generator")}):
+    for method in methods:
+        key = _start_key(method, protocol)
+        if key in starts:
+            continue
         t0 = time.perf_counter()
-        starts[f"surface-{count}"] = (initialize_on_subject(head, subject, InitConfig(gaussians=count)), time.perf_counter() - t0)
-    if any(m in methods for m in ("generator", "ours-generator")):
-        t0 = time.perf_counter()
-        model, _ = load_generator(None, head)
-        avatar = generate_avatar(model.to(device), head, subject, [(0, 0)])
-        _sync(device)
-        starts["generator"] = (avatar, time.perf_counter() - t0)
-        log(f"  generated {avatar.count} Gaussians in {avatar.meta['generate_ms']:.1f} ms (network), {starts['generator'][1]:.1f} s with loading")
+        if key == "generator":
+            model, _ = load_generator(None, head)
+            avatar = generate_avatar(model.to(device), head, subject, [(0, 0)])
+            _sync(device)
+            log(f"  generated {avatar.count} Gaussians in {avatar.meta['generate_ms']:.1f} ms (network)")
+        else:
+            avatar = initialize_on_subject(head, subject, key)
+        starts[key] = (avatar, time.perf_counter() - t0)
     return starts
 
 
-def _surface_gaussians(method: str, protocol: Protocol) -> int:
+def init_config(method: str, protocol: Protocol) -> InitConfig:
+    """The surface start a method refines from: the protocol's, with a lever's changes."""
+    config = InitConfig(gaussians=protocol.gaussians)
     lever = lever_of(method)
-    return lever.gaussians if lever is not None and lever.gaussians else protocol.gaussians
+    if lever is None or not lever.init:
+        return config
+    changes = dict(lever.init)
+    if "surface" in changes:
+        changes["surface"] = replace(config.surface, **changes["surface"])
+    return replace(config, **changes)
 
 
-def _start_name(method: str, protocol: Protocol) -> str:
-    return "generator" if method == "ours-generator" else f"surface-{_surface_gaussians(method, protocol)}"
+def _start_key(method: str, protocol: Protocol) -> InitConfig | str:
+    return "generator" if method in ("generator", "ours-generator") else init_config(method, protocol)
 
 
 def refine_config(method: str, protocol: Protocol) -> RefineConfig:
@@ -150,7 +161,7 @@ def refine_config(method: str, protocol: Protocol) -> RefineConfig:
         return config
     d = config.to_dict()
     for key, value in lever.refine.items():
-        d[key] = {**d[key], **value} if isinstance(value, dict) else value
+        d[key] = {**(d[key] or {}), **value} if isinstance(value, dict) else value
     return RefineConfig.from_dict(d)
 
 
@@ -207,7 +218,7 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
             entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
             train_params = None
         else:
-            start_name = _start_name(method, protocol)
+            start_name = _start_key(method, protocol)
             start_avatar = starts[start_name][0]
             result, wall = _refine(start_avatar, head, subject, refine_config(method, protocol))
             avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]

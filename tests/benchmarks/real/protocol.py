@@ -45,18 +45,22 @@ class Lever:
     ``ours-surface+NAME``). Attributes:
     about: what it changes, for the table.
     refine: fields of RefineConfig.to_dict() replaced (nested dicts merge into their group).
-    gaussians: Gaussians of its surface start (None: the protocol's).
+    init: fields of the surface start's InitConfig replaced (``surface`` merges into SurfaceInit).
     """
 
     about: str
     refine: dict = field(default_factory=dict)
-    gaussians: int | None = None
+    init: dict = field(default_factory=dict)
 
 
+# Levers to measure next; the ones measured so far are in BENCHMARKS.md ("Levers on ours").
 LEVERS = {
-    "200k": Lever("200,000 Gaussians instead of 100,000", gaussians=200_000),
+    "200k": Lever("200,000 Gaussians instead of 100,000", init={"gaussians": 200_000}),
     "flame-ft": Lever("FLAME parameters of the training frames fine-tuned, as before", {"finetune_flame": True}),
     "no-real-tuning": Lever("hinge thresholds and learning rates as on synthetic subjects", {"real_tuning": None}),
+    "sh1": Lever("view-dependent colour: SH degree 1", init={"surface": {"sh_degree": 1}}),
+    "hair-room": Lever("real-subject hinge thresholds x5 instead of x2.5", {"real_tuning": {"threshold_factor": 5.0}}),
+    "lr-x4": Lever("real-subject learning-rate factor 4 instead of 2", {"real_tuning": {"lr_factor": 4.0}}),
 }
 LEVER_PREFIX = "ours-surface+"
 
