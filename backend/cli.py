@@ -282,13 +282,32 @@ def cmd_arkit(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "frames": params.batch_size, "fps": args.fps, "channels_not_in_head": missing, **summary}
 
 
-def cmd_track(args: argparse.Namespace) -> dict:
-    """Photos / a video / a folder of frames of one person -> a subject folder (offline)."""
-    from backend.tracking import TrackConfig, track
+def _track_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from backend.tracking import TrackConfig
     from backend.tracking.crop import CropConfig
     from backend.tracking.video import FrameRange
 
-    config = TrackConfig(crop=CropConfig(size=args.size), frames=FrameRange(stride=args.stride, start=args.start, end=args.end, max_frames=args.max_frames))
+    return TrackConfig(crop=CropConfig(size=args.size), frames=FrameRange(stride=args.stride, start=args.start, end=args.end, max_frames=args.max_frames))
+
+
+def cmd_track_batch(args: argparse.Namespace) -> dict:
+    """Many clips (videos, folders of frames) -> one subject each, in parallel over cores."""
+    from backend.head.registry import resolve_flame_path
+    from backend.tracking.batch import BatchConfig, find_clips, track_batch
+
+    config = BatchConfig(track=_track_config(args), **({"workers": args.workers} if args.workers is not None else {}))
+    config.check()
+    clips = find_clips(args.inputs)
+    print(f"spatialavatar track-batch: {len(clips)} clips, {config.workers} at once", file=sys.stderr)
+    result = track_batch(clips, args.out, resolve_flame_path(args.flame), config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return result.summary()
+
+
+def cmd_track(args: argparse.Namespace) -> dict:
+    """Photos / a video / a folder of frames of one person -> a subject folder (offline)."""
+    from backend.tracking import track
+
+    config = _track_config(args)
 
     def warn(message: str) -> None:
         print(f"spatialavatar track: warning: {message}", file=sys.stderr)
@@ -530,15 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_arkit)
 
-    p = sub.add_parser("track", parents=[common], help="track portrait photos, a video or a folder of frames of one person into a subject")
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--size", type=int, default=512, help="width and height of the square crops")
+    tracking.add_argument("--stride", type=int, default=1, help="video / folder: keep every N-th frame")
+    tracking.add_argument("--start", type=float, metavar="SECONDS", help="video / folder: first time to use")
+    tracking.add_argument("--end", type=float, metavar="SECONDS", help="video / folder: time to stop at")
+    tracking.add_argument("--max-frames", type=int, metavar="N", help="video / folder: at most N frames")
+    p = sub.add_parser("track", parents=[common, tracking], help="track portrait photos, a video or a folder of frames of one person into a subject")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="1 to N photos of one person, a video file, or a folder of frames")
     p.add_argument("--out", type=Path, required=True, metavar="SUBJECT")
-    p.add_argument("--size", type=int, default=512, help="width and height of the square crops")
-    p.add_argument("--stride", type=int, default=1, help="video / folder: keep every N-th frame")
-    p.add_argument("--start", type=float, metavar="SECONDS", help="video / folder: first time to use")
-    p.add_argument("--end", type=float, metavar="SECONDS", help="video / folder: time to stop at")
-    p.add_argument("--max-frames", type=int, metavar="N", help="video / folder: at most N frames")
     p.set_defaults(fn=cmd_track)
+    p = sub.add_parser("track-batch", parents=[common, tracking], help="track many clips (videos, folders of frames), one subject each, in parallel over CPU cores")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="video files, folders of clips (videos or sub-folders of frames), or a folder of frames")
+    p.add_argument("--out", type=Path, required=True, metavar="FOLDER", help="one subject per clip, named after it; clips already there are skipped")
+    p.add_argument("--workers", type=int, help="clips tracked at once (default: one per two cores)")
+    p.set_defaults(fn=cmd_track_batch)
 
     p = sub.add_parser("train", parents=[common], help="train the Stage 1 generator (phase 1 or 2); run again to resume")
     p.add_argument("--phase", type=int, choices=(1, 2), required=True, help="1: monocular-temporal; 2: multi-view-spatial (needs --init)")
