@@ -327,3 +327,19 @@ def test_evaluation_protocol_end_to_end(generator: Generator, head, corpus_dirs,
     path = save_generator(generator, tmp_path / "g.pt", {"phase": 2, "steps_done": 3, "init": {"phase": 1, "steps_done": 5, "subjects": 3}})
     card = model_card(read_generator_file(path), results, path.stat().st_size)
     assert "phase 1: 5 steps" in card and "phase 2: 3 steps" in card and "Novel views" in card
+
+
+def test_a_head_the_weights_do_not_fit_is_told_which_head_they_need_and_how_to_train() -> None:
+    from backend.errors import HeadModelError
+    from backend.head.model import HeadModel
+    from backend.head.registry import check_fits, load_head_data
+
+    ict = HeadModel(load_head_data("ict"))
+    with pytest.raises(HeadModelError) as caught:
+        load_generator(None, ict)
+    message = str(caught.value)
+    assert "fits only that head (--head builtin)" in message and "spatialavatar train --head ict" in message and "--checkpoint" in message
+    with pytest.raises(HeadModelError, match=r"load the head it was made on \(--head ict\)"):
+        check_fits(load_head_data("builtin"), "ict-facekit-v1", "0" * 16)
+    with pytest.raises(HeadModelError, match=r"--flame FLAME_PATH, the FLAME model 'flame2023' came from"):
+        check_fits(load_head_data("builtin"), "flame2023", "0" * 16)

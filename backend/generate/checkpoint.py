@@ -88,12 +88,14 @@ def read_generator_file(path: str | Path) -> dict:
 
 def generator_from_state(data: dict, head: HeadModel, source: str = "checkpoint") -> Generator:
     """Build the network of a generator file for ``head`` (on the CPU, fp32)."""
-    from backend.head.registry import fingerprint
+    from backend.head.registry import fingerprint, how_to_load
 
     if fingerprint(head.data) != data["head_fingerprint"]:
         raise HeadModelError(
-            f"{source}: this generator was trained on head model '{data['head_name']}' ({data['head_fingerprint']}), but the loaded "
-            f"model is '{head.data.name}' ({fingerprint(head.data)}); pass the same FLAME model with --flame"
+            f"{source}: this generator was trained on head model '{data['head_name']}' ({data['head_fingerprint']}) and fits only "
+            f"that head ({how_to_load(data['head_name'])}); the loaded model is '{head.data.name}' ({fingerprint(head.data)}). "
+            f"For that head, train a generator on it (spatialavatar train {how_to_load(head.data.name)}, docs/generator.md) and pass its file "
+            "to generate --checkpoint or serve --generator, or start from the surface (spatialavatar init) and refine"
         )
     config = GeneratorConfig.from_dict(json.loads(data["config"]))
     state = data["state"]

@@ -57,10 +57,19 @@ def fingerprint(data: HeadModelData) -> str:
     return h.hexdigest()[:16]
 
 
+def how_to_load(head_name: str) -> str:
+    """The command-line option that loads the head model named ``head_name``."""
+    from backend.head.builtin import NAME as BUILTIN_NAME
+    from backend.head.ict import NAME as ICT_NAME
+
+    shipped = {BUILTIN_NAME: BUILTIN, ICT_NAME: ICT}
+    return f"--head {shipped[head_name]}" if head_name in shipped else f"--flame FLAME_PATH, the FLAME model '{head_name}' came from"
+
+
 def check_fits(data: HeadModelData, head_name: str, head_fingerprint: str) -> None:
     """Raise HeadModelError if an avatar made on (head_name, head_fingerprint) does not fit ``data``."""
     if fingerprint(data) != head_fingerprint:
         raise HeadModelError(
             f"this avatar was made on head model '{head_name}' ({head_fingerprint}), but the loaded model is "
-            f"'{data.name}' ({fingerprint(data)}); pass the same FLAME model with --flame"
+            f"'{data.name}' ({fingerprint(data)}); load the head it was made on ({how_to_load(head_name)})"
         )
