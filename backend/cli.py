@@ -122,14 +122,14 @@ def _avatar_for(path: Path, head):  # type: ignore[no-untyped-def]
 
 def cmd_render(args: argparse.Namespace) -> dict:
     from backend.head.params import FlameParams
-    from backend.render.animation import ViewConfig, render_animation, view_cameras, write_frames
+    from backend.render.animation import ViewConfig, head_framing, render_animation, view_cameras, write_frames
 
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     params = FlameParams.load(args.anim)
     params.check_head(head.name, head.expr_names, str(args.anim))
     view = ViewConfig(size=args.size, turntable_degrees=args.turntable)
-    cams = view_cameras(view, params.batch_size)
+    cams = view_cameras(view, params.batch_size, head_framing(head, params.to(device)))
     t0 = time.perf_counter()
     frames = render_animation(avatar, head, params, cams, torch.tensor(view.background))
     paths = write_frames(frames, Path(args.out), params.batch_size, _progress("render", not args.json))

@@ -505,3 +505,28 @@ def test_blender_conversions_match_bpy():
             expected = torch.tensor([ndc.x * rx, (1 - ndc.y) * ry], dtype=F64)
             torch.testing.assert_close(uv[0, 0], expected, atol=2e-3, rtol=0)
             assert depth[0, 0].item() == pytest.approx(ndc.z, abs=1e-5)
+
+
+def test_animation_cameras_face_a_head_posed_away_from_the_origin(head) -> None:  # type: ignore[no-untyped-def]
+    """A tracked animation's head sits in its tracking camera's frame: the default view must
+    still put it in the middle of the image and look at its face."""
+    from smplx.lbs import batch_rodrigues
+
+    from backend.render.animation import ViewConfig, head_framing, view_cameras
+
+    params = head.neutral_params(3)
+    params.translation[:] = torch.tensor([0.3, -0.2, -1.5])
+    params.rotation[:, 1] = math.radians(140.0)  # turned well away from +z
+    view = ViewConfig(size=128)
+    framing = head_framing(head, params)
+    cams = view_cameras(view, 3, framing)
+    centre = head(params, check=False).vertices.mean(dim=(0, 1))
+    uv, depth = project(centre[None].expand(3, 1, 3), cams)
+    assert torch.allclose(uv[:, 0, 0], torch.full((3, 2), 64.0), atol=0.5) and torch.all(depth > 0)
+    # The camera is in front of the face: the head's forward axis points at it.
+    forward = batch_rodrigues(params.rotation[:1]) @ torch.tensor([0.0, 0.0, 1.0])
+    eye = torch.linalg.inv(cams.world_to_cam[0, 0].double())[:3, 3].float()
+    assert float(torch.dot(torch.nn.functional.normalize(eye - centre, dim=0), forward[0])) > math.cos(math.radians(view.elevation_degrees)) - 1e-3
+    # Without the framing the same camera looks at the origin, where this head is not.
+    uv0, _ = project(centre[None].expand(3, 1, 3), view_cameras(view, 3))
+    assert float((uv0[0, 0, 0] - 64.0).abs().max()) > 30.0

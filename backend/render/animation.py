@@ -39,10 +39,54 @@ class ViewConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
-def view_cameras(view: ViewConfig, frames: int) -> Cameras:
-    """[T, 1] cameras, one per frame, sweeping ``turntable_degrees`` of yaw about +y."""
+FRAMING_FRAMES = 64  # frames, spread over the animation, that its framing is taken from
+
+
+@dataclass(frozen=True)
+class HeadFraming:
+    """Where an animation's head is, for a camera to face it.
+
+    Attributes:
+        centre: [3] mean of the posed vertices over the animation, metres, world frame.
+        azimuth_deg, elevation_deg: direction of the head's mean facing axis (its +z after
+            the global and neck rotations), in ``sphere_cameras``' angles.
+    """
+
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    azimuth_deg: float = 0.0
+    elevation_deg: float = 0.0
+
+
+@torch.no_grad()
+def head_framing(head: HeadModel, params: FlameParams) -> HeadFraming:
+    """The framing of ``params``' head: a tracked subject's global pose lies in its tracking
+    camera's frame, far from the origin a default camera looks at."""
+    from smplx.lbs import batch_rodrigues
+
+    sample = params.index(np.linspace(0, params.batch_size - 1, min(params.batch_size, FRAMING_FRAMES)).round().astype(int).tolist())
+    centre = head(sample, check=False).vertices.mean(dim=(0, 1)).cpu()
+    forward = batch_rodrigues(sample.rotation.float().cpu()) @ batch_rodrigues(sample.neck_pose.float().cpu()) @ torch.tensor([0.0, 0.0, 1.0])
+    f = torch.nn.functional.normalize(forward.mean(dim=0), dim=0)
+    return HeadFraming(
+        tuple(float(x) for x in centre),  # type: ignore[arg-type]
+        math.degrees(math.atan2(float(f[0]), float(f[2]))),
+        math.degrees(math.asin(max(-1.0, min(1.0, float(f[1]))))),
+    )
+
+
+def view_cameras(view: ViewConfig, frames: int, framing: HeadFraming = HeadFraming()) -> Cameras:
+    """[T, 1] cameras, one per frame, facing the head of ``framing`` (default: a head at the
+    origin looking down +z) and sweeping ``turntable_degrees`` of yaw about +y."""
     azimuth = torch.linspace(-0.5, 0.5, frames) * view.turntable_degrees if frames > 1 else torch.zeros(1)
-    rig = sphere_cameras(azimuth, torch.tensor(view.elevation_degrees), view.distance, view.size, view.size, focal_px=view.focal * view.size)
+    rig = sphere_cameras(
+        azimuth + framing.azimuth_deg,
+        torch.tensor(view.elevation_degrees + framing.elevation_deg),
+        view.distance,
+        view.size,
+        view.size,
+        target=framing.centre,
+        focal_px=view.focal * view.size,
+    )
     return Cameras(rig.K[:, None].contiguous(), rig.world_to_cam[:, None].contiguous(), view.size, view.size)
 
 
