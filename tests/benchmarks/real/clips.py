@@ -8,8 +8,8 @@ the most turned head among them) and ``turntable_<method>.png`` (+- the protocol
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +22,8 @@ from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig, preset
-from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
+from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.render.animation import to_uint8
 from backend.render.camera import sphere_cameras
 from backend.render.rasterize import render
