@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from backend import __version__
-from backend.errors import SpatialAvatarError
 from backend.head.registry import SHIPPED_HEADS
+from backend.wire.environment import DEFAULT_ENDPOINT
+from backend.wire.errors import SpatialAvatarError
 
 
 def _progress(desc: str, enabled: bool) -> Callable[[int, int], None]:
@@ -252,8 +253,8 @@ def _is_live_link_csv(path: Path) -> bool:
 def cmd_arkit(args: argparse.Namespace) -> dict:
     """ARKit curves -> flame_param.npz for the head model, resampled: from a Live Link Face CSV,
     or measured on a driving video or folder of frames by mediapipe's face landmarker."""
-    from backend.head.arkit_csv import SOURCE_FPS, expression_columns, read_live_link_csv, resample, write_live_link_csv
     from backend.head.arkit_curves import to_flame_params
+    from backend.wire.arkit_csv import SOURCE_FPS, expression_columns, read_live_link_csv, resample, write_live_link_csv
 
     head = _head(args).data
     summary: dict[str, Any] = {}
@@ -427,7 +428,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
 
 def cmd_keys(args: argparse.Namespace) -> dict:
-    from backend.server.security import generate_keys
+    from backend.wire.security import generate_keys
 
     written = generate_keys(args.dir, args.client)
     return written | {"serve": f"spatialavatar serve --bind tcp://0.0.0.0:5555 --keys {args.dir}"}
@@ -611,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", parents=[common], help="run the ZeroMQ service the Blender add-on talks to")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint; anything but loopback needs --keys (default: %(default)s)")
+    p.add_argument("--bind", default=DEFAULT_ENDPOINT, help="endpoint; anything but loopback needs --keys (default: %(default)s)")
     p.add_argument("--store", type=Path, help="folder of avatars, subjects and jobs (default: $SPATIALAVATAR_STORE, else the user data folder)")
     p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
     p.add_argument("--generator", type=Path, metavar="FILE", help="stage-1 generator checkpoint (default: the one `spatialavatar generate` uses)")
@@ -623,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", metavar="A..B", help="scene frames to render, inclusive (default: the file's range)")
     p.add_argument("--out", type=Path, metavar="DIR", help="folder for the frames (default: the file's output path)")
     p.add_argument("--blender", type=Path, metavar="PATH", help="Blender executable (default: blender on PATH, else the bpy module)")
-    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="the backend's address; one is started there if none answers (default: %(default)s)")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="the backend's address; one is started there if none answers (default: %(default)s)")
     p.add_argument("--store", type=Path, help="store of a backend started here (default: as `serve`)")
     p.set_defaults(fn=cmd_blender_render)
 

@@ -4,10 +4,9 @@
 
 Steps:
 1. stage: copy the add-on modules (blender_addon/*.py but this file) to the staging root,
-   the torch-free backend modules it shares (WIRE_FILES: the wire modules of backend/server,
-   backend/errors.py, the camera conversion, the expression names of flame_param.npz and
-   the ARKit CSV reader) to ``wire/``, with their ``backend.*`` imports made relative, and
-   the repository's blender_manifest.toml; git holds one copy of each;
+   the folder backend/wire (what the add-on shares with the backend, torch-free; its
+   ``__init__`` states the rule) whole to ``wire/``, and the repository's
+   blender_manifest.toml; git holds one copy of each. The manifest packs everything staged;
 2. optionally (``--wheels``, registry access at build time only) download pyzmq 26.x
    wheels for CPython 3.11 (Blender 4.2-5.0) and 3.13 (5.1+) and list them in the manifest;
 3. run Blender's own extension tool ``blender_ext.py build`` and then ``validate``. The tool is
@@ -27,20 +26,7 @@ from pathlib import Path
 ADDON = Path(__file__).resolve().parent
 ROOT = ADDON.parent
 MANIFEST = ROOT / "blender_manifest.toml"
-# The backend modules the add-on carries: (source, name in wire/). They import numpy and
-# pyzmq, never torch.
-WIRE_FILES = (
-    ("backend/server/protocol.py", "protocol.py"),
-    ("backend/server/client.py", "client.py"),
-    ("backend/server/shared_frames.py", "shared_frames.py"),
-    ("backend/server/windows.py", "windows.py"),
-    ("backend/server/args.py", "args.py"),
-    ("backend/server/security.py", "security.py"),
-    ("backend/errors.py", "errors.py"),
-    ("backend/render/blender_camera_math.py", "blender_camera_math.py"),  # the one Blender camera conversion
-    ("backend/head/expression_names.py", "expression_names.py"),  # flame_param.npz's expr_names and their check
-    ("backend/head/arkit_csv.py", "arkit_csv.py"),  # Live Link Face CSVs onto FLAME channels
-)
+WIRE = ROOT / "backend" / "wire"  # carried whole as wire/: the add-on's only part of the backend
 PYZMQ = "pyzmq==26.4.0"  # 27.x ships cp312-abi3 wheels, which Blender reads as "3.12 only"
 PYTHONS = ("3.11", "3.13")
 PLATFORMS = {  # Blender platform -> pip platform tag
@@ -49,9 +35,6 @@ PLATFORMS = {  # Blender platform -> pip platform tag
     "macos-arm64": "macosx_11_0_arm64",
     "macos-x64": "macosx_10_15_x86_64",
 }
-# ``backend.a.b`` -> its name in wire/, for the modules carried there.
-WIRE_MODULES = {src.removesuffix(".py").replace("/", "."): name.removesuffix(".py") for src, name in WIRE_FILES}
-_IMPORT = re.compile(r"^(\s*from )(backend(?:\.\w+)+)( import .*)$", re.M)
 
 
 class BuildError(RuntimeError):
@@ -62,42 +45,30 @@ def addon_modules() -> list[Path]:
     return sorted(p for p in ADDON.glob("*.py") if p.name != "build.py")
 
 
-def relative_imports(source: str, name: str) -> str:
-    """``from backend.server.x import y`` / ``from backend.errors import y`` -> ``from .x import y``
-    for the modules in WIRE_FILES; any other backend import is an error."""
-    out = _IMPORT.sub(lambda m: f"{m[1]}.{WIRE_MODULES[m[2]]}{m[3]}" if m[2] in WIRE_MODULES else m[0], source)
-    leftover = [line for line in out.splitlines() if re.match(r"\s*(from|import) backend\b", line)]
-    if leftover:
-        raise BuildError(f"{name}: imports the backend in a way the build cannot make relative: {leftover[0].strip()}")
-    if re.search(r"^\s*(import|from) torch\b", out, re.M):
+def wire_modules() -> list[Path]:
+    return sorted(WIRE.glob("*.py"))
+
+
+def check_self_contained(source: str, name: str) -> None:
+    """Raise unless the wire module ``source`` works inside the extension: it reaches its
+    siblings relatively and imports neither another part of the backend nor torch."""
+    backend = re.search(r"^\s*(from|import) backend\b.*$", source, re.M)
+    if backend:
+        raise BuildError(f"{name}: {backend[0].strip()}: a wire module imports its siblings relatively and nothing else of the backend")
+    if re.search(r"^\s*(import|from) torch\b", source, re.M):
         raise BuildError(f"{name}: imports torch; it cannot go into the add-on")
-    return out
-
-
-def manifest_paths(text: str) -> list[str]:
-    m = re.search(r"^\[build\]\s*\npaths\s*=\s*\[(.*?)\]", text, re.M | re.S)
-    if not m:
-        raise BuildError("blender_manifest.toml: no [build] paths list")
-    return re.findall(r'"([^"]+)"', m.group(1))
 
 
 def stage(dest: Path, wheels: list[Path] | None = None, platforms: list[str] | None = None) -> Path:
     """Assemble the extension's source folder in ``dest`` (created, must not exist)."""
     dest.mkdir(parents=True)
-    manifest = MANIFEST.read_text()
-    listed = set(manifest_paths(manifest))
     for p in addon_modules():
-        if p.name not in listed:
-            raise BuildError(f"blender_addon/{p.name} is not listed in blender_manifest.toml [build] paths")
         shutil.copy2(p, dest / p.name)
-    wire = dest / "wire"
-    wire.mkdir()
-    (wire / "__init__.py").write_text('"""The service\'s wire modules, copied from backend/ when the extension is built."""\n')
-    for src, name in WIRE_FILES:
-        (wire / name).write_text(relative_imports((ROOT / src).read_text(), src))
-    missing = sorted({f"wire/{p.name}" for p in wire.glob("*.py")} - listed)
-    if missing:
-        raise BuildError(f"blender_manifest.toml [build] paths lacks {', '.join(missing)}")
+    (dest / "wire").mkdir()
+    for p in wire_modules():
+        check_self_contained(p.read_text(), f"backend/wire/{p.name}")
+        shutil.copy2(p, dest / "wire" / p.name)
+    manifest = MANIFEST.read_text()
     if wheels:
         (dest / "wheels").mkdir()
         for w in wheels:

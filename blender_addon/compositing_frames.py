@@ -23,8 +23,8 @@ try:
     from .wire import blender_camera_math as bcm
     from .wire import windows
 except ImportError:  # a development checkout: the same modules, from the backend package
-    from backend.render import blender_camera_math as bcm
-    from backend.server import windows
+    from backend.wire import blender_camera_math as bcm
+    from backend.wire import windows
 
 FAR_DEPTH = 1.0e10  # what Blender's renders put in the depth pass where nothing is
 

@@ -1,7 +1,7 @@
 """The add-on's side of the ZeroMQ service: one Lazy Pirate ``Client`` from the shared wire modules.
 
-The built extension carries ``backend/server``'s torch-free modules as the ``wire``
-subpackage (see build.py); a development checkout imports them from ``backend.server``.
+The built extension carries ``backend/wire`` as its ``wire`` subpackage (see build.py); a
+development checkout imports the same folder from ``backend.wire``.
 Use ``call`` for blocking work (operators in background mode, the connection test) and
 ``submit`` + ``poll`` from a timer in the UI, which never waits.
 """
@@ -20,11 +20,13 @@ try:
     from .wire import errors as wire_errors
     from .wire import protocol as wire_protocol
     from .wire import security as wire_security
+    from .wire.environment import DEFAULT_ENDPOINT
 except ImportError:  # a development checkout: the same modules, from the backend package
-    from backend import errors as wire_errors
-    from backend.server import client as wire_client
-    from backend.server import protocol as wire_protocol
-    from backend.server import security as wire_security
+    from backend.wire import client as wire_client
+    from backend.wire import errors as wire_errors
+    from backend.wire import protocol as wire_protocol
+    from backend.wire import security as wire_security
+    from backend.wire.environment import DEFAULT_ENDPOINT
 
 UserError = wire_errors.SpatialAvatarError  # WireError, ServiceUnavailable and key-file errors alike
 WireError = wire_protocol.WireError
@@ -36,7 +38,7 @@ Reply = wire_protocol.Reply
 class Settings:
     """What the preferences say about reaching the backend."""
 
-    endpoint: str = wire_client.DEFAULT_ENDPOINT
+    endpoint: str = DEFAULT_ENDPOINT
     timeout_s: float = 10.0
     retries: int = 1
     key_dir: str = ""

@@ -19,7 +19,7 @@ import numpy as np
 try:
     from .wire import arkit_csv, expression_names
 except ImportError:  # a development checkout: the same modules, from the backend package
-    from backend.head import arkit_csv, expression_names
+    from backend.wire import arkit_csv, expression_names
 
 EXPR_CHUNK = 25  # values per expression vector property (Blender's limit is 32)
 EXPR_CHUNKS = 4  # 4 x 25 = the 100 expressions of FLAME 2020

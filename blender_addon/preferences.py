@@ -14,7 +14,7 @@ class SPATIALAVATAR_AP_preferences(bpy.types.AddonPreferences):
 
     endpoint: StringProperty(
         name="Backend address",
-        default="tcp://127.0.0.1:5555",
+        default=connection.DEFAULT_ENDPOINT,
         description="ZeroMQ endpoint of `spatialavatar serve` (tcp://HOST:PORT)",
     )
     timeout_s: FloatProperty(

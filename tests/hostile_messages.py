@@ -32,7 +32,7 @@ from PIL import Image
 
 from backend.gaussians.files import avatar_arrays
 from backend.head.model import HeadModel
-from backend.server.protocol import UNKNOWN_ID, ErrorCode, Limits, Reply, decode_reply, encode_request, salvage_id
+from backend.wire.protocol import UNKNOWN_ID, ErrorCode, Limits, Reply, decode_reply, encode_request, salvage_id
 from tests.test_server_support import small_avatar
 
 # Never "shutdown" (it would end the run), "ack" (never answered, by design) nor job

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.head.arkit_csv import read_live_link_csv, resample
 from backend.head.arkit_curves import to_flame_params
 from backend.head.registry import load_head_data
+from backend.wire.arkit_csv import read_live_link_csv, resample
 from tests.addon_support import draw_panels
 from tests.test_arkit_curves import COLUMNS, recording
 

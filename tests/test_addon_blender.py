@@ -50,7 +50,7 @@ def _anim(fd, t: int, seed: int = 1):
 
 def test_zip_holds_addon_and_wire_only(built: Path) -> None:
     names = set(zipfile.ZipFile(built).namelist())
-    assert {"__init__.py", "blender_manifest.toml", "wire/protocol.py", "wire/client.py", "wire/args.py"} <= names
+    assert {"__init__.py", "blender_manifest.toml", "wire/__init__.py", "wire/protocol.py", "wire/client.py", "wire/environment.py"} <= names
     assert not any(n.startswith(("backend/", "tests/")) or n.endswith("build.py") for n in names)
 
 
@@ -155,7 +155,7 @@ def test_load_avatar_from_a_real_backend(bpy_empty, addon, backend_process: str)
     from backend.gaussians.files import avatar_to_bytes
     from backend.gaussians.surface import surface_avatar
     from backend.head.registry import load_head_model
-    from backend.server.client import Client
+    from backend.wire.client import Client
 
     head = load_head_model()
     avatar = surface_avatar(head, torch.zeros(head.n_shape), 2000, lambda f, b: torch.full((f.shape[0], 3), 0.5))

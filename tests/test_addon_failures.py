@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from backend.head.model import HeadModel
-from backend.server.client import Client
+from backend.wire.client import Client
 from tests.addon_support import draw_panels, free_port, pump, set_prefs, start_backend
 from tests.test_server_support import ServiceProcess, npz_buffer, small_avatar
 

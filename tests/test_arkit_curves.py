@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from backend.errors import InputError
-from backend.head.arkit_csv import euler_to_axis_angle, read_live_link_csv, resample
 from backend.head.arkit_curves import to_flame_params
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import load_head_data
+from backend.wire.arkit_csv import euler_to_axis_angle, read_live_link_csv, resample
+from backend.wire.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["Timecode", "BlendShapeCount", "EyeBlinkLeft", "JawOpen", "MouthSmileLeft", "TongueOut", "HeadYaw", "HeadPitch", "HeadRoll", "LeftEyeYaw"]

@@ -21,10 +21,10 @@ import skimage
 from PIL import Image
 
 from backend.cli import main as cli_main
-from backend.errors import InputError
-from backend.head.arkit_csv import ArkitCurves, euler_to_axis_angle, read_live_link_csv, resample, write_live_link_csv
 from backend.head.params import FlameParams
 from backend.head.registry import load_head_data
+from backend.wire.arkit_csv import ArkitCurves, euler_to_axis_angle, read_live_link_csv, resample, write_live_link_csv
+from backend.wire.errors import InputError
 from backend.tracking.blendshapes import (
     ARKIT_NAMES,
     MODEL_ENV,

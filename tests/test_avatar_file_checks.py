@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import zmq
 
-from backend.errors import InputError
 from backend.gaussians.files import FileLimits, avatar_arrays, avatar_from_bytes, check_fits_head, load_avatar
 from backend.head.model import HeadModel
-from backend.server.client import Client
-from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
+from backend.wire.client import Client
+from backend.wire.errors import InputError
+from backend.wire.protocol import ErrorCode, WireError, decode_reply, encode_request
 from tests.hostile_messages import lying_sh_header
 from tests.test_server_support import npz_buffer, service_thread, small_avatar
 

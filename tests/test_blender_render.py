@@ -20,9 +20,9 @@ import pytest
 
 from backend.batch.blender_render import ADDON_MODULE, ENDPOINT_ENV, BlenderRenderJob, backend_answers, blender_command, parse_frames, render
 from backend.cli import main
-from backend.errors import SpatialAvatarError
-from backend.server.client import Client
-from backend.server.windows import full_frame
+from backend.wire.client import Client
+from backend.wire.errors import SpatialAvatarError
+from backend.wire.windows import full_frame
 from tests.addon_support import read_image
 from tests.test_compositing import avatar, backend, build_scene, flame_copy  # noqa: F401  (fixtures)
 

@@ -19,8 +19,8 @@ from backend.head.flame_files import write_flame
 from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.camera import Cameras, project
-from backend.server.client import Client
-from backend.server.windows import full_frame
+from backend.wire.client import Client
+from backend.wire.windows import full_frame
 from tests.test_server_support import npz_buffer, service_process, small_avatar
 
 pytestmark = pytest.mark.blender

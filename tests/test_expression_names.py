@@ -12,13 +12,13 @@ import torch
 
 from backend.cli import main
 from backend.data.synthetic import SynthConfig, synthesize
-from backend.errors import InputError
 from backend.gaussians.files import save_avatar
 from backend.gaussians.surface import surface_avatar
-from backend.head import expression_names
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import load_head_model
+from backend.wire import expression_names
+from backend.wire.errors import InputError
 
 
 @pytest.fixture(scope="module")

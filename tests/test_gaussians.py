@@ -9,13 +9,13 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from backend.errors import InputError
 from backend.gaussians.avatar import SH_C0, deform
 from backend.gaussians.files import export_ply, load_avatar, save_avatar
 from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, triangle_frames
 from backend.gaussians.layout import fill_missing, sample_layout
 from backend.gaussians.surface import surface_avatar
 from backend.head.model import HeadModel
+from backend.wire.errors import InputError
 from tests.helpers import random_params
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.gaussians.avatar import deform_local, logit
 from backend.gaussians.surface import surface_local
 from backend.generate.checkpoint import load_generator, read_generator_file, save_generator
@@ -23,6 +22,7 @@ from backend.generate.data import Corpus, PhaseSampler, Sample, find_subjects, l
 from backend.generate.generate import check_source_count, generate_avatar, parse_views, split_inputs, subject_sources
 from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, push_pull_fill, source_visibility
 from backend.head.params import POSE_FIELDS, FlameParams
+from backend.wire.errors import InputError
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 
 
@@ -330,9 +330,9 @@ def test_evaluation_protocol_end_to_end(generator: Generator, head, corpus_dirs,
 
 
 def test_a_head_the_weights_do_not_fit_is_told_which_head_they_need_and_how_to_train() -> None:
-    from backend.errors import HeadModelError
     from backend.head.model import HeadModel
     from backend.head.registry import check_fits, load_head_data
+    from backend.wire.errors import HeadModelError
 
     ict = HeadModel(load_head_data("ict"))
     with pytest.raises(HeadModelError) as caught:

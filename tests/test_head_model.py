@@ -9,11 +9,11 @@ import pytest
 import smplx
 import torch
 
-from backend.errors import HeadModelError, InputError
 from backend.head.flame_files import read_flame, write_flame
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.head.registry import FLAME_ENV, load_head_model
+from backend.wire.errors import HeadModelError, InputError
 from tests.helpers import random_params
 
 

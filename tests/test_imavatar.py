@@ -11,8 +11,8 @@ from PIL import Image
 
 from backend.data.imavatar import IMAVATAR_SCALE, convert_imavatar
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.render.camera import intrinsics, look_at, project
+from backend.wire.errors import InputError
 
 
 def write_fixture(root, frames: int = 6, size: int = 32):  # type: ignore[no-untyped-def]

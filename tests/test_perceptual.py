@@ -133,10 +133,10 @@ def test_evaluate_reports_lpips_only_with_its_weights(head, small_case, tmp_path
 def test_refine_adds_lpips_to_the_loss_or_says_it_left_it_out(head, small_case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from backend.errors import InputError
     from backend.refine.config import RefineConfig
     from backend.refine.refine import refine
     from backend.refine.regularizers import AntiSpike
+    from backend.wire.errors import InputError
 
     subject, avatar, files = small_case
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))

@@ -265,7 +265,7 @@ def test_densify_baseline_grows_and_keeps_every_face(head: HeadModel, setup) -> 
 
 
 def test_coarse_layout_with_a_fine_threshold_is_refused(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
-    from backend.errors import InputError
+    from backend.wire.errors import InputError
 
     subject, avatar = setup
     with pytest.raises(InputError, match="already larger than the anti-spike scale threshold"):
@@ -275,7 +275,7 @@ def test_coarse_layout_with_a_fine_threshold_is_refused(head: HeadModel, setup) 
 def test_damaged_subject_is_refused(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    from backend.errors import InputError
+    from backend.wire.errors import InputError
 
     subject, avatar = setup
     root = tmp_path / "s"

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from backend.errors import InputError
 from backend.gaussians.avatar import LocalGaussians
 from backend.refine.config import LearningRates, RefineConfig
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
 from backend.refine.refine import learning_rates
+from backend.wire.errors import InputError
 
 
 def random_local(n: int, degree: int, rng: torch.Generator) -> LocalGaussians:

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backend.gaussians.frames import quat_to_matrix as quat_to_rotmat
 from backend.gaussians.splats import Splats
-from backend.render import blender_camera_math as bcm
 from backend.render.camera import Cameras, intrinsics, look_at, orbit_cameras, project
 from backend.render.rasterize import render
-from backend.gaussians.frames import quat_to_matrix as quat_to_rotmat
 from backend.render.reference import project_gaussians
 from backend.render.settings import RasterSettings
 from backend.render.sh import sh_basis, sh_to_rgb
+from backend.wire import blender_camera_math as bcm
 
 F64 = torch.float64
 BG = torch.tensor([0.2, 0.3, 0.4], dtype=F64)

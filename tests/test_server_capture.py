@@ -14,7 +14,7 @@ from PIL import Image
 from backend.generate.checkpoint import save_generator
 from backend.generate.model import Generator, preset
 from backend.head.model import HeadModel
-from backend.server.client import Client
+from backend.wire.client import Client
 from tests.test_server_support import flame_buffers, front_camera, service_thread
 
 

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from backend.gaussians.files import avatar_from_bytes
 from backend.head.model import HeadModel
-from backend.server.client import Client
 from backend.server.config import RequestLimits
-from backend.server.protocol import ErrorCode, Limits, WireError, decode_reply, encode_request
 from backend.server.service import Service
+from backend.wire.client import Client
+from backend.wire.protocol import ErrorCode, Limits, WireError, decode_reply, encode_request
 from tests.hostile_messages import (
     ESCAPING_IDS,
     REPLY_WAIT_MS,

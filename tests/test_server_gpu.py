@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.head.model import HeadModel
-from backend.server.client import Client
+from backend.wire.client import Client
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_thread, small_avatar
 
 pytestmark = [

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from backend.cli import main as cli_main
-from backend.server.client import Client, ServiceUnavailable
-from backend.server.security import ClientKeys, ServerKeys
+from backend.wire.client import Client, ServiceUnavailable
+from backend.wire.security import ClientKeys, ServerKeys
 from tests.test_server_support import service_thread
 
 REFUSED_WITHIN_S = 1.0  # a refused client hears nothing; this long is enough to tell

@@ -9,8 +9,8 @@ import pytest
 import zmq
 
 from backend.head.model import HeadModel
-from backend.server.client import Client
-from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
+from backend.wire.client import Client
+from backend.wire.protocol import ErrorCode, WireError, decode_reply, encode_request
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_thread, small_avatar
 
 SUBJECT = {"frames": 3, "size": 32, "reference_gaussians": 1000, "seed": 3}

@@ -23,8 +23,8 @@ import zmq
 
 from backend.head.flame_files import write_flame
 from backend.head.model import HeadModel
-from backend.server.client import Client
-from backend.server.protocol import decode_reply, encode_request
+from backend.wire.client import Client
+from backend.wire.protocol import decode_reply, encode_request
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_process, small_avatar
 
 WAIT_S = 120.0  # generous bounds on a shared machine; they only decide when a stuck test fails

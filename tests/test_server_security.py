@@ -11,16 +11,16 @@ import pytest
 import zmq
 
 from backend.cli import main as cli_main
-from backend.errors import InputError, SpatialAvatarError
 from backend.gaussians.files import save_avatar
 from backend.head.model import HeadModel
-from backend.server.client import Client, ServiceUnavailable
 from backend.server.config import ServiceConfig
 from backend.server.jobs import JobRecord
-from backend.server.protocol import ErrorCode, WireError
-from backend.server.security import ClientKeys
 from backend.server.service import Service
 from backend.server.store import Store
+from backend.wire.client import Client, ServiceUnavailable
+from backend.wire.errors import InputError, SpatialAvatarError
+from backend.wire.protocol import ErrorCode, WireError
+from backend.wire.security import ClientKeys
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, service_thread, small_avatar
 
 ESCAPES = [

@@ -22,11 +22,11 @@ from plyfile import PlyData
 from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
 from backend.head.model import HeadModel
-from backend.server.client import Client, can_share
 from backend.server.config import RequestLimits
-from backend.server.protocol import ErrorCode, WireError, decode_reply, encode_request
 from backend.server.service import Service
-from backend.server.windows import full_frame
+from backend.wire.client import Client, can_share
+from backend.wire.protocol import ErrorCode, WireError, decode_reply, encode_request
+from backend.wire.windows import full_frame
 from tests.hostile_messages import connect
 from tests.test_server_support import flame_buffers, front_camera, npz_buffer, reference_render, service_thread, small_avatar
 

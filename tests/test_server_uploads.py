@@ -14,10 +14,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from backend.server.client import Client
 from backend.server.config import RequestLimits
-from backend.server.protocol import ErrorCode, WireError
 from backend.server.service import Service
+from backend.wire.client import Client
+from backend.wire.protocol import ErrorCode, WireError
 from tests.test_server_support import service_thread
 
 # Small enough that the test videos below can break each limit.

@@ -11,10 +11,10 @@ import torch
 
 from backend.data.subject import Subject, default_split, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
-from backend.errors import InputError
 from backend.gaussians.avatar import deform
 from backend.head.model import HeadModel
 from backend.render.camera import project
+from backend.wire.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from PIL import Image
 
 from backend.cli import main as cli_main
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.head.model import HeadModel
 from backend.tracking import TrackConfig, track
 from backend.tracking.correspondence import OVAL_LEFT, OVAL_RIGHT, ibug68_from_mediapipe, inner_table, model_points
@@ -24,6 +23,7 @@ from backend.tracking.crop import CropConfig
 from backend.tracking.fit import FitConfig, SparseHead
 from backend.tracking.landmarks import Landmarker
 from backend.tracking.video import FrameRange
+from backend.wire.errors import InputError
 from tests.helpers import random_params
 from tests.test_tracking_inputs import write_video
 

@@ -10,9 +10,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from backend.errors import InputError
 from backend.tracking.images import load_image
 from backend.tracking.video import FolderSource, FrameRange, VideoSource, open_sources
+from backend.wire.errors import InputError
 
 
 @pytest.fixture(scope="module")

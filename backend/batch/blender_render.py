@@ -27,12 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.errors import SpatialAvatarError
-from backend.server.client import DEFAULT_ENDPOINT, Client, ServiceUnavailable
+from backend.wire.client import Client, ServiceUnavailable
+from backend.wire.environment import ANIMATION_ENV, DEFAULT_ENDPOINT, ENDPOINT_ENV
+from backend.wire.errors import SpatialAvatarError
 
 ROOT = Path(__file__).resolve().parents[2]
-ENDPOINT_ENV = "SPATIALAVATAR_ENDPOINT"  # read by the add-on's compositing module
-ANIMATION_ENV = "SPATIALAVATAR_ANIMATION"  # "1": the add-on prefetches from the first frame
 ADDON_MODULE = "bl_ext.user_default.spatialavatar"  # the extension installed from disk into the default repository
 _SAVED = re.compile(r"Saved: '(.+?)'")
 

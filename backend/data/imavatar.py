@@ -24,8 +24,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from backend.data.subject import SubjectInfo, write_frame, write_subject
-from backend.errors import InputError
 from backend.head.params import FlameParams
+from backend.wire.errors import InputError
 
 IMAVATAR_SCALE = 4.0
 BENCHMARK_TEST_FRAMES = 350

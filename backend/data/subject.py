@@ -26,9 +26,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from backend.data.regions import hull_mask
-from backend.errors import InputError
 from backend.head.params import FlameParams
 from backend.render.camera import Cameras
+from backend.wire.errors import InputError
 
 FORMAT = "spatialavatar.subject"
 VERSION = 1

@@ -17,12 +17,12 @@ import torch
 from backend.data.albedo import AlbedoParams, surface_albedo
 from backend.data.motion import random_trajectory
 from backend.data.subject import SubjectInfo, default_split, write_frame, write_subject
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, sphere_cameras
 from backend.render.rasterize import render
+from backend.wire.errors import InputError
 
 Progress = Callable[[int, int], None]
 

@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 
 from backend.data.subject import Subject, write_frame, write_subject
-from backend.errors import SpatialAvatarError
 from backend.gaussians.avatar import Avatar
 from backend.head.model import HeadModel
+from backend.wire.errors import SpatialAvatarError
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("track", "generate", "refine", "scene", "render", "media")
@@ -196,7 +196,7 @@ def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfi
 
 def _import_avatar(endpoint: str, path: Path) -> str:
     """Put the avatar file into the backend at ``endpoint``; returns its id."""
-    from backend.server.client import Client
+    from backend.wire.client import Client
 
     with Client(endpoint, timeout_s=120.0, retries=0) as client:
         reply = client.call("import", {"name": "demo avatar"}, {"file": np.frombuffer(path.read_bytes(), np.uint8)})

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn.functional as F
 
-from backend.errors import InputError
 from backend.gaussians.frames import TriangleFrames, quat_multiply, surface_points, triangle_frames
 from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
+from backend.wire.errors import InputError
 
 SH_C0 = 0.28209479177387814  # Y_0^0: colour = 0.5 + SH_C0 * f_dc
 

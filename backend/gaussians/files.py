@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, LocalGaussians
 from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
 from backend.head.model import HeadModelData
 from backend.head.registry import check_fits
+from backend.wire.errors import InputError
 
 FORMAT = "spatialavatar.avatar"
 VERSION = 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backend.errors import InputError
+from backend.wire.errors import InputError
 
 MIN_GAUSSIANS = 1_000
 MAX_GAUSSIANS = 400_000

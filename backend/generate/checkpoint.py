@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from backend.errors import HeadModelError, InputError
 from backend.gaussians.layout import Binding
 from backend.generate.model import Generator, GeneratorConfig
 from backend.head.model import HeadModel
+from backend.wire.errors import HeadModelError, InputError
 
 FORMAT = "spatialavatar.generator"
 VERSION = 1

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from backend.data.subject import Subject, frame_name
-from backend.errors import InputError
 from backend.generate.model import MAX_SOURCES, SourceViews
 from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
+from backend.wire.errors import InputError
 
 Progress = Callable[[int, int], None]
 

@@ -553,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_with_clear_errors() -> int:
-    from backend.errors import SpatialAvatarError
+    from backend.wire.errors import SpatialAvatarError
 
     try:
         return main()

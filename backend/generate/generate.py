@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar
 from backend.generate.model import MAX_SOURCES, Generator, PoolMode, SourceViews
 from backend.head.model import HeadModel
+from backend.wire.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

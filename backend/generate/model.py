@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.errors import InputError
 from backend.gaussians.avatar import SH_C0, LocalGaussians, logit, rgb_to_sh_dc
 from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
 from backend.gaussians.layout import Binding, sample_layout
@@ -45,6 +44,7 @@ from backend.gaussians.surface import SurfaceInit, surface_local
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, project
 from backend.render.rasterize import render
+from backend.wire.errors import InputError
 
 MAX_SOURCES = 4
 PoolMode = Literal["mean", "best"]

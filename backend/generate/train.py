@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from backend.errors import InputError
 from backend.gaussians.avatar import LocalGaussians
 from backend.generate.checkpoint import generator_from_state, read_generator_file, save_generator
 from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, shard
@@ -54,6 +53,7 @@ from backend.refine.perceptual import Lpips, load_lpips
 from backend.refine.regularizers import AntiSpike, spike_loss
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
+from backend.wire.errors import InputError
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "generator.pt"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from backend.head.arkit_csv import ArkitCurves, flame_channels
 from backend.head.model import HeadModelData
 from backend.head.params import FlameParams
+from backend.wire.arkit_csv import ArkitCurves, flame_channels
 
 
 def to_flame_params(curves: ArkitCurves, head: HeadModelData) -> tuple[FlameParams, list[str]]:

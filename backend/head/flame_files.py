@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from backend.errors import HeadModelError
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModelData
 from backend.head.uv_tiles import pack_uv_tiles
+from backend.wire.errors import HeadModelError
 
 FLAME_DOWNLOAD_HINT = (
     "FLAME is licensed separately and is not shipped with SpatialAvatar: register and download it "

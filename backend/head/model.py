@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from smplx.lbs import batch_rodrigues, blend_shapes, transform_mat, vertices2joints
 
-from backend.errors import InputError
 from backend.head.params import FlameParams
+from backend.wire.errors import InputError
 
 # FLAME's shapedirs hold the identity basis in columns [0, 300) and expressions from 300 on.
 FLAME_SHAPE_SPACE = 300

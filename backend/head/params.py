@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.errors import InputError
-from backend.head import expression_names
+from backend.wire import expression_names
+from backend.wire.errors import InputError
 
 # Per-frame pose fields and their trailing width.
 POSE_FIELDS: dict[str, int] = {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import HeadModelError
 from backend.head.model import HeadModel, HeadModelData
+from backend.wire.errors import HeadModelError
 
 FLAME_ENV = "SPATIALAVATAR_FLAME"
 BUILTIN = "builtin"

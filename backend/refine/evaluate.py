@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
@@ -26,6 +25,7 @@ from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import AntiSpike, spike_stats
 from backend.render.camera import Cameras, orbit_cameras
 from backend.render.rasterize import render
+from backend.wire.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, deform, rgb_to_sh_dc
 from backend.gaussians.frames import quat_to_matrix
 from backend.gaussians.layout import fill_missing
@@ -20,6 +19,7 @@ from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, project
 from backend.render.rasterize import render
+from backend.wire.errors import InputError
 
 NEUTRAL_GREY = 0.5
 

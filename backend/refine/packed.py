@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.errors import InputError
 from backend.gaussians.avatar import LocalGaussians
+from backend.wire.errors import InputError
 
 
 @dataclass(frozen=True)

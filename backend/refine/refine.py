@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from backend.data.subject import Subject
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar, LocalGaussians, assemble_splats, place_gaussians
 from backend.gaussians.frames import TriangleFrames, triangle_frames
 from backend.gaussians.splats import Splats
@@ -35,6 +34,7 @@ from backend.refine.step_graph import GraphedStep
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
 from backend.render.tile_intersect import TileBudget
+from backend.wire.errors import InputError
 
 ProgressFn = Callable[[int, int, dict], None]
 StopFn = Callable[[], bool]

@@ -9,7 +9,7 @@ Conventions:
       of pixel (row i, column j) at (j + 0.5, i + 0.5), as in gsplat; an image of width W and
       height H spans [0, W] x [0, H], so a centred principal point is (W / 2, H / 2).
 
-Blender-facing conversions live in ``blender_camera_math.py``.
+Blender-facing conversions live in ``backend/wire/blender_camera_math.py``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.server.protocol import ErrorCode, Request, WireError
+from backend.wire.protocol import ErrorCode, Request, WireError
 
 _REQUIRED: Any = object()
 Shape = tuple[int | None, ...]  # None: any length

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.server.protocol import Limits
+from backend.wire.environment import DEFAULT_ENDPOINT
+from backend.wire.protocol import Limits
 
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
 STORE_ENV = "SPATIALAVATAR_STORE"
 
 
@@ -70,7 +70,7 @@ class ServiceConfig:
         ask for them (``shared_memory``); 0 turns it off. Never used with ``keys``.
     """
 
-    bind: str = DEFAULT_BIND
+    bind: str = DEFAULT_ENDPOINT
     store: Path = field(default_factory=default_store)
     device: str = "auto"
     flame: str | None = None

@@ -22,8 +22,8 @@ from backend.head.registry import fingerprint, load_head_model
 from backend.render.camera import Cameras
 from backend.render.gsplat_backend import gsplat_available
 from backend.render.rasterize import render
-from backend.server.protocol import ErrorCode, WireError
 from backend.server.store import Store
+from backend.wire.protocol import ErrorCode, WireError
 
 Arrays = dict[str, np.ndarray]
 Lend = Callable[[list[int]], "list[np.ndarray] | None"]  # byte sizes -> byte arrays to fill, or None

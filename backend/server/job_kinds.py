@@ -37,8 +37,8 @@ from backend.render.camera import Cameras
 from backend.render.rasterize import render
 from backend.server.engine import Engine
 from backend.server.jobs import JobArgs, JobCancelled, JobKind, Progress, ShouldCancel
-from backend.server.protocol import ErrorCode, WireError
 from backend.server.store import Store
+from backend.wire.protocol import ErrorCode, WireError
 
 if TYPE_CHECKING:
     from backend.tracking import TrackConfig

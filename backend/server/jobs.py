@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from backend.errors import SpatialAvatarError
-from backend.server.protocol import ErrorCode, WireError
 from backend.server.store import Store, check_id
+from backend.wire.errors import SpatialAvatarError
+from backend.wire.protocol import ErrorCode, WireError
 
 log = logging.getLogger("spatialavatar.server")
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from backend.server.config import RequestLimits
-from backend.server.protocol import ErrorCode, WireError
+from backend.wire.protocol import ErrorCode, WireError
 
 # The video containers a tracker would read, by their leading bytes: (offset, magic, file
 # suffix, FFmpeg demuxer). The demuxer is named when probing, so FFmpeg never guesses one

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backend.errors import SpatialAvatarError
 from backend.server.args import Args
 from backend.server.media import blob
-from backend.server.protocol import Buffer, ErrorCode, Limits, Request, WireError, encode_error, encode_reply
-from backend.server.shared_frames import SlotPool
 from backend.server.store import ID, check_id
+from backend.wire.errors import SpatialAvatarError
+from backend.wire.protocol import Buffer, ErrorCode, Limits, Request, WireError, encode_error, encode_reply
+from backend.wire.shared_frames import SlotPool
 
 if TYPE_CHECKING:
     from backend.server.config import ServiceConfig

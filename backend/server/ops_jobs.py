@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 
-from backend.errors import InputError
 from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
 from backend.server.args import Args
 from backend.server.media import blob, image_suffix, video_suffix
 from backend.server.ops import OpContext, Part
-from backend.server.protocol import ErrorCode, Request, WireError
 from backend.server.store import check_id
+from backend.wire.errors import InputError
+from backend.wire.protocol import ErrorCode, Request, WireError
 
 MAX_PORTRAITS = 4
 MAX_TRACKED_IMAGES = 64

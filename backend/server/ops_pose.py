@@ -11,8 +11,8 @@ from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.camera import Cameras
 from backend.server.args import Args
 from backend.server.ops import OpContext, Part
-from backend.server.protocol import Request
 from backend.server.store import check_id
+from backend.wire.protocol import Request
 
 FLOATS = ("<f4", "<f2")
 MAX_EXPR = 1000  # coefficients per frame; the model's own count is applied afterwards

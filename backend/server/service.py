@@ -44,7 +44,7 @@ from backend.server.ops import (
 )
 from backend.server.ops_jobs import op_generate, op_initialize, op_refine, op_synthesize, op_track
 from backend.server.ops_pose import op_deform, op_export, op_render
-from backend.server.protocol import (
+from backend.wire.protocol import (
     ACK,
     DTYPES,
     PROTOCOL_VERSION,
@@ -59,10 +59,10 @@ from backend.server.protocol import (
     encode_reply,
     salvage_id,
 )
-from backend.server.security import ServerKeys, check_bind, secure_server
-from backend.server.shared_frames import SlotPool
 from backend.server.store import Store, check_id
 from backend.server.worker import Task, Worker
+from backend.wire.security import ServerKeys, check_bind, secure_server
+from backend.wire.shared_frames import SlotPool
 
 log = logging.getLogger("spatialavatar.server")
 

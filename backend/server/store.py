@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from backend.errors import InputError
 from backend.gaussians.avatar import Avatar
 from backend.gaussians.files import load_avatar, save_avatar
-from backend.server.protocol import ErrorCode, WireError
+from backend.wire.errors import InputError
+from backend.wire.protocol import ErrorCode, WireError
 
 log = logging.getLogger("spatialavatar.server")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from backend.server.jobs import Jobs
 from backend.server.ops import Part, encode_parts
-from backend.server.protocol import Buffer, ErrorCode, Limits, Request, encode_error
-from backend.server.shared_frames import SlotPool
+from backend.wire.protocol import Buffer, ErrorCode, Limits, Request, encode_error
+from backend.wire.shared_frames import SlotPool
 
 log = logging.getLogger("spatialavatar.server")
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from backend.errors import SpatialAvatarError
 from backend.tracking.images import is_image_path, is_video_path
 from backend.tracking.track import TrackConfig
+from backend.wire.errors import SpatialAvatarError
 
 PARTIAL = ".partial"
 

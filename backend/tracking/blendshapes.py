@@ -7,7 +7,7 @@ facial transformation matrix gives the head's rotation. The mediapipe wheel does
 this bundle; it is read from a file whose SHA-256 is recorded here, and never downloaded
 (``models/README.md`` says where it comes from and where it is looked for).
 
-The result is the structure a Live Link Face CSV gives (``backend.head.arkit_csv``), so the
+The result is the structure a Live Link Face CSV gives (``backend.wire.arkit_csv``), so the
 same code resamples it, maps it onto a head's expressions and writes it as a CSV.
 Frames without a face take values interpolated linearly between the nearest frames with
 one (held before the first and after the last); the result counts them.
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import InputError
-from backend.head.arkit_csv import ArkitCurves
 from backend.tracking.images import is_image_path
 from backend.tracking.video import FolderSource, FrameRange, VideoSource
+from backend.wire.arkit_csv import ArkitCurves
+from backend.wire.errors import InputError
 
 # mediapipe's C++ logging goes to stderr; keep it to errors (set before mediapipe is imported).
 os.environ.setdefault("GLOG_minloglevel", "2")

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from backend.errors import InputError
+from backend.wire.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from backend.data.subject import LANDMARKS_FILE, SubjectInfo, default_split, write_frame, write_subject
-from backend.errors import InputError
 from backend.head.model import HeadModel
 from backend.tracking.correspondence import ibug68_from_mediapipe, inter_ocular
 from backend.tracking.crop import CropConfig, crop_boxes, crop_image, crop_intrinsics, head_mask, mesh_silhouette, to_crop
 from backend.tracking.fit import FitConfig, FitInput, FitResult, LandmarkFitter, default_focal
 from backend.tracking.landmarks import MIN_INTER_OCULAR_PX, FaceLandmarks, Landmarker
 from backend.tracking.video import FrameRange, Source, open_sources
+from backend.wire.errors import InputError
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 WarnFn = Callable[[str], None]

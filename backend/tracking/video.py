@@ -13,8 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from backend.errors import InputError
 from backend.tracking.images import check_frame, is_image_path, is_video_path, load_image
+from backend.wire.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backend.head.registry import load_head_model  # noqa: E402
-from backend.server.client import Client  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
 from tests.addon_support import build_zip, install_addon, set_prefs, start_backend  # noqa: E402
 from tests.test_server_support import npz_buffer, small_avatar  # noqa: E402
 

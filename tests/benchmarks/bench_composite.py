@@ -44,7 +44,7 @@ import blender_addon  # noqa: E402
 from backend.gaussians.files import avatar_to_bytes  # noqa: E402
 from backend.gaussians.surface import surface_avatar  # noqa: E402
 from backend.head.registry import load_head_model  # noqa: E402
-from backend.server.client import Client  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
 from blender_addon import avatars, compositing, pointcloud  # noqa: E402
 from tests.test_server_support import service_process  # noqa: E402
 

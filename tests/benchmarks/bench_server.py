@@ -40,9 +40,9 @@ from backend.gaussians.files import avatar_to_bytes, load_avatar  # noqa: E402
 from backend.gaussians.surface import surface_avatar  # noqa: E402
 from backend.head.registry import load_head_model  # noqa: E402
 from backend.render.camera import intrinsics, look_at  # noqa: E402
-from backend.server.client import Client  # noqa: E402
-from backend.server.protocol import decode_reply, encode_reply, encode_request  # noqa: E402
-from backend.server.windows import full_frame  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
+from backend.wire.protocol import decode_reply, encode_reply, encode_request  # noqa: E402
+from backend.wire.windows import full_frame  # noqa: E402
 from tests.test_server_support import LOOPBACK_ANY_PORT, service_process  # noqa: E402
 
 

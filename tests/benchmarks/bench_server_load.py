@@ -50,8 +50,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from backend.head.flame_files import write_flame  # noqa: E402
 from backend.head.model import HeadModel  # noqa: E402
 from backend.head.registry import load_head_model  # noqa: E402
-from backend.server.client import Client  # noqa: E402
-from backend.server.protocol import WireError  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
+from backend.wire.protocol import WireError  # noqa: E402
 from tests.hostile_messages import (  # noqa: E402
     Case,
     Sampler,

@@ -17,8 +17,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from backend.head.registry import load_head_model  # noqa: E402
-from backend.server.client import Client  # noqa: E402
-from backend.server.protocol import encode_request  # noqa: E402
+from backend.wire.client import Client  # noqa: E402
+from backend.wire.protocol import encode_request  # noqa: E402
 from tests.hostile_messages import connect, rss_mib  # noqa: E402
 from tests.test_server_support import ServiceProcess, flame_buffers, front_camera, npz_buffer, small_avatar  # noqa: E402
 

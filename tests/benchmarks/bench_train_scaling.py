@@ -257,8 +257,8 @@ def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         if torch.cuda.device_count() < max(args.gpus):
             ap.error(f"--gpus {max(args.gpus)} asked for, but this machine has {torch.cuda.device_count()} CUDA GPUs (--device cpu runs gloo processes)")
-    from backend.errors import InputError
     from backend.generate.data import find_subjects
+    from backend.wire.errors import InputError
 
     try:
         subjects = len(find_subjects(args.data))

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import HeadModelError
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModelData
 from backend.head.uv_tiles import pack_uv_tiles
+from backend.wire.errors import HeadModelError
 
 NAME = "ict-facekit-v1"
 DATA_DIR = Path(__file__).parent / "data"

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from backend.errors import InputError, SpatialAvatarError
 from backend.head.ict import ARRAYS_FILE, CHECKSUMS_FILE, DELTA_STEP_M, LICENSE_FILE, NAME
 from backend.head.ict import rig
 from backend.head.ict.source import LANDMARK_VERTICES, NUM_IDENTITIES, PARTS, IctMesh, IctPart, Snapshot
+from backend.wire.errors import InputError, SpatialAvatarError
 
 # The parts a Gaussian head needs; eye sockets (hidden behind the eyeballs), tear film, eye
 # blend and occlusion meshes and eyelash strips are left out.

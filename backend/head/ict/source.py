@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import InputError
+from backend.wire.errors import InputError
 
 MODEL_DIR = "FaceXModel"
 NEUTRAL = "generic_neutral_mesh.obj"

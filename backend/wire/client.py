@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from backend.server.protocol import ACK, Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request, salvage_id
-from backend.server.shared_frames import SlotReader
-from backend.server.security import ClientKeys, secure_client
-
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+from .environment import DEFAULT_ENDPOINT
+from .protocol import ACK, Buffer, ErrorCode, ErrorInfo, Limits, Reply, WireError, decode_reply, encode_request, salvage_id
+from .security import ClientKeys, secure_client
+from .shared_frames import SlotReader
 
 
 class ServiceUnavailable(WireError):

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from backend.errors import SpatialAvatarError
-from backend.server.shared_frames import SharedReadError, SlotReader
+from .errors import SpatialAvatarError
+from .shared_frames import SharedReadError, SlotReader
 
 PROTOCOL_VERSION = 1
 

@@ -9,8 +9,8 @@ case: the CSV's ``MouthSmileLeft`` is the head's ``mouthSmileLeft``); the head's
 drives the neck joint. A head whose expressions are not named after ARKit's (the built-in
 head) cannot take them, and says so.
 
-Numpy only: the Blender add-on carries this module (blender_addon/build.py copies it) and
-keys the same channels that ``spatialavatar arkit`` writes (``arkit_curves.py``).
+Numpy only, in ``backend/wire``: the Blender add-on carries this module and keys the same
+channels that ``spatialavatar arkit`` writes (``backend/head/arkit_curves.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import InputError
+from .errors import InputError
 
 TIMECODE = "Timecode"
 HEAD_ANGLES = ("HeadYaw", "HeadPitch", "HeadRoll")

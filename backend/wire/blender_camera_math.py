@@ -1,8 +1,7 @@
 """Blender camera <-> backend camera: the one place for these conversions (numpy only, no torch).
 
-This module is torch-free so that the Blender add-on carries it as it is (``build.py`` packs it
-into the extension's ``wire/`` folder); ``blender_camera.py`` gives the backend the same
-functions on torch tensors.
+It lives in ``backend/wire`` so that the Blender add-on and the backend use the same code
+(the extension carries the folder as its ``wire/``).
 
 Frames:
     * Backend world: FLAME's, +y up, +z toward where the face looks (metres).

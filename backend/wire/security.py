@@ -31,7 +31,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from backend.errors import InputError, SpatialAvatarError
+from .errors import InputError, SpatialAvatarError
 
 log = logging.getLogger("spatialavatar.server")
 

@@ -1,8 +1,8 @@
 """The expression names a ``flame_param.npz`` stores (``expr_names``), and the check that a
 file's channels mean what the head model in use calls them.
 
-Numpy only: the Blender add-on carries this module (blender_addon/build.py copies it), so the
-backend and the add-on read, write and check the names the same way.
+Numpy only, in ``backend/wire``: the Blender add-on carries this module, so the backend and
+the add-on read, write and check the names the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from backend.errors import InputError
+from .errors import InputError
 
 KEY = "expr_names"  # the array in flame_param.npz: [k] strings, k <= E, the head's names of expr[:, :k]
 

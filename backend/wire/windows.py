@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.server.protocol import ErrorCode, WireError
+from .protocol import ErrorCode, WireError
 
 
 def full_frame(arrays: Mapping[str, np.ndarray], result: Mapping[str, Any], width: int, height: int) -> dict[str, np.ndarray]:
