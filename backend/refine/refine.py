@@ -30,7 +30,7 @@ from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
 from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import depth_loss, spike_loss
-from backend.refine.step_graph import GraphedStep
+from backend.render.cuda_graph import GraphedStep
 from backend.render.camera import Cameras
 from backend.render.rasterize import render
 from backend.render.tile_intersect import TileBudget

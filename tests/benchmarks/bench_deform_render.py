@@ -1,7 +1,9 @@
-"""Deform + render throughput: a surface avatar of N Gaussians on the built-in head, posed
-for a batch of B frames and rendered at S x S, timed per frame.
+"""Deform + render throughput: a surface avatar of N Gaussians on a shipped head, posed
+for a batch of B frames and rendered at S x S, timed per frame: eagerly (every kernel
+launched from Python) and through the frame player (one captured CUDA graph per call).
 
     python tests/benchmarks/bench_deform_render.py --gaussians 100000 --size 512 --batch 1 16
+    python tests/benchmarks/bench_deform_render.py --head ict --gaussians 100000 --size 512 --batch 1 16
     python tests/benchmarks/bench_deform_render.py --device cpu --gaussians 20000 --size 256 --batch 1
 
 Medians of several repeats after warm-up; CUDA timings use events around the region.
@@ -22,7 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from backend.gaussians.avatar import deform  # noqa: E402
 from backend.gaussians.surface import surface_avatar  # noqa: E402
-from backend.head.registry import load_head_model  # noqa: E402
+from backend.head.registry import SHIPPED_HEADS, load_head_model  # noqa: E402
+from backend.render.frame_player import FramePlayer  # noqa: E402
 from backend.render.animation import ViewConfig, view_cameras  # noqa: E402
 from backend.render.rasterize import render  # noqa: E402
 from tests.helpers import random_params  # noqa: E402
@@ -48,6 +51,16 @@ def time_it(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-
     return statistics.median(out)
 
 
+def kernels(fn) -> int:  # type: ignore[no-untyped-def]
+    """CUDA kernels one call of ``fn`` runs (a graph's replay counts each kernel it holds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gaussians", type=int, default=100_000)
@@ -55,14 +68,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--head", choices=SHIPPED_HEADS, default=None, help="shipped head (default: the default head)")
     args = ap.parse_args()
-    head = load_head_model()
+    head = load_head_model(args.head)
     gen = torch.Generator().manual_seed(0)
     avatar = surface_avatar(head, torch.randn(head.n_shape, generator=gen), args.gaussians, lambda f, b: torch.rand(f.shape[0], 3, generator=gen))
     head, avatar = head.to(args.device), avatar.to(args.device)
     bg = torch.ones(3, device=args.device)
     for b in args.batch:
-        params = random_params(load_head_model(), b, gen).to(args.device)
+        params = random_params(load_head_model(args.head), b, gen).to(args.device)
         cams = view_cameras(ViewConfig(size=args.size), b).to(args.device)
 
         def deform_only() -> None:
@@ -71,12 +85,23 @@ def main() -> None:
         def deform_render() -> None:
             render(deform(avatar, head, params), cams, bg)
 
+        player = FramePlayer(avatar, head, bg)
+
+        def played() -> None:
+            player(params, cams)
+
         with torch.no_grad():
             t_def = time_it(deform_only, args.device, args.repeats)
             t_all = time_it(deform_render, args.device, args.repeats)
+        t_play = time_it(played, args.device, args.repeats)
+        counts = ""
+        if args.device == "cuda":
+            with torch.no_grad():
+                counts = f", kernels per call: eager {kernels(deform_render)}, player {kernels(played)}"
         print(
-            f"device={args.device} gaussians={args.gaussians} size={args.size} batch={b}: "
-            f"deform {1000 * t_def / b:.3f} ms/frame, deform+render {1000 * t_all / b:.3f} ms/frame"
+            f"head={args.head or 'default'} device={args.device} gaussians={args.gaussians} size={args.size} batch={b}: "
+            f"deform {1000 * t_def / b:.3f} ms/frame, deform+render {1000 * t_all / b:.3f} ms/frame, "
+            f"player {1000 * t_play / b:.3f} ms/frame ({'graphed' if player.graphed else 'eager'}){counts}"
         )
 
 

@@ -1,10 +1,10 @@
-"""A training step replayed from one CUDA graph.
+"""A step of work replayed from one CUDA graph: a training step, or posing and rendering frames.
 
-With a frozen layout every step launches the same kernels on tensors of the same shapes;
-only device-side values change (the step counter, and what it selects). Captured once, a
-step is then one graph launch instead of a Python-driven launch per kernel, and
-the GPU, not the host, sets the pace. The step must not wait for the GPU anywhere: renders
-go through a ``TileBudget``.
+When every call launches the same kernels on tensors of the same shapes (a frozen layout,
+a fixed batch) and only device-side values change (a step counter, the frame's parameters
+copied into input buffers), the work is captured once and then is one graph launch instead
+of a Python-driven launch per kernel: the GPU, not the host, sets the pace. The step must
+not wait for the GPU anywhere: renders go through a ``TileBudget``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class GraphedStep(Generic[Out]):
     replays the capture for every later call.
 
     ``step`` must read all its per-step inputs from device tensors that it updates itself
-    (a step counter), begin with ``zero_grad(set_to_none=True)`` on its optimizers, and
+    (a step counter) or that the caller fills before each call (input buffers), begin with ``zero_grad(set_to_none=True)`` on its optimizers (if any), and
     return the same tensors each call (the capture's outputs are overwritten by each replay).
     """
 
