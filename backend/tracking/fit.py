@@ -22,8 +22,8 @@ hundred frames fit in seconds on a CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ def _rotmat_to_axis_angle(R: np.ndarray) -> np.ndarray:
     axis = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
     n = np.linalg.norm(axis)
     if n < 1e-8:  # angle near pi: take the axis from the symmetric part
-        w, v = np.linalg.eigh((R + np.eye(3)) / 2.0)
+        _w, v = np.linalg.eigh((R + np.eye(3)) / 2.0)
         return v[:, -1] * angle
     return axis / n * angle
 
@@ -299,7 +299,7 @@ class LandmarkFitter:
         v = self.sparse(shape, expr, pose, translation)  # [B, n, 3]
         return self.blend @ v
 
-    def _neutral_points(self) -> np.ndarray:
+    def neutral_points(self) -> np.ndarray:
         """[P, 3] model points at zero shape, expression and pose."""
         with torch.no_grad():
             z = torch.zeros(1, 3)
@@ -307,7 +307,7 @@ class LandmarkFitter:
             return self.model_points(torch.zeros(self.n_shape), torch.zeros(1, self.n_expr), pose, z)[0].numpy()
 
     @staticmethod
-    def _project(points: torch.Tensor, focal: torch.Tensor, centre: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    def project(points: torch.Tensor, focal: torch.Tensor, centre: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         """World points [B, P, 3] -> pixels [B, P, 2] for the camera at (0, 0, distance) looking down -z."""
         depth = (distance[:, None] - points[..., 2]).clamp_min(1e-3)
         x = points[..., 0] / depth
@@ -319,7 +319,7 @@ class LandmarkFitter:
     def _rigid_init(self, data: FitInput, focal: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-frame rotation and translation from a Procrustes fit to mediapipe's 3D points, and per-source camera distance."""
         b = data.frames
-        neutral = self._neutral_points()
+        neutral = self.neutral_points()
         inner = slice(17, 68)
         src = neutral[inner] @ CAM_AXES.T  # model points in camera axes (metres)
         rot = np.zeros((b, 3))
@@ -365,158 +365,230 @@ class LandmarkFitter:
             torch.set_num_threads(threads)
 
     def _fit(self, data: FitInput, progress: Progress | None = None) -> FitResult:
-        cfg = self.config
-        torch.manual_seed(cfg.seed)
-        b = data.frames
-        n_j = self.head.data.num_joints
+        """The loop: build the problem and its stages, run each stage's Adam steps, read the result off."""
+        torch.manual_seed(self.config.seed)
         focal0 = np.asarray(data.focal_init, np.float64)
         rot0, trans0, distance = self._rigid_init(data, focal0)
-
-        f32 = torch.float32
-        src = torch.as_tensor(data.source, dtype=torch.long)
-        sizes = torch.as_tensor(np.asarray(data.image_size, np.float64), dtype=f32)
-        centre = sizes / 2.0
-        dist = torch.as_tensor(distance, dtype=f32)[src]
-        targets = torch.as_tensor(data.targets, dtype=f32)
-        n_pts = self.points.count
-        targets = targets[:, :n_pts]
-        oval = torch.as_tensor(data.oval, dtype=f32)
-        iod = torch.as_tensor(np.asarray(data.iod, np.float64), dtype=f32).clamp_min(1.0)
-        w_pts = torch.as_tensor(target_weights(self.has_eyes, cfg.iris_weight)[:n_pts], dtype=f32)
-        log_f0 = torch.as_tensor(np.log(focal0), dtype=f32)
-
-        shape = torch.zeros(self.n_shape, requires_grad=True)
-        expr = torch.zeros(b, self.n_expr, requires_grad=True)
-        rot = torch.as_tensor(rot0, dtype=f32).clone().requires_grad_(True)
-        trans = torch.as_tensor(trans0, dtype=f32).clone().requires_grad_(True)
-        neck = torch.zeros(b, 3, requires_grad=True)
-        jaw = torch.zeros(b, 3, requires_grad=True)
-        eyes = torch.zeros(b, 6, requires_grad=True)
-        log_f = log_f0.clone().requires_grad_(True)
-        use_offsets = cfg.landmark_offsets > 0 and b >= cfg.landmark_offsets
-        offsets = torch.zeros(n_pts, 3, requires_grad=use_offsets)  # in model inter-ocular distances
-        neutral = self._neutral_points()
-        model_iod = float(np.linalg.norm(neutral[36] - neutral[45]))
-        pairs = torch.as_tensor(np.asarray(data.sequence_pairs, np.int64).reshape(-1, 2))
-
-        def energy(stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-            pose = torch.cat([rot, neck, jaw, eyes, torch.zeros(b, max(0, n_j * 3 - 18))], dim=1)[:, : n_j * 3]
-            pts = self.model_points(shape, expr, pose, trans)
-            if use_offsets:
-                # Offsets live in the head's frame: turn them with the head (global rotation, then neck).
-                R = batch_rodrigues(rot) @ batch_rodrigues(neck)
-                pts = pts + model_iod * torch.einsum("bij,pj->bpi", R, offsets)
-            uv = self._project(pts, log_f.exp()[src], centre, dist)
-            res = (uv - targets) / iod[:, None, None]
-            sq = (res**2).sum(-1)
-            w = w_pts.clone()
-            if stage == "rigid":
-                w[:17] = 0.0
-                if self.has_eyes:
-                    w[68:] = 0.0
-            rho = geman_mcclure(sq, cfg.robust_sigma) if stage != "rigid" else sq
-            if stage == "rigid":
-                return ((rho * w).sum(-1) / w.sum()).mean(), uv
-            # Jaw points also slide along the face oval: distance to the curve, robust, as extra terms.
-            contour = point_to_polyline(uv[:, :17], oval) / iod[:, None]
-            rho_c = geman_mcclure(contour**2, cfg.robust_sigma)
-            e = (((rho * w).sum(-1) + cfg.contour_weight * rho_c.sum(-1)) / (w.sum() + 17 * cfg.contour_weight)).mean()
-            prior = cfg.w_shape * (shape**2).sum()
-            if use_offsets:
-                prior = prior + cfg.w_offset * (offsets**2).sum()
-            prior = prior + cfg.w_expr * (expr**2).sum(-1).mean()
-            prior = prior + cfg.w_jaw * (jaw[:, 0] ** 2).mean() + cfg.w_jaw_side * (jaw[:, 1:] ** 2).sum(-1).mean()
-            prior = prior + cfg.w_jaw_close * (torch.relu(-jaw[:, 0]) ** 2).mean()
-            prior = prior + cfg.w_neck * (neck**2).sum(-1).mean()
-            prior = prior + cfg.w_eyes * (eyes**2).sum(-1).mean() + cfg.w_eyes_diff * ((eyes[:, :3] - eyes[:, 3:]) ** 2).sum(-1).mean()
-            prior = prior + cfg.w_focal * (((log_f - log_f0) / cfg.focal_sigma) ** 2).sum()
-            if len(pairs):
-                i, j = pairs[:, 0], pairs[:, 1]
-
-                def d2(t: torch.Tensor) -> torch.Tensor:
-                    return ((t[i] - t[j]) ** 2).sum(-1).mean()
-
-                prior = prior + cfg.smooth_expr * d2(expr) + cfg.smooth_pose * (d2(rot) + d2(jaw) + d2(neck))
-                prior = prior + cfg.smooth_translation * d2(trans) + cfg.smooth_eyes * d2(eyes)
-            return e + prior, uv
-
-        total = cfg.rigid_steps + cfg.full_steps
+        problem = FitProblem(self, data, distance)
+        v = FitVariables.start(problem, rot0, trans0, focal0)
+        stages = fit_stages(v, self.config, self.has_eyes, problem.use_offsets)
+        total = sum(st.steps for st in stages)
         done = 0
         history: dict[str, float] = {}
-        lr = cfg.lr
-        # Stage 1: rigid pose.
-        opt = torch.optim.Adam([{"params": [rot], "lr": lr}, {"params": [trans], "lr": lr * 0.2}])
-        for step in range(cfg.rigid_steps):
-            opt.zero_grad()
-            loss, _ = energy("rigid")
-            loss.backward()
-            opt.step()
-            done += 1
-            if progress and (done % 10 == 0):
-                progress(done, total)
-        history["rigid"] = float(loss.detach()) if cfg.rigid_steps else float("nan")
-        # Stage 2: everything.
-        groups = [
-            {"params": [rot, neck, jaw], "lr": lr},
-            {"params": [trans], "lr": lr * 0.2},
-            {"params": [shape, expr], "lr": lr * 5},
-            {"params": [log_f], "lr": lr},
-        ]
-        if self.has_eyes:
-            groups.append({"params": [eyes], "lr": lr * 2})
-        if use_offsets:
-            groups.append({"params": [offsets], "lr": lr * 0.5})
-        opt = torch.optim.Adam(groups)
-        def cosine(step: int) -> float:
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.full_steps, 1), 1.0)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-        for step in range(cfg.full_steps):
-            opt.zero_grad()
-            loss, _ = energy("full")
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if progress and done % 10 == 0:
-                progress(done, total)
-        history["full"] = float(loss.detach()) if cfg.full_steps else float("nan")
+        for st in stages:
+            opt = torch.optim.Adam(st.groups)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, st.rate) if st.rate else None
+            loss = torch.tensor(float("nan"))
+            for _ in range(st.steps):
+                opt.zero_grad()
+                loss, _ = problem.energy(v, st.name)
+                loss.backward()
+                opt.step()
+                if sched:
+                    sched.step()
+                done += 1
+                if progress and done % 10 == 0:
+                    progress(done, total)
+            history[st.name] = float(loss.detach())
         if progress and total % 10:
             progress(total, total)
+        return problem.result(v, history)
 
-        with torch.no_grad():
-            # Report what the stored parameters give: the model's own points, without the offsets.
-            learned = offsets.detach().clone() * model_iod
-            offsets.zero_()
-            _, uv = energy("full")
-            err = (uv - targets).norm(dim=-1).numpy()
-            focal = log_f.exp().numpy().astype(np.float64)
-        params = self.head.neutral_params(b)
-        params.shape = torch.nn.functional.pad(shape.detach(), (0, self.head.n_shape - self.n_shape))
-        params.expr = torch.nn.functional.pad(expr.detach(), (0, self.head.n_expr - self.n_expr))
-        params.rotation = rot.detach().clone()
-        params.translation = trans.detach().clone()
-        params.neck_pose = neck.detach().clone()
-        params.jaw_pose = jaw.detach().clone()
-        params.eyes_pose = eyes.detach().clone()
+
+@dataclass
+class FitVariables:
+    """The unknowns of one fit (leaf tensors that take gradients).
+
+    Attributes:
+        shape: [S'] identity coefficients, shared by every frame.
+        expr: [B, E'] expression coefficients.
+        rot, neck, jaw: [B, 3] axis-angle, global rotation then FLAME's neck and jaw joints.
+        eyes: [B, 6] the two eye joints' axis-angles (FLAME's order).
+        trans: [B, 3] translation, metres.
+        log_f: [S] log focal length of each source, pixels.
+        offsets: [P, 3] landmark offsets in the head frame, in model inter-ocular distances
+            (they take gradients only when the fit learns them).
+    """
+
+    shape: torch.Tensor
+    expr: torch.Tensor
+    rot: torch.Tensor
+    neck: torch.Tensor
+    jaw: torch.Tensor
+    eyes: torch.Tensor
+    trans: torch.Tensor
+    log_f: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def start(cls, problem: FitProblem, rot0: np.ndarray, trans0: np.ndarray, focal0: np.ndarray) -> FitVariables:
+        """Zero identity, expression, neck, jaw, eyes and offsets; the rigid start's pose; the focal guess."""
+        b, f32 = problem.frames, torch.float32
+        return cls(
+            shape=torch.zeros(problem.n_shape, requires_grad=True),
+            expr=torch.zeros(b, problem.n_expr, requires_grad=True),
+            rot=torch.as_tensor(rot0, dtype=f32).clone().requires_grad_(True),
+            neck=torch.zeros(b, 3, requires_grad=True),
+            jaw=torch.zeros(b, 3, requires_grad=True),
+            eyes=torch.zeros(b, 6, requires_grad=True),
+            trans=torch.as_tensor(trans0, dtype=f32).clone().requires_grad_(True),
+            log_f=torch.as_tensor(np.log(focal0), dtype=f32).clone().requires_grad_(True),
+            offsets=torch.zeros(problem.n_points, 3, requires_grad=problem.use_offsets),
+        )
+
+    def pose(self, n_joints: int) -> torch.Tensor:
+        """[B, J*3] FLAME's pose vector (global, neck, jaw, eyes; further joints at rest)."""
+        b = self.rot.shape[0]
+        return torch.cat([self.rot, self.neck, self.jaw, self.eyes, torch.zeros(b, max(0, n_joints * 3 - 18))], dim=1)[:, : n_joints * 3]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One optimization stage: its energy (``FitProblem.energy``'s stage name), Adam steps,
+    parameter groups with their rates, and an optional rate multiplier per step (LambdaLR)."""
+
+    name: str
+    steps: int
+    groups: list[dict]
+    rate: Callable[[int], float] | None = None
+
+
+def fit_stages(v: FitVariables, cfg: FitConfig, has_eyes: bool, use_offsets: bool) -> list[Stage]:
+    """Coarse to fine: the rigid pose on the inner landmarks, then everything with a cosine-decayed rate."""
+    lr = cfg.lr
+    groups = [
+        {"params": [v.rot, v.neck, v.jaw], "lr": lr},
+        {"params": [v.trans], "lr": lr * 0.2},
+        {"params": [v.shape, v.expr], "lr": lr * 5},
+        {"params": [v.log_f], "lr": lr},
+    ]
+    if has_eyes:
+        groups.append({"params": [v.eyes], "lr": lr * 2})
+    if use_offsets:
+        groups.append({"params": [v.offsets], "lr": lr * 0.5})
+
+    def cosine(step: int) -> float:
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(cfg.full_steps, 1), 1.0)))
+
+    return [
+        Stage("rigid", cfg.rigid_steps, [{"params": [v.rot], "lr": lr}, {"params": [v.trans], "lr": lr * 0.2}]),
+        Stage("full", cfg.full_steps, groups, cosine),
+    ]
+
+
+class FitProblem:
+    """The step builder: one fit's targets, weights and priors as tensors, and the energy of
+    each stage as a function of ``FitVariables`` (see the module docstring for the terms).
+
+    Stage "rigid" is plain least squares on the inner landmarks; stage "full" is the robust
+    energy on every point, the jaw contour's point-to-oval term, the priors and smoothness.
+    """
+
+    def __init__(self, fitter: LandmarkFitter, data: FitInput, distance: np.ndarray) -> None:
+        f32 = torch.float32
+        self.fitter, self.data, self.cfg, self.distance = fitter, data, fitter.config, distance
+        self.frames, self.n_shape, self.n_expr = data.frames, fitter.n_shape, fitter.n_expr
+        self.n_joints = fitter.head.data.num_joints
+        self.n_points = fitter.points.count
+        self.has_eyes = fitter.has_eyes
+        self.src = torch.as_tensor(data.source, dtype=torch.long)
+        sizes = torch.as_tensor(np.asarray(data.image_size, np.float64), dtype=f32)
+        self.centre = sizes / 2.0
+        self.dist = torch.as_tensor(distance, dtype=f32)[self.src]
+        self.targets = torch.as_tensor(data.targets, dtype=f32)[:, : self.n_points]
+        self.oval = torch.as_tensor(data.oval, dtype=f32)
+        self.iod = torch.as_tensor(np.asarray(data.iod, np.float64), dtype=f32).clamp_min(1.0)
+        self.w_pts = torch.as_tensor(target_weights(self.has_eyes, self.cfg.iris_weight)[: self.n_points], dtype=f32)
+        self.log_f0 = torch.as_tensor(np.log(np.asarray(data.focal_init, np.float64)), dtype=f32)
+        self.use_offsets = self.cfg.landmark_offsets > 0 and data.frames >= self.cfg.landmark_offsets
+        neutral = fitter.neutral_points()
+        self.model_iod = float(np.linalg.norm(neutral[36] - neutral[45]))
+        self.pairs = torch.as_tensor(np.asarray(data.sequence_pairs, np.int64).reshape(-1, 2))
+
+    def project(self, v: FitVariables) -> torch.Tensor:
+        """[B, P, 2] the model points (learned offsets included) in each frame's pixels."""
+        pts = self.fitter.model_points(v.shape, v.expr, v.pose(self.n_joints), v.trans)
+        if self.use_offsets:
+            # Offsets live in the head's frame: turn them with the head (global rotation, then neck).
+            R = batch_rodrigues(v.rot) @ batch_rodrigues(v.neck)
+            pts = pts + self.model_iod * torch.einsum("bij,pj->bpi", R, v.offsets)
+        return self.fitter.project(pts, v.log_f.exp()[self.src], self.centre, self.dist)
+
+    def energy(self, v: FitVariables, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's scalar energy, and the projected points [B, P, 2] it was computed from."""
+        uv = self.project(v)
+        sq = (((uv - self.targets) / self.iod[:, None, None]) ** 2).sum(-1)
+        w = self.w_pts.clone()
+        if stage == "rigid":
+            w[:17] = 0.0
+            if self.has_eyes:
+                w[68:] = 0.0
+            return ((sq * w).sum(-1) / w.sum()).mean(), uv
+        cfg = self.cfg
+        rho = geman_mcclure(sq, cfg.robust_sigma)
+        # Jaw points also slide along the face oval: distance to the curve, robust, as extra terms.
+        contour = point_to_polyline(uv[:, :17], self.oval) / self.iod[:, None]
+        rho_c = geman_mcclure(contour**2, cfg.robust_sigma)
+        e = (((rho * w).sum(-1) + cfg.contour_weight * rho_c.sum(-1)) / (w.sum() + 17 * cfg.contour_weight)).mean()
+        return e + self.prior(v), uv
+
+    def prior(self, v: FitVariables) -> torch.Tensor:
+        """L2 priors on every block, and first-difference smoothness over the sequence pairs."""
+        cfg = self.cfg
+        prior = cfg.w_shape * (v.shape**2).sum()
+        if self.use_offsets:
+            prior = prior + cfg.w_offset * (v.offsets**2).sum()
+        prior = prior + cfg.w_expr * (v.expr**2).sum(-1).mean()
+        prior = prior + cfg.w_jaw * (v.jaw[:, 0] ** 2).mean() + cfg.w_jaw_side * (v.jaw[:, 1:] ** 2).sum(-1).mean()
+        prior = prior + cfg.w_jaw_close * (torch.relu(-v.jaw[:, 0]) ** 2).mean()
+        prior = prior + cfg.w_neck * (v.neck**2).sum(-1).mean()
+        prior = prior + cfg.w_eyes * (v.eyes**2).sum(-1).mean() + cfg.w_eyes_diff * ((v.eyes[:, :3] - v.eyes[:, 3:]) ** 2).sum(-1).mean()
+        prior = prior + cfg.w_focal * (((v.log_f - self.log_f0) / cfg.focal_sigma) ** 2).sum()
+        if len(self.pairs):
+            i, j = self.pairs[:, 0], self.pairs[:, 1]
+
+            def d2(t: torch.Tensor) -> torch.Tensor:
+                return ((t[i] - t[j]) ** 2).sum(-1).mean()
+
+            prior = prior + cfg.smooth_expr * d2(v.expr) + cfg.smooth_pose * (d2(v.rot) + d2(v.jaw) + d2(v.neck))
+            prior = prior + cfg.smooth_translation * d2(v.trans) + cfg.smooth_eyes * d2(v.eyes)
+        return prior
+
+    @torch.no_grad()
+    def result(self, v: FitVariables, history: dict[str, float]) -> FitResult:
+        """The fit for the subject format; errors are what the stored parameters give: the model's own points, without the offsets."""
+        learned = v.offsets.detach().clone() * self.model_iod
+        v.offsets.zero_()
+        uv = self.project(v)
+        err = (uv - self.targets).norm(dim=-1).numpy()
+        focal = v.log_f.exp().numpy().astype(np.float64)
+        head, b = self.fitter.head, self.frames
+        params = head.neutral_params(b)
+        params.shape = torch.nn.functional.pad(v.shape.detach(), (0, head.n_shape - self.n_shape))
+        params.expr = torch.nn.functional.pad(v.expr.detach(), (0, head.n_expr - self.n_expr))
+        params.rotation = v.rot.detach().clone()
+        params.translation = v.trans.detach().clone()
+        params.neck_pose = v.neck.detach().clone()
+        params.jaw_pose = v.jaw.detach().clone()
+        params.eyes_pose = v.eyes.detach().clone()
         K = torch.zeros(b, 3, 3)
         w2c = torch.zeros(b, 4, 4)
         for i in range(b):
-            k = int(data.source[i])
-            w, h = data.image_size[i]
+            k = int(self.data.source[i])
+            w, h = self.data.image_size[i]
             K[i] = torch.tensor([[focal[k], 0, w / 2.0], [0, focal[k], h / 2.0], [0, 0, 1]])
-            w2c[i] = camera_pose(float(distance[k]))
+            w2c[i] = camera_pose(float(self.distance[k]))
         return FitResult(
             params=params,
             K=K,
             world_to_cam=w2c,
             projected=uv.numpy().astype(np.float64),
             errors_px=err.astype(np.float64),
-            iod_px=iod.numpy().astype(np.float64),
+            iod_px=self.iod.numpy().astype(np.float64),
             focal=focal,
             has_eyes=self.has_eyes,
             history=history,
-            offsets=learned.numpy().astype(np.float64) if use_offsets else None,
+            offsets=learned.numpy().astype(np.float64) if self.use_offsets else None,
         )
 
 
