@@ -7,7 +7,6 @@ to stderr. Errors print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -19,9 +18,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from backend import __version__
+from backend.data.synthetic import SynthConfig
+from backend.demo.pipeline import DemoConfig
 from backend.head.registry import SHIPPED_HEADS
+from backend.refine.config import RefineConfig
+from backend.refine.initialize import InitConfig
+from backend.server.config import ServiceConfig
+from backend.tracking.crop import CropConfig
+from backend.tracking.video import FrameRange
 from backend.wire.environment import DEFAULT_ENDPOINT
 from backend.wire.errors import SpatialAvatarError
+from backend.wire.operations import REFINE_PRESETS
 
 
 def _progress(desc: str, enabled: bool) -> Callable[[int, int], None]:
@@ -82,10 +89,18 @@ def cmd_info(args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_synth(args: argparse.Namespace) -> dict:
-    from backend.data.synthetic import SynthConfig, synthesize
+def _flags(args: argparse.Namespace, fields: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config overrides from the flags that set them (field -> flag, e.g. "frames" -> "--frames"),
+    and the flag names a failed check speaks of."""
+    return {field: getattr(args, flag.removeprefix("--").replace("-", "_")) for field, flag in fields.items()}, fields
 
-    config = SynthConfig(frames=args.frames, views=args.views, size=args.size, seed=args.seed, reference_gaussians=args.reference_gaussians)
+
+def cmd_synth(args: argparse.Namespace) -> dict:
+    from backend.data.synthetic import synthesize
+
+    config = SynthConfig().with_overrides(
+        *_flags(args, {"frames": "--frames", "views": "--views", "size": "--size", "seed": "--seed", "reference_gaussians": "--reference-gaussians"})
+    )
     t0 = time.perf_counter()
     root = synthesize(_head(args).to(_device(args.device)), args.out, config, progress=_progress("synth", not args.json))
     return {"subject": str(root), "frames": config.frames, "views": config.views, "size": config.size, "seconds": round(time.perf_counter() - t0, 2)}
@@ -95,13 +110,14 @@ def cmd_init(args: argparse.Namespace) -> dict:
     from backend.data.subject import Subject
     from backend.gaussians.files import save_avatar
     from backend.head.registry import check_fits
-    from backend.refine.initialize import InitConfig, initialize_on_subject
+    from backend.refine.initialize import initialize_on_subject
 
     subject = Subject.load(args.subject)
     head = _head(args)
     if subject.info.head_model != head.name:
         raise SpatialAvatarError(f"subject {args.subject} was tracked with head model '{subject.info.head_model}', the loaded one is '{head.name}'")
-    avatar = initialize_on_subject(head, subject, InitConfig(gaussians=args.gaussians, frame=args.frame, camera=args.camera))
+    config = InitConfig().with_overrides(*_flags(args, {"gaussians": "--gaussians", "frame": "--frame", "camera": "--camera"}))
+    avatar = initialize_on_subject(head, subject, config)
     check_fits(head.data, avatar.head_name, avatar.head_fingerprint)
     save_avatar(avatar, args.out)
     return {"avatar": str(args.out), "gaussians": avatar.count, "visible_share": avatar.meta["visible_share"]}
@@ -161,15 +177,19 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     from backend.refine.refine import RefineState, refine
     from backend.refine.regularizers import SurfaceHinge
 
-    if args.opacity_sparsity is not None and args.opacity_sparsity < 0:
-        raise SpatialAvatarError(f"--opacity-sparsity {args.opacity_sparsity}: a weight must be >= 0")
-    if args.max_depth is not None and not args.max_depth > 0:
-        raise SpatialAvatarError(f"--max-depth {args.max_depth}: the depth threshold must be > 0 (triangle sizes)")
-    if args.lpips is not None and args.lpips < 0:
-        raise SpatialAvatarError(f"--lpips {args.lpips}: a weight must be >= 0")
     if args.lpips_weights is not None and args.lpips is None:
         raise SpatialAvatarError("--lpips-weights: give --lpips WEIGHT too (LPIPS is not in the loss without it)")
     _check_lpips_folder(args.lpips_weights)
+    overrides, names = _flags(
+        args,
+        {"iterations": "--iters", "seed": "--seed", "finetune_flame": "--finetune-flame", "opacity_sparsity": "--opacity-sparsity", "lpips_weight": "--lpips"},
+    )
+    overrides |= {
+        "anti_spike.max_scale": args.max_scale,
+        "surface": None if args.max_depth is None else SurfaceHinge(max_depth=args.max_depth),
+        "lpips_folder": str(args.lpips_weights) if args.lpips_weights else None,
+    }
+    config = preset(args.preset).with_overrides(overrides, names | {"anti_spike.max_scale": "--max-scale", "surface.max_depth": "--max-depth"})
     device = _device(args.device)
     avatar, head = _load_avatar(args, device)
     subject = Subject.load(args.subject)
@@ -177,17 +197,6 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     subject.params.check_head(head.name, head.expr_names, str(subject.root / "flame_param.npz"))
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
-    config = preset(args.preset, iterations=args.iters, seed=args.seed)
-    if args.finetune_flame is not None:
-        config = dataclasses.replace(config, finetune_flame=args.finetune_flame)
-    if args.opacity_sparsity is not None:
-        config = dataclasses.replace(config, opacity_sparsity=args.opacity_sparsity)
-    if args.max_scale is not None:
-        config = dataclasses.replace(config, anti_spike=dataclasses.replace(config.anti_spike, max_scale=args.max_scale))
-    if args.max_depth is not None:
-        config = dataclasses.replace(config, surface=SurfaceHinge(max_depth=args.max_depth))
-    if args.lpips is not None:
-        config = dataclasses.replace(config, lpips_weight=args.lpips, lpips_folder=str(args.lpips_weights) if args.lpips_weights else None)
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
@@ -285,10 +294,9 @@ def cmd_arkit(args: argparse.Namespace) -> dict:
 
 def _track_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from backend.tracking import TrackConfig
-    from backend.tracking.crop import CropConfig
-    from backend.tracking.video import FrameRange
 
-    return TrackConfig(crop=CropConfig(size=args.size), frames=FrameRange(stride=args.stride, start=args.start, end=args.end, max_frames=args.max_frames))
+    frames = {f"frames.{k}": getattr(args, k) for k in ("stride", "start", "end", "max_frames")}
+    return TrackConfig().with_overrides({"crop.size": args.size, **frames})
 
 
 def cmd_track_batch(args: argparse.Namespace) -> dict:
@@ -393,11 +401,10 @@ def cmd_export_ply(args: argparse.Namespace) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     """The main job: portrait -> tracking -> Stage 1 -> Stage 2 -> animated .blend -> composited frames, GIF, MP4."""
-    from backend.demo.pipeline import DemoConfig, run_demo
+    from backend.demo.pipeline import run_demo
 
-    config = DemoConfig(
-        out=args.out, portrait=args.portrait, device=_device(args.device), frames=args.frames, size=args.size, cpu_iters=args.cpu_iters, flame=args.flame
-    )
+    overrides, names = _flags(args, {"out": "--out", "portrait": "--portrait", "frames": "--frames", "size": "--size", "cpu_iters": "--cpu-iters"})
+    config = DemoConfig().with_overrides(overrides | {"device": _device(args.device), "flame": args.flame}, names)
     return run_demo(config, log=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr, flush=True)).summary()
 
 
@@ -406,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     import logging
     import signal
 
-    from backend.server.config import ServiceConfig, default_store
+    from backend.server.config import default_store
     from backend.server.service import Service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -479,19 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", parents=[common], help="write a synthetic subject")
     p.add_argument("out", type=Path)
-    p.add_argument("--frames", type=int, default=30)
-    p.add_argument("--views", type=int, default=1, help="1 = monocular video; more = a ring of cameras")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reference-gaussians", type=int, default=200_000, help="density of the ground-truth reference head")
+    p.add_argument("--frames", type=int, default=SynthConfig.frames)
+    p.add_argument("--views", type=int, default=SynthConfig.views, help="1 = monocular video; more = a ring of cameras")
+    p.add_argument("--size", type=int, default=SynthConfig.size)
+    p.add_argument("--seed", type=int, default=SynthConfig.seed)
+    p.add_argument("--reference-gaussians", type=int, default=SynthConfig.reference_gaussians, help="density of the ground-truth reference head")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("init", parents=[common], help="initialize an avatar on a subject (Gaussians on the surface)")
     p.add_argument("subject", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--gaussians", type=int, default=100_000)
-    p.add_argument("--frame", type=int, default=0, help="reference frame colours are taken from")
-    p.add_argument("--camera", type=int, default=0)
+    p.add_argument("--gaussians", type=int, default=InitConfig.gaussians)
+    p.add_argument("--frame", type=int, default=InitConfig.frame, help="reference frame colours are taken from")
+    p.add_argument("--camera", type=int, default=InitConfig.camera)
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("render", parents=[common], help="render an avatar over a flame_param.npz animation to PNG frames")
@@ -506,8 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("avatar", type=Path)
     p.add_argument("subject", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--iters", type=int, default=10_000)
-    p.add_argument("--preset", choices=("ours", "no-antispike", "densify"), default="ours", help="ours, or a baseline")
+    p.add_argument("--iters", type=int, default=RefineConfig.iterations)
+    p.add_argument("--preset", choices=REFINE_PRESETS, default=REFINE_PRESETS[0], help="ours, or a baseline: no-antispike (b), densify (a)")
     p.add_argument(
         "--finetune-flame",
         action=argparse.BooleanOptionalAction,
@@ -518,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opacity-sparsity", type=float, metavar="W", help="fade faint coverage past the outline in the captured views (off; 1e-3 is the tested weight; may open holes in views the video did not cover, see docs/refinement.md)")
     p.add_argument("--lpips", type=float, metavar="WEIGHT", help="add LPIPS to the loss with this weight (off; only where its weights are on this machine, never downloaded: see --lpips-weights)")
     p.add_argument("--lpips-weights", type=Path, metavar="DIR", help=LPIPS_WEIGHTS_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=RefineConfig.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, written when a run is interrupted")
     p.set_defaults(fn=cmd_refine)
 
@@ -551,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_arkit)
 
     tracking = argparse.ArgumentParser(add_help=False)
-    tracking.add_argument("--size", type=int, default=512, help="width and height of the square crops")
-    tracking.add_argument("--stride", type=int, default=1, help="video / folder: keep every N-th frame")
+    tracking.add_argument("--size", type=int, default=CropConfig.size, help="width and height of the square crops")
+    tracking.add_argument("--stride", type=int, default=FrameRange.stride, help="video / folder: keep every N-th frame")
     tracking.add_argument("--start", type=float, metavar="SECONDS", help="video / folder: first time to use")
     tracking.add_argument("--end", type=float, metavar="SECONDS", help="video / folder: time to stop at")
     tracking.add_argument("--max-frames", type=int, metavar="N", help="video / folder: at most N frames")
@@ -605,10 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the main job: a portrait -> avatar -> animated, composited Blender render")
     p.add_argument("--portrait", type=Path, metavar="IMAGE", help="the photo (default: scikit-image's public-domain astronaut)")
-    p.add_argument("--out", type=Path, default=Path("out"))
-    p.add_argument("--frames", type=int, default=48, help="animation length in frames (24 fps)")
-    p.add_argument("--size", type=int, default=384, help="rendered frame width and height, pixels")
-    p.add_argument("--cpu-iters", type=int, default=300, help="refinement iterations without CUDA (CUDA runs the full 10,000)")
+    p.add_argument("--out", type=Path, default=DemoConfig.out)
+    p.add_argument("--frames", type=int, default=DemoConfig.frames, help=f"animation length in frames ({DemoConfig.fps} fps)")
+    p.add_argument("--size", type=int, default=DemoConfig.size, help="rendered frame width and height, pixels")
+    p.add_argument("--cpu-iters", type=int, default=DemoConfig.cpu_iters, help=f"refinement iterations without CUDA (CUDA runs the full {DemoConfig.gpu_iters:,})")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("serve", parents=[common], help="run the ZeroMQ service the Blender add-on talks to")
@@ -616,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=Path, help="folder of avatars, subjects and jobs (default: $SPATIALAVATAR_STORE, else the user data folder)")
     p.add_argument("--keys", type=Path, metavar="DIR", help="CurveZMQ key folder made by `spatialavatar keys`")
     p.add_argument("--generator", type=Path, metavar="FILE", help="stage-1 generator checkpoint (default: the one `spatialavatar generate` uses)")
-    p.add_argument("--shared-slots", type=int, default=8, metavar="N", help="shared-memory slots for render frames to clients on this machine; 0: frames always go through the socket (default: %(default)s)")
+    p.add_argument("--shared-slots", type=int, default=ServiceConfig.shared_slots, metavar="N", help="shared-memory slots for render frames to clients on this machine; 0: frames always go through the socket (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("blender-render", parents=[common], help="render a .blend with its avatars composited (starts a backend if none answers)")

@@ -18,12 +18,14 @@ import numpy as np
 try:
     from .wire import client as wire_client
     from .wire import errors as wire_errors
+    from .wire import operations as wire_operations
     from .wire import protocol as wire_protocol
     from .wire import security as wire_security
     from .wire.environment import DEFAULT_ENDPOINT
 except ImportError:  # a development checkout: the same modules, from the backend package
     from backend.wire import client as wire_client
     from backend.wire import errors as wire_errors
+    from backend.wire import operations as wire_operations
     from backend.wire import protocol as wire_protocol
     from backend.wire import security as wire_security
     from backend.wire.environment import DEFAULT_ENDPOINT
@@ -57,24 +59,22 @@ def open_client(settings: Settings) -> wire_client.Client:
 def hello(settings: Settings) -> dict[str, Any]:
     """The backend's hello result (blocking); raises WireError / ServiceUnavailable."""
     with open_client(settings) as c:
-        return c.call("hello").result
+        return c.call(wire_operations.Hello.op).result
 
 
 def neutral_args(avatar_id: str, gaussians: int, max_points: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Arguments and buffers of a ``deform`` of one zero frame with ``statics``: the avatar in its
     neutral pose with colours and opacities. ``max_points`` > 0 asks for an evenly spread subset
     (at most the avatar's ``gaussians``); the service picks the same subset for every frame."""
-    args: dict[str, Any] = {"avatar": avatar_id, "statics": True}
-    if 0 < max_points < gaussians:
-        args["max_gaussians"] = int(max_points)
-    return args, {"expr": np.zeros((1, 1), np.float32)}
+    subset = int(max_points) if 0 < max_points < gaussians else None
+    return wire_operations.Deform.args(avatar=avatar_id, statics=True, max_gaussians=subset), {"expr": np.zeros((1, 1), np.float32)}
 
 
 def neutral_gaussians(settings: Settings, avatar_id: str, max_points: int = 0) -> dict[str, np.ndarray]:
     """Blocking ``get`` + ``deform`` (see ``neutral_args``): positions, scales, rotations, opacities, colors."""
     with open_client(settings) as c:
-        gaussians = int(c.call("get", {"id": avatar_id}).result["avatar"]["gaussians"])
-        return c.call("deform", *neutral_args(avatar_id, gaussians, max_points)).arrays
+        gaussians = int(c.call(wire_operations.Get.op, wire_operations.Get.args(id=avatar_id)).result["avatar"]["gaussians"])
+        return c.call(wire_operations.Deform.op, *neutral_args(avatar_id, gaussians, max_points)).arrays
 
 
 def describe(info: dict[str, Any]) -> str:

@@ -16,6 +16,8 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 from . import animation_io, avatars, compositing, compositing_avatars, connection, flame_data, preferences, runtime, scene_props
 from .runtime import status
 
+ops = connection.wire_operations
+
 
 def backend_head() -> dict | None:
     """The tested backend's head model (hello's ``head``: expression count and names), if known."""
@@ -83,7 +85,7 @@ class SPATIALAVATAR_OT_list_avatars(bpy.types.Operator):
             return fail(self, why)
         try:
             with connection.open_client(s) as c:
-                found = c.call("list", {"kind": "avatars"}).result.get("avatars", [])
+                found = c.call(ops.List.op, ops.List.args(kind="avatars")).result.get("avatars", [])
         except connection.UserError as e:
             return call_failed(self, f"Could not list avatars: {e}", e)
         status["avatars"] = found

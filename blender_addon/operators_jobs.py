@@ -15,6 +15,8 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 from . import avatars, connection, flame_data, media_files, preferences, runtime, scene_props, tasks, workflows
 from .operators import avatar_selected, backend_head, call_failed, connected, fail, status
 
+ops = connection.wire_operations
+
 
 def _picked(op: ImportHelper) -> list[str]:
     """The files of a multi-file browser, in the order picked (else the single ``filepath``)."""
@@ -112,7 +114,7 @@ class SPATIALAVATAR_OT_generate(bpy.types.Operator):
             buffers = media_files.portrait_buffers([bpy.path.abspath(p.filepath) for p in props.portraits])
         except media_files.MediaError as e:
             return fail(self, f"Cannot generate: {e}")
-        if why := _unavailable("generate", "track"):
+        if why := _unavailable(ops.Generate.op, ops.Track.op):
             return fail(self, why)
         name = props.avatar_name.strip() or "Avatar"
         runtime.RUNTIME.start(workflows.generate_task(name, buffers, props.preview_points, backend_head()), s)
@@ -144,7 +146,7 @@ class SPATIALAVATAR_OT_refine(bpy.types.Operator, ImportHelper):
             capture = media_files.capture_buffers(_picked(self))
         except media_files.MediaError as e:
             return fail(self, f"Cannot refine: {e}")
-        if why := _unavailable("track", "refine"):
+        if why := _unavailable(ops.Track.op, ops.Refine.op):
             return fail(self, why)
         settings = workflows.RefineSettings(props.refine_iterations, props.refine_max_scale, props.track_size)
         task = workflows.refine_task(avatars.avatar_id(obj), obj.name, capture, settings, props.preview_points, backend_head())
@@ -259,7 +261,7 @@ class SPATIALAVATAR_OT_export_avatar(bpy.types.Operator, ExportHelper):
         arrays = getattr(obj, flame_data.PROP_GROUP).buffers() if self.format == "ply" else None
         try:
             with connection.open_client(s) as c:
-                reply = c.call("export", {"avatar": aid, "format": self.format}, arrays)
+                reply = c.call(ops.Export.op, ops.Export.args(avatar=aid, format=self.format), arrays)
             path.write_bytes(reply.arrays["file"].tobytes())
         except connection.UserError as e:
             return call_failed(self, f"Could not export {aid}: {e}", e)

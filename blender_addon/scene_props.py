@@ -8,6 +8,8 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from .connection import wire_operations as ops
+
 PROP = "spatialavatar"
 
 
@@ -58,16 +60,22 @@ class SPATIALAVATAR_PG_scene(bpy.types.PropertyGroup):
         subtype="FACTOR",
         description="Fraction of the render resolution the overlay is rendered at",
     )
-    refine_iterations: IntProperty(name="Iterations", default=2000, min=1, max=1_000_000, description="Refinement steps")
+    refine_iterations: IntProperty(
+        name="Iterations", default=2000, min=ops.Refine.iterations.lo, max=ops.Refine.iterations.hi, description="Refinement steps"
+    )
     refine_max_scale: FloatProperty(
         name="Max Scale",
         default=0.0,
-        min=0.0,
-        max=1000.0,
+        min=0.0,  # 0: leave it to the preset
+        max=ops.Refine.max_scale.hi,
         description="Anti-spike scale threshold in triangle sizes (0: the preset's); raise it for coarse avatars",
     )
     track_size: IntProperty(
-        name="Crop Size", default=512, min=64, max=2048, description="Face crop size in pixels for tracking the video or photos"
+        name="Crop Size",
+        default=512,
+        min=ops.Track.size.lo,
+        max=ops.Track.size.hi,
+        description="Face crop size in pixels for tracking the video or photos",
     )
 
 

@@ -16,14 +16,16 @@ import numpy as np
 from . import avatars, connection
 from .tasks import Request, Step, Task
 
+ops = connection.wire_operations
+
 
 def _fetch_steps(max_points: int) -> list[Step]:
     """``get`` (for the Gaussian count) then a neutral ``deform`` of ``results['avatar']``."""
 
     def neutral(r: dict[str, Any]) -> Request:
-        return Request("deform", *connection.neutral_args(r["avatar"], int(r["summary"]["avatar"]["gaussians"]), max_points))
+        return Request(ops.Deform.op, *connection.neutral_args(r["avatar"], int(r["summary"]["avatar"]["gaussians"]), max_points))
 
-    return [Step(lambda r: Request("get", {"id": r["avatar"]}), job=False, keep="summary"), Step(neutral, job=False)]
+    return [Step(lambda r: Request(ops.Get.op, ops.Get.args(id=r["avatar"])), job=False, keep="summary"), Step(neutral, job=False)]
 
 
 def _add_object(name: str, head: dict[str, Any] | None):
@@ -43,7 +45,7 @@ def _add_object(name: str, head: dict[str, Any] | None):
 
 def generate_task(name: str, portraits: dict[str, np.ndarray], max_points: int, head: dict[str, Any] | None) -> Task:
     """``portraits``: ``portrait0`` .. buffers (media_files.portrait_buffers)."""
-    steps = [Step(lambda r: Request("generate", {"name": name}, portraits)), *_fetch_steps(max_points)]
+    steps = [Step(lambda r: Request(ops.Generate.op, ops.Generate.args(name=name), portraits)), *_fetch_steps(max_points)]
     return Task(f"Generate {name}", steps, _add_object(name, head))
 
 
@@ -61,12 +63,10 @@ def refine_task(
 ) -> Task:
     """``capture``: one ``video`` or ``image0`` .. buffers (media_files.capture_buffers)."""
     name = f"{source_name} refined"
-    args: dict[str, Any] = {"avatar": source, "iterations": settings.iterations, "name": name}
-    if settings.max_scale > 0:
-        args["max_scale"] = settings.max_scale
+    max_scale = settings.max_scale if settings.max_scale > 0 else None
     steps = [
-        Step(lambda r: Request("track", {"size": settings.crop_size}, capture)),
-        Step(lambda r: Request("refine", args | {"subject": r["subject"]})),
+        Step(lambda r: Request(ops.Track.op, ops.Track.args(size=settings.crop_size), capture)),
+        Step(lambda r: Request(ops.Refine.op, ops.Refine.args(avatar=source, subject=r["subject"], iterations=settings.iterations, max_scale=max_scale, name=name))),
         *_fetch_steps(max_points),
     ]
     return Task(f"Refine {source_name}", steps, _add_object(name, head))

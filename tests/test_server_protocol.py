@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from backend.server.args import Args
+from backend.wire import operations as ops
+from backend.wire.operations import Flag, Float, Int, Operation, Text
 from backend.wire.protocol import (
+    ACK,
     DTYPES,
     ErrorCode,
     Limits,
@@ -169,18 +172,41 @@ def test_salvage_id_of_broken_messages() -> None:
     assert salvage_id(_request(header | {"id": 5, "op": "../"})) == ("-", "malformed")
 
 
+class _Op(Operation):
+    op = "render"
+    width = Int(lo=1, hi=4096)
+    flag = Flag(False)
+    name = Text()
+    scale = Float(None, "anti_spike.max_scale", lo=1e-3, hi=1e3)
+
+
 def test_args_accessors_name_the_field() -> None:
     _, frames = encode_request("render", {"width": 0, "name": "x", "flag": "yes", "path": "/etc/passwd"}, {"expr": np.zeros((2, 3), "<f4")})
     a = Args(decode_request([bytes(f) for f in frames]))
     with pytest.raises(WireError, match="render: argument 'width' must be an integer in \\[1, 64\\], got 0"):
-        a.int("width", lo=1, hi=64)
+        a.int(_Op.width, hi=64)  # a limit of the service narrows the spec's range
     with pytest.raises(WireError, match="argument 'flag' must be true or false"):
-        a.bool("flag", False)
+        a.bool(_Op.flag)
     with pytest.raises(WireError, match="buffer 'expr' must have shape \\[\\*, 4\\]"):
         a.array("expr", ("<f4",), [(None, 4)])
-    assert a.str("name") == "x"
+    assert a.str(_Op.name) == "x"
+    assert a.float(_Op.scale) is None  # absent: the configuration decides
     with pytest.raises(WireError, match="unknown argument 'path'"):
         a.done()
+
+
+def test_operation_specs_build_requests_and_name_their_settings() -> None:
+    assert _Op.width.name == "width" and set(_Op.specs()) == {"width", "flag", "name", "scale"}
+    assert _Op.args(width=3, name="x", scale=None) == {"width": 3, "name": "x"}
+    with pytest.raises(TypeError, match="render has no argument 'widht'"):
+        _Op.args(widht=3)
+    assert _Op.settings({"scale": 2.0}) == {"anti_spike.max_scale": 2.0}
+    assert _Op.setting_names() == {"anti_spike.max_scale": "scale"}
+    # Every operation the service answers has a spec class, and every class an operation.
+    from backend.server.service import OPS, WATCH
+
+    specs = {c.op for c in vars(ops).values() if isinstance(c, type) and issubclass(c, Operation) and c is not Operation}
+    assert specs == {*OPS, WATCH, ACK}
 
 
 @pytest.mark.parametrize(

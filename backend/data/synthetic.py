@@ -14,21 +14,22 @@ from typing import Callable
 import numpy as np
 import torch
 
+from backend.configs import Config, SettingError, at_least
 from backend.data.albedo import AlbedoParams, surface_albedo
 from backend.data.motion import random_trajectory
 from backend.data.subject import SubjectInfo, default_split, write_frame, write_subject
 from backend.gaussians.avatar import Avatar, deform
+from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
 from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, sphere_cameras
 from backend.render.rasterize import render
-from backend.wire.errors import InputError
 
 Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Config):
     """A synthetic capture.
 
     Attributes:
@@ -59,10 +60,13 @@ class SynthConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def check(self) -> None:
-        if self.frames < 1 or self.views < 1:
-            raise InputError("synthetic subjects need at least one frame and one view")
+        """Raise SettingError naming the first field a capture cannot be made with."""
+        at_least("frames", self.frames, 1, "a synthetic subject needs at least one frame")
+        at_least("views", self.views, 1, "a synthetic subject needs at least one view")
         if not 32 <= self.size <= 4096:
-            raise InputError(f"image size {self.size} outside [32, 4096]")
+            raise SettingError("size", self.size, "the image size must be in [32, 4096] pixels")
+        if not MIN_GAUSSIANS <= self.reference_gaussians <= MAX_GAUSSIANS:
+            raise SettingError("reference_gaussians", self.reference_gaussians, f"must be in [{MIN_GAUSSIANS}, {MAX_GAUSSIANS}]")
 
 
 def capture_cameras(config: SynthConfig) -> Cameras:

@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.configs import Config, SettingError, at_least
 from backend.data.subject import Subject, write_frame, write_subject
 from backend.gaussians.avatar import Avatar
 from backend.head.model import HeadModel
+from backend.refine.config import RefineConfig
 from backend.wire.errors import SpatialAvatarError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +51,7 @@ STAGES = ("track", "generate", "refine", "scene", "render", "media")
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Config):
     """Everything the demo reads.
 
     Attributes:
@@ -81,7 +83,7 @@ class DemoConfig:
     fps: int = 24
     samples: int = 8
     track_size: int = 512
-    gpu_iters: int = 10_000
+    gpu_iters: int = RefineConfig.iterations
     cpu_iters: int = 300
     cpu_refine_size: int = 256
     refine_background: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -89,6 +91,19 @@ class DemoConfig:
     checkpoint: Path | None = None
     flame: str | None = None
     endpoint: str | None = None
+
+    def check(self) -> None:
+        """Raise SettingError naming the first field the demo cannot run with."""
+        at_least("frames", self.frames, 2, "the demo needs at least 2 frames")
+        at_least("size", self.size, 16, "the demo needs frames of at least 16 x 16 pixels")
+        for name in ("fps", "samples"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("gpu_iters", "cpu_iters"):
+            at_least(name, getattr(self, name), 1, "refinement needs at least 1 iteration")
+        for name in ("track_size", "cpu_refine_size"):
+            at_least(name, getattr(self, name), 16, "a crop needs at least 16 x 16 pixels")
+        if self.device not in ("cpu", "cuda"):
+            raise SettingError("device", self.device, "must be cpu or cuda")
 
 
 @dataclass
@@ -172,7 +187,6 @@ def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfi
     Returns the refined avatar and a line saying which schedule ran."""
     from tqdm import tqdm
 
-    from backend.refine.config import RefineConfig
     from backend.refine.refine import refine
 
     cuda = config.device == "cuda"
@@ -181,9 +195,9 @@ def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfi
     what = "full GPU schedule" if cuda else f"short CPU schedule (a CUDA machine runs {config.gpu_iters:,} at {subject.info.width} px)"
     line = f"{what}: {iters:,} iterations at {target.info.width} x {target.info.height} px"
     log(f"      refinement: {line}")
-    rc = RefineConfig(iterations=iters, log_every=max(1, min(100, iters // 20)))
-    if config.refine_max_scale is not None:
-        rc = replace(rc, anti_spike=replace(rc.anti_spike, max_scale=config.refine_max_scale))
+    rc = RefineConfig().with_overrides(
+        {"iterations": iters, "log_every": max(1, min(100, iters // 20)), "anti_spike.max_scale": config.refine_max_scale}
+    )
     with tqdm(total=iters, desc="refine", unit="it", file=sys.stderr, leave=False) as bar:
 
         def progress(done: int, total: int, stats: dict) -> None:
@@ -222,11 +236,7 @@ def run_demo(config: DemoConfig, log: Log = _stderr) -> DemoResult:
     from backend.head.builtin.expressions import BLINK_CLOSED
     from backend.head.registry import load_head_model
 
-    if config.frames < 2 or config.size < 16:
-        wanted = f"--frames {config.frames} --size {config.size}"
-        raise SpatialAvatarError(f"{wanted}: the demo needs at least 2 frames of at least 16 x 16 pixels")
-    if config.cpu_iters < 1 or config.gpu_iters < 1:
-        raise SpatialAvatarError(f"--cpu-iters {config.cpu_iters}: refinement needs at least 1 iteration")
+    config.check()
     if importlib.util.find_spec("bpy") is None:  # checked first: the scene comes after minutes of work
         raise SpatialAvatarError("the demo builds its .blend with Blender as a module (bpy), "
                                  "which is not installed; `make demo` installs it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from backend.configs import Config, SettingError, above, at_least
 from backend.refine.regularizers import AntiSpike, SurfaceHinge
 
 
@@ -74,7 +75,7 @@ class RealTuning:
 
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(Config):
     """Everything the refinement loop reads.
 
     Attributes:
@@ -152,6 +153,29 @@ class RefineConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Raise SettingError naming the first field the loop cannot run with."""
+        at_least("iterations", self.iterations, 1)
+        at_least("views_per_step", self.views_per_step, 1)
+        if not 0.0 <= self.ssim_weight <= 1.0:
+            raise SettingError("ssim_weight", self.ssim_weight, "must be in [0, 1]")
+        at_least("loss_margin", self.loss_margin, 0)
+        for name in ("lpips_weight", "opacity_sparsity"):
+            at_least(name, getattr(self, name), 0.0, "a weight must be >= 0")
+        at_least("log_every", self.log_every, 1)
+        at_least("checkpoint_every", self.checkpoint_every, 0, "must be >= 0 (0: only when stopped)")
+        a = self.anti_spike
+        for name in ("scale_weight", "aniso_weight", "offset_weight"):
+            at_least(f"anti_spike.{name}", getattr(a, name), 0.0, "a weight must be >= 0")
+        above("anti_spike.max_scale", a.max_scale, 0.0, "the scale threshold must be > 0 (triangle sizes)")
+        above("anti_spike.max_offset", a.max_offset, 0.0, "the offset threshold must be > 0 (triangle sizes)")
+        at_least("anti_spike.max_ratio", a.max_ratio, 1.0, "an axis ratio must be >= 1")
+        if self.surface is not None:
+            at_least("surface.weight", self.surface.weight, 0.0, "a weight must be >= 0")
+            above("surface.max_depth", self.surface.max_depth, 0.0, "the depth threshold must be > 0 (triangle sizes)")
+        for name, rate in asdict(self.lr).items():
+            at_least(f"lr.{name}", rate, 0.0, "a learning rate must be >= 0")
 
     def for_subject(self, synthetic: bool) -> RefineConfig:
         """This configuration with the defaults that depend on the subject (None fields) decided."""

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.configs import Config, SettingError, at_least
 from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, deform, rgb_to_sh_dc
 from backend.gaussians.frames import quat_to_matrix
-from backend.gaussians.layout import fill_missing
+from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS, fill_missing
 from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, project
@@ -25,7 +26,7 @@ NEUTRAL_GREY = 0.5
 
 
 @dataclass(frozen=True)
-class InitConfig:
+class InitConfig(Config):
     """Attributes:
     gaussians: N.
     frame, camera: the reference view colours are taken from.
@@ -39,6 +40,15 @@ class InitConfig:
     camera: int = 0
     depth_tolerance: float = 0.002
     surface: SurfaceInit = SurfaceInit()
+
+    def check(self) -> None:
+        """Raise SettingError naming the first field no subject can be initialized with (the
+        reference view is checked against the subject by ``initialize_on_subject``)."""
+        if not MIN_GAUSSIANS <= self.gaussians <= MAX_GAUSSIANS:
+            raise SettingError("gaussians", self.gaussians, f"must be in [{MIN_GAUSSIANS}, {MAX_GAUSSIANS}]")
+        at_least("frame", self.frame, 0)
+        at_least("camera", self.camera, 0)
+        at_least("depth_tolerance", self.depth_tolerance, 0.0)
 
 
 def _sample(image: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The ZeroMQ service, its protocol, jobs, avatar store and client library.
+"""The ZeroMQ service: its operations, jobs, avatar store and device worker.
 
-``protocol``, ``client`` and ``security`` import neither torch nor bpy: the Blender add-on
-uses them as they are. Importing this package imports nothing else.
+What it shares with the Blender add-on (protocol, client, security, argument specs) is in
+``backend.wire``. Importing this package imports nothing else.
 """

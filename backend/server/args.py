@@ -1,21 +1,22 @@
 """Typed access to a request's JSON arguments and buffers (pure Python + numpy).
 
-Every failure is a WireError ``invalid_argument`` whose message names the operation and the
-field; ``done()`` rejects arguments and buffers the operation does not know, so a typo (or a
-file path a client hopes the service will read) never passes silently.
+Arguments are read by their specs (``backend.wire.operations``: name, default, range), the
+same ones the add-on builds its requests with. Every failure is a WireError
+``invalid_argument`` whose message names the operation and the field; ``done()`` rejects
+arguments and buffers the operation does not know, so a typo (or a file path a client hopes
+the service will read) never passes silently.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from backend.wire.operations import MAX_INT, REQUIRED, Flag, Float, Floats, Int, Operation, Spec, Text
 from backend.wire.protocol import ErrorCode, Request, WireError
 
-_REQUIRED: Any = object()
 Shape = tuple[int | None, ...]  # None: any length
 
 
@@ -30,55 +31,70 @@ class Args:
     def error(self, message: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> WireError:
         return WireError(code, f"{self.op}: {message}")
 
-    def _get(self, name: str, default: Any) -> tuple[bool, Any]:
-        self._seen_args.add(name)
-        if name in self._args and self._args[name] is not None:
-            return True, self._args[name]
-        if default is _REQUIRED:
-            raise self.error(f"argument '{name}' is required")
-        return False, default
+    def _get(self, spec: Spec) -> tuple[bool, Any]:
+        self._seen_args.add(spec.name)
+        if spec.name in self._args and self._args[spec.name] is not None:
+            return True, self._args[spec.name]
+        if spec.default is REQUIRED:
+            raise self.error(f"argument '{spec.name}' is required")
+        return False, spec.default
 
-    def int(self, name: str, default: Any = _REQUIRED, lo: int | None = None, hi: int | None = None) -> int:
-        given, v = self._get(name, default)
+    def int(self, spec: Int, hi: int | None = None) -> Any:
+        """The integer (or the spec's default); ``hi`` narrows the spec's range to a limit of
+        this service or of the thing the request is about."""
+        given, v = self._get(spec)
         if not given:
             return v
-        if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise self.error(f"argument '{name}' must be an integer in [{lo}, {hi}], got {_show(v)}")
+        top = spec.hi if hi is None else min(spec.hi, hi)
+        if not isinstance(v, int) or isinstance(v, bool) or not spec.lo <= v <= top:
+            raise self.error(f"argument '{spec.name}' must be an integer {_range(spec.lo, top)}, got {_show(v)}")
         return v
 
-    def float(self, name: str, default: Any = _REQUIRED, lo: float = -math.inf, hi: float = math.inf) -> float:
-        given, v = self._get(name, default)
+    def float(self, spec: Float) -> Any:
+        given, v = self._get(spec)
         if not given:
             return v
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= float(v) <= hi:
-            raise self.error(f"argument '{name}' must be a number in [{lo}, {hi}], got {_show(v)}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not spec.lo <= float(v) <= spec.hi:
+            raise self.error(f"argument '{spec.name}' must be a number in [{spec.lo}, {spec.hi}], got {_show(v)}")
         return float(v)
 
-    def bool(self, name: str, default: Any = _REQUIRED) -> bool:
-        given, v = self._get(name, default)
+    def bool(self, spec: Flag) -> Any:
+        given, v = self._get(spec)
         if given and not isinstance(v, bool):
-            raise self.error(f"argument '{name}' must be true or false, got {_show(v)}")
+            raise self.error(f"argument '{spec.name}' must be true or false, got {_show(v)}")
         return v
 
-    def str(self, name: str, default: Any = _REQUIRED, choices: Sequence[str] | None = None, max_len: int = 128) -> str:
-        given, v = self._get(name, default)
+    def str(self, spec: Text) -> Any:
+        given, v = self._get(spec)
         if not given:
             return v
-        if not isinstance(v, str) or not 0 < len(v) <= max_len or not v.isprintable():
-            raise self.error(f"argument '{name}' must be printable text of 1-{max_len} characters")
-        if choices is not None and v not in choices:
-            raise self.error(f"argument '{name}' must be one of {', '.join(choices)}, got {_show(v)}")
+        if not isinstance(v, str) or not 0 < len(v) <= spec.max_len or not v.isprintable():
+            raise self.error(f"argument '{spec.name}' must be printable text of 1-{spec.max_len} characters")
+        if spec.choices is not None and v not in spec.choices:
+            raise self.error(f"argument '{spec.name}' must be one of {', '.join(spec.choices)}, got {_show(v)}")
         return v
 
-    def floats(self, name: str, length: int, default: Any = _REQUIRED, lo: float = -math.inf, hi: float = math.inf) -> tuple[float, ...]:
-        given, v = self._get(name, default)
+    def floats(self, spec: Floats) -> Any:
+        given, v = self._get(spec)
         if not given:
             return v
-        ok = isinstance(v, list) and len(v) == length
-        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+        ok = isinstance(v, list) and len(v) == spec.length
+        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) and spec.lo <= x <= spec.hi for x in v)
         if not ok:
-            raise self.error(f"argument '{name}' must be a list of {length} numbers in [{lo}, {hi}]")
+            raise self.error(f"argument '{spec.name}' must be a list of {spec.length} numbers in [{spec.lo}, {spec.hi}]")
         return tuple(float(x) for x in v)
+
+    def values(self, operation: type[Operation], hi: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Every JSON argument of ``operation`` by name, each read by its spec; ``hi`` narrows
+        the top of integers by name (see ``int``)."""
+        read = {Float: self.float, Flag: self.bool, Text: self.str, Floats: self.floats}
+        out = {}
+        for name, spec in operation.specs().items():
+            if isinstance(spec, Int):
+                out[name] = self.int(spec, (hi or {}).get(name))
+            else:
+                out[name] = read[type(spec)](spec)
+        return out
 
     def array(self, name: str, dtypes: Sequence[str], shapes: Sequence[Shape], required: bool = True) -> np.ndarray | None:
         """The buffer ``name``, checked against the allowed dtypes and shapes."""
@@ -109,6 +125,10 @@ class Args:
 
 def _fits(shape: tuple[int, ...], spec: Shape) -> bool:
     return len(shape) == len(spec) and all(s is None or s == d for d, s in zip(shape, spec))
+
+
+def _range(lo: int, hi: int) -> str:
+    return f"in [{lo}, {hi}]" if hi < MAX_INT else f">= {lo}"
 
 
 def _show(v: Any) -> str:

@@ -19,13 +19,13 @@ starts without them (mediapipe is heavy) and hello says whether they can run.
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from backend.configs import Config
 from backend.data.subject import Subject
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import deform
@@ -38,6 +38,7 @@ from backend.render.rasterize import render
 from backend.server.engine import Engine
 from backend.server.jobs import JobArgs, JobCancelled, JobKind, Progress, ShouldCancel
 from backend.server.store import Store
+from backend.wire import operations as ops
 from backend.wire.protocol import ErrorCode, WireError
 
 if TYPE_CHECKING:
@@ -46,9 +47,16 @@ if TYPE_CHECKING:
 MAX_PSNR = 100.0
 
 
+def settings_of(base: Config, operation: type[ops.Operation], params: dict[str, Any]) -> Any:
+    """``base`` with the job arguments in ``params`` that override its fields, checked; a
+    failed check names the argument. The handlers call it to refuse a request before it
+    becomes a job, and the jobs to build their configuration."""
+    return base.with_overrides(operation.settings(params), operation.setting_names())
+
+
 def run_synthesize(engine: Engine, store: Store, args: JobArgs, progress: Progress, should_cancel: ShouldCancel) -> dict:
     p = args.params
-    config = SynthConfig(frames=p["frames"], views=p["views"], size=p["size"], seed=p["seed"], reference_gaussians=p["reference_gaussians"])
+    config = settings_of(SynthConfig(), ops.Synthesize, p)
     staged = store.scratch("-subject")
     try:
         synthesize(engine.head, staged, config, lambda done, total: progress(done, total, f"frame {done} of {total}"))
@@ -64,16 +72,16 @@ def run_initialize(engine: Engine, store: Store, args: JobArgs, progress: Progre
     subject = Subject.load(store.subject_dir(p["subject"]))
     total = subject.num_frames + 1
     resume = args.resume or {}
+    config = settings_of(InitConfig(), ops.Initialize, p)
     if resume.get("stage") == "score" and any(a.id == aid for a in store.avatars()):
         avatar, scores = store.load_avatar(aid), list(resume["psnr"])
     else:
-        config = InitConfig(gaussians=p["gaussians"], frame=p["frame"], camera=p["camera"])
         avatar = initialize_on_subject(engine.head, subject, config)
         store.put_avatar(aid, avatar, name=p.get("name"), source=f"initialize on {p['subject']}")
         scores = []
         progress(1, total, "initialized", checkpoint={"stage": "score", "psnr": []})
     on_device = avatar.to(engine.device)
-    camera = p["camera"]
+    camera = config.camera
     background = subject.background().to(engine.device)
     for t in range(len(scores), subject.num_frames):
         with torch.no_grad():
@@ -98,10 +106,7 @@ def run_refine(engine: Engine, store: Store, args: JobArgs, progress: Progress, 
     source = store.load_avatar(p["avatar"])
     engine.check_fits(source)
     subject = Subject.load(store.subject_dir(p["subject"]))
-    overrides = {k: p[k] for k in ("iterations", "checkpoint_every") if p.get(k) is not None}
-    config = preset(p["preset"], **overrides)
-    if p.get("max_scale") is not None:
-        config = replace(config, anti_spike=replace(config.anti_spike, max_scale=p["max_scale"]))
+    config = settings_of(preset(p["preset"]), ops.Refine, p)
     name = p.get("name") or f"{store.avatar_info(p['avatar']).name} refined"
     where = f"refine of {p['avatar']} on {p['subject']}"
 
@@ -150,12 +155,9 @@ def _track_into_store(engine: Engine, store: Store, key: str, sid: str, config: 
 
 def run_track(engine: Engine, store: Store, args: JobArgs, progress: Progress, should_cancel: ShouldCancel) -> dict:
     from backend.tracking import TrackConfig
-    from backend.tracking.crop import CropConfig
-    from backend.tracking.video import FrameRange
 
     p = args.params
-    frames = FrameRange(max_frames=p["max_frames"]) if p.get("max_frames") else FrameRange()
-    warnings = _track_into_store(engine, store, p["out"], p["out"], TrackConfig(crop=CropConfig(size=p["size"]), frames=frames), progress)
+    warnings = _track_into_store(engine, store, p["out"], p["out"], settings_of(TrackConfig(), ops.Track, p), progress)
     subject = Subject.load(store.subject_dir(p["out"]))
     return {"subject": p["out"], "frames": subject.num_frames, "warnings": warnings}
 

@@ -18,6 +18,7 @@ import numpy as np
 from backend.server.args import Args
 from backend.server.media import blob
 from backend.server.store import ID, check_id
+from backend.wire import operations as ops
 from backend.wire.errors import SpatialAvatarError
 from backend.wire.protocol import Buffer, ErrorCode, Limits, Request, WireError, encode_error, encode_reply
 from backend.wire.shared_frames import SlotPool
@@ -115,7 +116,7 @@ def op_hello(ctx: OpContext, req: Request) -> Part:
 
 def op_list(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
-    kind = a.str("kind", "avatars", choices=("avatars", "subjects", "jobs"))
+    kind = a.str(ops.List.kind)
     a.done()
     if kind == "avatars":
         return Part({"avatars": [i.to_json() for i in ctx.store.avatars()]})
@@ -124,8 +125,8 @@ def op_list(ctx: OpContext, req: Request) -> Part:
     return Part({"jobs": ctx.jobs.all()})
 
 
-def _any_id(a: Args) -> str:
-    value = a.str("id")
+def _any_id(a: Args, spec: ops.Text) -> str:
+    value = a.str(spec)
     if not ID.fullmatch(value):
         raise a.error("'id' must be an avatar, subject or job id (av_, sb_ or jb_ followed by 16 hex digits)")
     return value
@@ -153,8 +154,8 @@ def avatar_buffers(ctx: OpContext, aid: str) -> tuple[dict[str, Any], dict[str, 
 
 def op_get(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
-    thing = _any_id(a)
-    buffers = a.bool("buffers", False)
+    thing = _any_id(a, ops.Get.id)
+    buffers = a.bool(ops.Get.buffers)
     a.done()
     if thing.startswith("jb_"):
         return Part({"job": ctx.jobs.get(thing)})
@@ -170,7 +171,7 @@ def op_get(ctx: OpContext, req: Request) -> Part:
 
 def op_delete(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
-    thing = _any_id(a)
+    thing = _any_id(a, ops.Delete.id)
     a.done()
     user = ctx.jobs.uses(thing)
     if user is not None:
@@ -191,7 +192,7 @@ def op_import(ctx: OpContext, req: Request) -> Iterator[Part]:
     (a device op), so a large upload never holds up the thread that answers ``hello``."""
     a = Args(req)
     data = blob(a.array("file", ("<u1",), [(None,)]), "file", ctx.config.requests.max_upload_bytes)
-    name = a.str("name", None)
+    name = a.str(ops.Import.name)
     a.done()
     return _import(ctx, data, name)
 
@@ -209,14 +210,14 @@ def _import(ctx: OpContext, data: bytes, name: str | None) -> Iterator[Part]:
 
 def op_cancel(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
-    jid = check_id(a.str("job"), "jb", "job")
+    jid = check_id(a.str(ops.Cancel.job), "jb", "job")
     a.done()
     return Part({"job": ctx.jobs.cancel(jid)})
 
 
 def op_resume(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
-    jid = check_id(a.str("job"), "jb", "job")
+    jid = check_id(a.str(ops.Resume.job), "jb", "job")
     a.done()
     return Part({"job": ctx.jobs.resume(jid)})
 

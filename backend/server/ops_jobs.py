@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 
-from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
+from backend.data.synthetic import SynthConfig
+from backend.refine.config import preset
+from backend.refine.initialize import InitConfig
 from backend.server.args import Args
+from backend.server.job_kinds import settings_of
 from backend.server.media import blob, image_suffix, video_suffix
 from backend.server.ops import OpContext, Part
 from backend.server.store import check_id
+from backend.wire import operations as ops
 from backend.wire.errors import InputError
 from backend.wire.protocol import ErrorCode, Request, WireError
-
-MAX_PORTRAITS = 4
-MAX_TRACKED_IMAGES = 64
 
 
 def _queue(ctx: OpContext, req: Request, kind: str, params: dict, out_prefix: str, out_key: str, files: list | None = None) -> Part:
@@ -43,54 +44,36 @@ def unavailable(ctx: OpContext, op: str) -> WireError:
 def op_synthesize(ctx: OpContext, req: Request) -> Part:
     """A synthetic subject (random identity, animated, filmed by known cameras), made by the service."""
     a = Args(req)
-    params = {
-        "frames": a.int("frames", 30, lo=1, hi=600),
-        "views": a.int("views", 1, lo=1, hi=16),
-        "size": a.int("size", 256, lo=32, hi=2048),
-        "seed": a.int("seed", 0, lo=0, hi=2**31 - 1),
-        "reference_gaussians": a.int(
-            "reference_gaussians", 200_000, lo=MIN_GAUSSIANS, hi=min(MAX_GAUSSIANS, ctx.config.requests.max_gaussians)
-        ),
-    }
+    params = a.values(ops.Synthesize, hi={"reference_gaussians": ctx.config.requests.max_gaussians})
     a.done()
-    return _queue(ctx, req, "synthesize", params, "sb", "subject")
+    settings_of(SynthConfig(), ops.Synthesize, params)
+    return _queue(ctx, req, ops.Synthesize.op, params, "sb", "subject")
 
 
 def op_initialize(ctx: OpContext, req: Request) -> Part:
     """A new avatar laid on a stored subject's surface, then scored on every frame of it."""
     a = Args(req)
-    subject = check_id(a.str("subject"), "sb", "subject")
+    subject = check_id(a.str(ops.Initialize.subject), "sb", "subject")
     info = json.loads((ctx.store.subject_dir(subject) / "subject.json").read_text())
-    params = {
-        "subject": subject,
-        "gaussians": a.int("gaussians", 100_000, lo=MIN_GAUSSIANS, hi=min(MAX_GAUSSIANS, ctx.config.requests.max_gaussians)),
-        # Checked against the subject here, so a bad reference view never becomes a job.
-        "frame": a.int("frame", 0, lo=0, hi=int(info["num_frames"]) - 1),
-        "camera": a.int("camera", 0, lo=0, hi=int(info["num_cameras"]) - 1),
-        "name": a.str("name", None),
-    }
+    # The reference view is checked against the subject here, so a bad one never becomes a job.
+    hi = {"gaussians": ctx.config.requests.max_gaussians, "frame": int(info["num_frames"]) - 1, "camera": int(info["num_cameras"]) - 1}
+    params = a.values(ops.Initialize, hi)
     a.done()
-    return _queue(ctx, req, "initialize", params, "av", "avatar")
+    settings_of(InitConfig(), ops.Initialize, params)
+    return _queue(ctx, req, ops.Initialize.op, params, "av", "avatar")
 
 
 def op_refine(ctx: OpContext, req: Request) -> Part:
     """Stage 2 on a stored subject; the refined avatar is a new one, the source stays as it was."""
     a = Args(req)
-    avatar = check_id(a.str("avatar"), "av", "avatar")
-    subject = check_id(a.str("subject"), "sb", "subject")
-    params = {
-        "avatar": avatar,
-        "subject": subject,
-        "preset": a.str("preset", "ours", choices=("ours", "no-antispike")),
-        "iterations": a.int("iterations", None, lo=1, hi=1_000_000),
-        "checkpoint_every": a.int("checkpoint_every", None, lo=1, hi=1_000_000),
-        "max_scale": a.float("max_scale", None, lo=1e-3, hi=1e3),
-        "name": a.str("name", None),
-    }
+    params = a.values(ops.Refine)
+    avatar = check_id(params["avatar"], "av", "avatar")
+    subject = check_id(params["subject"], "sb", "subject")
     a.done()
+    settings_of(preset(params["preset"]), ops.Refine, params)
     ctx.store.avatar_info(avatar)
     ctx.store.subject_dir(subject)
-    return _queue(ctx, req, "refine", params, "av", "avatar")
+    return _queue(ctx, req, ops.Refine.op, params, "av", "avatar")
 
 
 def _uploads(a: Args, names: list[str], lim_bytes: int, max_pixels: int) -> list[tuple[str, bytes]]:
@@ -107,8 +90,8 @@ def op_track(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
     lim = ctx.config.requests
     images = a.names("image")
-    if images != [f"image{i}" for i in range(len(images))] or len(images) > MAX_TRACKED_IMAGES:
-        raise a.error(f"name portraits image0, image1, ... (at most {MAX_TRACKED_IMAGES})")
+    if images != [f"image{i}" for i in range(len(images))] or len(images) > ops.Track.max_images:
+        raise a.error(f"name portraits image0, image1, ... (at most {ops.Track.max_images})")
     video = a.array("video", ("<u1",), [(None,)], required=False)
     if bool(images) == (video is not None):
         raise a.error("send either portraits (buffers image0, image1, ...) or one 'video' buffer")
@@ -116,11 +99,14 @@ def op_track(ctx: OpContext, req: Request) -> Part:
     if video is not None:
         data = blob(video, "video", lim.max_upload_bytes)
         files.append((video_suffix(data, "video", lim), data))
-    params = {"size": a.int("size", 512, lo=64, hi=2048), "max_frames": a.int("max_frames", None, lo=1, hi=100_000)}
+    params = a.values(ops.Track)
     a.done()
-    if not ctx.hello["capabilities"]["track"]["available"]:
-        raise unavailable(ctx, "track")
-    return _queue(ctx, req, "track", params, "sb", "subject", files)
+    if not ctx.hello["capabilities"][ops.Track.op]["available"]:
+        raise unavailable(ctx, ops.Track.op)
+    from backend.tracking.track import TrackConfig  # only where tracking can run (mediapipe is heavy)
+
+    settings_of(TrackConfig(), ops.Track, params)
+    return _queue(ctx, req, ops.Track.op, params, "sb", "subject", files)
 
 
 def op_generate(ctx: OpContext, req: Request) -> Part:
@@ -128,8 +114,8 @@ def op_generate(ctx: OpContext, req: Request) -> Part:
     a = Args(req)
     lim = ctx.config.requests
     names = a.names("portrait")
-    subject = a.str("subject", None)
-    frames = a.str("frames", None)
+    subject = a.str(ops.Generate.subject)
+    frames = a.str(ops.Generate.frames)
     if subject is not None:
         from backend.data.subject import Subject
         from backend.generate.generate import parse_views
@@ -144,13 +130,13 @@ def op_generate(ctx: OpContext, req: Request) -> Part:
             raise a.error("send portraits or a 'subject', not both")
     elif frames is not None:
         raise a.error("'frames' picks views of a 'subject'; with portraits every portrait is a source")
-    elif not 1 <= len(names) <= MAX_PORTRAITS or names != [f"portrait{i}" for i in range(len(names))]:
-        raise a.error(f"send 1 to {MAX_PORTRAITS} portraits as buffers portrait0, portrait1, ... (got {len(names)}), or a 'subject'")
+    elif not 1 <= len(names) <= ops.Generate.max_portraits or names != [f"portrait{i}" for i in range(len(names))]:
+        raise a.error(f"send 1 to {ops.Generate.max_portraits} portraits as buffers portrait0, portrait1, ... (got {len(names)}), or a 'subject'")
     files = _uploads(a, names, lim.max_upload_bytes, lim.max_image_pixels)
-    params = {"subject": subject, "frames": frames, "name": a.str("name", None)}
+    params = {"subject": subject, "frames": frames, "name": a.str(ops.Generate.name)}
     a.done()
-    if not ctx.hello["capabilities"]["generate"]["available"]:
-        raise unavailable(ctx, "generate")
-    if files and not ctx.hello["capabilities"]["track"]["available"]:
-        raise unavailable(ctx, "track")
-    return _queue(ctx, req, "generate", params, "av", "avatar", files)
+    if not ctx.hello["capabilities"][ops.Generate.op]["available"]:
+        raise unavailable(ctx, ops.Generate.op)
+    if files and not ctx.hello["capabilities"][ops.Track.op]["available"]:
+        raise unavailable(ctx, ops.Track.op)
+    return _queue(ctx, req, ops.Generate.op, params, "av", "avatar", files)

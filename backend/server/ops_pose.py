@@ -12,6 +12,7 @@ from backend.render.camera import Cameras
 from backend.server.args import Args
 from backend.server.ops import OpContext, Part
 from backend.server.store import check_id
+from backend.wire import operations as ops
 from backend.wire.protocol import Request
 
 FLOATS = ("<f4", "<f2")
@@ -76,10 +77,10 @@ def _index(count: int, wanted: int | None) -> np.ndarray | None:
 
 def op_deform(ctx: OpContext, req: Request) -> Iterator[Part]:
     a = Args(req)
-    aid = check_id(a.str("avatar"), "av", "avatar")
+    aid = check_id(a.str(ops.Deform.avatar), "av", "avatar")
     info = ctx.store.avatar_info(aid)
-    wanted = a.int("max_gaussians", None, lo=1, hi=info.gaussians)
-    statics = a.bool("statics", False)
+    wanted = a.int(ops.Deform.max_gaussians, hi=info.gaussians)
+    statics = a.bool(ops.Deform.statics)
     params = flame_from(a, ctx.config.requests.max_frames)
     a.done()
     index = _index(info.gaussians, wanted)
@@ -102,15 +103,15 @@ def op_deform(ctx: OpContext, req: Request) -> Iterator[Part]:
 def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
     a = Args(req)
     lim = ctx.config.requests
-    aid = check_id(a.str("avatar"), "av", "avatar")
+    aid = check_id(a.str(ops.Render.avatar), "av", "avatar")
     ctx.store.avatar_info(aid)
-    width = a.int("width", lo=1, hi=lim.max_image_side)
-    height = a.int("height", lo=1, hi=lim.max_image_side)
-    rgba = a.str("rgba", "<f4", choices=("<f4", "<f2", "<u1"))
-    depth = a.str("depth", "<f4", choices=("<f4", "<f2", "none"))
-    background = a.floats("background", 3, None, lo=0.0, hi=1.0)
-    crop = a.bool("crop", False)
-    shared = a.bool("shared_memory", False)
+    width = a.int(ops.Render.width, hi=lim.max_image_side)
+    height = a.int(ops.Render.height, hi=lim.max_image_side)
+    rgba = a.str(ops.Render.rgba)
+    depth = a.str(ops.Render.depth)
+    background = a.floats(ops.Render.background)
+    crop = a.bool(ops.Render.crop)
+    shared = a.bool(ops.Render.shared_memory)
     if crop and background is not None:
         raise a.error("'crop' needs a transparent frame: leave out 'background'")
     params = flame_from(a, lim.max_frames)
@@ -131,9 +132,9 @@ def op_render(ctx: OpContext, req: Request) -> Iterator[Part]:
 
 def op_export(ctx: OpContext, req: Request) -> Iterator[Part]:
     a = Args(req)
-    aid = check_id(a.str("avatar"), "av", "avatar")
+    aid = check_id(a.str(ops.Export.avatar), "av", "avatar")
     info = ctx.store.avatar_info(aid)
-    fmt = a.str("format", "npz", choices=("npz", "ply"))
+    fmt = a.str(ops.Export.format)
     params = flame_from(a, 1, frames=1) if fmt == "ply" and "expr" in req.arrays else None
     a.done()
 

@@ -44,6 +44,9 @@ from backend.server.ops import (
 )
 from backend.server.ops_jobs import op_generate, op_initialize, op_refine, op_synthesize, op_track
 from backend.server.ops_pose import op_deform, op_export, op_render
+from backend.server.store import Store, check_id
+from backend.server.worker import Task, Worker
+from backend.wire import operations as ops
 from backend.wire.protocol import (
     ACK,
     DTYPES,
@@ -59,33 +62,31 @@ from backend.wire.protocol import (
     encode_reply,
     salvage_id,
 )
-from backend.server.store import Store, check_id
-from backend.server.worker import Task, Worker
 from backend.wire.security import ServerKeys, check_bind, secure_server
 from backend.wire.shared_frames import SlotPool
 
 log = logging.getLogger("spatialavatar.server")
 
 OPS: dict[str, Op] = {
-    "hello": Op(op_hello),
-    "list": Op(op_list),
-    "get": Op(op_get),
-    "delete": Op(op_delete, replay=True),
-    "import": Op(op_import, device=True, replay=True),
-    "export": Op(op_export, device=True),
-    "deform": Op(op_deform, device=True),
-    "render": Op(op_render, device=True),
+    ops.Hello.op: Op(op_hello),
+    ops.List.op: Op(op_list),
+    ops.Get.op: Op(op_get),
+    ops.Delete.op: Op(op_delete, replay=True),
+    ops.Import.op: Op(op_import, device=True, replay=True),
+    ops.Export.op: Op(op_export, device=True),
+    ops.Deform.op: Op(op_deform, device=True),
+    ops.Render.op: Op(op_render, device=True),
     # Job submissions are idempotent already: the job table knows their request ids.
-    "synthesize": Op(op_synthesize, queues_job=True),
-    "initialize": Op(op_initialize, queues_job=True),
-    "refine": Op(op_refine, queues_job=True),
-    "track": Op(op_track, queues_job=True),
-    "generate": Op(op_generate, queues_job=True),
-    "cancel": Op(op_cancel, replay=True),
-    "resume": Op(op_resume, replay=True, queues_job=True),
-    "shutdown": Op(op_shutdown),
+    ops.Synthesize.op: Op(op_synthesize, queues_job=True),
+    ops.Initialize.op: Op(op_initialize, queues_job=True),
+    ops.Refine.op: Op(op_refine, queues_job=True),
+    ops.Track.op: Op(op_track, queues_job=True),
+    ops.Generate.op: Op(op_generate, queues_job=True),
+    ops.Cancel.op: Op(op_cancel, replay=True),
+    ops.Resume.op: Op(op_resume, replay=True, queues_job=True),
+    ops.Shutdown.op: Op(op_shutdown),
 }
-WATCH = "watch"  # a stream of job events, kept by the service thread itself
+WATCH = ops.Watch.op  # a stream of job events, kept by the service thread itself
 POLL_MS = 100
 MIN_EVENT_INTERVAL_S = 0.1  # progress events per watcher at most this often (state changes always go)
 READS_PER_TURN = 64  # requests read before the outbox gets its turn
@@ -355,7 +356,7 @@ class Service:
         """Credit for a stream of this client; answered only when malformed."""
         try:
             a = Args(req)
-            request_id, seq = a.str("request"), a.int("seq", lo=0)
+            request_id, seq = a.str(ops.Ack.request), a.int(ops.Ack.seq)
             a.done()
         except Exception as exc:
             self._send(envelope, error_frames(req.id, req.op, exc))
@@ -367,7 +368,7 @@ class Service:
     def _watch(self, envelope: list[bytes], req: Request) -> None:
         try:
             a = Args(req)
-            jid = check_id(a.str("job"), "jb", "job")
+            jid = check_id(a.str(ops.Watch.job), "jb", "job")
             a.done()
             snapshot = self.jobs.get(jid)
         except Exception as exc:

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from backend.configs import Config
 from backend.data.subject import LANDMARKS_FILE, SubjectInfo, default_split, write_frame, write_subject
 from backend.head.model import HeadModel
 from backend.tracking.correspondence import ibug68_from_mediapipe, inter_ocular
@@ -38,7 +39,7 @@ UPSAMPLE_WARNING = 2.5
 
 
 @dataclass(frozen=True)
-class TrackConfig:
+class TrackConfig(Config):
     """Everything ``track`` needs besides the inputs and the head model."""
 
     crop: CropConfig = CropConfig()
@@ -47,6 +48,11 @@ class TrackConfig:
     min_confidence: float = 0.5
     previews: bool = True
     preview_frames: int = 4  # frames shown in a video's or folder's preview
+
+    def check(self) -> None:
+        """Raise InputError naming the first setting of the crop or the frame range that cannot work."""
+        self.crop.check()
+        self.frames.check()
 
 
 @dataclass
