@@ -83,7 +83,26 @@ def test_hello_says_what_the_service_can_do(served) -> None:
 
 def test_hello_offers_generate_with_the_shipped_weights(tmp_path: Path) -> None:
     with service_thread(tmp_path / "store") as service, Client(service.endpoint, timeout_s=30, retries=0) as client:
-        assert client.call("hello").result["capabilities"]["generate"]["available"]
+        hello = client.call("hello").result
+        assert hello["capabilities"]["generate"]["available"]
+        assert hello["capabilities"]["generate"]["head"] == hello["head"]["name"]  # trained on the head it serves
+
+
+def test_hello_refuses_generate_with_weights_of_another_head(tmp_path: Path) -> None:
+    """Weights trained on another head: hello says so per head (which one they fit, how to
+    train for this one), and generate is refused before any portrait is tracked."""
+    from backend.generate.checkpoint import save_generator
+    from backend.generate.model import Generator, preset
+    from tests.test_generate_support import tiny_head
+
+    other = save_generator(Generator.for_head(preset("tiny"), tiny_head()).eval(), tmp_path / "generator.pt")
+    with service_thread(tmp_path / "store", generator=other) as service, Client(service.endpoint, timeout_s=30, retries=0) as client:
+        generate = client.call("hello").result["capabilities"]["generate"]
+        assert not generate["available"]
+        assert f"trained on head model '{tiny_head().name}'" in generate["reason"] and "spatialavatar train --head builtin" in generate["reason"]
+        with pytest.raises(WireError) as caught:
+            client.call("generate", {}, {"portrait0": png_bytes()})
+        assert caught.value.code == ErrorCode.NOT_AVAILABLE and "trained on head model" in str(caught.value)
 
 
 def test_store_operations(served, head: HeadModel) -> None:

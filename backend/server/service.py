@@ -47,6 +47,7 @@ from backend.server.ops_pose import op_deform, op_export, op_render
 from backend.server.store import Store, check_id
 from backend.server.worker import Task, Worker
 from backend.wire import operations as ops
+from backend.wire.errors import SpatialAvatarError
 from backend.wire.protocol import (
     ACK,
     DTYPES,
@@ -156,12 +157,7 @@ class Service:
         capabilities = {op: {"available": True} for op in (*OPS, WATCH, ACK)}
         if importlib.util.find_spec("mediapipe") is None:
             capabilities["track"] = {"available": False, "reason": "tracking needs mediapipe, which is not installed with this service"}
-        if not Path(self.config.generator or DEFAULT_CHECKPOINT).is_file():
-            capabilities["generate"] = {
-                "available": False,
-                "reason": "no stage-1 generator checkpoint is installed with this service (train one with `spatialavatar train`, "
-                "then start the service with --generator); import an avatar or initialize one on a subject meanwhile",
-            }
+        capabilities[ops.Generate.op] = self._generator_capability()
         lim, req = self.config.limits, self.config.requests
         return {
             "protocol": PROTOCOL_VERSION,
@@ -193,6 +189,28 @@ class Service:
                 "stream_stall_s": self.config.send_timeout_s,
             },
         }
+
+    def _generator_capability(self) -> dict[str, Any]:
+        """Whether ``generate`` can run on the loaded head: the weights must be there and have
+        been trained on this head. ``head`` names the head they were trained on."""
+        from backend.generate.checkpoint import generator_from_state, read_generator_file
+
+        path = Path(self.config.generator or DEFAULT_CHECKPOINT)
+        if not path.is_file():
+            return {
+                "available": False,
+                "reason": "no stage-1 generator checkpoint is installed with this service (train one with `spatialavatar train`, "
+                "then start the service with --generator); import an avatar or initialize one on a subject meanwhile",
+            }
+        try:
+            weights = read_generator_file(path)
+            if weights["head_fingerprint"] != self.engine.fingerprint:
+                # Building the network for this head refuses it, with the message that names both
+                # heads and how to train for this one; hello says the same before anyone asks.
+                generator_from_state(weights, self.engine.head, str(path))
+        except SpatialAvatarError as exc:
+            return {"available": False, "reason": str(exc)}
+        return {"available": True, "head": weights["head_name"]}
 
     # -- the loop --------------------------------------------------------------------------
 
