@@ -62,14 +62,16 @@ class Overlay:
     wanted: bool = False
     in_flight: bool = False
     message: str = ""
+    # What is drawn: the SpaceView3D draw handler while it is added, and the GPU texture
+    # made from the frame of ``drawn_version``.
+    handler: Any = None
+    texture: Any = None
+    drawn_version: int = -1
 
     def take(self, rgba: np.ndarray) -> None:
         self.pixels = texture_pixels(rgba)
         self.height, self.width = rgba.shape[:2]
         self.version += 1
-
-
-_drawn: dict[str, Any] = {"handler": None, "texture": None, "version": -1}
 
 
 def _camera_frame_in_region(context: bpy.types.Context) -> tuple[float, float, float, float] | None:
@@ -97,19 +99,19 @@ def draw(state: Overlay) -> None:
     rect = _camera_frame_in_region(bpy.context)
     if rect is None:
         return
-    if _drawn["version"] != state.version:
+    if state.drawn_version != state.version:
         buf = gpu.types.Buffer("FLOAT", state.pixels.size, state.pixels)
-        _drawn["texture"] = gpu.types.GPUTexture((state.width, state.height), format="RGBA32F", data=buf)
-        _drawn["version"] = state.version
+        state.texture = gpu.types.GPUTexture((state.width, state.height), format="RGBA32F", data=buf)
+        state.drawn_version = state.version
     gpu.state.blend_set("ALPHA_PREMULT")
-    draw_texture_2d(_drawn["texture"], rect[:2], rect[2], rect[3])
+    draw_texture_2d(state.texture, rect[:2], rect[2], rect[3])
     gpu.state.blend_set("NONE")
 
 
 def show(state: Overlay, on: bool) -> None:
-    """Add or remove the draw handler."""
-    if on and _drawn["handler"] is None:
-        _drawn["handler"] = bpy.types.SpaceView3D.draw_handler_add(draw, (state,), "WINDOW", "POST_PIXEL")
-    elif not on and _drawn["handler"] is not None:
-        bpy.types.SpaceView3D.draw_handler_remove(_drawn["handler"], "WINDOW")
-        _drawn.update(handler=None, texture=None, version=-1)
+    """Add or remove the draw handler of ``state``."""
+    if on and state.handler is None:
+        state.handler = bpy.types.SpaceView3D.draw_handler_add(draw, (state,), "WINDOW", "POST_PIXEL")
+    elif not on and state.handler is not None:
+        bpy.types.SpaceView3D.draw_handler_remove(state.handler, "WINDOW")
+        state.handler, state.texture, state.drawn_version = None, None, -1

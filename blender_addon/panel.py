@@ -10,14 +10,12 @@ from pathlib import Path
 import bpy
 import bpy.utils.previews
 
-from . import avatars, compositing, compositing_avatars, compositing_frames, flame_data, operators, runtime, scene_props, tasks
-
-_thumbs: dict[str, bpy.utils.previews.ImagePreviewCollection] = {}
+from . import avatars, compositing_avatars, compositing_frames, compositing_nodes, flame_data, operators, runtime, scene_props, tasks
 
 
 def thumbnail(path: str) -> int:
     """Icon id of an image file's preview (loaded once per path)."""
-    pcoll = _thumbs.get("portraits")
+    pcoll = runtime.RUNTIME.thumbnails
     if pcoll is None:
         return 0
     full = bpy.path.abspath(path)
@@ -174,9 +172,9 @@ class SPATIALAVATAR_PT_final_render(_Sidebar, bpy.types.Panel):
         scene = context.scene
         shown = avatars.scene_avatars(scene, rendered=True)
         col = self.layout.column()
-        if not compositing.is_set_up(scene):
+        if not compositing_nodes.is_set_up(scene):
             col.label(text="Renders do not show the avatars yet", icon="INFO")
-        elif added := compositing.points_in_render(scene):
+        elif added := compositing_nodes.points_in_render(scene):
             col.label(text=f"{len(added)} avatar object(s) added since the set-up: set up again", icon="ERROR")
         else:
             col.label(text=f"Renders composite {len(shown)} avatar object(s)", icon="CHECKMARK")
@@ -204,10 +202,10 @@ classes = (
 
 
 def register() -> None:
-    _thumbs["portraits"] = bpy.utils.previews.new()
+    runtime.RUNTIME.thumbnails = bpy.utils.previews.new()
 
 
 def unregister() -> None:
-    pcoll = _thumbs.pop("portraits", None)
+    pcoll, runtime.RUNTIME.thumbnails = runtime.RUNTIME.thumbnails, None
     if pcoll is not None:
         bpy.utils.previews.remove(pcoll)

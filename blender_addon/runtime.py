@@ -1,26 +1,35 @@
-"""What runs while the artist works: the ``Session`` to the service, the background tasks,
-the live preview and the overlay, all pumped by one ``bpy.app.timers`` timer that never waits.
+"""The add-on's running state, in one object (``RUNTIME``), and the one timer that pumps it.
+
+``RUNTIME`` holds everything the add-on keeps while Blender runs and never saves in the
+.blend: the backend's status the panel shows, the ``Session`` to the service, the background
+tasks, the live preview and the overlay, the final render in progress and the last one's
+timings, and the panel's portrait thumbnails. One ``bpy.app.timers`` timer that never waits
+pumps the session, the preview and the overlay.
 
 The timer runs while anything is awaited and stops itself afterwards. A frame change
 (``frame_change_post``) marks the avatar objects for a new pose and starts the timer after a
 short debounce, so scrubbing sends the newest frame instead of every one.
 
-The connection ``status`` the panel shows lives here too. When a request gets no reply
-(``lost``), the same timer keeps a heartbeat: every ``TimerConfig.heartbeat_s`` it reads the
-last ``hello``'s answer and sends a new one on a fresh socket, never waiting, until the
-backend answers (``found``); tasks whose job was lost then look at it again.
+When a request gets no reply (``lost``), the same timer keeps a heartbeat: every
+``TimerConfig.heartbeat_s`` it reads the last ``hello``'s answer and sends a new one on a
+fresh socket, never waiting, until the backend answers (``found``); tasks whose job was lost
+then look at it again.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bpy
+import bpy.utils.previews
 from bpy.app.handlers import persistent
 
 from . import avatars, connection, overlay, preferences, preview, scene_props, tasks
+
+if TYPE_CHECKING:
+    from .compositing_job import FrameStats, RenderJob
 
 
 @dataclass(frozen=True)
@@ -32,14 +41,13 @@ class TimerConfig:
 
 TIMER = TimerConfig()
 
-# What the panel shows of the backend; filled by the operators and the heartbeat (not saved in the .blend).
-status: dict[str, Any] = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
-
 
 class Runtime:
-    """The add-on's running state (not saved with the .blend)."""
+    """The add-on's running state, the one place it is kept (not saved with the .blend)."""
 
     def __init__(self) -> None:
+        # What the panel shows of the backend; filled by the operators and the heartbeat.
+        self.status: dict[str, Any] = {"text": "Not connected", "ok": False, "info": None, "avatars": []}
         self.session: connection.Session | None = None
         self.retired: list[connection.Session] = []  # sessions of older preferences, pumped until their replies are in
         self.tasks: list[tasks.Task] = []
@@ -48,6 +56,9 @@ class Runtime:
         self.looking = False  # the backend is lost: the heartbeat runs
         self._probe: connection.Session | None = None  # the heartbeat's latest hello, on a socket of its own
         self._next_beat = 0.0  # time.monotonic() of the next hello
+        self.render_job: RenderJob | None = None  # the final render in progress (render_init to its end)
+        self.render_stats: list[FrameStats] = []  # the last finished render's per-frame times (benchmarks read them)
+        self.thumbnails: bpy.utils.previews.ImagePreviewCollection | None = None  # the panel's portrait previews, while registered
 
     def session_for(self, settings: connection.Settings) -> connection.Session:
         """The session for the current preferences. When they changed, new requests go to the
@@ -137,7 +148,7 @@ class Runtime:
             return
         try:
             args, arrays = overlay.render_request(scene, obj, scene_props.get(scene).overlay_scale)
-            if status["info"] is not None and connection.wire_client.can_share(status["info"]):
+            if self.status["info"] is not None and connection.wire_client.can_share(self.status["info"]):
                 args |= {"shared_memory": True}  # a backend on this machine: the frame skips the socket
             session.submit("render", args, arrays, on_reply=self._on_render, timeout_s=overlay.CONFIG.render_timeout_s)
         except (overlay.OverlayError, connection.UserError) as e:
@@ -166,17 +177,18 @@ class Runtime:
 
 
 RUNTIME = Runtime()
+status = RUNTIME.status  # the same dict, under the name the operators import
 
 
 def lost(message: str) -> None:
     """A request got no reply after all its retries: the status says so until the backend answers."""
-    status.update(text=f"No backend: {message}", ok=False, info=None)
+    RUNTIME.status.update(text=f"No backend: {message}", ok=False, info=None)
     RUNTIME.look_for_backend()
 
 
 def found(info: dict[str, Any]) -> None:
     """The backend answered ``hello`` (the heartbeat's or Test Connection's)."""
-    status.update(text=connection.describe(info), ok=True, info=info)
+    RUNTIME.status.update(text=connection.describe(info), ok=True, info=info)
     RUNTIME.backend_found()
 
 
@@ -241,9 +253,9 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | Non
 def on_load(*_args: object) -> None:
     """A new file: forget the old file's objects; draw the overlay if the new one wants it."""
     RUNTIME.preview.reset()
+    overlay.show(RUNTIME.overlay, False)  # before the old overlay, which holds the draw handler, is dropped
     RUNTIME.overlay = overlay.Overlay()
     scene = bpy.context.scene
-    overlay.show(RUNTIME.overlay, False)
     if scene is not None and scene_props.get(scene).overlay:
         overlay_switched(scene, True)
 

@@ -156,7 +156,7 @@ def test_overlay_renders_at_the_scene_camera(avatar_obj, addon) -> None:
     slots = Path(hello["shared_memory"])
     assert not any(slots.iterdir())
     scene.spatialavatar.overlay = True
-    assert addon.overlay._drawn["handler"] is not None
+    assert state.handler is not None
     pump(addon, lambda: state.version > version and not state.in_flight)
     assert state.message == ""
     pixels = state.pixels.reshape(state.height, state.width, 4)
@@ -167,4 +167,4 @@ def test_overlay_renders_at_the_scene_camera(avatar_obj, addon) -> None:
     rgba = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     np.testing.assert_array_equal(addon.overlay.texture_pixels(rgba).reshape(2, 3, 4)[0], rgba[1])
     scene.spatialavatar.overlay = False
-    assert addon.overlay._drawn["handler"] is None
+    assert state.handler is None

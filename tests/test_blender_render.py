@@ -68,7 +68,7 @@ def shot(addon, backend, tmp_path_factory: pytest.TempPathFactory) -> Path:
     sc.collection.objects.link(cube)
     addon.compositing.setup_compositing(sc)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(addon.compositing.ENDPOINT_ENV, backend[0])
+        mp.setenv(addon.compositing_job.ENDPOINT_ENV, backend[0])
         assert bpy.ops.spatialavatar.embed_avatars() == {"FINISHED"}  # the file carries the avatar to any backend
     path = tmp_path_factory.mktemp("shot") / "shot.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(path))
@@ -114,7 +114,7 @@ def test_split_frame_ranges_match_one_full_render(shot: Path, addon, backend, tm
     with Client(endpoint, timeout_s=120.0, retries=0) as c:
         for index, frame, jaw in ((0, FRAMES[0], 0.0), (-1, FRAMES[1], 0.35)):
             bpy.context.scene.frame_set(frame)
-            (req,) = addon.compositing.frame_requests(bpy.context.scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+            (req,) = addon.compositing_requests.frame_requests(bpy.context.scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
             assert req.arrays["jaw_pose"][0, 0] == pytest.approx(jaw)  # the keyed FLAME value of that frame
             reply = c.call("render", req.args, req.arrays)
             head = full_frame(reply.arrays, reply.result, req.args["width"], req.args["height"])["rgba"][::-1]  # bottom row first, as Blender's

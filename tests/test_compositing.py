@@ -72,7 +72,7 @@ def build_scene(addon, endpoint: str, aid: str):
 @pytest.fixture()
 def scene(addon, backend, monkeypatch: pytest.MonkeyPatch):
     """``build_scene``; the add-on reaches the backend through $SPATIALAVATAR_ENDPOINT."""
-    monkeypatch.setenv(addon.compositing.ENDPOINT_ENV, backend[0])
+    monkeypatch.setenv(addon.compositing_job.ENDPOINT_ENV, backend[0])
     return build_scene(addon, backend[0], backend[1])
 
 
@@ -126,7 +126,7 @@ def test_service_camera_matches_blender_projection(scene, addon, head, avatar, b
     group.translation = (0.01, -0.02, 0.0)
     depsgraph = bpy.context.evaluated_depsgraph_get()
 
-    comp = addon.compositing
+    comp = addon.compositing_requests
     (req,) = comp.frame_requests(sc, depsgraph, {"Head": backend[1]})
     width, height = req.args["width"], req.args["height"]
     assert (width, height) == (res[0] * pct // 100, res[1] * pct // 100)
@@ -151,19 +151,19 @@ def test_non_uniform_avatar_scale_is_refused(scene, addon, backend) -> None:
     import bpy
 
     scene.objects["Head"].scale = (1.0, 2.0, 1.0)
-    with pytest.raises(addon.compositing.CompositeError, match="Head.*uniform"):
-        addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+    with pytest.raises(addon.compositing_requests.CompositeError, match="Head.*uniform"):
+        addon.compositing_requests.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
 
 
 def test_cameras_the_service_cannot_render_through_are_refused(scene, addon, backend) -> None:
     import bpy
 
     scene.camera.data.type = "ORTHO"
-    with pytest.raises(addon.compositing.CompositeError, match="camera 'Camera' is orthographic"):
-        addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+    with pytest.raises(addon.compositing_requests.CompositeError, match="camera 'Camera' is orthographic"):
+        addon.compositing_requests.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
     scene.camera = None
-    with pytest.raises(addon.compositing.CompositeError, match="the scene has no camera"):
-        addon.compositing.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+    with pytest.raises(addon.compositing_requests.CompositeError, match="the scene has no camera"):
+        addon.compositing_requests.frame_requests(scene, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
 
 
 SIZE = 64
@@ -215,7 +215,7 @@ def test_meshes_in_front_hide_the_head_and_the_head_hides_what_is_behind(scene, 
     assert not head_obj.modifiers[addon.pointcloud.MODIFIER].show_render  # Blender draws no proxy points
 
     # The service's own render of this frame, asked directly with the handler's request.
-    (req,) = addon.compositing.frame_requests(sc, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
+    (req,) = addon.compositing_requests.frame_requests(sc, bpy.context.evaluated_depsgraph_get(), {"Head": backend[1]})
     with Client(backend[0], timeout_s=120.0, retries=0) as c:
         reply = c.call("render", req.args, req.arrays)
     head = full_frame(reply.arrays, reply.result, SIZE, SIZE)  # the handler asks for the head's window only

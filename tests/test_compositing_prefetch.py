@@ -28,7 +28,7 @@ def shot(addon, backend, monkeypatch: pytest.MonkeyPatch):
     """An animated shot: keyed jaw and expression, a moving head and a moving camera."""
     import bpy
 
-    monkeypatch.setenv(addon.compositing.ENDPOINT_ENV, backend[0])
+    monkeypatch.setenv(addon.compositing_job.ENDPOINT_ENV, backend[0])
     sc = build_scene(addon, backend[0], backend[1])
     sc.render.engine = "BLENDER_WORKBENCH"
     sc.render.resolution_x = sc.render.resolution_y = SIZE
@@ -52,8 +52,8 @@ def shot(addon, backend, monkeypatch: pytest.MonkeyPatch):
 
 
 def _window(addon, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    comp = addon.compositing
-    monkeypatch.setattr(comp, "CONFIG", dataclasses.replace(comp.CONFIG, prefetch_frames=size))
+    job = addon.compositing_job
+    monkeypatch.setattr(job, "CONFIG", dataclasses.replace(job.CONFIG, prefetch_frames=size))
 
 
 def _render(addon, sc, out: Path, on_frame: Callable[[int], None] | None = None) -> list[np.ndarray]:
@@ -62,7 +62,7 @@ def _render(addon, sc, out: Path, on_frame: Callable[[int], None] | None = None)
     import bpy
 
     def handler(scene, _depsgraph=None) -> None:
-        if addon.compositing._job is not None:  # not the frame change that restores the scene's frame afterwards
+        if addon.runtime.RUNTIME.render_job is not None:  # not the frame change that restores the scene's frame afterwards
             on_frame(scene.frame_current)
 
     sc.render.filepath = f"{out}{os.sep}"
@@ -78,7 +78,7 @@ def _render(addon, sc, out: Path, on_frame: Callable[[int], None] | None = None)
 
 def _ahead(addon) -> list[int]:
     """The frames whose requests the running render has in flight."""
-    return sorted({f for f, _ in addon.compositing._job.in_flight})
+    return sorted({f for f, _ in addon.runtime.RUNTIME.render_job.in_flight})
 
 
 def test_the_window_lists_the_next_frames_of_the_range(addon) -> None:
@@ -89,10 +89,10 @@ def test_the_window_lists_the_next_frames_of_the_range(addon) -> None:
 
 
 def test_prefetched_frames_are_in_flight_early_and_match_frames_requested_when_reached(shot, addon, monkeypatch, tmp_path: Path) -> None:
-    comp = addon.compositing
+    state = addon.runtime.RUNTIME
     _window(addon, monkeypatch, 1)
     reference = _render(addon, shot, tmp_path / "one")
-    assert not any(s.prefetched for s in comp.last_stats)
+    assert not any(s.prefetched for s in state.render_stats)
     assert all(np.abs(reference[0] - f).max() > 0.05 for f in reference[1:])  # the animation shows
 
     _window(addon, monkeypatch, 3)
@@ -100,40 +100,40 @@ def test_prefetched_frames_are_in_flight_early_and_match_frames_requested_when_r
     frames = _render(addon, shot, tmp_path / "three", lambda f: ahead.__setitem__(f, _ahead(addon)))
     # The first frame cannot tell an animation from a still; from the second on, two frames are ahead.
     assert ahead == {1: [], 2: [3, 4], 3: [4, 5], 4: [5], 5: []}
-    assert [s.prefetched for s in comp.last_stats] == [False, False, True, True, True]
+    assert [s.prefetched for s in state.render_stats] == [False, False, True, True, True]
     for got, want in zip(frames, reference, strict=True):
         np.testing.assert_array_equal(got, want)
-    assert comp._job is None  # the render's end forgot what was in flight
+    assert state.render_job is None  # the render's end forgot what was in flight
 
 
 def test_an_animation_known_at_its_start_prefetches_from_the_first_frame(shot, addon, monkeypatch, tmp_path: Path) -> None:
     """The batch wrapper's environment (or ``blender -b ... -a``) says the render is an
     animation: the second frame is in flight while Blender renders the first."""
-    comp = addon.compositing
+    state = addon.runtime.RUNTIME
     _window(addon, monkeypatch, 1)
     reference = _render(addon, shot, tmp_path / "one")
-    monkeypatch.setenv(comp.ANIMATION_ENV, "1")
+    monkeypatch.setenv(addon.compositing_job.ANIMATION_ENV, "1")
     _window(addon, monkeypatch, 3)
     ahead: dict[int, list[int]] = {}
     frames = _render(addon, shot, tmp_path / "three", lambda f: ahead.__setitem__(f, _ahead(addon)))
     assert ahead == {1: [2, 3], 2: [3, 4], 3: [4, 5], 4: [5], 5: []}
-    assert [s.prefetched for s in comp.last_stats] == [False, True, True, True, True]
+    assert [s.prefetched for s in state.render_stats] == [False, True, True, True, True]
     for got, want in zip(frames, reference, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
 def test_an_animation_render_is_recognised_from_the_command_line(addon, monkeypatch) -> None:
-    comp = addon.compositing
-    monkeypatch.delenv(comp.ANIMATION_ENV, raising=False)
+    job = addon.compositing_job
+    monkeypatch.delenv(job.ANIMATION_ENV, raising=False)
     for argv, animation in ((["blender", "-b", "shot.blend", "-a"], True), (["blender", "-b", "shot.blend", "--render-anim"], True), (["blender", "-b", "shot.blend", "-f", "3"], False)):
         monkeypatch.setattr("sys.argv", argv)
-        assert comp.animation_render() is animation, argv
+        assert job.animation_render() is animation, argv
 
 
 def test_a_frame_whose_keys_change_after_its_request_is_requested_again(shot, addon, monkeypatch, tmp_path: Path) -> None:
     """A handler moves the last jaw key while the frames it moves are in flight: the replies
     made from the old key are dropped, and those frames equal a render made with the new key."""
-    comp = addon.compositing
+    state = addon.runtime.RUNTIME
     head = shot.objects["Head"]
     fcurves = addon.animation_io.fcurve_collection(head, create=False)
     jaw = fcurves.find("spatialavatar_flame.jaw_pose", index=0)
@@ -156,7 +156,7 @@ def test_a_frame_whose_keys_change_after_its_request_is_requested_again(shot, ad
     changed = _render(addon, shot, tmp_path / "changed", on_frame)
     assert seen[3] == [4, LAST]  # both frames the key moves were in flight with the old key
     # Frame 3 holds its key; frames 4 and 5 lie on the curve into the moved key.
-    assert [s.prefetched for s in comp.last_stats] == [False, False, True, False, False]
+    assert [s.prefetched for s in state.render_stats] == [False, False, True, False, False]
 
     _window(addon, monkeypatch, 1)
     reference = _render(addon, shot, tmp_path / "reference")  # the key moved for the whole render
@@ -168,28 +168,28 @@ def test_a_frame_whose_keys_change_after_its_request_is_requested_again(shot, ad
 
 def test_a_camera_with_a_constraint_is_requested_frame_by_frame(shot, addon, monkeypatch, tmp_path: Path) -> None:
     """F-curves cannot say where a constrained camera looks: no frame is requested ahead."""
-    comp = addon.compositing
+    state = addon.runtime.RUNTIME
     shot.frame_end = 3
     track = shot.camera.constraints.new("TRACK_TO")
     track.target, track.track_axis, track.up_axis = shot.objects["Head"], "TRACK_NEGATIVE_Z", "UP_Y"
     _window(addon, monkeypatch, 4)
     seen: dict[int, tuple[list[int], str | None]] = {}
-    _render(addon, shot, tmp_path / "constrained", lambda f: seen.__setitem__(f, (_ahead(addon), comp._job.unpredictable)))
+    _render(addon, shot, tmp_path / "constrained", lambda f: seen.__setitem__(f, (_ahead(addon), state.render_job.unpredictable)))
     assert seen[1] == ([], None)
     assert seen[2] == seen[3] == ([], "object 'Camera' has constraints")
-    assert len(comp.last_stats) == 3 and not any(s.prefetched for s in comp.last_stats)
+    assert len(state.render_stats) == 3 and not any(s.prefetched for s in state.render_stats)
 
 
 def test_a_still_render_requests_just_its_frame(shot, addon, monkeypatch, tmp_path: Path) -> None:
     import bpy
 
-    comp = addon.compositing
+    state = addon.runtime.RUNTIME
     _window(addon, monkeypatch, 4)
     shot.frame_set(1)
     seen: list[list[int]] = []
 
     def handler(scene, _depsgraph=None) -> None:
-        if comp._job is not None:
+        if state.render_job is not None:
             seen.append(_ahead(addon))
 
     bpy.app.handlers.frame_change_post.append(handler)
@@ -199,4 +199,4 @@ def test_a_still_render_requests_just_its_frame(shot, addon, monkeypatch, tmp_pa
     finally:
         bpy.app.handlers.frame_change_post.remove(handler)
     assert seen == [[]]
-    assert [(s.frame, s.prefetched) for s in comp.last_stats] == [(1, False)]
+    assert [(s.frame, s.prefetched) for s in state.render_stats] == [(1, False)]

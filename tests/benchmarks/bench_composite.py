@@ -45,7 +45,7 @@ from backend.gaussians.files import avatar_to_bytes  # noqa: E402
 from backend.gaussians.surface import surface_avatar  # noqa: E402
 from backend.head.registry import load_head_model  # noqa: E402
 from backend.wire.client import Client  # noqa: E402
-from blender_addon import avatars, compositing, pointcloud  # noqa: E402
+from blender_addon import avatars, compositing, compositing_job, pointcloud, runtime  # noqa: E402
 from tests.test_server_support import service_process  # noqa: E402
 
 SIZES = {"512": (512, 512), "1080p": (1920, 1080)}
@@ -81,7 +81,7 @@ def run(sc: bpy.types.Scene, size: tuple[int, int], out: Path) -> dict:
     t0 = time.perf_counter()
     bpy.ops.render.render(animation=True)
     wall = time.perf_counter() - t0
-    stats = compositing.last_stats
+    stats = runtime.RUNTIME.render_stats
     n = len(stats)
     wait = sum(s.request_s for s in stats)
     addon = sum(s.handler_s - s.request_s for s in stats)
@@ -102,15 +102,15 @@ def main() -> None:
     ap.add_argument("--gaussians", type=int, default=100_000)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--prefetch", type=int, default=compositing.CONFIG.prefetch_frames, help="frames in flight (1: off)")
+    ap.add_argument("--prefetch", type=int, default=compositing_job.CONFIG.prefetch_frames, help="frames in flight (1: off)")
     args = ap.parse_args()
-    compositing.CONFIG = dataclasses.replace(compositing.CONFIG, prefetch_frames=args.prefetch)
+    compositing_job.CONFIG = dataclasses.replace(compositing_job.CONFIG, prefetch_frames=args.prefetch)
     blender_addon.register()
     head = load_head_model()
     avatar = surface_avatar(head, torch.zeros(head.n_shape), args.gaussians, lambda faces, bary: torch.full((faces.shape[0], 3), 0.6))
     with tempfile.TemporaryDirectory() as tmp, service_process(Path(tmp) / "store", device=args.device) as proc:
-        os.environ[compositing.ENDPOINT_ENV] = proc.endpoint
-        os.environ[compositing.ANIMATION_ENV] = "1"  # as the batch wrapper and `blender -b -a` tell the add-on
+        os.environ[compositing_job.ENDPOINT_ENV] = proc.endpoint
+        os.environ[compositing_job.ANIMATION_ENV] = "1"  # as the batch wrapper and `blender -b -a` tell the add-on
         with Client(proc.endpoint, timeout_s=600.0, retries=0) as c:
             aid = c.call("import", {"name": "bench"}, {"file": np.frombuffer(avatar_to_bytes(avatar), np.uint8)}).result["avatar"]["id"]
         sc = build_scene(proc.endpoint, aid, args.frames)
