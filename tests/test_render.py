@@ -530,3 +530,22 @@ def test_animation_cameras_face_a_head_posed_away_from_the_origin(head) -> None:
     # Without the framing the same camera looks at the origin, where this head is not.
     uv0, _ = project(centre[None].expand(3, 1, 3), view_cameras(view, 3))
     assert float((uv0[0, 0, 0] - 64.0).abs().max()) > 30.0
+
+
+def test_one_head_shot_frames_synthetic_captures_and_animation_renders() -> None:
+    """Synthetic captures and animation renders take their distance and focal length from one
+    ``HeadShot``: frontal cameras of both agree, sit ``distance`` in front of the head, and a
+    point half the field of view off the axis lands on the image's edge."""
+    from backend.data.synthetic import SynthConfig, capture_cameras
+    from backend.render.animation import ViewConfig, view_cameras
+    from backend.render.camera import HeadShot
+
+    for shot in (HeadShot(), HeadShot(distance=1.2, focal=3.0)):
+        synth = capture_cameras(SynthConfig(size=96, shot=shot))
+        anim = view_cameras(ViewConfig(size=96, shot=shot, elevation_degrees=0.0), 1)
+        torch.testing.assert_close(anim.K[0], synth.K)
+        torch.testing.assert_close(anim.world_to_cam[0], synth.world_to_cam)
+        torch.testing.assert_close(synth.centers, torch.tensor([[0.0, 0.0, shot.distance]]))
+        half = shot.distance * math.tan(math.radians(shot.fov_deg) / 2)
+        uv, _ = project(torch.tensor([[half, 0.0, 0.0], [0.0, half, 0.0]]), synth)
+        torch.testing.assert_close((uv[0] - 48.0).abs(), torch.tensor([[48.0, 0.0], [0.0, 48.0]]), atol=1e-3, rtol=0)

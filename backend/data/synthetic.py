@@ -22,7 +22,7 @@ from backend.gaussians.avatar import Avatar, deform
 from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
 from backend.gaussians.surface import SurfaceInit, surface_avatar
 from backend.head.model import HeadModel
-from backend.render.camera import Cameras, sphere_cameras
+from backend.render.camera import Cameras, HeadShot
 from backend.render.rasterize import render
 
 Progress = Callable[[int, int], None]
@@ -41,8 +41,7 @@ class SynthConfig(Config):
         reference_gaussians: density of the ground-truth reference head.
         shape_std: standard deviation of the identity coefficients.
         motion: scale of head and face motion (0 = a still, neutral head).
-        distance: camera distance from the head centre, metres.
-        focal: focal length as a multiple of the image size (2.0 is about a 28 degree field of view).
+        shot: camera distance and focal length (the backend's one default framing).
         arc_degrees: horizontal span of the multi-view ring.
         background: RGB in [0, 1].
     """
@@ -54,8 +53,7 @@ class SynthConfig(Config):
     reference_gaussians: int = 200_000
     shape_std: float = 1.0
     motion: float = 1.0
-    distance: float = 0.75
-    focal: float = 2.0
+    shot: HeadShot = HeadShot()
     arc_degrees: float = 150.0
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -76,7 +74,7 @@ def capture_cameras(config: SynthConfig) -> Cameras:
     else:
         azimuth = torch.linspace(-config.arc_degrees / 2, config.arc_degrees / 2, config.views)
         elevation = 8.0 * (torch.arange(config.views) % 3 - 1)
-    return sphere_cameras(azimuth, elevation, config.distance, config.size, config.size, focal_px=config.focal * config.size)
+    return config.shot.cameras(azimuth, elevation, config.size)
 
 
 def reference_head(head: HeadModel, config: SynthConfig, rng: np.random.Generator) -> tuple[Avatar, AlbedoParams]:

@@ -14,7 +14,7 @@ from PIL import Image
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
-from backend.render.camera import Cameras, sphere_cameras
+from backend.render.camera import Cameras, HeadShot
 from backend.render.rasterize import RenderOutput, render
 
 
@@ -24,16 +24,14 @@ class ViewConfig:
 
     Attributes:
         size: image width and height, pixels.
-        distance: metres from the head centre.
-        focal: focal length as a multiple of ``size`` (2.0 is about 28 degrees).
+        shot: distance and focal length (the backend's one default framing).
         turntable_degrees: yaw swept over the animation (0 = a fixed frontal camera).
         elevation_degrees: camera height angle above the head centre.
         background: RGB in [0, 1].
     """
 
     size: int = 512
-    distance: float = 0.75
-    focal: float = 2.0
+    shot: HeadShot = HeadShot()
     turntable_degrees: float = 0.0
     elevation_degrees: float = 5.0
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -78,15 +76,7 @@ def view_cameras(view: ViewConfig, frames: int, framing: HeadFraming = HeadFrami
     """[T, 1] cameras, one per frame, facing the head of ``framing`` (default: a head at the
     origin looking down +z) and sweeping ``turntable_degrees`` of yaw about +y."""
     azimuth = torch.linspace(-0.5, 0.5, frames) * view.turntable_degrees if frames > 1 else torch.zeros(1)
-    rig = sphere_cameras(
-        azimuth + framing.azimuth_deg,
-        torch.tensor(view.elevation_degrees + framing.elevation_deg),
-        view.distance,
-        view.size,
-        view.size,
-        target=framing.centre,
-        focal_px=view.focal * view.size,
-    )
+    rig = view.shot.cameras(azimuth + framing.azimuth_deg, torch.tensor(view.elevation_degrees + framing.elevation_deg), view.size, framing.centre)
     return Cameras(rig.K[:, None].contiguous(), rig.world_to_cam[:, None].contiguous(), view.size, view.size)
 
 

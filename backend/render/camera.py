@@ -228,6 +228,30 @@ def sphere_cameras(
     return Cameras(K.expand(n, 3, 3).float().contiguous(), world_to_cam.float(), width, height)
 
 
+@dataclass(frozen=True)
+class HeadShot:
+    """How far and how wide a camera frames a head: the one default of every picture of a head
+    the backend sets up itself (synthetic captures, animation renders, turntables).
+
+    Attributes:
+        distance: metres from the head's centre to the camera centre.
+        focal: focal length as a multiple of the image width (2.0: about 28 degrees across).
+    """
+
+    distance: float = 0.75
+    focal: float = 2.0
+
+    @property
+    def fov_deg(self) -> float:
+        """Field of view across the image, degrees."""
+        return math.degrees(2.0 * math.atan(0.5 / self.focal))
+
+    def cameras(self, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, size: int, target: Vec3 = (0.0, 0.0, 0.0)) -> Cameras:
+        """Square cameras of ``size`` pixels at this distance from ``target``, looking at it
+        (angles as in ``sphere_cameras``); K [n, 3, 3], world_to_cam [n, 4, 4]."""
+        return sphere_cameras(azimuth_deg, elevation_deg, self.distance, size, size, target=target, focal_px=self.focal * size)
+
+
 def orbit_cameras(
     n: int,
     radius: float,

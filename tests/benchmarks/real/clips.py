@@ -25,7 +25,7 @@ from backend.refine.config import RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.render.animation import to_uint8
-from backend.render.camera import sphere_cameras
+from backend.render.camera import HeadShot
 from backend.render.rasterize import render
 from tests.benchmarks.real.data import Layout
 from tests.benchmarks.real.protocol import Protocol, lever_of
@@ -85,7 +85,7 @@ def turntable_tiles(avatar: Avatar, head: HeadModel, params: FlameParams, yaw_de
     p = params.to(device)
     p.rotation, p.neck_pose, p.translation = (torch.zeros_like(x) for x in (p.rotation, p.neck_pose, p.translation))
     centre = head(p, check=False).vertices[0].mean(dim=0)
-    cams = sphere_cameras(torch.linspace(-yaw_deg, yaw_deg, views), torch.tensor(5.0), 0.75, PICTURE_SIDE, PICTURE_SIDE, target=tuple(centre.tolist()), focal_px=2.0 * PICTURE_SIDE)
+    cams = HeadShot().cameras(torch.linspace(-yaw_deg, yaw_deg, views), torch.tensor(5.0), PICTURE_SIDE, tuple(centre.tolist()))
     rgb = render(deform(avatar.to(device), head, p).frame(0), cams.to(device), torch.ones(3, device=device)).rgb
     return [to_uint8(x.cpu()) for x in rgb]
 
