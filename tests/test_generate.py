@@ -296,7 +296,7 @@ def test_logit_of_surface_opacity(generator: Generator) -> None:
 
 
 def test_evaluation_protocol_end_to_end(generator: Generator, head, corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from backend.generate.evaluate import (
+    from tests.benchmarks.generator_eval import (
         markdown,
         model_card,
         nested_camera_order,

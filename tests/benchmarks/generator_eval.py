@@ -16,8 +16,9 @@
   PSNR inside the face (the hull of the 68 projected landmarks), and pictures of the source
   view and of +-30 degree yaw views.
 
-``python -m backend.generate.evaluate --help`` runs any of them and writes results.json and
-generator_eval.md into --out.
+``python tests/benchmarks/generator_eval.py --help`` runs any of them and writes results.json
+and generator_eval.md into --out; ``--model-card`` also writes the model card of the
+checkpoint with the merged results.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from backend.data.subject import Subject
-from backend.gaussians.avatar import Avatar, deform_local
-from backend.generate.checkpoint import load_generator
-from backend.generate.data import find_subjects
-from backend.generate.generate import generate_avatar
-from backend.generate.model import MAX_SOURCES, Generator, PoolMode
-from backend.head.model import HeadModel
-from backend.refine.losses import psnr, ssim
-from backend.render.camera import Cameras
-from backend.render.rasterize import render
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from backend.data.subject import Subject  # noqa: E402
+from backend.gaussians.avatar import Avatar, deform_local  # noqa: E402
+from backend.generate.checkpoint import load_generator  # noqa: E402
+from backend.generate.data import find_subjects  # noqa: E402
+from backend.generate.generate import generate_avatar  # noqa: E402
+from backend.generate.model import MAX_SOURCES, Generator, PoolMode  # noqa: E402
+from backend.head.model import HeadModel  # noqa: E402
+from backend.refine.losses import psnr, ssim  # noqa: E402
+from backend.render.camera import Cameras  # noqa: E402
+from backend.render.rasterize import render  # noqa: E402
 
 Log = Callable[[str], None]
 METRICS = ("psnr", "psnr_mask", "ssim", "ssim_mask")
@@ -452,7 +456,7 @@ def model_card(data: dict, results: dict, file_bytes: int | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m backend.generate.evaluate", description="Evaluate a Stage 1 generator (see the module doc).")
+    ap = argparse.ArgumentParser(prog="python tests/benchmarks/generator_eval.py", description="Evaluate a Stage 1 generator (see the module doc).")
     ap.add_argument("--checkpoint", type=Path, help="generator file or run folder (default: the shipped weights)")
     ap.add_argument("--flame", help="FLAME model (default: $SPATIALAVATAR_FLAME, else the built-in head)")
     ap.add_argument("--mv", nargs="*", type=Path, default=[], help="held-out multi-view subjects (novel views)")
