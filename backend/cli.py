@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -644,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings meant for the user (e.g. a head whose UV map leaves triangles bare) as one line, like errors.
+    warnings.showwarning = lambda message, *_: print(f"spatialavatar {args.command}: warning: {message}", file=sys.stderr)
     if getattr(args, "head", None):
         args.flame = args.head  # one head argument downstream: a shipped name or a FLAME path
     try:

@@ -224,7 +224,8 @@ def test_every_texel_of_a_covered_square_lands_once(res: int) -> None:
 
     for seed in range(3):
         uv, faces = _square_charts(seed)
-        texel, face, bary = _rasterize_uv(uv, faces, res)
+        texel, face, bary, hidden = _rasterize_uv(uv, faces, res)
+        assert hidden.size == 0  # the charts do not overlap
         assert np.array_equal(np.sort(texel), np.arange(res * res)), (seed, res * res - len(np.unique(texel)))
         corners = uv.astype(np.float64)[faces[face]] * res
         centres = np.stack([texel % res + 0.5, texel // res + 0.5], axis=1)

@@ -19,6 +19,9 @@ from backend.wire.errors import InputError
 
 MIN_GAUSSIANS = 1_000
 MAX_GAUSSIANS = 400_000
+# Share of a head's triangles that no Gaussian count reaches before a layout warns: a few UV
+# fold-overs are common in scanned heads (ICT has 6 of 47,220) and cost nothing visible.
+UNREACHABLE_WARN_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,15 @@ def _top_left(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (v[..., 1] < u[..., 1]) | ((v[..., 1] == u[..., 1]) & (v[..., 0] < u[..., 0]))
 
 
-def _rasterize_uv(uv: np.ndarray, uv_faces: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rasterize_uv(uv: np.ndarray, uv_faces: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Texels of an res x res grid whose centres fall in a UV triangle.
 
-    Returns (texel_index [M] row-major, face [M], bary [M, 3]). Every texel centre inside
-    the charts lands in exactly one triangle (where charts overlap, the lowest face index): the inside test runs in float64 on edge
-    functions shared bit for bit by neighbouring triangles, with the top-left rule on ties
-    (a centre on a shared edge or vertex; float32 barycentrics dropped some from both).
+    Returns (texel_index [M] row-major, face [M], bary [M, 3], hidden [H]). Every texel centre
+    inside the charts lands in exactly one triangle (where charts overlap, the lowest face
+    index; ``hidden`` lists the faces that lost every centre they hold that way): the inside
+    test runs in float64 on edge functions shared bit for bit by neighbouring triangles, with
+    the top-left rule on ties (a centre on a shared edge or vertex; float32 barycentrics
+    dropped some from both).
     """
     tri = uv.astype(np.float64)[uv_faces] * res  # [F, 3, 2] in texel units, v up
     area = (tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1]) - (tri[:, 2, 0] - tri[:, 0, 0]) * (tri[:, 1, 1] - tri[:, 0, 1])
@@ -109,7 +114,8 @@ def _rasterize_uv(uv: np.ndarray, uv_faces: np.ndarray, res: int) -> tuple[np.nd
     texel, face, bary = texel[order], face[order], bary[order]
     first = np.ones(texel.shape[0], bool)  # charts that overlap in UV: the lowest face wins
     first[1:] = texel[1:] != texel[:-1]
-    return texel[first], face[first], bary[first]
+    hidden = np.setdiff1d(face, face[first])
+    return texel[first], face[first], bary[first], hidden
 
 
 def sample_layout(uv_coords: np.ndarray, uv_faces: np.ndarray, count: int) -> Binding:
@@ -124,13 +130,14 @@ def sample_layout(uv_coords: np.ndarray, uv_faces: np.ndarray, count: int) -> Bi
     _warn_outside(uv_coords, uv_faces)
     e1 = uv_coords[uv_faces[:, 1]] - uv_coords[uv_faces[:, 0]]
     e2 = uv_coords[uv_faces[:, 2]] - uv_coords[uv_faces[:, 0]]
-    uv_area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]).sum()
-    res = max(8, int(np.sqrt(count / max(uv_area, 1e-6))) - 2)
+    face_area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+    res = max(8, int(np.sqrt(count / max(face_area.sum(), 1e-6))) - 2)
     while True:
-        texel, face, bary = _rasterize_uv(uv_coords, uv_faces, res)
+        texel, face, bary, hidden = _rasterize_uv(uv_coords, uv_faces, res)
         if texel.shape[0] >= count:
             break
         res += max(1, int(res * (np.sqrt(count / max(texel.shape[0], 1)) - 1)))
+    _warn_unreachable(int((face_area == 0).sum()), hidden.shape[0], len(uv_faces))
     keep = np.round(np.linspace(0, texel.shape[0] - 1, count)).astype(np.int64)
     texel, face, bary = texel[keep], face[keep], bary[keep]
     # Row 0 at the top of the UV image (v = 1), as images are stored.
@@ -158,6 +165,21 @@ def _warn_outside(uv_coords: np.ndarray, uv_faces: np.ndarray) -> None:
             "of the UV area) lie outside the [0, 1] UV square and carry no Gaussians; pack the tiles first (backend.head.uv_tiles)",
             stacklevel=3,
         )
+
+
+def _warn_unreachable(flat: int, hidden: int, faces: int) -> None:
+    """Warn about triangles that no Gaussian count reaches: UVs of no area (they hold no
+    texel centre) or UVs lying under lower-numbered triangles' (overlapping charts, e.g. a
+    mirrored half sharing one chart), whose texels those triangles take."""
+    if flat + hidden < UNREACHABLE_WARN_SHARE * faces:
+        return
+    parts = [f"{flat} have UVs of no area"] if flat else []
+    parts += [f"{hidden} lie under other triangles' UVs (overlapping charts: the lower-numbered triangle takes the texels)"] if hidden else []
+    warnings.warn(
+        f"layout: {flat + hidden} of {faces} triangles ({100 * (flat + hidden) / faces:.1f}%) carry no Gaussians at any count: "
+        f"{' and '.join(parts)}; give every triangle its own area in the head's UV map",
+        stacklevel=3,
+    )
 
 
 def texel_footprint(vertices: torch.Tensor, faces: torch.Tensor, uv_coords: torch.Tensor, uv_faces: torch.Tensor, binding: Binding) -> torch.Tensor:

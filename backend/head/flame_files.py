@@ -143,9 +143,15 @@ def _read_landmarks(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """68 iBUG landmarks: 17 contour points (frontal bin) followed by the 51 static ones."""
     static_path = folder / STATIC_EMBEDDING
     dynamic_path = folder / DYNAMIC_EMBEDDING
-    for p in (static_path, dynamic_path):
-        if not p.is_file():
-            raise HeadModelError(f"missing {p}; it ships with the FLAME landmark embeddings. {FLAME_DOWNLOAD_HINT}")
+    if not static_path.is_file():
+        raise HeadModelError(f"missing {static_path}; it ships with the FLAME landmark embeddings. {FLAME_DOWNLOAD_HINT}")
+    if not dynamic_path.is_file():
+        raise HeadModelError(
+            f"missing {dynamic_path}: the contour landmarks (the 17 jaw-line points, per head yaw). Only the tracker's "
+            f"fit uses them, but a head model carries all 68 iBUG landmarks, so it does not load without them: put "
+            f"{DYNAMIC_EMBEDDING} from the FLAME landmark embeddings (it ships beside {STATIC_EMBEDDING}) into {folder}. "
+            f"{FLAME_DOWNLOAD_HINT}"
+        )
     static = _read_pickle(static_path)
     try:
         dynamic = np.load(dynamic_path, allow_pickle=True, encoding="latin1")[()]
