@@ -280,7 +280,9 @@ def export_ply(splats: Splats, sh: torch.Tensor, path: str | Path) -> Path:
 
     Properties, in the order 3DGS viewers expect: x y z nx ny nz f_dc_0..2 f_rest_* opacity
     scale_0..2 rot_0..3. Opacity is stored as a logit, scales as logs, rotation (w, x, y, z)
-    normalized, f_rest channel-major as in 3DGS.
+    normalized, f_rest channel-major as in 3DGS. Blender's own PLY importer reads this layout
+    as a Gaussian-splat point cloud (docs/blender.md). Coordinates are the backend's world
+    (+y up, the face towards +z).
 
     Args:
         splats: unbatched Splats of the frame (means, quats, scales, opacities used).
