@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.gaussians.avatar import Avatar, deform
+from backend.gaussians.avatar import Avatar
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.render.camera import Cameras, HeadShot
-from backend.render.rasterize import RenderOutput, render
+from backend.render.frame_player import FramePlayer
+from backend.render.rasterize import RenderOutput
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,18 @@ def view_cameras(view: ViewConfig, frames: int, framing: HeadFraming = HeadFrami
 def render_animation(
     avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor, batch: int = 8
 ) -> Iterator[RenderOutput]:
-    """Render frame t of ``params`` with ``cameras.frame(t)``; yields one RenderOutput per frame ([C, H, W, k])."""
-    device = avatar.local.offset.device
+    """Render frame t of ``params`` with ``cameras.frame(t)``, ``batch`` frames per call of
+    one ``FramePlayer``; yields one RenderOutput per frame ([C, H, W, k], no depth)."""
+    params.validate()
+    params.check_head(head.name, head.expr_names)
+    player = FramePlayer(avatar, head, background)
     for start in range(0, params.batch_size, batch):
         idx = list(range(start, min(start + batch, params.batch_size)))
-        splats = deform(avatar, head, params.index(idx).to(device))
-        for i, t in enumerate(idx):
-            yield render(splats.frame(i), cameras.frame(t).to(device), background.to(device))
+        rig = Cameras(cameras.K[idx], cameras.world_to_cam[idx], cameras.width, cameras.height)
+        # The player's outputs are its capture's buffers, refilled by the next batch.
+        out = RenderOutput(*(None if t is None else t.clone() for t in player(params.index(idx), rig)))
+        for i in range(len(idx)):
+            yield RenderOutput(*(None if t is None else t[i] for t in out))
 
 
 def to_uint8(rgb: torch.Tensor) -> np.ndarray:
