@@ -111,6 +111,12 @@ class RefineConfig(Config):
             default: it clears faint coverage past the outline in the captured views, but it
             also fades Gaussians that those views barely show, which opens holes in views the
             video did not cover (docs/refinement.md has the numbers).
+        hold: weight of a pull of every Gaussian's local parameters back to the start's
+            (gradient ``hold * (p - p_start)`` per packed value). Adam scales each value's
+            step by its own gradient history, so a Gaussian that the views barely reach would
+            move as fast as one they show plainly; the pull keeps such Gaussians where the
+            start put them. 0 (default) leaves it out; personalization of a generated avatar
+            on its few sources uses it.
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -142,6 +148,7 @@ class RefineConfig(Config):
     lpips_weight: float = 0.0
     lpips_folder: str | None = None
     opacity_sparsity: float = 0.0
+    hold: float = 0.0
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0
@@ -161,8 +168,10 @@ class RefineConfig(Config):
         if not 0.0 <= self.ssim_weight <= 1.0:
             raise SettingError("ssim_weight", self.ssim_weight, "must be in [0, 1]")
         at_least("loss_margin", self.loss_margin, 0)
-        for name in ("lpips_weight", "opacity_sparsity"):
+        for name in ("lpips_weight", "opacity_sparsity", "hold"):
             at_least(name, getattr(self, name), 0.0, "a weight must be >= 0")
+        if self.hold > 0 and self.densify is not None:
+            raise SettingError("hold", self.hold, "holds a frozen layout to its start; densification changes the layout")
         at_least("log_every", self.log_every, 1)
         at_least("checkpoint_every", self.checkpoint_every, 0, "must be >= 0 (0: only when stopped)")
         a = self.anti_spike

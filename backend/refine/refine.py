@@ -279,6 +279,7 @@ def refine(
     else:
         photometric = photometric_loss
     packed = pack(source.local).detach().to(device).requires_grad_(True)  # [N, D], the optimized leaf
+    held = pack(avatar.local).detach().to(device) if config.hold > 0 else None  # the start, however far a resumed run got
     binding = source.binding.to(device)
     params = subject.params.to(device)
     params = replace(params, shape=source.shape.to(device), static_offset=None if source.static_offset is None else source.static_offset.to(device))
@@ -414,6 +415,8 @@ def refine(
         loss.backward()
         if config.opacity_sparsity > 0:
             _add_seen_sparsity(local.opacity_logit, packed.grad[:, layout.columns("opacity_logit")][:, 0], config.opacity_sparsity)
+        if held is not None:
+            packed.grad.add_(packed.detach() - held, alpha=config.hold)
         clock.lap("backward")
         if density is not None:
             density.observe(splats, splats.means.grad, view)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from backend.data.subject import Subject
+from backend.generate.personalize import Personalization, personalize
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
@@ -148,7 +149,17 @@ def init_config(method: str, protocol: Protocol) -> InitConfig:
 
 
 def _start_key(method: str, protocol: Protocol) -> InitConfig | str:
-    return "generator" if method in ("generator", "ours-generator") else init_config(method, protocol)
+    return "generator" if method in ("generator", "personalized", "ours-generator") else init_config(method, protocol)
+
+
+def _personalize(generated: Avatar, head: HeadModel, subject: Subject) -> tuple[Avatar, float]:
+    """The generated avatar personalized on its source (frame 0), and the seconds it took."""
+    device = head.v_template.device
+    _sync(device)
+    t0 = time.perf_counter()
+    avatar = personalize(generated, head, subject, [(0, 0)])
+    _sync(device)
+    return avatar, time.perf_counter() - t0
 
 
 def refine_config(method: str, protocol: Protocol) -> RefineConfig:
@@ -163,6 +174,31 @@ def refine_config(method: str, protocol: Protocol) -> RefineConfig:
     for key, value in lever.refine.items():
         d[key] = {**(d[key] or {}), **value} if isinstance(value, dict) else value
     return RefineConfig.from_dict(d)
+
+
+def _photometric(method: str) -> bool:
+    lever = lever_of(method)
+    return lever is not None and lever.photometric
+
+
+def _track_photometric(head: HeadModel, subject: Subject, protocol: Protocol, log: Log) -> tuple[Subject, float, dict]:
+    """The clip photometrically tracked, the seconds it took, and how far the parameters
+    moved (mean absolute change per field, test frames apart)."""
+    from backend.refine.photometric_tracking import track_photometric
+
+    device = head.v_template.device
+    _sync(device)
+    t0 = time.perf_counter()
+    tracked = track_photometric(head, subject)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    change = {}
+    for split in ("train", "test"):
+        idx = subject.split[split]
+        for name in ("expr", "rotation", "jaw_pose", "translation"):
+            change[f"{split}_{name}"] = float((getattr(tracked.params, name)[idx] - getattr(subject.params, name)[idx]).abs().mean())
+    log(f"  photometric tracking: {seconds:.1f} s; mean change {change}")
+    return tracked, seconds, change
 
 
 def _refine(start: Avatar, head: HeadModel, subject: Subject, config: RefineConfig) -> tuple[object, float]:
@@ -210,25 +246,40 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
     report["picture_frames"] = frames
     report["picture_turn_deg"] = [float(x) for x in head_turn_deg(subject.params.index(frames), subject.world_to_cam[frames, 0])]
     save_row(ground_truth_row(subject, frames), out / "heldout_truth.png")
-    starts = _starts(methods, head, subject, protocol, log)
+    starts = _starts([m for m in methods if not _photometric(m)], head, subject, protocol, log)
+    tracked: tuple[Subject, float, dict] | None = None
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     for method in methods:
+        on = subject
+        if _photometric(method):
+            if tracked is None:
+                tracked = _track_photometric(head, subject, protocol, log)
+            on = tracked[0]
         if method == "generator":
             avatar, start_avatar = starts["generator"][0], None
             entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
             train_params = None
+        elif method == "personalized":
+            avatar, wall = _personalize(starts["generator"][0], head, subject)
+            start_avatar, train_params = None, None
+            entry = {"wall_seconds": wall, "start_seconds": starts["generator"][1], "iterations": Personalization().iterations}
         else:
             start_name = _start_key(method, protocol)
-            start_avatar = starts[start_name][0]
-            result, wall = _refine(start_avatar, head, subject, refine_config(method, protocol))
+            if on is subject:
+                start_avatar, start_seconds = starts[start_name]
+            else:
+                start_avatar, start_seconds = _starts([method], head, on, protocol, log)[start_name]
+            result, wall = _refine(start_avatar, head, on, refine_config(method, protocol))
             avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
-            entry = {"wall_seconds": wall, "start_seconds": starts[start_name][1], "iterations": protocol.iterations}
-        entry |= score(avatar, start_avatar, head, subject, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
+            entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": protocol.iterations}
+            if on is not subject:
+                entry["tracking_seconds"], entry["tracking_change"] = tracked[1], tracked[2]  # type: ignore[index]
+        entry |= score(avatar, start_avatar, head, on, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
         if shared > 1:
             entry["concurrent_runs"] = shared
         report["methods"][method] = entry
-        save_row(heldout_tiles(avatar, head, subject, frames), out / f"heldout_{method}.png")
-        save_row(turntable_tiles(avatar, head, subject.params.index([subject.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{method}.png")
+        save_row(heldout_tiles(avatar, head, on, frames), out / f"heldout_{method}.png")
+        save_row(turntable_tiles(avatar, head, on.params.index([on.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{method}.png")
         path.write_text(json.dumps(report, indent=1))
         log(f"  {method}: held-out PSNR {entry['psnr']:.2f} / mask {entry['psnr_mask']:.2f} / face {entry['psnr_face']:.2f} dB, train {entry['train_psnr']:.2f} dB, {entry['wall_seconds']:.1f} s")
     return report

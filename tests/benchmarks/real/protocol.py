@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Methods scored on every clip, in table order. "generator" is Stage 1 alone (zero-shot).
-METHODS = ("generator", "ours-generator", "ours-surface", "no-antispike", "densify")
+METHODS = ("generator", "personalized", "ours-generator", "ours-surface", "no-antispike", "densify")
 METHOD_LABELS = {
     "generator": "generated, K = 1 (zero-shot)",
+    "personalized": "generated, K = 1, personalized on it (zero-shot)",
     "ours-generator": "ours from the generator",
     "ours-surface": "ours from the surface",
     "no-antispike": "baseline (b), no anti-spike",
@@ -46,11 +47,15 @@ class Lever:
     about: what it changes, for the table.
     refine: fields of RefineConfig.to_dict() replaced (nested dicts merge into their group).
     init: fields of the surface start's InitConfig replaced (``surface`` merges into SurfaceInit).
+    photometric: the clip's FLAME parameters, held-out frames' included, go through
+        photometric tracking first (``backend/refine/photometric_tracking.py``); the start,
+        the refinement and the scores all use them.
     """
 
     about: str
     refine: dict = field(default_factory=dict)
     init: dict = field(default_factory=dict)
+    photometric: bool = False
 
 
 # Levers to measure next; the ones measured so far are in BENCHMARKS.md ("Levers on ours").
@@ -61,6 +66,7 @@ LEVERS = {
     "sh1": Lever("view-dependent colour: SH degree 1", init={"surface": {"sh_degree": 1}}),
     "hair-room": Lever("real-subject hinge thresholds x5 instead of x2.5", {"real_tuning": {"threshold_factor": 5.0}}),
     "lr-x4": Lever("real-subject learning-rate factor 4 instead of 2", {"real_tuning": {"lr_factor": 4.0}}),
+    "photo-track": Lever("photometric tracking of every frame before refinement", photometric=True),
 }
 LEVER_PREFIX = "ours-surface+"
 

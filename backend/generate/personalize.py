@@ -1,0 +1,72 @@
+"""Personalization: a generated avatar refined briefly on its own sources.
+
+The generator's head is an average over what it has seen of people; the K photos it was
+made from show this person's hair colour, skin and lighting. A short refinement on those K
+views (the layout frozen, the anti-spike hinges on) takes them in. With one to four views,
+most Gaussians are seen weakly or not at all, and Adam would move a weakly seen one as far
+as a plainly seen one; ``RefineConfig.hold`` pulls every Gaussian back toward its generated
+value, so what the sources do not show stays as the generator made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from backend.configs import Config, above, at_least
+from backend.data.subject import Subject
+from backend.gaussians.avatar import Avatar
+from backend.head.model import HeadModel
+from backend.refine.config import preset
+from backend.refine.refine import ProgressFn, StopFn, refine
+
+
+@dataclass(frozen=True)
+class Personalization(Config):
+    """Attributes:
+    iterations: refinement steps on the sources.
+    hold: ``RefineConfig.hold``: how strongly Gaussians are held at their generated values.
+    lr_factor: the Gaussians' learning rates (offset, rotation, scale, opacity, colour)
+        times this: the schedule is a twentieth of a refinement's, and a generated head's
+        hair and skin colours may be far from the person's.
+    """
+
+    iterations: int = 500
+    hold: float = 1e-5
+    lr_factor: float = 4.0
+
+    def check(self) -> None:
+        at_least("iterations", self.iterations, 1)
+        at_least("hold", self.hold, 0.0, "a weight must be >= 0")
+        above("lr_factor", self.lr_factor, 0.0)
+
+
+def personalize(
+    avatar: Avatar,
+    head: HeadModel,
+    subject: Subject,
+    views: Sequence[tuple[int, int]],
+    config: Personalization = Personalization(),
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> Avatar:
+    """``avatar`` (generated from ``views`` of ``subject``) refined on the frames of those
+    views, every camera of each; the layout, identity and FLAME parameters are unchanged.
+    ``head`` is on the device to compute on."""
+    config.check()
+    frames = sorted({t for t, _ in views})
+    sources = Subject(subject.root, replace(subject.info, split={"train": frames, "test": []}), subject.params, subject.K, subject.world_to_cam)
+    base = preset("ours")
+    f = config.lr_factor
+    lr = replace(
+        base.lr,
+        offset=base.lr.offset * f,
+        rotation=base.lr.rotation * f,
+        log_scale=base.lr.log_scale * f,
+        opacity_logit=base.lr.opacity_logit * f,
+        sh_dc=base.lr.sh_dc * f,
+        sh_rest=base.lr.sh_rest * f,
+    )
+    refine_config = replace(base, iterations=config.iterations, hold=config.hold, lr=lr, checkpoint_every=0, log_every=max(config.iterations // 10, 1))
+    result = refine(avatar, head, sources, refine_config, progress=progress, should_stop=should_stop)
+    return replace(result.avatar, meta=result.avatar.meta | {"personalized": {"iterations": config.iterations, "hold": config.hold, "lr_factor": config.lr_factor, "frames": frames}})
