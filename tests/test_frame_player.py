@@ -88,3 +88,32 @@ def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_g
     torch.testing.assert_close(out.rgb, eager(avatar, head, p.to("cuda"), near.to("cuda")).rgb, atol=2e-4, rtol=0)
     assert player.captures == first  # the same batch shape, captured again in place
     assert player.recaptures >= 1
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_new_background_reaches_the_captured_graph() -> None:
+    head, avatar, params, cams = scene(20_000, 1, 96)
+    head, avatar = head.to("cuda"), avatar.to("cuda")
+    player = FramePlayer(avatar, head, BACKGROUND)
+    for _ in range(3):  # warm-up, capture, replay
+        player(params, cams)
+    assert player.captures == 1
+    black = torch.zeros(3)
+    out = player(params, cams, black)
+    ref = render(deform(avatar, head, params.to("cuda")), cams.to("cuda"), black.to("cuda"), depth=False)
+    torch.testing.assert_close(out.rgb, ref.rgb, atol=2e-4, rtol=0)
+    assert player.captures == 1
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_least_recently_used_batch_shape_is_dropped_beyond_the_limit() -> None:
+    head, avatar, params, _ = scene(5_000, 1, 32)
+    head, avatar = head.to("cuda"), avatar.to("cuda")
+    player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(max_captures=2, warmup=0))
+    for size in (32, 48, 64, 32):
+        cams = view_cameras(ViewConfig(size=size), 1)
+        out = player(params, cams)
+        torch.testing.assert_close(out.rgb, eager(avatar, head, params.to("cuda"), cams.to("cuda")).rgb, atol=2e-4, rtol=0)
+    assert player.captures == 2  # 64 and 32 kept: 32 was dropped for 64, then captured again in place of 48

@@ -16,6 +16,7 @@ Without CUDA (or gsplat) the player runs the same functions eagerly.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +42,15 @@ class PlayerConfig:
             frames that turn or come closer rarely force a new capture.
         warmup: eager calls (on a side stream) before a batch shape is captured.
         graph: capture on CUDA; False runs every call eagerly (the reference path).
+        max_captures: batch shapes kept captured (each holds its own GPU memory); the
+            least recently used one is dropped beyond this (a viewport resized many times).
     """
 
     depth: bool = False
     headroom: float = 1.5
     warmup: int = 1
     graph: bool = True
+    max_captures: int = 4
 
 
 _FRAME_FIELDS = ("expr", *POSE_FIELDS)
@@ -93,9 +97,9 @@ class FramePlayer:
     ) -> None:
         self.avatar, self.head, self.settings, self.config = avatar, head, settings, config
         self.device = avatar.local.offset.device
-        self.background = background.to(self.device, torch.float32)
+        self.background = background.to(self.device, torch.float32).clone()  # its own buffer, refilled in place
         self.graphed = config.graph and self.device.type == "cuda" and gsplat_available()
-        self._captures: dict[tuple[int, ...], _Capture] = {}
+        self._captures: OrderedDict[tuple[int, ...], _Capture] = OrderedDict()
         self.recaptures = 0  # graphs captured again after a frame outgrew its tile budget
 
     @property
@@ -104,12 +108,13 @@ class FramePlayer:
         return sum(1 for c in self._captures.values() if c.step.captured)
 
     @torch.no_grad()
-    def __call__(self, params: FlameParams, cameras: Cameras) -> RenderOutput:
+    def __call__(self, params: FlameParams, cameras: Cameras, background: torch.Tensor | None = None) -> RenderOutput:
         """Pose and render B frames.
 
         Args:
             params: B frames on the head's model (the avatar's identity is used).
             cameras: [B, C] cameras, or one [C] rig for every frame.
+            background: [3] RGB in [0, 1] for this and later calls (None: keep the last).
         Returns:
             RenderOutput with [B, C, H, W, k] tensors. Graphed, they are the capture's own
             buffers: read or copy them before the next call.
@@ -120,12 +125,17 @@ class FramePlayer:
         cams = cams if cams.batched else cams.expand(b)
         if cams.K.shape[0] != b:
             raise ValueError(f"{b} frames of parameters but cameras for {cams.K.shape[0]}")
+        if background is not None:
+            self.background.copy_(background)  # in place: captured graphs read this buffer
         if not self.graphed:
             return self._render(params, cams, None)
         key = (b, cams.count, cams.width, cams.height)
         capture = self._captures.get(key)
         if capture is None:
             capture = self._captures[key] = _Capture(self, params, cams, self._probe_budget(params, cams))
+            while len(self._captures) > self.config.max_captures:
+                self._captures.popitem(last=False)
+        self._captures.move_to_end(key)
         capture.load(params, cams)
         while True:
             out = capture.step()

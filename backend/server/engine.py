@@ -21,7 +21,7 @@ from backend.head.params import FlameParams
 from backend.head.registry import fingerprint, load_head_model
 from backend.render.camera import Cameras
 from backend.render.gsplat_backend import gsplat_available
-from backend.render.rasterize import render
+from backend.render.frame_player import FramePlayer, PlayerConfig
 from backend.server.store import Store
 from backend.wire.protocol import ErrorCode, WireError
 
@@ -78,6 +78,7 @@ class Engine:
         self.fingerprint = fingerprint(self.head.data)
         self.store = store
         self._cache: OrderedDict[str, tuple[int, Avatar]] = OrderedDict()
+        self._players: dict[str, tuple[Avatar, FramePlayer]] = {}  # for the cached avatars only
         self._cache_size = cache_size
         self._generator: Generator | None = None
 
@@ -109,8 +110,16 @@ class Engine:
         avatar = avatar.to(self.device)
         self._cache[aid] = (version, avatar)
         while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            self._players.pop(self._cache.popitem(last=False)[0], None)
         return avatar
+
+    def player(self, aid: str) -> FramePlayer:
+        """The frame player of avatar ``aid`` (its captured graphs live as long as the cached avatar)."""
+        avatar = self.avatar(aid)
+        kept = self._players.get(aid)
+        if kept is None or kept[0] is not avatar:
+            kept = self._players[aid] = (avatar, FramePlayer(avatar, self.head, torch.zeros(3), config=PlayerConfig(depth=True)))
+        return kept[1]
 
     def generator(self, checkpoint: Path | None) -> Generator:
         """The stage-1 network of ``checkpoint`` on the device, loaded on first use."""
@@ -190,28 +199,36 @@ class Engine:
         is empty (zero rgba and depth). Without ``crop`` the window is None (the whole frame).
         ``lend`` may give the host memory each frame is copied into (``SlotPool.reserve``)."""
         t_setup = time.perf_counter()
-        avatar = self.avatar(aid)
-        params = avatar.params_for(self.conform(params))
+        player = self.player(aid)
+        # The player poses without checks (they sync with the device); the parameters arrive on the host.
+        params.validate()
+        params.check_head(self.head.name, self.head.expr_names)
+        params = self.conform(params)
         cams = cameras.to(self.device)
         bg = torch.tensor(background or (0.0, 0.0, 0.0), device=self.device)
         setup = time.perf_counter() - t_setup
-        for t, splats, share in self._posed_frames(avatar, params, chunk):
-            t1 = time.perf_counter()
-            out = render(splats, cams.frame(t), bg)
-            rgba = torch.cat([out.rgb[0], out.alpha[0]], dim=-1)
-            depth = out.depth[0, ..., 0]
-            window = _coverage(out.alpha[0, ..., 0]) if crop else None
-            if window is not None:
-                x, y, w, h = window
-                rgba, depth = rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w]
-            if rgba_dtype == "<u1":
-                rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-            tensors = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype])}
-            if depth_dtype is not None:
-                tensors["depth"] = depth.to(_TORCH_DTYPES[depth_dtype])
-            arrays = _to_host(tensors, lend)
-            yield arrays, window, 1e3 * (setup + share + time.perf_counter() - t1)
-            setup = 0.0
+        for start in range(0, params.batch_size, chunk):
+            t0 = time.perf_counter()
+            idx = list(range(start, min(start + chunk, params.batch_size)))
+            # One graph replay poses and renders the chunk; its buffers are read before the next.
+            out = player(params.index(idx), Cameras(cams.K[idx], cams.world_to_cam[idx], cams.width, cams.height), bg)
+            share = (time.perf_counter() - t0) / len(idx)
+            for i in range(len(idx)):
+                t1 = time.perf_counter()
+                rgba = torch.cat([out.rgb[i, 0], out.alpha[i, 0]], dim=-1)
+                depth = out.depth[i, 0, ..., 0]
+                window = _coverage(out.alpha[i, 0, ..., 0]) if crop else None
+                if window is not None:
+                    x, y, w, h = window
+                    rgba, depth = rgba[y : y + h, x : x + w], depth[y : y + h, x : x + w]
+                if rgba_dtype == "<u1":
+                    rgba = (rgba.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+                tensors = {"rgba": rgba.to(_TORCH_DTYPES[rgba_dtype])}
+                if depth_dtype is not None:
+                    tensors["depth"] = depth.to(_TORCH_DTYPES[depth_dtype])
+                arrays = _to_host(tensors, lend)
+                yield arrays, window, 1e3 * (setup + share + time.perf_counter() - t1)
+                setup = 0.0
 
     @torch.no_grad()
     def ply(self, aid: str, params: FlameParams) -> bytes:
