@@ -10,7 +10,9 @@
 - track: uploaded portraits or a video, kept in the store until the job ends, tracked into
   a subject (resume tracks again).
 - generate: stage 1 from uploaded portraits (tracked first into a subject of their own) or
-  from views of a stored subject; resume skips the tracking when it was done.
+  from views of a stored subject, then, when asked, personalization on those sources (its
+  steps reported and cancellable like a refinement's); resume skips the tracking when it
+  was done.
 
 backend.tracking and backend.generate are imported when such a job runs: the service
 starts without them (mediapipe is heavy) and hello says whether they can run.
@@ -28,7 +30,7 @@ import torch
 from backend.configs import Config
 from backend.data.subject import Subject
 from backend.data.synthetic import SynthConfig, synthesize
-from backend.gaussians.avatar import deform
+from backend.gaussians.avatar import Avatar, deform
 from backend.refine.config import preset
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr
@@ -185,9 +187,32 @@ def run_generate(
         else [(t, 0) for t in range(subject.num_frames)]
     )
     avatar = generate_avatar(engine.generator(checkpoint), engine.head, subject, views)
+    if p.get("personalize"):
+        avatar = _personalize(engine, avatar, subject, views, p, progress, should_cancel)
     avatar.meta["subject"] = sid  # generate_avatar records the folder; clients know subjects by id
     store.put_avatar(aid, avatar, name=p.get("name"), source=f"generate from {sid}")
-    return {"avatar": aid, "subject": sid, "sources": len(views), "generate_ms": avatar.meta["generate_ms"], "warnings": warnings}
+    result = {"avatar": aid, "subject": sid, "sources": len(views), "generate_ms": avatar.meta["generate_ms"], "warnings": warnings}
+    return result | {"personalized": "personalized" in avatar.meta}
+
+
+def _personalize(
+    engine: Engine, avatar: Avatar, subject: Subject, views: list[tuple[int, int]], p: dict, progress: Progress, should_cancel: ShouldCancel
+) -> Avatar:
+    """Generate's last step: the avatar refined briefly on its sources, reported as steps of
+    its own. A cancel stops it at the next step; nothing is stored then. A resumed job
+    generates and personalizes again (both are short)."""
+    from backend.generate.personalize import Personalization, personalize
+
+    config = settings_of(Personalization(), ops.Generate, p)
+    progress(0, config.iterations, "personalize: refining on the sources")
+
+    def on_progress(done: int, total: int, stats: dict) -> None:
+        progress(done, total, f"personalize: step {done} of {total}, PSNR {stats['psnr']:.2f} dB")
+
+    out = personalize(avatar, engine.head, subject, views, config, progress=on_progress, should_stop=should_cancel)
+    if should_cancel():  # it stopped early: a partly personalized avatar is not kept
+        raise JobCancelled
+    return out
 
 
 def job_kinds(engine: Engine, store: Store, generator: Path | None) -> dict[str, JobKind]:

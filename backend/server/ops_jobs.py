@@ -109,6 +109,22 @@ def op_track(ctx: OpContext, req: Request) -> Part:
     return _queue(ctx, req, ops.Track.op, params, "sb", "subject", files)
 
 
+def _personalization(ctx: OpContext, a: Args) -> dict:
+    """``personalize`` (the service's default when absent, so the job record says what runs)
+    and ``personalize_iterations``, checked by ``Personalization``'s own check."""
+    from backend.generate.personalize import Personalization
+
+    asked = a.bool(ops.Generate.personalize)
+    iterations = a.int(ops.Generate.personalize_iterations)
+    on = ops.Generate.personalize_default(ctx.engine.device) if asked is None else asked
+    if iterations is not None and not on:
+        why = "it is false" if asked is False else f"this service does not personalize unless asked (it runs on {ctx.engine.device})"
+        raise a.error(f"'personalize_iterations' needs 'personalize' true: {why}")
+    params = {"personalize": on, "personalize_iterations": iterations}
+    settings_of(Personalization(), ops.Generate, params)
+    return params
+
+
 def op_generate(ctx: OpContext, req: Request) -> Part:
     """1-4 portraits (``portrait0`` ...), or views of a stored ``subject`` -> an avatar."""
     a = Args(req)
@@ -133,7 +149,7 @@ def op_generate(ctx: OpContext, req: Request) -> Part:
     elif not 1 <= len(names) <= ops.Generate.max_portraits or names != [f"portrait{i}" for i in range(len(names))]:
         raise a.error(f"send 1 to {ops.Generate.max_portraits} portraits as buffers portrait0, portrait1, ... (got {len(names)}), or a 'subject'")
     files = _uploads(a, names, lim.max_upload_bytes, lim.max_image_pixels)
-    params = {"subject": subject, "frames": frames, "name": a.str(ops.Generate.name)}
+    params = {"subject": subject, "frames": frames, "name": a.str(ops.Generate.name)} | _personalization(ctx, a)
     a.done()
     if not ctx.hello["capabilities"][ops.Generate.op]["available"]:
         raise unavailable(ctx, ops.Generate.op)

@@ -192,7 +192,8 @@ class Service:
 
     def _generator_capability(self) -> dict[str, Any]:
         """Whether ``generate`` can run on the loaded head: the weights must be there and have
-        been trained on this head. ``head`` names the head they were trained on."""
+        been trained on this head. ``head`` names the head they were trained on; ``personalize``
+        is what generate does when a request leaves it out (clients show it as their default)."""
         from backend.generate.checkpoint import generator_from_state, read_generator_file
 
         path = Path(self.config.generator or DEFAULT_CHECKPOINT)
@@ -210,7 +211,7 @@ class Service:
                 generator_from_state(weights, self.engine.head, str(path))
         except SpatialAvatarError as exc:
             return {"available": False, "reason": str(exc)}
-        return {"available": True, "head": weights["head_name"]}
+        return {"available": True, "head": weights["head_name"], "personalize": ops.Generate.personalize_default(self.engine.device)}
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -241,10 +241,25 @@ class Track(Operation):
 
 
 class Generate(Operation):
-    """Buffers ``portrait0`` .. (photos), or a stored ``subject``."""
+    """Buffers ``portrait0`` .. (photos), or a stored ``subject``.
+
+    ``personalize``: refine the generated avatar briefly on its own sources
+    (``backend.generate.personalize``); absent, the service's default
+    (``personalize_default``), which hello reports. ``personalize_iterations`` sets
+    ``Personalization.iterations`` and is refused when personalization is off.
+    """
 
     op = "generate"
     max_portraits = 4
     subject = Text(None)
     frames = Text(None)  # the subject's views, e.g. "0,3" or "0:1"
     name = Text(None)
+    personalize = Flag(None)
+    personalize_iterations = Int(None, "iterations", lo=1, hi=1_000_000)
+
+    @staticmethod
+    def personalize_default(device: str) -> bool:
+        """Whether generate personalizes when not told, on ``device`` ("cpu", "cuda", "cuda:1"):
+        on CUDA, where its steps take seconds; off on the CPU, where a step at 512 x 512 px
+        costs seconds on two cores, so the default schedule would take minutes."""
+        return device.startswith("cuda")
