@@ -152,3 +152,4 @@ def test_gif_mp4_and_contact_sheet(demo: DemoResult) -> None:
     summary = json.loads((demo.blend.parent / "summary.json").read_text())
     assert set(summary["seconds"]) == {"track", "generate", "refine", "scene", "render", "media", "total"}
     assert summary["device"] == "cpu" and "CPU schedule" in summary["refine"]
+    assert summary["personalize"] == "not personalized (off on cpu: cpu_personalize)"  # the demo keeps to minutes on two cores

@@ -1,11 +1,13 @@
-"""The main job, step by step: portrait -> tracking -> Stage 1 (K = 1) -> Stage 2 -> .blend ->
-Blender's render with the avatar composited -> PNG frames, GIF, MP4, contact sheet.
+"""The main job, step by step: portrait -> tracking -> Stage 1 (K = 1; personalized on CUDA) ->
+Stage 2 -> .blend -> Blender's render with the avatar composited -> PNG frames, GIF, MP4,
+contact sheet.
 
 Everything lands in ``DemoConfig.out``::
 
     portrait.png            the input (by default scikit-image's public-domain astronaut)
     subject/                the tracked portrait (a subject folder; previews/ shows the fit)
     avatar_generated.npz    Stage 1's avatar
+    avatar_personalized.npz the same, personalized on the portrait (when personalization runs)
     subject_refine/         the portrait Stage 2 fits (over black; downscaled on the CPU)
     avatar.npz              after Stage 2
     demo.blend              the avatar object, its keyed FLAME performance, the set, compositing
@@ -42,8 +44,10 @@ from PIL import Image
 from backend.configs import Config, SettingError, at_least
 from backend.data.subject import Subject, write_frame, write_subject
 from backend.gaussians.avatar import Avatar
+from backend.generate.personalize import Personalization, personalize
 from backend.head.model import HeadModel
 from backend.refine.config import RefineConfig
+from backend.refine.refine import ProgressFn
 from backend.wire.errors import SpatialAvatarError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +67,10 @@ class DemoConfig(Config):
         fps: frames per second of the scene, GIF and MP4.
         samples: Cycles samples per pixel of the set (denoised).
         track_size: side of the tracked crop, pixels (the generator's source image).
+        gpu_personalize: personalize the generated avatar on the portrait on CUDA (seconds there).
+        cpu_personalize: the same on the CPU: off, because a step at 512 x 512 px costs seconds
+            on two cores and the demo must finish in minutes there.
+        personalize_iterations: personalization steps (``Personalization``'s default).
         gpu_iters: Stage 2 iterations on CUDA, at ``track_size``.
         cpu_iters: Stage 2 iterations on the CPU, at ``cpu_refine_size``.
         cpu_refine_size: the CPU schedule refines on a copy of the crop downscaled to this side.
@@ -83,6 +91,9 @@ class DemoConfig(Config):
     fps: int = 24
     samples: int = 8
     track_size: int = 512
+    gpu_personalize: bool = True
+    cpu_personalize: bool = False
+    personalize_iterations: int = Personalization.iterations
     gpu_iters: int = RefineConfig.iterations
     cpu_iters: int = 300
     cpu_refine_size: int = 256
@@ -100,10 +111,16 @@ class DemoConfig(Config):
             at_least(name, getattr(self, name), 1)
         for name in ("gpu_iters", "cpu_iters"):
             at_least(name, getattr(self, name), 1, "refinement needs at least 1 iteration")
+        at_least("personalize_iterations", self.personalize_iterations, 1)
         for name in ("track_size", "cpu_refine_size"):
             at_least(name, getattr(self, name), 16, "a crop needs at least 16 x 16 pixels")
         if self.device not in ("cpu", "cuda"):
             raise SettingError("device", self.device, "must be cpu or cuda")
+
+    @property
+    def personalizes(self) -> bool:
+        """Whether the generated avatar is personalized on this device."""
+        return self.gpu_personalize if self.device == "cuda" else self.cpu_personalize
 
 
 @dataclass
@@ -119,6 +136,7 @@ class DemoResult:
     mp4: Path
     contact_sheet: Path
     gaussians: int
+    personalize: str
     refine: str
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -182,11 +200,41 @@ def free_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+@contextmanager
+def _steps_bar(desc: str, total: int) -> Iterator[ProgressFn]:
+    """A progress bar on stderr and the refinement progress callback that drives it."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False) as bar:
+
+        def progress(done: int, total: int, stats: dict) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(psnr=f"{stats['psnr']:.2f}")
+
+        yield progress
+
+
+def personalize_generated(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfig, log: Log) -> tuple[Avatar, str]:
+    """Generate's last step, where ``config`` turns it on for its device: the generated avatar
+    refined briefly on its source (frame 0 of ``subject``). Returns the avatar and a line
+    saying whether it ran."""
+    if not config.personalizes:
+        switch = "gpu_personalize" if config.device == "cuda" else "cpu_personalize"
+        line = f"not personalized (off on {config.device}: {switch})"
+        log(f"      {line}")
+        return avatar, line
+    settings = Personalization().with_overrides({"iterations": config.personalize_iterations})
+    t0 = time.perf_counter()
+    with _steps_bar("personalize", settings.iterations) as progress:
+        personalized = personalize(avatar, head, subject, [(0, 0)], settings, progress=progress)
+    line = f"personalized: {settings.iterations:,} steps on the portrait in {time.perf_counter() - t0:.1f} s"
+    log(f"      {line}")
+    return personalized, line
+
+
 def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfig, log: Log) -> tuple[Avatar, str]:
     """Stage 2 on the tracked portrait: the full schedule on CUDA, a short one on the CPU.
     Returns the refined avatar and a line saying which schedule ran."""
-    from tqdm import tqdm
-
     from backend.refine.refine import refine
 
     cuda = config.device == "cuda"
@@ -198,12 +246,7 @@ def _refine(avatar: Avatar, head: HeadModel, subject: Subject, config: DemoConfi
     rc = RefineConfig().with_overrides(
         {"iterations": iters, "log_every": max(1, min(100, iters // 20)), "anti_spike.max_scale": config.refine_max_scale}
     )
-    with tqdm(total=iters, desc="refine", unit="it", file=sys.stderr, leave=False) as bar:
-
-        def progress(done: int, total: int, stats: dict) -> None:
-            bar.update(done - bar.n)
-            bar.set_postfix(psnr=f"{stats['psnr']:.2f}")
-
+    with _steps_bar("refine", iters) as progress:
         result = refine(avatar, head, target, rc, progress=progress)
     return result.avatar, line
 
@@ -262,9 +305,12 @@ def run_demo(config: DemoConfig, log: Log = _stderr) -> DemoResult:
         generated = generate_avatar(model.to(config.device), head, subject, [(0, 0)])
         save_avatar(generated, out / "avatar_generated.npz")
         log(f"      {generated.count:,} Gaussians, network {generated.meta['generate_ms']:.0f} ms")
+        start, personalize_line = personalize_generated(generated, head, subject, config, log)
+        if start is not generated:
+            save_avatar(start, out / "avatar_personalized.npz")
 
     with _stage("refine", seconds, log):
-        refined, refine_line = _refine(generated, head, subject, config, log)
+        refined, refine_line = _refine(start, head, subject, config, log)
         avatar_path = save_avatar(refined, out / "avatar.npz")
 
     blend, frames_dir = out / "demo.blend", out / "frames"
@@ -295,7 +341,8 @@ def run_demo(config: DemoConfig, log: Log = _stderr) -> DemoResult:
     seconds["total"] = time.perf_counter() - t_all
 
     result = DemoResult(
-        portrait, subject.root, avatar_path, blend, rendered, gif, mp4, sheet, refined.count, refine_line, config.device, seconds
+        portrait, subject.root, avatar_path, blend, rendered, gif, mp4, sheet, refined.count, personalize_line, refine_line,
+        config.device, seconds,
     )
     (out / "summary.json").write_text(json.dumps(result.summary(), indent=1))
     return result
