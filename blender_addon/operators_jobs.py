@@ -91,7 +91,7 @@ class SPATIALAVATAR_OT_portrait_remove(bpy.types.Operator):
 
 
 class SPATIALAVATAR_OT_generate(bpy.types.Operator):
-    """Make an avatar from the portraits on the backend; runs in the background, the new object appears when it is done"""
+    """Make an avatar from the portraits on the backend, personalized when checked; runs in the background, the object appears when done"""
 
     bl_idname = "spatialavatar.generate"
     bl_label = "Generate"
@@ -117,7 +117,7 @@ class SPATIALAVATAR_OT_generate(bpy.types.Operator):
         if why := _unavailable(ops.Generate.op, ops.Track.op):
             return fail(self, why)
         name = props.avatar_name.strip() or "Avatar"
-        runtime.RUNTIME.start(workflows.generate_task(name, buffers, props.preview_points, backend_head()), s)
+        runtime.RUNTIME.start(workflows.generate_task(name, buffers, props.personalize, props.preview_points, backend_head()), s)
         self.report({"INFO"}, f"Generating {name} in the background")
         return {"FINISHED"}
 

@@ -71,6 +71,7 @@ class SPATIALAVATAR_PT_generate(_Sidebar, bpy.types.Panel):
         if 0 <= props.portrait_index < len(props.portraits):
             layout.template_icon(icon_value=thumbnail(props.portraits[props.portrait_index].filepath), scale=6.0)
         layout.prop(props, "avatar_name")
+        layout.prop(props, "personalize")
         layout.operator("spatialavatar.generate", icon="SHADERFX")
 
 

@@ -1,4 +1,5 @@
-"""Per-scene settings of the sidebar (``Scene.spatialavatar``): portraits, preview and overlay switches.
+"""Per-scene settings of the sidebar (``Scene.spatialavatar``): portraits, Generate's and
+Refine's settings, preview and overlay switches.
 
 They are saved with the .blend; what is running (tasks, the session) lives in ``runtime``.
 """
@@ -6,7 +7,7 @@ They are saved with the .blend; what is running (tasks, the session) lives in ``
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, CollectionProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from .connection import wire_operations as ops
 
@@ -25,6 +26,21 @@ def _overlay_changed(self, context: bpy.types.Context) -> None:
     runtime.overlay_switched(context.scene, self.overlay)
 
 
+def _personalize_get(self) -> bool:
+    """The artist's choice once made; until then what the connected backend does by default
+    (hello: on for a CUDA backend), so the checkbox shows what Generate will do."""
+    if self.personalize_choice != "BACKEND":
+        return self.personalize_choice == "ON"
+    from . import runtime
+
+    generate = ((runtime.RUNTIME.status["info"] or {}).get("capabilities") or {}).get(ops.Generate.op) or {}
+    return bool(generate.get("personalize", False))
+
+
+def _personalize_set(self, value: bool) -> None:
+    self.personalize_choice = "ON" if value else "OFF"
+
+
 class SPATIALAVATAR_PG_portrait(bpy.types.PropertyGroup):
     filepath: StringProperty(name="Portrait", subtype="FILE_PATH", description="A photo of the person, face visible")
 
@@ -33,6 +49,20 @@ class SPATIALAVATAR_PG_scene(bpy.types.PropertyGroup):
     portraits: CollectionProperty(type=SPATIALAVATAR_PG_portrait)
     portrait_index: IntProperty(name="Portrait", default=0, min=0)
     avatar_name: StringProperty(name="Name", default="Avatar", description="Name of the avatar Generate makes")
+    personalize_choice: EnumProperty(
+        items=(("BACKEND", "Backend's default", ""), ("ON", "On", ""), ("OFF", "Off", "")),
+        default="BACKEND",
+        options={"HIDDEN"},
+        description="What the Personalize checkbox holds: the artist's choice, or the backend's default until one is made",
+    )
+    personalize: BoolProperty(
+        name="Personalize",
+        get=_personalize_get,
+        set=_personalize_set,
+        description="After generating, refine the head briefly on its own portraits so it takes in the person's hair, skin "
+        "and lighting (the Gaussian layout stays). Seconds on a CUDA backend, minutes on a CPU one; "
+        "follows the backend's default (on with CUDA) until you set it",
+    )
     preview_points: IntProperty(
         name="Points",
         default=20_000,

@@ -1,6 +1,7 @@
 """The background tasks the sidebar starts, as ``tasks.Task`` chains ending in a new avatar object.
 
-- generate: portraits -> ``generate`` job -> the new avatar's points.
+- generate: portraits -> ``generate`` job (tracking, the network, then personalization when
+  asked: the job's progress names each) -> the new avatar's points.
 - refine: a video or photos -> ``track`` job -> ``refine`` job on that subject -> the
   refined avatar's points (a new object; the source object stays).
 """
@@ -43,9 +44,11 @@ def _add_object(name: str, head: dict[str, Any] | None):
     return finish
 
 
-def generate_task(name: str, portraits: dict[str, np.ndarray], max_points: int, head: dict[str, Any] | None) -> Task:
-    """``portraits``: ``portrait0`` .. buffers (media_files.portrait_buffers)."""
-    steps = [Step(lambda r: Request(ops.Generate.op, ops.Generate.args(name=name), portraits)), *_fetch_steps(max_points)]
+def generate_task(name: str, portraits: dict[str, np.ndarray], personalize: bool, max_points: int, head: dict[str, Any] | None) -> Task:
+    """``portraits``: ``portrait0`` .. buffers (media_files.portrait_buffers); ``personalize``:
+    the Personalize checkbox, sent as it shows."""
+    args = ops.Generate.args(name=name, personalize=personalize)
+    steps = [Step(lambda r: Request(ops.Generate.op, args, portraits)), *_fetch_steps(max_points)]
     return Task(f"Generate {name}", steps, _add_object(name, head))
 
 
