@@ -12,15 +12,16 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, LocalGaussians, assemble_splats, place_gaussians
-from backend.gaussians.frames import TriangleFrames, triangle_frames
-from backend.gaussians.splats import Splats
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
+from backend.gaussians.frames import TriangleFrames, triangle_frames
+from backend.gaussians.layout import Binding
+from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
@@ -28,10 +29,10 @@ from backend.refine.densify import DensityControl
 from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
-from backend.refine.perceptual import load_lpips
+from backend.refine.perceptual import Lpips, load_lpips
 from backend.refine.regularizers import depth_loss, spike_loss
-from backend.render.cuda_graph import GraphedStep
 from backend.render.camera import Cameras
+from backend.render.cuda_graph import GraphedStep
 from backend.render.rasterize import render
 from backend.render.tile_intersect import TileBudget
 from backend.wire.errors import InputError
@@ -114,11 +115,14 @@ class _Targets:
         foreground: [V, h, w, 3] crops of the images times their masks, V = frames x cameras
             (flat view index = frame index * C + camera).
         uncovered: [V, h, w, 1] 1 - mask of the same crops.
+        num_cameras, views: C and V.
         K, world_to_cam: [V, 1, 3, 3] and [V, 1, 4, 4] cameras of the crops.
     """
 
     def __init__(self, subject: Subject, frames: list[int], device: torch.device, margin: int) -> None:
         h, w = subject.info.height, subject.info.width
+        self.num_cameras = subject.num_cameras
+        self.views = len(frames) * self.num_cameras
         imgs, uncovered, boxes = [], [], []
         for t in frames:
             for c in range(subject.num_cameras):
@@ -225,6 +229,181 @@ class _StageClock:
             self.marks.clear()
 
 
+class _Draws(NamedTuple):
+    """Every step's random draws, made up front from the seed and kept on the device: a step
+    picks its own row by the step counter, so a resumed run sees the same ones.
+
+    Attributes:
+        frame: [iterations, views_per_step] indices into the training frames.
+        view: [iterations, views_per_step] flat view indices (frame index * C + camera).
+        background: [iterations, 3] each step's background colour.
+    """
+
+    frame: torch.Tensor
+    view: torch.Tensor
+    background: torch.Tensor
+
+
+def _draw(config: RefineConfig, frames: int, subject: Subject, device: torch.device) -> _Draws:
+    """The draws of a run over ``frames`` training frames of ``subject``: frames and cameras
+    from ``config.seed``, backgrounds from the next seed."""
+    cams = subject.num_cameras
+    draws = torch.Generator().manual_seed(config.seed)
+    frame_draws = torch.randint(frames, (config.iterations, config.views_per_step), generator=draws)
+    view_draws = (frame_draws * cams + torch.randint(cams, frame_draws.shape, generator=draws)).to(device)
+    backgrounds = (
+        torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
+        if config.random_background
+        else subject.background().expand(config.iterations, 3)
+    ).to(device)
+    return _Draws(frame_draws.to(device), view_draws, backgrounds)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """The step's photometric loss and placement: the fused kernels where they run, else torch.
+
+    Attributes:
+        photometric: (rgb, target, ssim_weight) -> loss, the kernel or the torch reference.
+        place_with_hinges: the fused placement with its hinges (SH degree 0 only), or None.
+        ready: waits for the fused kernels compiling in the background (returns at once without them).
+    """
+
+    photometric: Callable[..., torch.Tensor]
+    place_with_hinges: Callable[..., tuple[Splats, torch.Tensor]] | None
+    ready: Callable[[], None]
+
+
+def _kernels(config: RefineConfig, device: torch.device, layout: PackLayout) -> _Kernels:
+    """The step's kernels; the fused ones start compiling in the background."""
+    # The hand-written kernels replace chains of small torch operations (backend/refine/fused).
+    # They compile in the background while the rest is set up. Imported here: Triton is
+    # present only where they run.
+    use_fused = config.fused and not config.compile and fused_kernels_usable(device)
+    if not use_fused:
+        return _Kernels(photometric_loss, None, lambda: None)
+    fused_placement = layout.sh_coeffs == 1
+    from backend.refine.fused import compile_ahead
+    from backend.refine.fused.photometric import photometric_loss as photometric
+    from backend.refine.fused.placement import place_with_hinges
+
+    compiled_ahead = compile_ahead(device, fused_placement, mesh=config.finetune_flame)
+    return _Kernels(photometric, place_with_hinges if fused_placement else None, compiled_ahead)
+
+
+@dataclass
+class _Run:
+    """One refinement run's state: what its step reads, and what its loop moves on.
+
+    Densification replaces ``packed``, ``binding`` and ``optimizer`` between steps, and a
+    captured step's tile budget grows, so the step reads them from here at every call.
+
+    Attributes:
+        config: decided for the subject.
+        source: the avatar the run starts from (a resumed run's, else the input).
+        params: the subject's FLAME parameters with the avatar's shape, on the device.
+        layout, packed: the local parameters packed [N, D], the optimized leaf.
+        held: [N, D] the input avatar's packed parameters that ``config.hold`` pulls toward.
+        flame: the training frames' FLAME parameters [T, ...] (optimized when fine-tuned).
+        fixed: posed vertices [T, V, 3] and triangle frames of every training frame,
+            computed once when FLAME is not fine-tuned (a step then only gathers them).
+        graphed: the step is captured in a CUDA graph (CUDA and a frozen layout).
+        budget: tile slots of a captured step's renders (None when not captured).
+        start: the step the run starts at (a resumed run's iteration).
+        counter: [1] int64 on the device, the step being taken (a captured step reads it).
+        timings: seconds per stage (profiling) and the loop's wall time.
+    """
+
+    config: RefineConfig
+    source: Avatar
+    params: FlameParams
+    layout: PackLayout
+    packed: torch.Tensor
+    held: torch.Tensor | None
+    binding: Binding
+    flame: dict[str, torch.Tensor]
+    optimizer: RowAdam
+    flame_opt: torch.optim.Adam | None
+    targets: _Targets
+    draws: _Draws
+    rates: torch.Tensor  # [iterations, D] learning rates
+    fixed: tuple[torch.Tensor, TriangleFrames] | None
+    density: DensityControl | None
+    graphed: bool
+    start: int
+    counter: torch.Tensor
+    timings: dict[str, float]
+    clock: _StageClock
+    budget: TileBudget | None = None
+
+    @classmethod
+    def begin(cls, avatar: Avatar, head: HeadModel, subject: Subject, config: RefineConfig, resume: RefineState | None, profile: bool) -> _Run:
+        """The state before the first step: ``avatar``'s (or ``resume``'s) parameters on
+        ``head``'s device, the targets, draws, optimizers and rates."""
+        device = head.v_template.device
+        source = resume.avatar if resume else avatar
+        frames = subject.split["train"]
+        layout = PackLayout.of(source.local)
+        packed = pack(source.local).detach().to(device).requires_grad_(True)
+        held = pack(avatar.local).detach().to(device) if config.hold > 0 else None  # the start, however far a resumed run got
+        binding = source.binding.to(device)
+        params = subject.params.to(device)
+        params = replace(params, shape=source.shape.to(device), static_offset=None if source.static_offset is None else source.static_offset.to(device))
+        flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
+        if resume:
+            flame = {k: v.to(device) for k, v in resume.flame.items()}
+        for v in flame.values():
+            v.requires_grad_(config.finetune_flame)
+        targets = _Targets(subject, frames, device, config.loss_margin)
+        draws = _draw(config, len(frames), subject, device)
+        density = DensityControl(config.densify, binding, subject) if config.densify else None
+        graphed = config.cuda_graph and device.type == "cuda" and density is None
+        optimizer = RowAdam(packed)
+        rates = learning_rates(config, layout).to(device)
+        flame_opt = _flame_optimizer(config, flame, graphed, device) if config.finetune_flame else None
+        if resume:
+            optimizer.load_state_dict(resume.optimizer["gaussians"])
+            if flame_opt is not None and "flame" in resume.optimizer:
+                flame_opt.load_state_dict(resume.optimizer["flame"])
+        fixed = None
+        if not config.finetune_flame:
+            with torch.no_grad():
+                verts_all = head(replace(params, **flame), check=False).vertices
+                fixed = (verts_all, triangle_frames(verts_all, head.faces))
+        timings: dict[str, float] = dict(resume.timings) if resume else {}
+        start = resume.iteration if resume else 0
+        counter = torch.full((1,), start, dtype=torch.int64, device=device)
+        return cls(
+            config=config, source=source, params=params, layout=layout, packed=packed, held=held, binding=binding, flame=flame,
+            optimizer=optimizer, flame_opt=flame_opt, targets=targets, draws=draws, rates=rates, fixed=fixed, density=density,
+            graphed=graphed, start=start, counter=counter, timings=timings, clock=_StageClock(device, profile, timings),
+        )
+
+    @property
+    def optimizers(self) -> list[RowAdam | torch.optim.Optimizer]:
+        """Every optimizer of the step, the Gaussians' first."""
+        return [self.optimizer] + ([self.flame_opt] if self.flame_opt is not None else [])
+
+    def state(self, step: int) -> RefineState:
+        """A copy of the run after ``step`` steps, for a checkpoint or the result."""
+        # state_dict() holds the live moment tensors, which the next steps update in place.
+        opt = copy.deepcopy({"gaussians": self.optimizer.state_dict()} | ({"flame": self.flame_opt.state_dict()} if self.flame_opt is not None else {}))
+        current = replace(self.source, binding=self.binding, local=unpacked_copy(self.packed, self.layout))
+        flame = {k: v.detach().clone() for k, v in self.flame.items()}
+        return RefineState(step, current, opt, flame, self.config.to_dict(), dict(self.timings))
+
+
+def _flame_optimizer(config: RefineConfig, flame: dict[str, torch.Tensor], capturable: bool, device: torch.device) -> torch.optim.Adam:
+    """Adam over the training frames' FLAME parameters, one rate per kind of parameter."""
+    lr = config.lr
+    return torch.optim.Adam(
+        [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
+        + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")],
+        capturable=capturable,
+        fused=device.type == "cuda",  # one kernel per group: the per-tensor loop costs more than these small tensors' math
+    )
+
+
 def refine(
     avatar: Avatar,
     head: HeadModel,
@@ -249,14 +428,10 @@ def refine(
     """
     device = head.v_template.device
     config = config.for_subject(subject.info.source == "synthetic")
-    surface = config.surface
-    assert surface is not None  # decided for the subject
-    frames = subject.split["train"]
-    if not frames:
+    if not subject.split["train"]:
         raise InputError(f"subject {subject.root} has no training frames")
     source = resume.avatar if resume else avatar
     _check_thresholds(source.local, config)
-    layout = PackLayout.of(source.local)
     if config.lpips_weight < 0:
         raise InputError(f"lpips_weight {config.lpips_weight}: a weight must be >= 0")
     notes: list[str] = []
@@ -265,84 +440,33 @@ def refine(
         lpips, lpips_note = load_lpips(device, Path(config.lpips_folder) if config.lpips_folder else None)
         if lpips is None:
             notes.append(f"LPIPS left out of the loss: {lpips_note}")
-    # The hand-written kernels replace chains of small torch operations (backend/refine/fused).
-    # They compile in the background while the rest is set up. Imported here: Triton is
-    # present only where they run.
-    use_fused = config.fused and not config.compile and fused_kernels_usable(device)
-    fused_placement = use_fused and layout.sh_coeffs == 1
-    if use_fused:
-        from backend.refine.fused import compile_ahead
-        from backend.refine.fused.photometric import photometric_loss as photometric
-        from backend.refine.fused.placement import place_with_hinges
+    kernels = _kernels(config, device, PackLayout.of(source.local))  # first: they compile while the run is set up
+    run = _Run.begin(avatar, head, subject, config, resume, profile)
+    train_step = _build_step(run, head, kernels, lpips)
+    final, history, stopped = _run_steps(run, train_step, kernels, progress, should_stop, checkpoint)
+    tuned = replace(run.params, **{k: v.detach().clone() for k, v in run.flame.items()})
+    if run.binding.count != source.binding.count and run.density is None:
+        raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
+    out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=run.binding.to("cpu"))
+    out_avatar.meta = dict(source.meta) | {"refined_iterations": final.iteration, "refine_config": config.to_dict()}
+    return RefineResult(out_avatar, tuned.to("cpu"), history, run.timings, stopped, notes)
 
-        compiled_ahead = compile_ahead(device, fused_placement, mesh=config.finetune_flame)
-    else:
-        photometric = photometric_loss
-    packed = pack(source.local).detach().to(device).requires_grad_(True)  # [N, D], the optimized leaf
-    held = pack(avatar.local).detach().to(device) if config.hold > 0 else None  # the start, however far a resumed run got
-    binding = source.binding.to(device)
-    params = subject.params.to(device)
-    params = replace(params, shape=source.shape.to(device), static_offset=None if source.static_offset is None else source.static_offset.to(device))
-    flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
-    if resume:
-        flame = {k: v.to(device) for k, v in resume.flame.items()}
-    for v in flame.values():
-        v.requires_grad_(config.finetune_flame)
-    targets = _Targets(subject, frames, device, config.loss_margin)
-    cams = subject.num_cameras
-    # Every step's draws are made up front from the seed and stay on the device; a step picks
-    # its own by the step counter, so a resumed run sees the same ones.
-    draws = torch.Generator().manual_seed(config.seed)
-    frame_draws = torch.randint(len(frames), (config.iterations, config.views_per_step), generator=draws)
-    view_draws = (frame_draws * cams + torch.randint(cams, frame_draws.shape, generator=draws)).to(device)
-    frame_draws = frame_draws.to(device)
+
+_Step = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # loss, render, target
+
+
+def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | None) -> _Step:
+    """The training step of ``run``: one step at ``run.counter``, reading nothing back from the
+    device, returning the loss, the render [B, h, w, 3] and its target. A captured step's
+    tile budget is sized here first (it renders every training view once)."""
+    config, layout, clock = run.config, run.layout, run.clock
+    surface = config.surface
+    assert surface is not None  # decided for the subject
+    device = run.packed.device
     step_rows = torch.arange(config.views_per_step, device=device)  # a step's own posed frames
-    backgrounds = (
-        torch.rand(config.iterations, 3, generator=torch.Generator().manual_seed(config.seed + 1))
-        if config.random_background
-        else subject.background().expand(config.iterations, 3)
-    ).to(device)
-    density = DensityControl(config.densify, binding, subject) if config.densify else None
-    graphed = config.cuda_graph and device.type == "cuda" and density is None
-    optimizer = RowAdam(packed)
-    rates = learning_rates(config, layout).to(device)  # [iterations, D]
-    flame_opt = None
-    if config.finetune_flame:
-        lr = config.lr
-        flame_opt = torch.optim.Adam(
-            [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
-            + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")],
-            capturable=graphed,
-            fused=device.type == "cuda",  # one kernel per group: the per-tensor loop costs more than these small tensors' math
-        )
-    if resume:
-        optimizer.load_state_dict(resume.optimizer["gaussians"])
-        if flame_opt is not None and "flame" in resume.optimizer:
-            flame_opt.load_state_dict(resume.optimizer["flame"])
-    optimizers: list[RowAdam | torch.optim.Optimizer] = [optimizer] + ([flame_opt] if flame_opt is not None else [])
-    # Posed vertices and triangle frames of every training frame, computed once when FLAME is
-    # not fine-tuned: a step then only gathers them.
-    fixed: tuple[torch.Tensor, TriangleFrames] | None = None
-    if not config.finetune_flame:
-        with torch.no_grad():
-            verts_all = head(replace(params, **flame), check=False).vertices
-            fixed = (verts_all, triangle_frames(verts_all, head.faces))
-
-    timings: dict[str, float] = dict(resume.timings) if resume else {}
-    clock = _StageClock(device, profile, timings)
-    history: list[dict] = []
-    start = resume.iteration if resume else 0
-    stopped = False
-    counter = torch.full((1,), start, dtype=torch.int64, device=device)  # the step being taken
-
-    def state(step: int) -> RefineState:
-        # state_dict() holds the live moment tensors, which the next steps update in place.
-        opt = copy.deepcopy({"gaussians": optimizer.state_dict()} | ({"flame": flame_opt.state_dict()} if flame_opt is not None else {}))
-        current = replace(source, binding=binding, local=unpacked_copy(packed, layout))
-        return RefineState(step, current, opt, {k: v.detach().clone() for k, v in flame.items()}, config.to_dict(), dict(timings))
 
     def image_loss(rgb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = photometric(rgb, target, config.ssim_weight)
+        loss = kernels.photometric(rgb, target, config.ssim_weight)
         if lpips is not None:
             loss = loss + config.lpips_weight * lpips(rgb, target).mean()
         return loss
@@ -359,55 +483,57 @@ def refine(
     # Without the whole-step graph, a frozen layout still lets the compiled regions replay as
     # CUDA graphs of their own ("reduce-overhead").
     compiled = config.compile and device.type == "cuda"
-    mode = "reduce-overhead" if density is None and not graphed else None
-    place = torch.compile(place_gaussians, dynamic=density is not None, mode=mode) if compiled else place_gaussians
+    mode = "reduce-overhead" if run.density is None and not run.graphed else None
+    place = torch.compile(place_gaussians, dynamic=run.density is not None, mode=mode) if compiled else place_gaussians
     frames_of = torch.compile(triangle_frames, mode=mode) if compiled else triangle_frames
     step_loss = torch.compile(loss_fn, mode=mode) if compiled else loss_fn
 
     def mesh_at(frame: torch.Tensor, through_compiled: bool = True) -> tuple[torch.Tensor, TriangleFrames]:
         """Posed vertices [B, V, 3] and triangle frames at training frames [B] (a device
         index); with ``through_compiled``, through the compiled functions when compiling."""
-        if fixed is not None:
-            return fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in fixed[1]))
-        verts = head(replace(params, **{k: v.index_select(0, frame) for k, v in flame.items()}), check=False).vertices
+        if run.fixed is not None:
+            return run.fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in run.fixed[1]))
+        verts = head(replace(run.params, **{k: v.index_select(0, frame) for k, v in run.flame.items()}), check=False).vertices
         return verts, (frames_of if through_compiled else triangle_frames)(verts, head.faces)
 
     def posed(frame: torch.Tensor, local: LocalGaussians, through_compiled: bool = True) -> Splats:
         """The Gaussians ``local`` at training frames [B] (a device index)."""
         verts, tri = mesh_at(frame, through_compiled)
+        binding = run.binding
         placed = (place if through_compiled else place_gaussians)(verts, head.faces, tri, binding.face_idx, binding.bary, local.offset, local.rotation, local.log_scale)
         return assemble_splats(*placed, local)
 
     def probe(frame: torch.Tensor) -> Splats:
         # Without gradients: through the compiled functions this would compile a second,
         # gradient-free variant of each (seconds, even from the on-disk cache).
-        return posed(frame, unpack(packed, layout), through_compiled=False)
+        return posed(frame, unpack(run.packed, layout), through_compiled=False)
 
-    budget = _tile_budget(probe, targets, backgrounds[0], len(frames) * cams, cams) if graphed else None
+    if run.graphed:
+        run.budget = _tile_budget(probe, run.targets, run.draws.background[0])
 
     def train_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step at ``counter``; reads nothing back from the device. Returns the loss, the
-        render [B, h, w, 3] and its target."""
-        for opt in optimizers:
+        packed, counter = run.packed, run.counter
+        for opt in run.optimizers:
             opt.zero_grad(set_to_none=True)
         clock.lap("")
-        frame, view_idx = frame_draws.index_select(0, counter)[0], view_draws.index_select(0, counter)[0]
-        background = backgrounds.index_select(0, counter)[0]
-        view, target = targets.cameras(view_idx), targets.get(view_idx, background)
+        frame, view_idx = run.draws.frame.index_select(0, counter)[0], run.draws.view.index_select(0, counter)[0]
+        background = run.draws.background.index_select(0, counter)[0]
+        view, target = run.targets.cameras(view_idx), run.targets.get(view_idx, background)
         clock.lap("data")
         local = unpack(packed, layout)
-        if fused_placement:
+        if kernels.place_with_hinges is not None:
             # The kernel gathers precomputed frames itself; posed ones are this step's own.
-            verts, tri, rows = (*fixed, frame) if fixed is not None else (*mesh_at(frame), step_rows)
-            splats, hinges = place_with_hinges(packed, layout, rows, verts, head.faces, tri, binding.face_idx, binding.bary, config.anti_spike, surface)
+            verts, tri, rows = (*run.fixed, frame) if run.fixed is not None else (*mesh_at(frame), step_rows)
+            binding = run.binding
+            splats, hinges = kernels.place_with_hinges(packed, layout, rows, verts, head.faces, tri, binding.face_idx, binding.bary, config.anti_spike, surface)
         else:
             splats = posed(frame, local)
-        if density is not None:
+        if run.density is not None:
             splats.means.retain_grad()
         clock.lap("deform")
-        rgb = render(splats, view, background, budget=budget, depth=False).rgb[:, 0]
+        rgb = render(splats, view, background, budget=run.budget, depth=False).rgb[:, 0]
         clock.lap("render")
-        if fused_placement:
+        if kernels.place_with_hinges is not None:
             loss = image_loss(rgb, target) + hinges
         else:
             loss = step_loss(rgb, target, local.rotation, local.log_scale, local.offset)
@@ -415,59 +541,62 @@ def refine(
         loss.backward()
         if config.opacity_sparsity > 0:
             _add_seen_sparsity(local.opacity_logit, packed.grad[:, layout.columns("opacity_logit")][:, 0], config.opacity_sparsity)
-        if held is not None:
-            packed.grad.add_(packed.detach() - held, alpha=config.hold)
+        if run.held is not None:
+            packed.grad.add_(packed.detach() - run.held, alpha=config.hold)
         clock.lap("backward")
-        if density is not None:
-            density.observe(splats, splats.means.grad, view)
-        optimizer.step(rates.index_select(0, counter)[0])
-        if flame_opt is not None:
-            flame_opt.step()
+        if run.density is not None:
+            run.density.observe(splats, splats.means.grad, view)
+        run.optimizer.step(run.rates.index_select(0, counter)[0])
+        if run.flame_opt is not None:
+            run.flame_opt.step()
         counter.add_(1)
         clock.lap("optimizer")
         return loss, rgb, target
 
-    if use_fused:
-        compiled_ahead()
-    graph = GraphedStep(train_step, optimizers) if graphed else None
+    return train_step
+
+
+def _run_steps(
+    run: _Run, train_step: _Step, kernels: _Kernels, progress: ProgressFn | None, should_stop: StopFn | None, checkpoint: CheckpointFn | None
+) -> tuple[RefineState, list[dict], bool]:
+    """Take ``run``'s steps from its start: captured in a CUDA graph when ``run.graphed``,
+    densified between steps when configured; log, checkpoint, grow a captured step's tile
+    budget, and stop when asked. Returns the final state (also given to ``checkpoint``), the
+    log lines and whether the run stopped early."""
+    config, clock = run.config, run.clock
+    kernels.ready()
+    graph = GraphedStep(train_step, run.optimizers) if run.graphed else None
+    history: list[dict] = []
+    stopped = False
+    done = run.start  # steps taken
     t_start = time.perf_counter()
-    step = start
-    for step in range(start, config.iterations):
+    for step in range(run.start, config.iterations):
         if should_stop is not None and should_stop():
             stopped = True
             break
         loss, rgb, target = graph() if graph is not None else train_step()
         clock.collect(keep=graph is not None and graph.captured)
         done = step + 1
-        if density is not None:
-            packed, binding, optimizer = density.step(done, packed, layout, binding, optimizer)
-            optimizers[0] = optimizer
+        if run.density is not None:
+            run.packed, run.binding, run.optimizer = run.density.step(done, run.packed, run.layout, run.binding, run.optimizer)
         if done % config.log_every == 0 or done == config.iterations:
-            stats = {"loss": float(loss.detach()), "psnr": psnr(rgb.detach(), target), "count": binding.count, "seconds": time.perf_counter() - t_start}
-            if graph is not None and budget is not None:
-                if int(budget.peak) > budget.capacity:
+            stats = {"loss": float(loss.detach()), "psnr": psnr(rgb.detach(), target), "count": run.binding.count, "seconds": time.perf_counter() - t_start}
+            if graph is not None and run.budget is not None:
+                if int(run.budget.peak) > run.budget.capacity:
                     stats["tile_pairs_dropped"] = True  # some renders since the last line lost pairs
-                if _grow(budget):
+                if _grow(run.budget):
                     clock.marks.clear()
                     graph.recapture()
             history.append({"iteration": done, **stats})
             if progress is not None:
                 progress(done, config.iterations, stats)
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.iterations:
-            checkpoint(state(done))
-    else:
-        step = config.iterations
-    final_step = step if stopped else config.iterations
-    timings["wall"] = timings.get("wall", 0.0) + time.perf_counter() - t_start
-    final = state(final_step)
+            checkpoint(run.state(done))
+    run.timings["wall"] = run.timings.get("wall", 0.0) + time.perf_counter() - t_start
+    final = run.state(done)
     if checkpoint is not None:
         checkpoint(final)
-    tuned = replace(params, **{k: v.detach().clone() for k, v in flame.items()})
-    if binding.count != source.binding.count and density is None:
-        raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
-    out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=binding.to("cpu"))
-    out_avatar.meta = dict(source.meta) | {"refined_iterations": final_step, "refine_config": config.to_dict()}
-    return RefineResult(out_avatar, tuned.to("cpu"), history, timings, stopped, notes)
+    return final, history, stopped
 
 
 def _add_seen_sparsity(opacity_logit: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
@@ -480,15 +609,15 @@ def _add_seen_sparsity(opacity_logit: torch.Tensor, grad: torch.Tensor, weight: 
     grad.add_((grad != 0) * alpha * (1 - alpha) * (weight / opacity_logit.shape[0]))
 
 
-def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, background: torch.Tensor, views: int, cams: int) -> TileBudget:
+def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, background: torch.Tensor) -> TileBudget:
     """A tile budget with room for every training view's intersections at the start, plus
     ``TILE_HEADROOM`` for Gaussians that grow during the run."""
     device = background.device
     probe = TileBudget(1, torch.zeros((), dtype=torch.int64, device=device))
     with torch.no_grad():
-        for v in range(views):
+        for v in range(targets.views):
             view = torch.tensor([v], device=device)
-            render(posed(view // cams), targets.cameras(view), background, budget=probe, depth=False)
+            render(posed(view // targets.num_cameras), targets.cameras(view), background, budget=probe, depth=False)
     return TileBudget(int(TILE_HEADROOM * int(probe.peak)) + 1, probe.peak.clone())
 
 
