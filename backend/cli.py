@@ -250,6 +250,18 @@ def cmd_convert(args: argparse.Namespace) -> dict:
     return {"subject": str(root)}
 
 
+def cmd_convert_nersemble(args: argparse.Namespace) -> dict:
+    """A NeRSemble sequence (the dataset's or benchmark's release, or a GaussianAvatars / VHAP export) -> a subject."""
+    from backend.tracking.nersemble import NersembleConfig, convert_nersemble
+
+    fields = ("size", "cameras", "test_cameras", "stride", "max_frames", "test_fraction", "crop_scale")
+    config = NersembleConfig().with_overrides({f: getattr(args, f) for f in fields}, names={f: "--" + f.replace("_", "-") for f in fields})
+    result = convert_nersemble(args.sequence, args.out, _head(args), config, calibration=args.calibration, progress=_progress("convert", not args.json))
+    for note in result.notes:
+        print(f"spatialavatar convert-nersemble: note: {note}", file=sys.stderr)
+    return result.summary()
+
+
 def _is_live_link_csv(path: Path) -> bool:
     """A ``.csv``, or a file of another name that starts with Live Link Face's first column."""
     if path.suffix.lower() == ".csv":
@@ -571,6 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--test-frames", type=int, default=350, help="the benchmark tests on the last 350 frames")
     p.set_defaults(fn=cmd_convert)
+
+    serials = lambda text: tuple(s for s in text.split(",") if s)  # a comma-separated list of camera serials
+    p = sub.add_parser("convert-nersemble", parents=[common], help="convert a NeRSemble sequence (calibrated cameras, tracked FLAME) into a subject")
+    p.add_argument("sequence", type=Path, metavar="SEQUENCE", help="<participant>/sequences/<name> of the dataset or benchmark, or a GaussianAvatars / VHAP export (transforms.json)")
+    p.add_argument("--out", type=Path, required=True, metavar="SUBJECT", help="the subject to write; held-out cameras go to SUBJECT/heldout")
+    p.add_argument("--calibration", type=Path, metavar="JSON", help="camera_params.json, when not at <participant>/calibration/")
+    p.add_argument("--size", type=int, help="width and height of the square crops (default 512)")
+    p.add_argument("--cameras", type=serials, metavar="SERIAL,...", help="cameras for the subject, in this order (default: all not held out)")
+    p.add_argument("--test-cameras", type=serials, metavar="SERIAL,...", help="cameras held out into SUBJECT/heldout (novel views)")
+    p.add_argument("--stride", type=int, help="keep every N-th frame")
+    p.add_argument("--max-frames", type=int, metavar="N", help="keep at most N frames")
+    p.add_argument("--test-fraction", type=float, metavar="F", help="the last F of the kept frames are the test split (default 0.2)")
+    p.add_argument("--crop-scale", type=float, help="crop side in face sizes (the largest distance between two tracked landmarks; default 2.7)")
+    p.set_defaults(fn=cmd_convert_nersemble)
 
     p = sub.add_parser(
         "arkit", parents=[common], help="ARKit face curves (a Live Link Face CSV, or measured on a driving video) -> flame_param.npz for a head named after ARKit (--head ict)"
