@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from backend.gaussians.avatar import LocalGaussians
-from backend.generate.checkpoint import generator_from_state, read_generator_file, save_generator
+from backend.generate.checkpoint import generator_from_state, generator_state, read_generator_file, save_generator
 from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, shard
 from backend.generate.model import Generator, GeneratorConfig, deform_batched
 from backend.head.model import HeadModel
@@ -312,178 +312,254 @@ def train(
     config.check()
     info = setup_distributed(device)
     say = log if (log is not None and info.main) else (lambda msg: None)
-    run = Path(run_dir)
-    if info.main:
-        run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / CHECKPOINT
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
-    if resume is not None and resume["phase"] != config.phase:
-        raise InputError(f"{ckpt_path} is a phase-{resume['phase']} run; use another --out folder for phase {config.phase}")
-    torch.manual_seed(config.seed)
+    run = _Training.begin(config, model_config, data, Path(run_dir), head, init, info, say)
+    step, last = _run_steps(run, show_progress, say)
+    return run.summary(step, last) | {"run": str(run.folder), "finished": step >= config.steps}
 
-    anchor_state: dict[str, torch.Tensor] | None = None
-    init_info: dict = {}
-    if resume is not None:
-        model = generator_from_state(resume["generator"], head, str(ckpt_path))
-        anchor_state = resume.get("anchor") or None
-        init_info = json.loads(resume.get("init_info", "{}"))
-    elif config.phase == 2:
-        if init is None:
-            raise InputError("phase 2 starts from phase 1: pass the phase-1 run folder or generator file with --init")
-        model, init_info = load_init(Path(init), head)
-        anchor_state = {k: v.detach().clone() for k, v in model.named_parameters()} if config.l2sp > 0 else None
-    elif init is not None:
-        # Phase 1 warm start (e.g. a generator.pt from an earlier machine): weights only.
-        model, init_info = load_init(Path(init), head)
-    else:
-        model = Generator.for_head(model_config, head)
-    model = model.to(info.device)
-    anchor = {k: v.to(info.device) for k, v in anchor_state.items()} if anchor_state else None
-    head = head.to(info.device)
 
-    roots = find_subjects(data)
-    my_roots = shard(roots, info.rank, info.world)
-    t_load = time.perf_counter()
-    corpus = Corpus(my_roots, head, info.device)
-    say(f"rank 0: {len(corpus)} of {len(roots)} subjects loaded in {time.perf_counter() - t_load:.1f} s ({corpus.width}x{corpus.height})")
+@dataclass
+class _Training:
+    """One training command's state: what its step reads, and what its loop moves on.
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
-    start = 0
-    elapsed = 0.0
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        start = int(resume["step"])
-        elapsed = float(resume["seconds"])
-    sampler = PhaseSampler(corpus.layouts(), config.phase, config.targets, config.cross_time, seed=[config.seed, info.rank, start])
-    net: nn.Module = model
-    if info.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False)
-    lpips = None
-    if config.lpips_weight > 0:
-        lpips, note = load_lpips(info.device)
-        if lpips is None:
-            raise InputError(f"--lpips: {note}; drop --lpips")
-    if info.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    Attributes:
+        folder: the run folder.
+        data: the subject folders as given; ``roots`` every subject found in them (all ranks'),
+            ``corpus`` this rank's share, loaded on the device.
+        model: the generator; ``net`` is it or its DDP wrapper (the forward pass goes through
+            ``net`` so DDP sees it).
+        anchor: phase 2's L2-SP anchor (the phase-1 weights) on the device, or None.
+        init_info: the summary of the run this one started from ({} for a fresh start).
+        lpips: the LPIPS network when the loss has the term.
+        start: the step this command starts at (a resumed run's).
+        elapsed: training seconds over every command of the run, as of the last log line or
+            checkpoint.
+    """
 
-    def summary(step: int, last: dict) -> dict:
+    config: TrainConfig
+    info: DistInfo
+    folder: Path
+    data: list[str | Path]
+    roots: list[Path]
+    corpus: Corpus
+    sampler: PhaseSampler
+    model: Generator
+    net: nn.Module
+    optimizer: torch.optim.AdamW
+    anchor: dict[str, torch.Tensor] | None
+    init_info: dict
+    lpips: Lpips | None
+    start: int
+    elapsed: float
+
+    @classmethod
+    def begin(
+        cls, config: TrainConfig, model_config: GeneratorConfig, data: list[str | Path], folder: Path, head: HeadModel, init: str | Path | None, info: DistInfo, say: Log
+    ) -> _Training:
+        """The state before this command's first step: the folder's checkpoint resumed when
+        it has one, else a model to start from; this rank's subjects, optimizer and sampler."""
+        if info.main:
+            folder.mkdir(parents=True, exist_ok=True)
+        ckpt_path = folder / CHECKPOINT
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+        if resume is not None and resume["phase"] != config.phase:
+            raise InputError(f"{ckpt_path} is a phase-{resume['phase']} run; use another --out folder for phase {config.phase}")
+        torch.manual_seed(config.seed)
+        model, anchor_state, init_info = _starting_model(config, model_config, head, init, resume, ckpt_path)
+        model = model.to(info.device)
+        anchor = {k: v.to(info.device) for k, v in anchor_state.items()} if anchor_state else None
+        head = head.to(info.device)
+
+        roots = find_subjects(data)
+        t_load = time.perf_counter()
+        corpus = Corpus(shard(roots, info.rank, info.world), head, info.device)
+        say(f"rank 0: {len(corpus)} of {len(roots)} subjects loaded in {time.perf_counter() - t_load:.1f} s ({corpus.width}x{corpus.height})")
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+        start = 0
+        elapsed = 0.0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            start = int(resume["step"])
+            elapsed = float(resume["seconds"])
+        sampler = PhaseSampler(corpus.layouts(), config.phase, config.targets, config.cross_time, seed=[config.seed, info.rank, start])
+        net: nn.Module = model
+        if info.world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False)
+        lpips = None
+        if config.lpips_weight > 0:
+            lpips, note = load_lpips(info.device)
+            if lpips is None:
+                raise InputError(f"--lpips: {note}; drop --lpips")
+        if info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(config, info, folder, data, roots, corpus, sampler, model, net, optimizer, anchor, init_info, lpips, start, elapsed)
+
+    def summary(self, step: int, last: dict) -> dict:
+        """The run's configuration and its numbers after ``step`` steps (``last``: the last log line)."""
+        layouts = self.corpus.layouts()
         return {
-            "phase": config.phase,
+            "phase": self.config.phase,
             "steps_done": step,
-            "steps": config.steps,
-            "seconds": round(elapsed, 1),
-            "world_size": info.world,
-            "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-            "subjects": len(roots),
-            "data": [str(p) for p in data],
-            "image_size": [corpus.width, corpus.height],
-            "frames_per_subject": sorted({f for f, _ in corpus.layouts()}),
-            "cameras_per_subject": sorted({c for _, c in corpus.layouts()}),
-            "train_config": config.to_dict(),
-            "model_config": model.config.to_dict(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "gaussians": model.config.gaussians,
+            "steps": self.config.steps,
+            "seconds": round(self.elapsed, 1),
+            "world_size": self.info.world,
+            "device": torch.cuda.get_device_name(self.info.device) if self.info.device.type == "cuda" else "cpu",
+            "subjects": len(self.roots),
+            "data": [str(p) for p in self.data],
+            "image_size": [self.corpus.width, self.corpus.height],
+            "frames_per_subject": sorted({f for f, _ in layouts}),
+            "cameras_per_subject": sorted({c for _, c in layouts}),
+            "train_config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "gaussians": self.model.config.gaussians,
             # The run this one started from (phase 2: the phase-1 summary), without its own "init".
-            "init": {k: v for k, v in init_info.items() if k != "init"} if init_info.get("phase") else None,
+            "init": {k: v for k, v in self.init_info.items() if k != "init"} if self.init_info.get("phase") else None,
             "last": last,
         }
 
-    def write_checkpoint(step: int, last: dict) -> None:
-        if not info.main:
+    def write_checkpoint(self, step: int, last: dict) -> None:
+        """checkpoint.pt, generator.pt and summary.json after ``step`` steps (rank 0 only)."""
+        if not self.info.main:
             return
-        from backend.generate.checkpoint import generator_state
-
         state = {
-            "phase": config.phase,
+            "phase": self.config.phase,
             "step": step,
-            "seconds": elapsed,
-            "generator": generator_state(model, half=False),
-            "optimizer": optimizer.state_dict(),
-            "anchor": {k: v.detach().cpu() for k, v in anchor.items()} if anchor else {},
-            "init_info": json.dumps(init_info),
-            "train_config": json.dumps(config.to_dict()),
-            "summary": json.dumps(summary(step, last)),
+            "seconds": self.elapsed,
+            "generator": generator_state(self.model, half=False),
+            "optimizer": self.optimizer.state_dict(),
+            "anchor": {k: v.detach().cpu() for k, v in self.anchor.items()} if self.anchor else {},
+            "init_info": json.dumps(self.init_info),
+            "train_config": json.dumps(self.config.to_dict()),
+            "summary": json.dumps(self.summary(step, last)),
         }
+        ckpt_path = self.folder / CHECKPOINT
         tmp = ckpt_path.with_name(CHECKPOINT + ".partial")
         torch.save(state, tmp)
         tmp.replace(ckpt_path)
-        save_generator(model, run / WEIGHTS, summary(step, last))
-        (run / SUMMARY).write_text(json.dumps(summary(step, last), indent=1))
+        save_generator(self.model, self.folder / WEIGHTS, self.summary(step, last))
+        (self.folder / SUMMARY).write_text(json.dumps(self.summary(step, last), indent=1))
 
+
+def _starting_model(
+    config: TrainConfig, model_config: GeneratorConfig, head: HeadModel, init: str | Path | None, resume: dict | None, ckpt_path: Path
+) -> tuple[Generator, dict[str, torch.Tensor] | None, dict]:
+    """The model a command starts from, phase 2's L2-SP anchor (on the CPU) and the summary
+    of the run it started from: the run's own checkpoint (``resume``), phase 1's weights for
+    phase 2, a phase-1 warm start from ``init``, or a fresh network."""
+    if resume is not None:
+        model = generator_from_state(resume["generator"], head, str(ckpt_path))
+        return model, resume.get("anchor") or None, json.loads(resume.get("init_info", "{}"))
+    if config.phase == 2:
+        if init is None:
+            raise InputError("phase 2 starts from phase 1: pass the phase-1 run folder or generator file with --init")
+        model, init_info = load_init(Path(init), head)
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()} if config.l2sp > 0 else None
+        return model, anchor, init_info
+    if init is not None:
+        # Phase 1 warm start (e.g. a generator.pt from an earlier machine): weights only.
+        model, init_info = load_init(Path(init), head)
+        return model, None, init_info
+    return Generator.for_head(model_config, head), None, {}
+
+
+def _take_step(run: _Training, step: int) -> tuple[int, torch.Tensor, dict[str, torch.Tensor], float]:
+    """Optimizer step ``step`` (0-based) on a freshly drawn batch. Returns the batch's K, the
+    loss, its terms (on the device) and the host seconds spent drawing and gathering the batch."""
+    config = run.config
+    for g in run.optimizer.param_groups:
+        g["lr"] = config.lr * _lr_factor(step, config)
+    t_data = time.perf_counter()
+    k, samples = run.sampler.batch(config.batch)
+    batch = run.corpus.batch(samples)
+    data_s = time.perf_counter() - t_data
+    run.model.train()
+    loss, terms = compute_loss(run.net, batch, config, run.anchor, run.lpips)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    return k, loss, terms, data_s
+
+
+@dataclass
+class _LogWindow:
+    """The logged terms summed on the device over the steps since the last log line."""
+
+    began: float  # time.perf_counter() at its start
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+    data_s: float = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], data_s: float, device: torch.device) -> None:
+        for key, value in terms.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.to(device, torch.float32)
+        self.count += 1
+        self.data_s += data_s
+
+
+def _run_steps(run: _Training, show_progress: bool, say: Log) -> tuple[int, dict]:
+    """Take steps from ``run.start`` to ``config.steps`` or the time limit; log every
+    ``log_every`` steps, checkpoint every ``checkpoint_every`` and at the end. Returns the
+    steps done and the last log line."""
+    config, info = run.config, run.info
     bar = None
     if show_progress and info.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=start, desc=f"phase {config.phase}", unit="step", dynamic_ncols=True)
-    log_file = open(run / LOG, "a") if info.main else None
+        bar = tqdm(total=config.steps, initial=run.start, desc=f"phase {config.phase}", unit="step", dynamic_ncols=True)
+    log_file = open(run.folder / LOG, "a") if info.main else None
     t0 = time.perf_counter()
-    t_last = t0
-    elapsed0 = elapsed
+    elapsed0 = run.elapsed
     last: dict = {}
-    step = start
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    data_s = 0.0
+    step = run.start
+    window = _LogWindow(t0)
     try:
         while step < config.steps:
             over = config.max_minutes > 0 and time.perf_counter() - t0 > config.max_minutes * 60
             if _all_true(over, info):
                 say(f"time limit of {config.max_minutes} min reached at step {step}; run the same command again to continue")
                 break
-            for g in optimizer.param_groups:
-                g["lr"] = config.lr * _lr_factor(step, config)
-            t_data = time.perf_counter()
-            k, samples = sampler.batch(config.batch)
-            batch = corpus.batch(samples)
-            data_s += time.perf_counter() - t_data
-            model.train()
-            loss, terms = compute_loss(net, batch, config, anchor, lpips)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            k, loss, terms, data_s = _take_step(run, step)
             step += 1
-            for key, value in {"loss": loss.detach(), **terms, "k": torch.tensor(float(k))}.items():
-                sums[key] = sums[key] + value if key in sums else value.to(info.device, torch.float32)
-            count += 1
+            window.add({"loss": loss.detach(), **terms, "k": torch.tensor(float(k))}, data_s, info.device)
             if bar is not None:
                 bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
-                means = mean_over_ranks(sums, count, info)
+                means = mean_over_ranks(window.sums, window.count, info)
                 now = time.perf_counter()
-                elapsed = elapsed0 + now - t0
-                steps_per_s = count / max(now - t_last, 1e-9)
+                run.elapsed = elapsed0 + now - t0
+                steps_per_s = window.count / max(now - window.began, 1e-9)
                 last = {key: float(f"{v:.6g}") for key, v in means.items()}  # losses fall below 1e-3
                 last |= {
                     "step": step,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": round(elapsed, 1),
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                    "seconds": round(run.elapsed, 1),
                     "steps_per_s": round(steps_per_s, 2),
                     "samples_per_s": round(steps_per_s * config.batch * info.world, 1),
-                    "data_ms": round(1000 * data_s / count, 2),
+                    "data_ms": round(1000 * window.data_s / window.count, 2),
                 }
                 if log_file is not None:
                     log_file.write(json.dumps(last) + "\n")
                     log_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.2f}")
-                sums, count, t_last, data_s = {}, 0, now, 0.0
+                window = _LogWindow(now)
             if step % config.checkpoint_every == 0 and step < config.steps:
-                elapsed = elapsed0 + time.perf_counter() - t0
-                write_checkpoint(step, last)
+                run.elapsed = elapsed0 + time.perf_counter() - t0
+                run.write_checkpoint(step, last)
     finally:
         if bar is not None:
             bar.close()
         if log_file is not None:
             log_file.close()
-    elapsed = elapsed0 + time.perf_counter() - t0
-    write_checkpoint(step, last)
+    run.elapsed = elapsed0 + time.perf_counter() - t0
+    run.write_checkpoint(step, last)
     if info.world > 1:
         dist.barrier()
-    result = summary(step, last) | {"run": str(run), "finished": step >= config.steps}
-    return result
+    return step, last
 
 
 def with_overrides(base: TrainConfig, **overrides: object) -> TrainConfig:
