@@ -152,11 +152,12 @@ def _read_release(seq: Path, calibration: Path | None) -> Capture:
             f"{calib_path}: has no calibration for camera {unknown[0]} (images/cam_{unknown[0]}.mp4); cameras there: {sorted(world_2_cam)}"
         )
     serials = list(videos)
+    # The tracking first: a raw release has neither it nor alpha maps, and it is what matters.
+    head = _read_benchmark_tracking(seq / "tracking" / "flame2023_tracking.npz")
     alphas = {s: seq / "alpha_maps" / f"cam_{s}.mp4" for s in serials}
     missing = [p for p in alphas.values() if not p.is_file()]
     if missing:
         raise InputError(f"{missing[0]}: missing; the conversion needs each camera's alpha map video (the benchmark ships alpha_maps/)")
-    head = _read_benchmark_tracking(seq / "tracking" / "flame2023_tracking.npz")
     K, w2c = [], []
     for s in serials:
         width, height = _video_size(videos[s])
