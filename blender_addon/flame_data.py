@@ -157,13 +157,15 @@ def read_arkit_csv(
 ) -> tuple[FlameAnimation, tuple[str, ...]]:
     """A Live Link Face CSV as an animation at ``fps`` for an avatar with ``n_expr`` expressions
     named ``expr_names``: each ARKit weight on the expression of its name, the head's angles
-    on the neck, every other channel zero (what ``spatialavatar arkit`` writes). Also returns
+    on the neck, the eyes' on the eye joints, every other channel zero (what ``spatialavatar
+    arkit`` writes; ``arkit_csv`` says who owns which motion). Also returns
     the file's weights the avatar has no expression for. ``source_fps``: the recording's rate.
     """
     curves = arkit_csv.resample(arkit_csv.read_live_link_csv(path, source_fps), fps)
     channels = arkit_csv.flame_channels(curves, expr_names, n_expr, head)
     poses = {name: np.zeros((len(curves.seconds), width), np.float32) for name, width in POSE_FIELDS.items()}
     poses["neck_pose"] = channels.neck_pose
+    poses["eyes_pose"] = channels.eyes_pose
     return FlameAnimation(channels.expr, poses, expr_names=tuple(expr_names)[:n_expr]), channels.missing
 
 

@@ -70,7 +70,7 @@ def test_a_live_link_recording_keys_the_expressions_by_name_and_the_neck(bpy_emp
     bpy.context.scene.frame_set(20)
     prop, index = fd.expr_location(ICT.expr_names.index("eyeBlinkLeft"))
     assert getattr(group, prop)[index] == pytest.approx(0.5)
-    np.testing.assert_allclose(group.neck_pose, [0.0, 0.3, 0.0], atol=1e-6)
+    np.testing.assert_allclose(group.neck_pose, [0.0, -0.3, 0.0], atol=1e-6)  # Live Link's yaw turns toward the subject's right
 
     # Channel for channel what `spatialavatar arkit --head ict --fps 30` writes.
     cli, missing = to_flame_params(resample(read_live_link_csv(take), 30), ICT)

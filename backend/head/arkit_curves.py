@@ -1,4 +1,8 @@
-"""ARKit face curves (a Live Link Face CSV, read by ``arkit_csv``) as ``FlameParams`` for a head model."""
+"""ARKit face curves (a Live Link Face CSV, read by ``arkit_csv``) as ``FlameParams`` for a head model.
+
+The weights drive expressions (the jaw included: the jaw joint stays at rest), the head's
+angles the neck, the eyes' angles the eye joints (``arkit_csv`` says who owns which motion).
+"""
 
 from __future__ import annotations
 
@@ -16,4 +20,5 @@ def to_flame_params(curves: ArkitCurves, head: HeadModelData) -> tuple[FlamePara
     params = FlameParams.neutral(len(curves.seconds), head.n_shape, head.n_expr, expr_names=head.expr_names)
     params.expr = torch.from_numpy(channels.expr)
     params.neck_pose = torch.from_numpy(channels.neck_pose)
+    params.eyes_pose = torch.from_numpy(channels.eyes_pose)
     return params, list(channels.missing)

@@ -5,9 +5,27 @@ in the same CSV layout.
 A recording holds ARKit's 52 blendshape weights in [0, 1] per row, with the head's and the
 eyes' yaw, pitch and roll in radians. Each weight drives the head model's expression
 component of the same name (ARKit's spelling, compared without regard to the first letter's
-case: the CSV's ``MouthSmileLeft`` is the head's ``mouthSmileLeft``); the head's rotation
-drives the neck joint. A head whose expressions are not named after ARKit's (the built-in
-head) cannot take them, and says so.
+case: the CSV's ``MouthSmileLeft`` is the head's ``mouthSmileLeft``). A head whose
+expressions are not named after ARKit's (the built-in head) cannot take them, and says so.
+
+One owner per motion, on a FLAME-format head:
+
+* the weights own everything they name: ``jawOpen`` and the other jaw weights move the jaw
+  (on the ICT head they carry the teeth and the chin), so the jaw joint stays at rest and the
+  jaw does not move twice;
+* the eyeballs are rigid parts that only the eye joints turn (ICT's ``eyeLook*`` move the
+  lids and the skin around the eyes, not the eyeballs), so the eye joints take the file's eye
+  angles, or, in a file without them (curves measured by mediapipe), the angles the
+  ``eyeLook*`` weights stand for (``EYE_LOOK_RADIANS``);
+* the head's angles turn the neck joint.
+
+Angles. Live Link Face writes them in radians, in the file's own left and right (the sides
+its weights name): a positive yaw turns the face toward the file's Right, a positive pitch
+turns it down, a positive roll tilts the top of the head toward the file's Left; the
+rotation is Ry(yaw) Rx(pitch) Rz(roll) about up, the Left-to-Right axis and the forward axis
+(docs/head.md gives the sources). ``ArkitCurves`` keeps angles in FLAME's frame instead (+x
+the subject's left, the side the weights call Left; +y up; +z forward): the reader and the
+writer convert (``LIVE_LINK_SIGNS``).
 
 Numpy only, in ``backend/wire``: the Blender add-on carries this module and keys the same
 channels that ``spatialavatar arkit`` writes (``backend/head/arkit_curves.py``).
@@ -27,10 +45,16 @@ from .errors import InputError
 
 TIMECODE = "Timecode"
 HEAD_ANGLES = ("HeadYaw", "HeadPitch", "HeadRoll")
-# Live Link Face writes these beside the 52 weights; the eyes' own angles are not used
-# (the eyeLook* weights carry the gaze on heads that have them).
-NOT_WEIGHTS = frozenset({TIMECODE, "BlendShapeCount", *HEAD_ANGLES, *(f"{e}Eye{a}" for e in ("Left", "Right") for a in ("Yaw", "Pitch", "Roll"))})
+EYE_ANGLES = tuple(f"{e}Eye{a}" for e in ("Left", "Right") for a in ("Yaw", "Pitch", "Roll"))
+NOT_WEIGHTS = frozenset({TIMECODE, "BlendShapeCount", *HEAD_ANGLES, *EYE_ANGLES})
 SOURCE_FPS = 60.0  # Live Link Face's usual recording rate
+# Live Link Face's (yaw, pitch, roll) times these are FLAME's (about +y, +x, +z), and back:
+# its yaw turns toward -x and its roll tilts the top toward +x, its pitch turns down as +x does.
+LIVE_LINK_SIGNS = np.array([-1.0, 1.0, -1.0])
+# The eye angle, radians in Live Link's convention, that a weight of 1 stands for: on Live
+# Link Face recordings both are written and the angles follow the weights linearly (residual
+# 0.002-0.006 rad), e.g. LeftEyeYaw = 0.62 EyeLookInLeft - 0.57 EyeLookOutLeft (docs/head.md).
+EYE_LOOK_RADIANS = {"In": 0.62, "Out": 0.57, "Up": 0.46, "Down": 0.62}
 
 
 @dataclass(frozen=True)
@@ -41,13 +65,17 @@ class ArkitCurves:
         seconds: [T] time of each row from the first, seconds.
         names: the weight columns, as the file spells them.
         weights: [T, len(names)] in [0, 1].
-        head: [T, 3] yaw, pitch, roll in radians (zeros when the file has none).
+        head: [T, 3] yaw, pitch, roll in radians in FLAME's frame: the head's rotation is
+            Ry(yaw) Rx(pitch) Rz(roll) (zeros when the file has none).
+        eyes: [T, 6] the left eye's yaw, pitch, roll, then the right eye's, likewise (each
+            eye's rotation in the head); None when the curves carry no eye angles.
     """
 
     seconds: np.ndarray
     names: tuple[str, ...]
     weights: np.ndarray
     head: np.ndarray
+    eyes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +85,15 @@ class ArkitChannels:
     Attributes:
         expr: [T, E] float32, the head's expression coefficients (zero where no weight is named after one).
         neck_pose: [T, 3] float32 axis-angle, radians.
+        eyes_pose: [T, 6] float32 axis-angle of the left eye, then the right (FLAME's order).
         missing: the file's weight columns the head has no expression for.
+
+    The jaw joint has no channel: the jaw weights own the jaw (module docstring).
     """
 
     expr: np.ndarray
     neck_pose: np.ndarray
+    eyes_pose: np.ndarray
     missing: tuple[str, ...]
 
 
@@ -94,23 +126,27 @@ def read_live_link_csv(path: str | Path, source_fps: float = SOURCE_FPS) -> Arki
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
     if not body:
         raise InputError(f"{path}: no rows after the header")
-    seconds, weights, head = [], [], []
+    # A file without some of the eyes' angles has no eye angles at all: a lone yaw column is no gaze.
+    has_eyes = all(a in header for a in EYE_ANGLES)
+    seconds, weights, angles = [], [], []
     for n, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise InputError(f"{path}: row {n} has {len(row)} fields, the header {len(header)}")
         try:
             seconds.append(_timecode_seconds(row[header.index(TIMECODE)], source_fps))
             weights.append([float(row[i]) for i in weights_at])
-            head.append([float(row[header.index(a)]) if a in header else 0.0 for a in HEAD_ANGLES])
+            angles.append([float(row[header.index(a)]) if a in header else 0.0 for a in (*HEAD_ANGLES, *EYE_ANGLES)])
         except ValueError as exc:
             raise InputError(f"{path}: row {n}: {exc}") from None
     t = np.asarray(seconds, np.float64)
     w = np.asarray(weights, np.float64)
-    if not np.isfinite(t).all() or not np.isfinite(w).all() or not np.isfinite(np.asarray(head)).all():
+    a = np.asarray(angles, np.float64).reshape(-1, 3, 3) * LIVE_LINK_SIGNS  # head, left eye, right eye
+    if not np.isfinite(t).all() or not np.isfinite(w).all() or not np.isfinite(a).all():
         raise InputError(f"{path}: holds NaN or Inf")
     if np.any(np.diff(t) < 0):
         raise InputError(f"{path}: its timecodes go backwards")
-    return ArkitCurves(t - t[0], tuple(header[i] for i in weights_at), w, np.asarray(head, np.float64))
+    eyes = a[:, 1:].reshape(-1, 6) if has_eyes else None
+    return ArkitCurves(t - t[0], tuple(header[i] for i in weights_at), w, a[:, 0], eyes)
 
 
 def _canonical(name: str) -> str:
@@ -130,17 +166,23 @@ def write_live_link_csv(curves: ArkitCurves, path: str | Path, source_fps: float
     """Write ``curves`` as a Live Link Face CSV: ``Timecode`` from 00:00:00 (frames counted at
     ``source_fps``, the rate ``read_live_link_csv`` and the add-on's Import ARKit Curves assume
     by default), ``BlendShapeCount``, the weights under Live Link's spelling (``EyeBlinkLeft``),
-    ``HeadYaw``, ``HeadPitch``, ``HeadRoll`` in radians. Columns the curves lack (the eyes'
-    own angles) are left out rather than written as zeros."""
+    ``HeadYaw``, ``HeadPitch``, ``HeadRoll`` (and the eyes' angles when the curves have them)
+    in radians in Live Link's convention. Columns the curves lack are left out rather than
+    written as zeros."""
     path = Path(path)
-    header = [TIMECODE, "BlendShapeCount", *(n[:1].upper() + n[1:] for n in curves.names), *HEAD_ANGLES]
-    count = len(curves.names) + len(HEAD_ANGLES)  # Live Link counts every value after it
+    angles = [curves.head * LIVE_LINK_SIGNS]
+    if curves.eyes is not None:
+        angles += [curves.eyes[:, :3] * LIVE_LINK_SIGNS, curves.eyes[:, 3:] * LIVE_LINK_SIGNS]
+    values = np.concatenate(angles, axis=1)
+    names = [*HEAD_ANGLES, *(EYE_ANGLES if curves.eyes is not None else ())]
+    header = [TIMECODE, "BlendShapeCount", *(n[:1].upper() + n[1:] for n in curves.names), *names]
+    count = len(curves.names) + len(names)  # Live Link counts every value after it
     try:
         with open(path, "w", newline="", encoding="utf-8") as fh:
             out = csv.writer(fh)
             out.writerow(header)
-            for t, w, h in zip(curves.seconds, curves.weights, curves.head):
-                out.writerow([_timecode(float(t), source_fps), count, *map(repr, w.tolist()), *map(repr, h.tolist())])
+            for t, w, v in zip(curves.seconds, curves.weights, values):
+                out.writerow([_timecode(float(t), source_fps), count, *map(repr, w.tolist()), *map(repr, v.tolist())])
     except OSError as exc:
         raise InputError(f"{path}: cannot be written ({exc})") from exc
     return path
@@ -150,11 +192,13 @@ def resample(curves: ArkitCurves, fps: float) -> ArkitCurves:
     """The curves at ``fps`` frames a second from the first row to the last (linear)."""
     if not fps > 0:
         raise InputError(f"--fps must be positive, got {fps}")
-    count = int(math.floor(curves.seconds[-1] * fps + 1e-9)) + 1
+    count = math.floor(curves.seconds[-1] * fps + 1e-9) + 1
     t = np.arange(count) / fps
-    weights = np.stack([np.interp(t, curves.seconds, curves.weights[:, k]) for k in range(curves.weights.shape[1])], axis=1)
-    head = np.stack([np.interp(t, curves.seconds, curves.head[:, k]) for k in range(3)], axis=1)
-    return ArkitCurves(t, curves.names, weights, head)
+
+    def at(values: np.ndarray) -> np.ndarray:
+        return np.stack([np.interp(t, curves.seconds, values[:, k]) for k in range(values.shape[1])], axis=1)
+
+    return ArkitCurves(t, curves.names, at(curves.weights), at(curves.head), None if curves.eyes is None else at(curves.eyes))
 
 
 def _quaternion(axis: int, angle: np.ndarray) -> np.ndarray:
@@ -193,12 +237,32 @@ def flame_channels(curves: ArkitCurves, expr_names: Sequence[str], n_expr: int, 
     expr = np.zeros((len(curves.seconds), n_expr), np.float32)
     for column, component in used:
         expr[:, component] = curves.weights[:, column]
-    # Yaw about FLAME's +y, pitch about +x, roll about +z, with the file's signs; not yet
-    # checked against a recording of a known head motion (docs/head.md).
-    neck = euler_to_axis_angle(curves.head[:, 0], curves.head[:, 1], curves.head[:, 2]).astype(np.float32)
+    neck = euler_to_axis_angle(*curves.head.T).astype(np.float32)
+    eyes = curves.eyes if curves.eyes is not None else eye_angles_from_weights(curves)
+    eyes_pose = np.concatenate([euler_to_axis_angle(*eyes[:, :3].T), euler_to_axis_angle(*eyes[:, 3:].T)], axis=1).astype(np.float32)
     found = {column for column, _ in used}
     missing = tuple(n for k, n in enumerate(curves.names) if k not in found)
-    return ArkitChannels(expr, neck, missing)
+    return ArkitChannels(expr, neck, eyes_pose, missing)
+
+
+def eye_angles_from_weights(curves: ArkitCurves) -> np.ndarray:
+    """[T, 6] the eyes' yaw, pitch, roll (FLAME's frame, radians; left eye, then right) that the
+    ``eyeLook*`` weights stand for (``EYE_LOOK_RADIANS``); a weight the curves lack counts 0."""
+    index = {_canonical(n): k for k, n in enumerate(curves.names)}
+
+    def weight(look: str, side: str) -> np.ndarray:
+        k = index.get(f"eyeLook{look}{side}")
+        return curves.weights[:, k] if k is not None else np.zeros(len(curves.seconds))
+
+    def eye(side: str, toward_right: str, toward_left: str) -> np.ndarray:
+        """[T, 3] one eye's angles: Live Link's (positive yaw toward the Right, positive pitch down), then FLAME's."""
+        r = EYE_LOOK_RADIANS
+        yaw = r[toward_right] * weight(toward_right, side) - r[toward_left] * weight(toward_left, side)
+        pitch = r["Down"] * weight("Down", side) - r["Up"] * weight("Up", side)
+        return np.stack([yaw, pitch, np.zeros_like(yaw)], axis=1) * LIVE_LINK_SIGNS
+
+    # Toward the Right is the left eye looking in, the right eye looking out.
+    return np.concatenate([eye("Left", "In", "Out"), eye("Right", "Out", "In")], axis=1)
 
 
 def _components(name: str, index: dict[str, int]) -> list[int]:
