@@ -16,6 +16,8 @@ import numpy as np
 
 from . import connection
 
+ops = connection.wire_operations
+
 EMBEDDED = "spatialavatar_avatar_npz"  # mesh ID property: the avatar's .npz bytes
 
 
@@ -25,7 +27,7 @@ class MissingAvatar(RuntimeError):
 
 def embed(obj: bpy.types.Object, aid: str, client: connection.wire_client.Client) -> int:
     """Store avatar ``aid``'s file in ``obj``'s mesh (saved with the .blend); returns its size in bytes."""
-    data = client.call("export", {"avatar": aid, "format": "npz"}).arrays["file"].tobytes()
+    data = client.call(ops.Export.op, ops.Export.args(avatar=aid, format="npz")).arrays["file"].tobytes()
     obj.data[EMBEDDED] = data
     return len(data)
 
@@ -49,7 +51,7 @@ def resolve(client: connection.wire_client.Client, obj: bpy.types.Object, aid: s
     """The id under which the backend has ``obj``'s avatar: ``aid`` itself, an earlier import
     of the embedded file, or a new import of it. Raises MissingAvatar."""
     try:
-        client.call("get", {"id": aid})
+        client.call(ops.Get.op, ops.Get.args(id=aid))
         return aid
     except connection.WireError as e:
         if e.code != "not_found":
@@ -61,9 +63,9 @@ def resolve(client: connection.wire_client.Client, obj: bpy.types.Object, aid: s
             "(use the store that made it, or Embed Avatars before sending the file away)"
         )
     name = import_name(aid, data)
-    known = client.call("list", {"kind": "avatars"}).result.get("avatars", [])
+    known = client.call(ops.List.op, ops.List.args(kind="avatars")).result.get("avatars", [])
     for summary in known:
         if summary.get("name") == name:
             return str(summary["id"])
-    reply = client.call("import", {"name": name}, {"file": np.frombuffer(data, np.uint8)})
+    reply = client.call(ops.Import.op, ops.Import.args(name=name), {"file": np.frombuffer(data, np.uint8)})
     return str(reply.result["avatar"]["id"])

@@ -21,9 +21,11 @@ import numpy as np
 
 try:
     from .wire import blender_camera_math as bcm
+    from .wire import operations as ops
     from .wire import windows
 except ImportError:  # a development checkout: the same modules, from the backend package
     from backend.wire import blender_camera_math as bcm
+    from backend.wire import operations as ops
     from backend.wire import windows
 
 FAR_DEPTH = 1.0e10  # what Blender's renders put in the depth pass where nothing is
@@ -68,7 +70,7 @@ def render_request(
     width, height = camera.size
     world_to_cam, scale = bcm.avatar_world_to_cam(camera_matrix_world, avatar_matrix_world)
     arrays = {"intrinsics": camera.K().astype(np.float32), "world_to_cam": world_to_cam.astype(np.float32), **flame}
-    args = {"avatar": avatar_id, "width": width, "height": height, "rgba": "<f4", "depth": "<f4"} | ({"crop": True} if crop else {})
+    args = ops.Render.args(avatar=avatar_id, width=width, height=height, rgba="<f4", depth="<f4") | (ops.Render.args(crop=True) if crop else {})
     return RenderRequest(args, arrays, scale)
 
 

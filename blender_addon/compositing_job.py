@@ -27,6 +27,8 @@ try:
 except ImportError:  # a development checkout: the same module, from the backend package
     from backend.wire.environment import ANIMATION_ENV, ENDPOINT_ENV
 
+ops = connection.wire_operations
+
 
 @dataclass(frozen=True)
 class CompositeConfig:
@@ -128,8 +130,8 @@ class RenderJob:
         # A request queued behind the window's others stays silent longer than one frame's timeout;
         # each frame's own wait is timed in ``_reply``.
         try:
-            args = req.args | ({"shared_memory": True} if self.shared else {})
-            return self.client.submit("render", args, req.arrays, timeout_s=CONFIG.frame_timeout_s * max(1, CONFIG.prefetch_frames))
+            args = req.args | (ops.Render.args(shared_memory=True) if self.shared else {})
+            return self.client.submit(ops.Render.op, args, req.arrays, timeout_s=CONFIG.frame_timeout_s * max(1, CONFIG.prefetch_frames))
         except connection.UserError as e:
             raise CompositeError(f"the backend at {self.endpoint} did not render avatar {req.args['avatar']}: {e}") from e
 
@@ -187,7 +189,7 @@ def open_job(scene: bpy.types.Scene) -> RenderJob:
         raise CompositeError(why)
     client = connection.open_client(s)
     try:
-        hello = client.call("hello", timeout_s=min(s.timeout_s, 10.0)).result
+        hello = client.call(ops.Hello.op, timeout_s=min(s.timeout_s, 10.0)).result
     except connection.UserError as e:
         client.close()
         raise CompositeError(f"no SpatialAvatar backend answers at {s.endpoint} ({e}); start `spatialavatar serve` first") from e

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import connection
+
+ops = connection.wire_operations
+
 
 class MediaError(ValueError):
     """A picked file that cannot be sent; the message names the file."""
@@ -20,10 +24,11 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """How many files each operation takes and how large one may be (the service's defaults)."""
+    """How many files each operation takes (the operations' own limits) and how large one may
+    be (the service's default)."""
 
-    max_portraits: int = 4
-    max_photos: int = 64
+    max_portraits: int = ops.Generate.max_portraits
+    max_photos: int = ops.Track.max_images
     max_bytes: int = 256 * 1024 * 1024
 
 

@@ -15,10 +15,12 @@ import numpy as np
 
 from . import avatars, connection, flame_data, pointcloud
 
+ops = connection.wire_operations
+
 
 def deform_request(obj: bpy.types.Object) -> tuple[dict, dict[str, np.ndarray]]:
     """``deform`` arguments and buffers for ``obj`` at the current frame."""
-    args = {"avatar": avatars.avatar_id(obj), "max_gaussians": len(obj.data.vertices)}
+    args = ops.Deform.args(avatar=avatars.avatar_id(obj), max_gaussians=len(obj.data.vertices))
     return args, getattr(obj, flame_data.PROP_GROUP).buffers()
 
 
@@ -64,7 +66,7 @@ class Preview:
             args, arrays = deform_request(obj)
             self.in_flight.add(name)
             try:
-                submit("deform", args, arrays, on_reply=lambda r, n=name, g=self.generation: self._on_reply(n, g, r))
+                submit(ops.Deform.op, args, arrays, on_reply=lambda r, n=name, g=self.generation: self._on_reply(n, g, r))
             except connection.UserError as e:
                 self.in_flight.discard(name)
                 self.message = f"Preview of {name}: {e}"

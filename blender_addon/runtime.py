@@ -28,6 +28,8 @@ from bpy.app.handlers import persistent
 
 from . import avatars, connection, overlay, preferences, preview, scene_props, tasks
 
+ops = connection.wire_operations
+
 if TYPE_CHECKING:
     from .compositing_job import FrameStats, RenderJob
 
@@ -129,7 +131,7 @@ class Runtime:
             return
         try:
             self._probe = connection.Session(settings)
-            self._probe.submit("hello", on_reply=_on_hello)
+            self._probe.submit(ops.Hello.op, on_reply=_on_hello)
         except connection.UserError:  # e.g. the key folder is unreadable now; the next beat tries again
             self._drop_probe()
 
@@ -149,8 +151,8 @@ class Runtime:
         try:
             args, arrays = overlay.render_request(scene, obj, scene_props.get(scene).overlay_scale)
             if self.status["info"] is not None and connection.wire_client.can_share(self.status["info"]):
-                args |= {"shared_memory": True}  # a backend on this machine: the frame skips the socket
-            session.submit("render", args, arrays, on_reply=self._on_render, timeout_s=overlay.CONFIG.render_timeout_s)
+                args |= ops.Render.args(shared_memory=True)  # a backend on this machine: the frame skips the socket
+            session.submit(ops.Render.op, args, arrays, on_reply=self._on_render, timeout_s=overlay.CONFIG.render_timeout_s)
         except (overlay.OverlayError, connection.UserError) as e:
             self.overlay.message = str(e)
             return

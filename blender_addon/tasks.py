@@ -23,6 +23,8 @@ import numpy as np
 
 from . import connection
 
+ops = connection.wire_operations
+
 # Terminal states, and the job states the service reports (docs/protocol.md, "Job record").
 DONE, FAILED, CANCELLED, INTERRUPTED = "done", "failed", "cancelled", "interrupted"
 ENDED = (DONE, FAILED, CANCELLED, INTERRUPTED)
@@ -99,7 +101,7 @@ class Task:
         if self.progress.state != LOST:
             return
         self._session = session
-        self._submit(Request("watch", {"job": self.job_id}), self._on_watch)
+        self._about_job(ops.Watch, self._on_watch)
 
     def resume(self, session: connection.Session) -> None:
         """Queue the interrupted job again and follow it as when it was submitted."""
@@ -108,7 +110,7 @@ class Task:
         self._session = session
         self._cancel_requested = False
         self.progress = Progress(message=f"resuming job {self.job_id}")
-        self._submit(Request("resume", {"job": self.job_id}), self._on_first_reply)
+        self._about_job(ops.Resume, self._on_first_reply)
 
     def cancel(self) -> None:
         """Ask the service to cancel the running job; the final ``watch`` reply ends the task."""
@@ -116,7 +118,7 @@ class Task:
             return
         self._cancel_requested = True
         if self.job_id is not None:
-            self._submit(Request("cancel", {"job": self.job_id}), self._on_cancel_reply)
+            self._about_job(ops.Cancel, self._on_cancel_reply)
         elif not self.steps[self._index].job:
             self._end(CANCELLED, f"{self.label} cancelled")  # a plain request: its late reply is ignored
         else:
@@ -130,6 +132,10 @@ class Task:
             self._session.submit(request.op, request.args, request.arrays, on_reply=on_reply)
         except connection.UserError as e:  # e.g. a message over the size limit
             self._end(FAILED, f"{self.label} failed: {e}")
+
+    def _about_job(self, operation: type[ops.Watch | ops.Cancel | ops.Resume], on_reply: Callable[[connection.Reply], None]) -> None:
+        """Send ``operation`` (watch, cancel or resume) for the task's job."""
+        self._submit(Request(operation.op, operation.args(job=self.job_id)), on_reply)
 
     def _send(self) -> None:
         step = self.steps[self._index]
@@ -155,8 +161,8 @@ class Task:
         self.job_id = record["id"]
         self._show(record)
         if self._cancel_requested:
-            self._submit(Request("cancel", {"job": self.job_id}), self._on_cancel_reply)
-        self._submit(Request("watch", {"job": self.job_id}), self._on_watch)
+            self._about_job(ops.Cancel, self._on_cancel_reply)
+        self._about_job(ops.Watch, self._on_watch)
 
     def _on_watch(self, reply: connection.Reply) -> None:
         if self.ended:
