@@ -18,7 +18,16 @@ from backend.cli import main as cli_main
 from backend.data.subject import Subject
 from backend.head.model import HeadModel
 from backend.tracking import TrackConfig, track
-from backend.tracking.correspondence import OVAL_LEFT, OVAL_RIGHT, ibug68_from_mediapipe, inner_table, model_points
+from backend.tracking.blendshapes import resolve_model
+from backend.tracking.correspondence import (
+    OVAL_LEFT,
+    OVAL_RIGHT,
+    ibug68,
+    ibug68_from_mediapipe,
+    inner_table,
+    mediapipe_embedding,
+    model_points,
+)
 from backend.tracking.crop import CropConfig
 from backend.tracking.fit import FitConfig, SparseHead
 from backend.tracking.landmarks import Landmarker
@@ -27,6 +36,7 @@ from backend.wire.errors import InputError
 from tests.helpers import random_params
 from tests.test_tracking_inputs import write_video
 
+needs_model = pytest.mark.skipif(not resolve_model().is_file(), reason="mediapipe's face_landmarker.task (its canonical face) is not installed (backend/tracking/models/README.md)")
 # Plumbing tests need a fit, not the best fit: fewer iterations, smaller crops.
 QUICK = TrackConfig(crop=CropConfig(size=128), fit=FitConfig(rigid_steps=40, full_steps=80))
 
@@ -74,13 +84,15 @@ def test_astronaut_subject_is_complete(tracked, head: HeadModel) -> None:  # typ
     assert mask[256, 256] > 0.99 and mask[5, 5] < 0.05 and mask[5, -5] < 0.05
     assert 0.2 < float(mask.mean()) < 0.8
     assert float(img.std()) > 0.1
-    # The stored camera and parameters reproduce the fitted landmarks in the crop.
+    # The stored camera and parameters reproduce the fitted landmarks in the crop: the head's
+    # mediapipe points, projected, then made into iBUG-68 as the detections are.
     cams = subject.cameras(0)
+    points = model_points(head.data)
     with torch.no_grad():
-        lm = head(subject.params).landmarks
+        raw = torch.as_tensor(points.evaluate(head(subject.params).vertices.numpy()), dtype=torch.float32)
     from backend.render.camera import project
 
-    uv = project(lm, cams)[0][0, 0].numpy()
+    uv = points.landmarks(project(raw, cams)[0][0, 0].double())[:68].numpy()
     expected = ibug68_from_mediapipe(_landmarks_in_crop(tracked))
     iod = np.linalg.norm(expected[36] - expected[45])
     assert np.linalg.norm(uv - expected, axis=1).mean() / iod < 0.03
@@ -126,7 +138,7 @@ def test_correspondence_table_is_consistent(astronaut: np.ndarray) -> None:
 
 def test_model_points_and_sparse_head_match_the_head_model(head: HeadModel, rng: torch.Generator) -> None:
     pts = model_points(head.data)
-    assert pts.count == 70 and pts.has_eyes  # the built-in head has eyeballs
+    assert pts.count == 70 and pts.has_eyes and pts.mediapipe is None  # the built-in head: its own iBUG-68, then the pupils
     params = random_params(head, 3, rng)
     with torch.no_grad():
         full = head(params)
@@ -136,6 +148,23 @@ def test_model_points_and_sparse_head_match_the_head_model(head: HeadModel, rng:
         v = sparse(params.shape, params.expr, pose, params.translation)
     assert torch.allclose(v, full.vertices[:, ids], atol=1e-6)
     assert np.allclose(pts.evaluate(full.vertices.numpy())[:, :68], full.landmarks.numpy(), atol=1e-6)
+
+
+def test_a_head_with_mediapipes_points_builds_its_landmarks_as_the_detections_are(rng: torch.Generator) -> None:
+    """The ICT head ships an embedding: its landmarks are ``ibug68`` of its mediapipe points."""
+    from backend.head.registry import load_head_model
+
+    ict = load_head_model("ict")
+    pts, own = model_points(ict.data), model_points(ict.data, mediapipe=False)
+    assert pts.mediapipe is not None and pts.count == len(pts.mediapipe) + 2 and pts.landmark_count == 70
+    with torch.no_grad():
+        v = ict(random_params(ict, 2, rng)).vertices.numpy()
+    emb = mediapipe_embedding(ict.data)
+    mesh = (v[:, np.asarray(ict.data.faces)[emb.faces]] * emb.bary[None, :, :, None]).sum(axis=2)  # [B, 468, 3]
+    lmk = pts.landmarks(torch.as_tensor(pts.evaluate(v)))
+    assert torch.allclose(lmk[:, :68], ibug68(torch.as_tensor(mesh)), atol=1e-6)
+    assert torch.allclose(lmk[:, 68:], torch.as_tensor(own.evaluate(v)[:, 68:]), atol=1e-6)  # the pupils, as before
+    assert model_points(ict.data, use_eyes=False).landmark_count == 68
 
 
 def test_several_faces_take_the_largest_with_a_warning(head: HeadModel, astronaut: np.ndarray, tmp_path: Path) -> None:
@@ -244,3 +273,34 @@ def test_the_fit_uses_every_expression_of_a_named_head() -> None:
     ict = load_head_model("ict")
     assert LandmarkFitter(ict).n_expr == ict.n_expr == 53
     assert LandmarkFitter(ict, FitConfig(n_expr=10)).n_expr == 10
+
+
+def test_the_ict_head_carries_mediapipes_points_made_on_its_own_mesh() -> None:
+    """The canonical face lay on the ICT head's skin, and sides and features landed where they
+    belong. A head whose mesh changed without a new embedding gets none (and fits its own
+    landmarks) rather than a wrong one."""
+    from dataclasses import replace as dc_replace
+
+    from backend.head.registry import load_head_data
+
+    data = load_head_data("ict")
+    emb = mediapipe_embedding(data)
+    assert emb is not None and emb.head == data.name
+    assert np.median(emb.distance_mm) < 0.5 and emb.distance_mm.max() < 2.0
+    pts = (data.v_template[np.asarray(data.faces)[emb.faces]] * emb.bary[..., None]).sum(axis=1)
+    assert pts[33, 0] < -0.02 < 0.02 < pts[263, 0]  # the subject's right eye's outer corner on -x
+    assert pts[1, 2] > np.percentile(pts[:, 2], 98)  # the nose tip in front
+    assert pts[152, 1] < np.percentile(pts[:, 1], 2)  # the chin at the bottom
+    moved = dc_replace(data, v_template=data.v_template + np.float32(0.001))
+    assert mediapipe_embedding(moved) is None and model_points(moved).mediapipe is None
+
+
+@needs_model
+def test_the_shipped_ict_embedding_rebuilds_from_mediapipes_canonical_face() -> None:
+    from backend.head.registry import load_head_data
+    from backend.tracking.embedding import canonical_face, register
+
+    data = load_head_data("ict")
+    rebuilt, shipped = register(data, canonical_face()), mediapipe_embedding(data)
+    assert np.array_equal(rebuilt.faces, shipped.faces)
+    np.testing.assert_allclose(rebuilt.bary, shipped.bary, atol=1e-5)

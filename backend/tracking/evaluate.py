@@ -118,20 +118,21 @@ def mean_of(rows: list[dict[str, float]]) -> dict[str, float]:
 def exact_fit_input(head: HeadModel, truth: FlameParams, cameras: Cameras, points, sequence: bool = True):  # type: ignore[no-untyped-def]
     """A FitInput holding the true model points projected by the true cameras (ideal detections).
 
-    ``points`` is the fitter's ``ModelPoints``; the jaw oval is the projected jaw landmarks.
-    Tests the fitter alone, without the detector's errors.
+    ``points`` is the fitter's ``ModelPoints``: its landmarks and face oval built from its raw
+    points after projection, as the fitter builds them. Tests the fitter alone, without the
+    detector's errors.
     """
     from backend.tracking.fit import FitInput
 
     b = truth.batch_size
     verts = head(truth).vertices.numpy()
     pts = torch.as_tensor(points.evaluate(verts), dtype=torch.float32)
-    uv, _ = project(pts, cameras)
-    uv = uv[:, 0].double().numpy()
+    raw = project(pts, cameras)[0][:, 0].double()
+    uv = points.landmarks(raw).numpy()
     pairs = np.stack([np.arange(b - 1), np.arange(1, b)], 1) if sequence and b > 1 else np.zeros((0, 2), np.int64)
     return FitInput(
         targets=uv,
-        oval=uv[:, :17],
+        oval=points.oval(raw).numpy(),
         iod=np.linalg.norm(uv[:, 36] - uv[:, 45], axis=-1),
         source=np.zeros(b, np.int64),
         image_size=np.tile([cameras.width, cameras.height], (b, 1)).astype(np.float64),

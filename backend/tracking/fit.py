@@ -9,7 +9,10 @@ head moves and the camera stays put, as in VHAP / GaussianAvatars tracking.
 Energy (landmark residuals in units of the frame's inter-ocular distance):
 
 * robust (Geman-McClure) reprojection of the 68 iBUG points and the two iris centres,
-  the jaw contour weighted low plus a point-to-curve term to mediapipe's face oval;
+  the jaw contour weighted low plus a point-to-curve term to mediapipe's face oval; the
+  model's landmarks are built from its mediapipe points as the targets are from a detection
+  when the head ships a mediapipe embedding, else they are its own iBUG landmarks
+  (``correspondence``);
 * L2 priors on shape, expression, jaw (sideways jaw costs more, a jaw closing past rest
   much more), neck, eyes (and the two eyes' difference), and log focal around its guess;
 * for sequences, first-difference smoothness of every per-frame parameter.
@@ -65,6 +68,9 @@ class FitConfig:
         focal_sigma: prior standard deviation of log focal.
         smooth_*: first-difference weights between neighbouring frames of a sequence.
         fit_eyes: fit eye rotations from the iris centres (needs eyeballs on the model).
+        mediapipe_embedding: fit mediapipe's own points embedded on the head when the head ships
+            an embedding (``correspondence.MediapipeEmbedding``), so model and detection define
+            each landmark the same way; off, or without one, the head's own iBUG landmarks.
         landmark_offsets: learn one small 3D offset per model point, shared by every frame, when
             there are at least this many frames (0 = never). Offsets absorb the constant
             difference between mediapipe's and the head model's landmark definitions, which
@@ -96,6 +102,7 @@ class FitConfig:
     smooth_translation: float = 1.0
     smooth_eyes: float = 1e-4
     fit_eyes: bool = True
+    mediapipe_embedding: bool = True
     landmark_offsets: int = 2
     w_offset: float = 1e-3
     seed: int = 0
@@ -158,7 +165,8 @@ class FitResult:
         focal: [S] fitted focal lengths, pixels.
         has_eyes: whether the two iris points were fitted.
         history: loss after each stage.
-        offsets: [P, 3] the learned landmark offsets in metres (head frame), None when not used;
+        offsets: [R, 3] the learned offsets of the raw model points (``ModelPoints.count``) in
+            metres (head frame), None when not used;
             ``projected`` and ``errors_px`` leave them out, as the stored parameters do.
     """
 
@@ -278,7 +286,7 @@ class LandmarkFitter:
     def __init__(self, head: HeadModel, config: FitConfig = FitConfig()) -> None:
         self.head = head
         self.config = config
-        self.points: ModelPoints = model_points(head.data, use_eyes=config.fit_eyes)
+        self.points: ModelPoints = model_points(head.data, use_eyes=config.fit_eyes, mediapipe=config.mediapipe_embedding)
         used = self.points.vertices()
         remap = {int(v): i for i, v in enumerate(used)}
         blend = np.zeros((self.points.count, len(used)))
@@ -286,7 +294,7 @@ class LandmarkFitter:
             for v, w in zip(self.points.vertex_index[p], self.points.vertex_weight[p]):
                 if w != 0:
                     blend[p, remap[int(v)]] += w
-        self.blend = torch.as_tensor(blend, dtype=torch.float32)  # [P, n]: model points from the posed vertices
+        self.blend = torch.as_tensor(blend, dtype=torch.float32)  # [R, n]: raw model points from the posed vertices
         self.n_shape = min(config.n_shape, head.n_shape)
         self.n_expr = head.n_expr if config.n_expr is None else min(config.n_expr, head.n_expr)
         self.sparse = SparseHead(head.to("cpu"), used, self.n_shape, self.n_expr)
@@ -295,12 +303,17 @@ class LandmarkFitter:
     def has_eyes(self) -> bool:
         return self.points.has_eyes
 
-    def model_points(self, shape: torch.Tensor, expr: torch.Tensor, pose: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    def raw_points(self, shape: torch.Tensor, expr: torch.Tensor, pose: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+        """[B, R, 3] the raw model points (``ModelPoints``) of the posed head, world frame."""
         v = self.sparse(shape, expr, pose, translation)  # [B, n, 3]
         return self.blend @ v
 
+    def model_points(self, shape: torch.Tensor, expr: torch.Tensor, pose: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+        """[B, P, 3] the landmarks in 3D (a jaw contour resampled along the 3D oval: for starting poses, not for the energy)."""
+        return self.points.landmarks(self.raw_points(shape, expr, pose, translation))
+
     def neutral_points(self) -> np.ndarray:
-        """[P, 3] model points at zero shape, expression and pose."""
+        """[P, 3] the landmarks (3D) at zero shape, expression and pose."""
         with torch.no_grad():
             z = torch.zeros(1, 3)
             pose = torch.zeros(1, self.head.data.num_joints * 3)
@@ -406,7 +419,7 @@ class FitVariables:
         eyes: [B, 6] the two eye joints' axis-angles (FLAME's order).
         trans: [B, 3] translation, metres.
         log_f: [S] log focal length of each source, pixels.
-        offsets: [P, 3] landmark offsets in the head frame, in model inter-ocular distances
+        offsets: [R, 3] raw model point offsets in the head frame, in model inter-ocular distances
             (they take gradients only when the fit learns them).
     """
 
@@ -433,7 +446,7 @@ class FitVariables:
             eyes=torch.zeros(b, 6, requires_grad=True),
             trans=torch.as_tensor(trans0, dtype=f32).clone().requires_grad_(True),
             log_f=torch.as_tensor(np.log(focal0), dtype=f32).clone().requires_grad_(True),
-            offsets=torch.zeros(problem.n_points, 3, requires_grad=problem.use_offsets),
+            offsets=torch.zeros(problem.n_raw, 3, requires_grad=problem.use_offsets),
         )
 
     def pose(self, n_joints: int) -> torch.Tensor:
@@ -489,7 +502,8 @@ class FitProblem:
         self.fitter, self.data, self.cfg, self.distance = fitter, data, fitter.config, distance
         self.frames, self.n_shape, self.n_expr = data.frames, fitter.n_shape, fitter.n_expr
         self.n_joints = fitter.head.data.num_joints
-        self.n_points = fitter.points.count
+        self.n_raw = fitter.points.count
+        self.n_points = fitter.points.landmark_count
         self.has_eyes = fitter.has_eyes
         self.src = torch.as_tensor(data.source, dtype=torch.long)
         sizes = torch.as_tensor(np.asarray(data.image_size, np.float64), dtype=f32)
@@ -506,13 +520,15 @@ class FitProblem:
         self.pairs = torch.as_tensor(np.asarray(data.sequence_pairs, np.int64).reshape(-1, 2))
 
     def project(self, v: FitVariables) -> torch.Tensor:
-        """[B, P, 2] the model points (learned offsets included) in each frame's pixels."""
-        pts = self.fitter.model_points(v.shape, v.expr, v.pose(self.n_joints), v.trans)
+        """[B, P, 2] the model's landmarks (learned offsets included) in each frame's pixels."""
+        pts = self.fitter.raw_points(v.shape, v.expr, v.pose(self.n_joints), v.trans)
         if self.use_offsets:
             # Offsets live in the head's frame: turn them with the head (global rotation, then neck).
             R = batch_rodrigues(v.rot) @ batch_rodrigues(v.neck)
             pts = pts + self.model_iod * torch.einsum("bij,pj->bpi", R, v.offsets)
-        return self.fitter.project(pts, v.log_f.exp()[self.src], self.centre, self.dist)
+        # Landmarks are built after projection, as the detections' are (the jaw contour is
+        # resampled along the projected face oval).
+        return self.fitter.points.landmarks(self.fitter.project(pts, v.log_f.exp()[self.src], self.centre, self.dist))
 
     def energy(self, v: FitVariables, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The stage's scalar energy, and the projected points [B, P, 2] it was computed from."""
