@@ -59,7 +59,7 @@ def test_generate_without_a_generator_is_reported(addon, backend: ServiceProcess
         bpy.ops.spatialavatar.generate()
     # The service says the same when asked anyway (e.g. the hello the panel saw is stale).
     buffers = addon.media_files.portrait_buffers([str(portrait)])
-    task = addon.workflows.generate_task("Anyway", buffers, 100, None)
+    task = addon.workflows.generate_task("Anyway", buffers, False, 100, None)
     addon.runtime.RUNTIME.start(task, addon.preferences.settings())
     pump(addon, lambda: task.ended)
     assert task.progress.state == "failed"
@@ -290,7 +290,7 @@ def test_resume_is_off_with_nothing_to_resume(addon, backend: ServiceProcess) ->
     assert not bpy.ops.spatialavatar.resume_job.poll()
     with pytest.raises(RuntimeError, match="No interrupted job to resume"):
         bpy.ops.spatialavatar.resume_job()
-    task = addon.workflows.generate_task("Anyway", {}, 100, None)  # fails at the service: ended, not interrupted
+    task = addon.workflows.generate_task("Anyway", {}, False, 100, None)  # fails at the service: ended, not interrupted
     addon.runtime.RUNTIME.start(task, addon.preferences.settings())
     pump(addon, lambda: task.ended)
     assert task.progress.state == "failed" and not bpy.ops.spatialavatar.resume_job.poll()
