@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
+from backend.atomic_write import atomic_path
 from backend.gaussians.avatar import Avatar, LocalGaussians
 from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
@@ -215,10 +216,8 @@ def avatar_to_bytes(avatar: Avatar) -> bytes:
 def save_avatar(avatar: Avatar, path: str | Path) -> Path:
     """Write ``avatar`` to ``path`` (.npz); written to a temporary file first, then renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(avatar_to_bytes(avatar))
-    tmp.replace(path)
+    with atomic_path(path) as scratch:
+        scratch.write_bytes(avatar_to_bytes(avatar))
     return path
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from backend.atomic_write import atomic_path
 from backend.gaussians.layout import Binding
 from backend.generate.model import Generator, GeneratorConfig
 from backend.head.model import HeadModel
@@ -57,10 +58,8 @@ def generator_state(model: Generator, info: dict | None = None, half: bool = Tru
 def save_generator(model: Generator, path: str | Path, info: dict | None = None, half: bool = True) -> Path:
     """Write a generator file (to a temporary name first, then renamed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(generator_state(model, info, half), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as scratch:
+        torch.save(generator_state(model, info, half), scratch)
     return path
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from backend.atomic_write import atomic_path
 from backend.gaussians.avatar import LocalGaussians
 from backend.generate.checkpoint import generator_from_state, generator_state, read_generator_file, save_generator
 from backend.generate.data import Batch, Corpus, PhaseSampler, find_subjects, shard
@@ -434,10 +435,8 @@ class _Training:
             "train_config": json.dumps(self.config.to_dict()),
             "summary": json.dumps(self.summary(step, last)),
         }
-        ckpt_path = self.folder / CHECKPOINT
-        tmp = ckpt_path.with_name(CHECKPOINT + ".partial")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        with atomic_path(self.folder / CHECKPOINT) as scratch:
+            torch.save(state, scratch)
         save_generator(self.model, self.folder / WEIGHTS, self.summary(step, last))
         (self.folder / SUMMARY).write_text(json.dumps(self.summary(step, last), indent=1))
 

@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from backend.atomic_write import atomic_path
 from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, LocalGaussians, assemble_splats, place_gaussians
 from backend.gaussians.files import avatar_from_bytes, avatar_to_bytes
@@ -76,9 +77,8 @@ class RefineState:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
-        torch.save(self.to_dict(), tmp)
-        tmp.replace(path)
+        with atomic_path(path) as scratch:
+            torch.save(self.to_dict(), scratch)
         return path
 
     @classmethod
