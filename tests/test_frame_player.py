@@ -26,9 +26,20 @@ def scene(gaussians: int, frames: int, size: int, seed: int = 0):  # type: ignor
     return head, avatar, random_params(head, frames, gen), view_cameras(ViewConfig(size=size), frames)
 
 
-def eager(avatar, head, params, cams, depth: bool = False):  # type: ignore[no-untyped-def]
+def eager(avatar, head, params, cams, depth: bool = False, background: torch.Tensor = BACKGROUND):  # type: ignore[no-untyped-def]
+    device = avatar.local.offset.device
     with torch.no_grad():
-        return render(deform(avatar, head, params), cams, BACKGROUND.to(avatar.local.offset.device), depth=depth)
+        return render(deform(avatar, head, params.to(device)), cams.to(device), background.to(device), depth=depth)
+
+
+def on_cuda(gaussians: int, frames: int, size: int):  # type: ignore[no-untyped-def]
+    head, avatar, params, cams = scene(gaussians, frames, size)
+    return head.to("cuda"), avatar.to("cuda"), params, cams
+
+
+def assert_replays_eager(out, avatar, head, params, cams, background: torch.Tensor = BACKGROUND) -> None:  # type: ignore[no-untyped-def]
+    """The captured path takes the same kernels; tile lists in fixed slots sort the same pairs."""
+    torch.testing.assert_close(out.rgb, eager(avatar, head, params, cams, background=background).rgb, atol=2e-4, rtol=0)
 
 
 def test_player_matches_eager_posing_and_rendering_on_the_cpu() -> None:
@@ -58,25 +69,20 @@ def frames(cams: Cameras, idx: list[int]) -> Cameras:
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 4])
 def test_replayed_frames_equal_eager_ones_call_after_call(batch: int) -> None:
-    head, avatar, params, cams = scene(20_000, 5 * batch, 128)
-    head, avatar = head.to("cuda"), avatar.to("cuda")
+    head, avatar, params, cams = on_cuda(20_000, 5 * batch, 128)
     player = FramePlayer(avatar, head, BACKGROUND)
     assert player.graphed
     for start in range(0, 5 * batch, batch):
         idx = list(range(start, start + batch))
         p, c = params.index(idx), frames(cams, idx)
-        out = player(p, c)
-        ref = eager(avatar, head, p.to("cuda"), c.to("cuda"))
-        # The captured path takes the same kernels; tile lists in fixed slots sort the same pairs.
-        torch.testing.assert_close(out.rgb, ref.rgb, atol=2e-4, rtol=0)
+        assert_replays_eager(player(p, c), avatar, head, p, c)
     assert player.captures == 1
 
 
 @pytest.mark.cuda
 @needs_cuda
 def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_grows() -> None:
-    head, avatar, params, _ = scene(20_000, 2, 128)
-    head, avatar = head.to("cuda"), avatar.to("cuda")
+    head, avatar, params, _ = on_cuda(20_000, 2, 128)
     far = view_cameras(ViewConfig(size=128, shot=HeadShot(distance=2.0)), 1)
     near = view_cameras(ViewConfig(size=128, shot=HeadShot(distance=0.45)), 1)
     player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(headroom=1.0))
@@ -84,8 +90,7 @@ def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_g
     player(p, far)
     player(p, far)  # captured with a budget sized for the far view
     first = player.captures
-    out = player(p, near)  # the head fills the frame: many more intersections
-    torch.testing.assert_close(out.rgb, eager(avatar, head, p.to("cuda"), near.to("cuda")).rgb, atol=2e-4, rtol=0)
+    assert_replays_eager(player(p, near), avatar, head, p, near)  # the head fills the frame: many more intersections
     assert player.captures == first  # the same batch shape, captured again in place
     assert player.recaptures >= 1
 
@@ -93,27 +98,22 @@ def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_g
 @pytest.mark.cuda
 @needs_cuda
 def test_a_new_background_reaches_the_captured_graph() -> None:
-    head, avatar, params, cams = scene(20_000, 1, 96)
-    head, avatar = head.to("cuda"), avatar.to("cuda")
+    head, avatar, params, cams = on_cuda(20_000, 1, 96)
     player = FramePlayer(avatar, head, BACKGROUND)
     for _ in range(3):  # warm-up, capture, replay
         player(params, cams)
     assert player.captures == 1
     black = torch.zeros(3)
-    out = player(params, cams, black)
-    ref = render(deform(avatar, head, params.to("cuda")), cams.to("cuda"), black.to("cuda"), depth=False)
-    torch.testing.assert_close(out.rgb, ref.rgb, atol=2e-4, rtol=0)
+    assert_replays_eager(player(params, cams, black), avatar, head, params, cams, background=black)
     assert player.captures == 1
 
 
 @pytest.mark.cuda
 @needs_cuda
 def test_the_least_recently_used_batch_shape_is_dropped_beyond_the_limit() -> None:
-    head, avatar, params, _ = scene(5_000, 1, 32)
-    head, avatar = head.to("cuda"), avatar.to("cuda")
+    head, avatar, params, _ = on_cuda(5_000, 1, 32)
     player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(max_captures=2, warmup=0))
     for size in (32, 48, 64, 32):
         cams = view_cameras(ViewConfig(size=size), 1)
-        out = player(params, cams)
-        torch.testing.assert_close(out.rgb, eager(avatar, head, params.to("cuda"), cams.to("cuda")).rgb, atol=2e-4, rtol=0)
+        assert_replays_eager(player(params, cams), avatar, head, params, cams)
     assert player.captures == 2  # 64 and 32 kept: 32 was dropped for 64, then captured again in place of 48
