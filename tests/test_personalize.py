@@ -12,6 +12,7 @@ from backend.gaussians.surface import surface_avatar
 from backend.generate.personalize import Personalization, personalize
 from backend.head.model import HeadModel
 from backend.refine.evaluate import evaluate
+from backend.refine.regularizers import AntiSpike
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,12 @@ def test_hold_keeps_gaussians_near_their_start(head: HeadModel, grey_start) -> N
 def test_bad_settings_name_their_field() -> None:
     with pytest.raises(SettingError, match="hold"):
         Personalization(hold=-1.0).check()
+
+
+def test_a_sparse_generated_layout_is_personalized_with_a_wider_scale_threshold(head: HeadModel, grey_start) -> None:  # type: ignore[no-untyped-def]
+    """A generator of few Gaussians starts them large; refinement's default threshold would
+    refuse the layout as coarse, personalization widens it with the spacing."""
+    subject, _ = grey_start
+    sparse = surface_avatar(head, subject.params.shape, 3_000, lambda f, b: torch.full((f.shape[0], 3), 0.5))
+    out = personalize(sparse, head, subject, [(0, 0)], Personalization(iterations=2))
+    assert out.meta["refine_config"]["anti_spike"]["max_scale"] > AntiSpike().max_scale * 5

@@ -18,6 +18,7 @@ from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar
 from backend.head.model import HeadModel
 from backend.refine.config import preset
+from backend.refine.initialize import InitConfig
 from backend.refine.refine import ProgressFn, StopFn, refine
 
 
@@ -67,6 +68,9 @@ def personalize(
         sh_dc=base.lr.sh_dc * f,
         sh_rest=base.lr.sh_rest * f,
     )
-    refine_config = replace(base, iterations=config.iterations, hold=config.hold, lr=lr, checkpoint_every=0, log_every=max(config.iterations // 10, 1))
+    # A generator's layout may be sparser than refinement's default: its Gaussians start larger.
+    refine_config = replace(base, iterations=config.iterations, hold=config.hold, lr=lr, checkpoint_every=0, log_every=max(config.iterations // 10, 1)).for_layout(
+        avatar.count, InitConfig.gaussians
+    )
     result = refine(avatar, head, sources, refine_config, progress=progress, should_stop=should_stop)
     return replace(result.avatar, meta=result.avatar.meta | {"personalized": {"iterations": config.iterations, "hold": config.hold, "lr_factor": config.lr_factor, "frames": frames}})

@@ -186,6 +186,14 @@ class RefineConfig(Config):
         for name, rate in asdict(self.lr).items():
             at_least(f"lr.{name}", rate, 0.0, "a learning rate must be >= 0")
 
+    def for_layout(self, gaussians: int, default: int = 100_000) -> RefineConfig:
+        """This configuration with the scale hinge's threshold widened for a layout sparser
+        than ``default`` Gaussians: the threshold is in triangle sizes, and a sparser layout
+        starts with Gaussians larger by the square root of the count ratio (denser layouts
+        keep it)."""
+        spacing = max(1.0, (default / gaussians) ** 0.5)
+        return replace(self, anti_spike=replace(self.anti_spike, max_scale=self.anti_spike.max_scale * spacing))
+
     def for_subject(self, synthetic: bool) -> RefineConfig:
         """This configuration with the defaults that depend on the subject (None fields) decided."""
         decided = replace(

@@ -55,13 +55,9 @@ def track_photometric(head: HeadModel, subject: Subject, config: PhotometricTrac
         flame_pose=base.lr.flame_pose * config.flame_lr_factor,
         flame_translation=base.lr.flame_translation * config.flame_lr_factor,
     )
-    # The hinges' scale threshold is in triangle sizes and was set for the default count; a
-    # sparser layout starts with larger Gaussians, so the threshold grows with their spacing.
-    spacing = (InitConfig.gaussians / config.gaussians) ** 0.5
-    anti_spike = replace(base.anti_spike, max_scale=base.anti_spike.max_scale * max(1.0, spacing))
     refine_config = replace(
-        base, iterations=config.iterations, finetune_flame=True, lr=lr, anti_spike=anti_spike, checkpoint_every=0, log_every=max(config.iterations // 10, 1)
-    )
+        base, iterations=config.iterations, finetune_flame=True, lr=lr, checkpoint_every=0, log_every=max(config.iterations // 10, 1)
+    ).for_layout(config.gaussians, InitConfig.gaussians)
     start = initialize_on_subject(head, over_all, InitConfig(gaussians=config.gaussians))
     result = refine(start, head, over_all, refine_config, progress=progress)
     params = replace(result.train_params.to("cpu"), shape=subject.params.shape, static_offset=subject.params.static_offset)
