@@ -8,8 +8,8 @@ import torch
 from backend.gaussians.avatar import deform
 from backend.gaussians.surface import surface_avatar
 from backend.head.registry import load_head_model
-from backend.render.animation import ViewConfig, view_cameras
-from backend.render.camera import Cameras, HeadShot
+from backend.render.animation import HeadFraming, ViewConfig, view_cameras
+from backend.render.camera import Cameras
 from backend.render.frame_player import FramePlayer, PlayerConfig
 from backend.render.gsplat_backend import gsplat_available
 from backend.render.rasterize import render
@@ -83,14 +83,14 @@ def test_replayed_frames_equal_eager_ones_call_after_call(batch: int) -> None:
 @needs_cuda
 def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_grows() -> None:
     head, avatar, params, _ = on_cuda(20_000, 2, 128)
-    far = view_cameras(ViewConfig(size=128, shot=HeadShot(distance=2.0)), 1)
-    near = view_cameras(ViewConfig(size=128, shot=HeadShot(distance=0.45)), 1)
+    away = view_cameras(ViewConfig(size=128), 1, HeadFraming(centre=(3.0, 0.0, 0.0)))  # the head is out of view
+    facing = view_cameras(ViewConfig(size=128), 1)
     player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(headroom=1.0))
     p = params.index([0])
-    player(p, far)
-    player(p, far)  # captured with a budget sized for the far view
+    player(p, away)
+    player(p, away)  # captured with a budget sized for an empty view
     first = player.captures
-    assert_replays_eager(player(p, near), avatar, head, p, near)  # the head fills the frame: many more intersections
+    assert_replays_eager(player(p, facing), avatar, head, p, facing)
     assert player.captures == first  # the same batch shape, captured again in place
     assert player.recaptures >= 1
 
