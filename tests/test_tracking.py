@@ -275,6 +275,16 @@ def test_the_fit_uses_every_expression_of_a_named_head() -> None:
     assert LandmarkFitter(ict, FitConfig(n_expr=10)).n_expr == 10
 
 
+def test_the_jaw_joint_is_fitted_unless_a_jaw_expression_carries_the_jaw() -> None:
+    from backend.head.registry import load_head_model
+    from backend.tracking.fit import LandmarkFitter
+
+    ict, builtin = load_head_model("ict"), load_head_model("builtin")
+    assert not LandmarkFitter(ict).fits_jaw_joint and LandmarkFitter(builtin).fits_jaw_joint
+    assert LandmarkFitter(ict, FitConfig(fit_jaw_joint=True)).fits_jaw_joint
+    assert not LandmarkFitter(builtin, FitConfig(fit_jaw_joint=False)).fits_jaw_joint
+
+
 def test_the_ict_head_carries_mediapipes_points_made_on_its_own_mesh() -> None:
     """The canonical face lay on the ICT head's skin, and sides and features landed where they
     belong. A head whose mesh changed without a new embedding gets none (and fits its own

@@ -119,3 +119,5 @@ def test_fitter_on_ideal_detections_of_the_ict_heads_mediapipe_points(tmp_path: 
     assert err["head_rotation_deg"] < 4.0, err
     assert err["gaze_deg"] < 7.0, err
     assert err["expression_mm"] < 0.8 * err["true_expression_mm"], err
+    # jawOpen carries ICT's jaw: the joint stays at rest, so the mouth does not open twice.
+    assert not fitter.fits_jaw_joint and torch.count_nonzero(fit.params.jaw_pose) == 0

@@ -49,6 +49,9 @@ Progress = Callable[[int, int], None]
 CAM_AXES = np.diag([1.0, -1.0, -1.0])
 
 
+JAW_EXPRESSION = "jawOpen"  # an expression of this name carries the jaw (ARKit's naming)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Knobs of the landmark fit (defaults tuned on synthetic subjects and real portraits).
@@ -68,6 +71,10 @@ class FitConfig:
         focal_sigma: prior standard deviation of log focal.
         smooth_*: first-difference weights between neighbouring frames of a sequence.
         fit_eyes: fit eye rotations from the iris centres (needs eyeballs on the model).
+        fit_jaw_joint: fit the jaw joint. None: unless the head has an expression named
+            ``JAW_EXPRESSION`` (a head named after ARKit, such as ICT's), whose jaw weights
+            carry the jaw, teeth and chin: fitting the joint too would open the mouth twice
+            over, and ARKit curves imported onto such a head leave the joint at rest as well.
         mediapipe_embedding: fit mediapipe's own points embedded on the head when the head ships
             an embedding (``correspondence.MediapipeEmbedding``), so model and detection define
             each landmark the same way; off, or without one, the head's own iBUG landmarks.
@@ -102,6 +109,7 @@ class FitConfig:
     smooth_translation: float = 1.0
     smooth_eyes: float = 1e-4
     fit_eyes: bool = True
+    fit_jaw_joint: bool | None = None
     mediapipe_embedding: bool = True
     landmark_offsets: int = 2
     w_offset: float = 1e-3
@@ -303,6 +311,13 @@ class LandmarkFitter:
     def has_eyes(self) -> bool:
         return self.points.has_eyes
 
+    @property
+    def fits_jaw_joint(self) -> bool:
+        """Whether the fit moves the jaw joint (``FitConfig.fit_jaw_joint``)."""
+        if self.config.fit_jaw_joint is not None:
+            return self.config.fit_jaw_joint
+        return JAW_EXPRESSION not in self.head.expr_names
+
     def raw_points(self, shape: torch.Tensor, expr: torch.Tensor, pose: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
         """[B, R, 3] the raw model points (``ModelPoints``) of the posed head, world frame."""
         v = self.sparse(shape, expr, pose, translation)  # [B, n, 3]
@@ -384,7 +399,7 @@ class LandmarkFitter:
         rot0, trans0, distance = self._rigid_init(data, focal0)
         problem = FitProblem(self, data, distance)
         v = FitVariables.start(problem, rot0, trans0, focal0)
-        stages = fit_stages(v, self.config, self.has_eyes, problem.use_offsets)
+        stages = fit_stages(v, self.config, self.has_eyes, problem.use_offsets, self.fits_jaw_joint)
         total = sum(st.steps for st in stages)
         done = 0
         history: dict[str, float] = {}
@@ -466,11 +481,12 @@ class Stage:
     rate: Callable[[int], float] | None = None
 
 
-def fit_stages(v: FitVariables, cfg: FitConfig, has_eyes: bool, use_offsets: bool) -> list[Stage]:
-    """Coarse to fine: the rigid pose on the inner landmarks, then everything with a cosine-decayed rate."""
+def fit_stages(v: FitVariables, cfg: FitConfig, has_eyes: bool, use_offsets: bool, fits_jaw: bool = True) -> list[Stage]:
+    """Coarse to fine: the rigid pose on the inner landmarks, then everything with a cosine-decayed
+    rate. Without ``fits_jaw`` the jaw joint stays at rest (its start)."""
     lr = cfg.lr
     groups = [
-        {"params": [v.rot, v.neck, v.jaw], "lr": lr},
+        {"params": [v.rot, v.neck, *([v.jaw] if fits_jaw else [])], "lr": lr},
         {"params": [v.trans], "lr": lr * 0.2},
         {"params": [v.shape, v.expr], "lr": lr * 5},
         {"params": [v.log_f], "lr": lr},
