@@ -9,7 +9,6 @@ from backend.gaussians.avatar import deform
 from backend.gaussians.surface import surface_avatar
 from backend.head.registry import load_head_model
 from backend.render.animation import HeadFraming, ViewConfig, view_cameras
-from backend.render.camera import Cameras
 from backend.render.frame_player import FramePlayer, PlayerConfig
 from backend.render.gsplat_backend import gsplat_available
 from backend.render.rasterize import render
@@ -61,10 +60,6 @@ def test_one_rig_serves_every_frame_and_a_wrong_camera_count_is_refused() -> Non
         player(params, view_cameras(ViewConfig(size=32), 3))
 
 
-def frames(cams: Cameras, idx: list[int]) -> Cameras:
-    return Cameras(cams.K[idx], cams.world_to_cam[idx], cams.width, cams.height)
-
-
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("batch", [1, 4])
@@ -74,7 +69,7 @@ def test_replayed_frames_equal_eager_ones_call_after_call(batch: int) -> None:
     assert player.graphed
     for start in range(0, 5 * batch, batch):
         idx = list(range(start, start + batch))
-        p, c = params.index(idx), frames(cams, idx)
+        p, c = params.index(idx), cams.frames(idx)
         assert_replays_eager(player(p, c), avatar, head, p, c)
     assert player.captures == 1
 

@@ -549,3 +549,13 @@ def test_one_head_shot_frames_synthetic_captures_and_animation_renders() -> None
         half = shot.distance * math.tan(math.radians(shot.fov_deg) / 2)
         uv, _ = project(torch.tensor([[half, 0.0, 0.0], [0.0, half, 0.0]]), synth)
         torch.testing.assert_close((uv[0] - 48.0).abs(), torch.tensor([[48.0, 0.0], [0.0, 48.0]]), atol=1e-3, rtol=0)
+
+
+def test_cameras_frames_picks_the_rigs_of_those_frames() -> None:
+    cams = orbit_cameras(4, radius=1.0, width=8, height=8, focal_px=10.0)
+    batched = Cameras(cams.K[:, None], cams.world_to_cam[:, None], 8, 8)  # [4 frames, 1 camera]
+    picked = batched.frames([3, 1])
+    assert picked.K.shape == (2, 1, 3, 3)
+    assert torch.equal(picked.world_to_cam[0], batched.world_to_cam[3]) and torch.equal(picked.world_to_cam[1], batched.world_to_cam[1])
+    with pytest.raises(ValueError, match="batched"):
+        cams.frames([0])

@@ -92,9 +92,8 @@ def render_animation(
     player = FramePlayer(avatar, head, background)
     for start in range(0, params.batch_size, batch):
         idx = list(range(start, min(start + batch, params.batch_size)))
-        rig = Cameras(cameras.K[idx], cameras.world_to_cam[idx], cameras.width, cameras.height)
         # The player's outputs are its capture's buffers, refilled by the next batch.
-        out = RenderOutput(*(None if t is None else t.clone() for t in player(params.index(idx), rig)))
+        out = RenderOutput(*(None if t is None else t.clone() for t in player(params.index(idx), cameras.frames(idx))))
         for i in range(len(idx)):
             yield RenderOutput(*(None if t is None else t[i] for t in out))
 

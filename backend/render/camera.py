@@ -90,6 +90,12 @@ class Cameras:
             raise ValueError("Cameras.frame() needs batched cameras")
         return Cameras(self.K[b], self.world_to_cam[b], self.width, self.height)
 
+    def frames(self, idx: list[int]) -> Cameras:
+        """The batched rigs [len(idx), C] of frames ``idx``."""
+        if not self.batched:
+            raise ValueError("Cameras.frames() needs batched cameras")
+        return Cameras(self.K[idx], self.world_to_cam[idx], self.width, self.height)
+
     def expand(self, batch: int) -> Cameras:
         """This unbatched rig repeated for ``batch`` frames (a view, no copy)."""
         if self.batched:

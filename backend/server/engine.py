@@ -211,7 +211,7 @@ class Engine:
             t0 = time.perf_counter()
             idx = list(range(start, min(start + chunk, params.batch_size)))
             # One graph replay poses and renders the chunk; its buffers are read before the next.
-            out = player(params.index(idx), Cameras(cams.K[idx], cams.world_to_cam[idx], cams.width, cams.height), bg)
+            out = player(params.index(idx), cams.frames(idx), bg)
             share = (time.perf_counter() - t0) / len(idx)
             for i in range(len(idx)):
                 t1 = time.perf_counter()
