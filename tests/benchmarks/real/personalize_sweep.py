@@ -19,15 +19,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tests.benchmarks.real.clips import heldout_tiles, open_subject, picture_frames, save_row  # noqa: E402
+from tests.benchmarks.real.clips import _sync, heldout_tiles, open_subject, picture_frames, save_row  # noqa: E402
 from tests.benchmarks.real.data import Layout  # noqa: E402
 
 SCORES = ("psnr", "psnr_mask", "psnr_face")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sweep(name: str, layout: Layout, holds: list[float], iterations: int | None = None) -> dict:
