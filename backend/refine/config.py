@@ -186,9 +186,10 @@ class RefineConfig(Config):
         for name, rate in asdict(self.lr).items():
             at_least(f"lr.{name}", rate, 0.0, "a learning rate must be >= 0")
 
-    def for_layout(self, gaussians: int, default: int = 100_000) -> RefineConfig:
+    def for_layout(self, gaussians: int, default: int) -> RefineConfig:
         """This configuration with the scale hinge's threshold widened for a layout sparser
-        than ``default`` Gaussians: the threshold is in triangle sizes, and a sparser layout
+        than ``default`` Gaussians (the count the thresholds were tuned at, the surface
+        start's ``InitConfig.gaussians``): the threshold is in triangle sizes, and a sparser layout
         starts with Gaussians larger by the square root of the count ratio (denser layouts
         keep it)."""
         spacing = max(1.0, (default / gaussians) ** 0.5)
