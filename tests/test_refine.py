@@ -284,14 +284,3 @@ def test_damaged_subject_is_refused(head: HeadModel, setup, tmp_path) -> None:  
     with pytest.raises(InputError, match="has 4 frames"):
         Subject.load(root)
 
-
-def test_tile_budget_grows_before_renders_overflow_it() -> None:
-    from backend.refine.refine import TILE_HEADROOM, _grow
-    from backend.render.tile_intersect import TileBudget
-
-    roomy = TileBudget(1000, torch.tensor(700))
-    assert not _grow(roomy) and roomy.capacity == 1000  # 70% used: left alone
-    tight = TileBudget(1000, torch.tensor(900))
-    assert _grow(tight) and tight.capacity == int(TILE_HEADROOM * 900) + 1  # near the top: grown
-    over = TileBudget(1000, torch.tensor(1500))
-    assert _grow(over) and over.capacity > 1500  # renders asked for more than it had

@@ -90,3 +90,23 @@ def test_budget_needs_gsplat() -> None:
         render(splats, front_camera(dtype=torch.float32), torch.zeros(3), budget=TileBudget(8))
     with pytest.raises(ValueError, match="at least one slot"):
         TileBudget(0)
+
+
+def test_a_budget_grows_near_its_top_with_a_margin_and_only_after_overflow_without() -> None:
+    roomy = TileBudget(1000, torch.tensor(700))
+    assert not roomy.grow(1.5, margin=1.5**0.5) and roomy.capacity == 1000  # 70% used: left alone
+    tight = TileBudget(1000, torch.tensor(900))
+    assert tight.grow(1.5, margin=1.5**0.5) and tight.capacity == int(1.5 * 900) + 1  # near the top: grown
+    full = TileBudget(1000, torch.tensor(1000))
+    assert not full.grow(1.5) and full.capacity == 1000  # no margin: nothing was dropped yet
+    over = TileBudget(1000, torch.tensor(1500))
+    assert over.grow(1.5) and over.capacity == int(1.5 * 1500) + 1  # renders asked for more than it had
+
+
+def test_a_probe_sizes_a_budget_from_what_it_counted() -> None:
+    probe = TileBudget.probe("cpu")
+    assert probe.capacity == 1 and int(probe.peak) == 0
+    torch.maximum(probe.peak, torch.tensor(400), out=probe.peak)  # as a render records its pairs
+    sized = probe.sized(1.5)
+    assert sized.capacity == 601 and int(sized.peak) == 400
+    assert sized.peak is not probe.peak  # later renders count on the new budget alone

@@ -584,7 +584,7 @@ def _run_steps(
             if graph is not None and run.budget is not None:
                 if int(run.budget.peak) > run.budget.capacity:
                     stats["tile_pairs_dropped"] = True  # some renders since the last line lost pairs
-                if _grow(run.budget):
+                if run.budget.grow(TILE_HEADROOM, margin=TILE_HEADROOM**0.5):
                     clock.marks.clear()
                     graph.recapture()
             history.append({"iteration": done, **stats})
@@ -613,18 +613,9 @@ def _tile_budget(posed: Callable[[torch.Tensor], Splats], targets: _Targets, bac
     """A tile budget with room for every training view's intersections at the start, plus
     ``TILE_HEADROOM`` for Gaussians that grow during the run."""
     device = background.device
-    probe = TileBudget(1, torch.zeros((), dtype=torch.int64, device=device))
+    probe = TileBudget.probe(device)
     with torch.no_grad():
         for v in range(targets.views):
             view = torch.tensor([v], device=device)
             render(posed(view // targets.num_cameras), targets.cameras(view), background, budget=probe, depth=False)
-    return TileBudget(int(TILE_HEADROOM * int(probe.peak)) + 1, probe.peak.clone())
-
-
-def _grow(budget: TileBudget) -> bool:
-    """Enlarge ``budget`` when renders came near its capacity; True if it was resized."""
-    peak = int(budget.peak)
-    if peak <= budget.capacity / TILE_HEADROOM**0.5:
-        return False
-    budget.capacity = int(TILE_HEADROOM * peak) + 1
-    return True
+    return probe.sized(TILE_HEADROOM)

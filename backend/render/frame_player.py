@@ -12,6 +12,11 @@ Nothing in the captured path may wait for the GPU, so renders go through a ``Til
 call that needed more than the budget held is rendered again after the budget grows and
 the graph is captured anew, so no frame is ever returned with dropped intersections.
 Without CUDA (or gsplat) the player runs the same functions eagerly.
+
+Inside a graph the GPU still runs every small kernel of posing and placement (about two
+hundred for one frame), each costing a few microseconds however little it does. With
+``PlayerConfig.compile`` torch.compile fuses them into a handful of generated kernels; the
+compilation (once per batch size, then cached on disk) is the price.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.gaussians.avatar import Avatar, deform_local
+from backend.gaussians.avatar import Avatar, appearance, deform_geometry
+from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.cuda_graph import GraphedStep
@@ -44,6 +50,9 @@ class PlayerConfig:
         graph: capture on CUDA; False runs every call eagerly (the reference path).
         max_captures: batch shapes kept captured (each holds its own GPU memory); the
             least recently used one is dropped beyond this (a viewport resized many times).
+        compile: fuse posing and placement with torch.compile (graphed players only). The
+            first call of each batch size then compiles: seconds to tens of seconds, less
+            when the disk cache of an earlier process holds the kernels.
     """
 
     depth: bool = False
@@ -51,6 +60,7 @@ class PlayerConfig:
     warmup: int = 1
     graph: bool = True
     max_captures: int = 4
+    compile: bool = False
 
 
 _FRAME_FIELDS = ("expr", *POSE_FIELDS)
@@ -99,6 +109,8 @@ class FramePlayer:
         self.device = avatar.local.offset.device
         self.background = background.to(self.device, torch.float32).clone()  # its own buffer, refilled in place
         self.graphed = config.graph and self.device.type == "cuda" and gsplat_available()
+        self._appearance = appearance(avatar.local)  # the same for every frame
+        self._pose = torch.compile(self._pose_eager, fullgraph=True, dynamic=False) if config.compile and self.graphed else self._pose_eager
         self._captures: OrderedDict[tuple[int, ...], _Capture] = OrderedDict()
         self.recaptures = 0  # graphs captured again after a frame outgrew its tile budget
 
@@ -139,20 +151,23 @@ class FramePlayer:
         capture.load(params, cams)
         while True:
             out = capture.step()
-            peak = int(capture.budget.peak)  # the one sync of a call: the frames are read next anyway
-            if peak <= capture.budget.capacity:
+            if not capture.budget.grow(self.config.headroom):  # the one sync of a call: the frames are read next anyway
                 return out
-            capture.budget.capacity = int(self.config.headroom * peak) + 1
             capture.step.recapture()
             self.recaptures += 1
 
-    def _render(self, params: FlameParams, cameras: Cameras, budget: TileBudget | None) -> RenderOutput:
+    def _pose_eager(self, params: FlameParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Means, quats and scales, [B, N, 3 | 4 | 3], of the avatar posed by ``params``."""
         vertices = self.head(params, check=False).vertices
-        splats = deform_local(vertices, self.head.faces, self.avatar.binding, self.avatar.local)
+        b, local = self.avatar.binding, self.avatar.local
+        return deform_geometry(vertices, self.head.faces, b.face_idx, b.bary, local.offset, local.rotation, local.log_scale)
+
+    def _render(self, params: FlameParams, cameras: Cameras, budget: TileBudget | None) -> RenderOutput:
+        splats = Splats(*self._pose(params), *self._appearance)
         return render(splats, cameras, self.background, settings=self.settings, budget=budget, depth=self.config.depth)
 
     def _probe_budget(self, params: FlameParams, cameras: Cameras) -> TileBudget:
         """A budget sized from the first batch's own intersections."""
-        probe = TileBudget(1, torch.zeros((), dtype=torch.int64, device=self.device))
+        probe = TileBudget.probe(self.device)
         self._render(params, cameras, probe)
-        return TileBudget(int(self.config.headroom * int(probe.peak)) + 1, probe.peak.clone())
+        return probe.sized(self.config.headroom)

@@ -37,6 +37,24 @@ class TileBudget:
         if self.capacity < 1:
             raise ValueError(f"a tile budget needs at least one slot, got {self.capacity}")
 
+    @classmethod
+    def probe(cls, device: torch.device | str) -> TileBudget:
+        """A one-slot budget that only counts: render the views with it, then ``sized``."""
+        return cls(1, torch.zeros((), dtype=torch.int64, device=device))
+
+    def sized(self, headroom: float) -> TileBudget:
+        """A new budget of ``headroom`` times the most pairs seen so far (reads ``peak``)."""
+        return TileBudget(int(headroom * int(self.peak)) + 1, self.peak.clone())
+
+    def grow(self, headroom: float, margin: float = 1.0) -> bool:
+        """Resize to ``headroom`` x ``peak`` once ``peak`` exceeds ``capacity / margin``
+        (margin 1: only after pairs were dropped). Reads ``peak``; True if resized."""
+        peak = int(self.peak)
+        if peak * margin <= self.capacity:
+            return False
+        self.capacity = int(headroom * peak) + 1
+        return True
+
     def to(self, device: torch.device | str) -> TileBudget:
         """The budget with its counter on ``device`` (a copy when it moves)."""
         return TileBudget(self.capacity, self.peak.to(device))
