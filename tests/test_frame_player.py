@@ -76,6 +76,17 @@ def test_replayed_frames_equal_eager_ones_call_after_call(batch: int) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+def test_compiled_posing_replays_the_eager_frames_without_compiling_again() -> None:
+    head, avatar, params, cams = on_cuda(20_000, 4, 128)
+    player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(compile=True))
+    for i in range(4):  # new parameter values each call: the same compiled kernels, one capture
+        p, c = params.index([i]), cams.frames([i])
+        assert_replays_eager(player(p, c), avatar, head, p, c)
+    assert player.captures == 1
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_a_frame_that_needs_more_tile_slots_is_rendered_again_after_the_budget_grows() -> None:
     head, avatar, params, _ = on_cuda(20_000, 2, 128)
     away = view_cameras(ViewConfig(size=128), 1, HeadFraming(centre=(3.0, 0.0, 0.0)))  # the head is out of view

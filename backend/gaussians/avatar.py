@@ -124,12 +124,18 @@ def deform_local(vertices: torch.Tensor, faces: torch.Tensor, binding: Binding, 
     return assemble_splats(means, quats, scales, local)
 
 
-def assemble_splats(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, local: LocalGaussians) -> Splats:
-    """Splats from posed geometry plus the local opacity and colour (plain RGB for SH degree 0)."""
+def appearance(local: LocalGaussians) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """What does not move with the head: opacities [N] in [0, 1]; colours, [N, 3] plain RGB
+    for SH degree 0, else the [N, K, 3] coefficients; and the SH degree (None for plain RGB)."""
     opacities = torch.sigmoid(local.opacity_logit)
     if local.sh_degree == 0:
-        return Splats(means, quats, scales, opacities, (0.5 + SH_C0 * local.sh[:, 0]).clamp_min(0.0))
-    return Splats(means, quats, scales, opacities, local.sh, sh_degree=local.sh_degree)
+        return opacities, (0.5 + SH_C0 * local.sh[:, 0]).clamp_min(0.0), None
+    return opacities, local.sh, local.sh_degree
+
+
+def assemble_splats(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, local: LocalGaussians) -> Splats:
+    """Splats from posed geometry plus the local opacity and colour (``appearance``)."""
+    return Splats(means, quats, scales, *appearance(local))
 
 
 def deform_geometry(
