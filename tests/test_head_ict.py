@@ -172,3 +172,17 @@ def test_the_build_refuses_a_folder_that_is_no_snapshot(tmp_path, capsys) -> Non
         assert main([str(folder), "--out", str(tmp_path / "out")]) == 2
         assert str(folder) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_motion_opens_the_jaw_with_jaw_open_and_leaves_the_joint_at_rest(model: HeadModel) -> None:
+    from backend.data.motion import random_trajectory
+    from backend.head.registry import load_head_model
+
+    assert model.data.jaw_expression == model.expr_names.index("jawOpen")
+    params = random_trajectory(model, 60, np.random.default_rng(0), 1.0, moving_head=False)
+    assert torch.count_nonzero(params.jaw_pose) == 0
+    jaw_open = params.expr[:, model.data.jaw_expression]
+    assert float(jaw_open.max()) > 0.1 and float(jaw_open.min()) >= 0.0  # the mouth opens and closes
+    builtin = load_head_model()
+    assert builtin.data.jaw_expression is None
+    assert float(random_trajectory(builtin, 60, np.random.default_rng(0), 1.0, moving_head=False).jaw_pose[:, 0].max()) > 0.05

@@ -8,6 +8,8 @@ import torch
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 
+JAW_OPEN_RAD = 0.5  # the jaw joint's rotation for an open mouth, on heads whose joint carries the jaw
+
 
 def _smooth_curve(rng: np.random.Generator, t: np.ndarray, amplitude: float, components: int = 3) -> np.ndarray:
     """A smooth random curve over t in [0, 1]: a few sinusoids of 0.3-2 cycles."""
@@ -23,15 +25,20 @@ def random_trajectory(head: HeadModel, frames: int, rng: np.random.Generator, mo
     params = head.neutral_params(frames)
     expr = np.zeros((frames, head.n_expr))
     named = len(head.expr_names)
+    jaw_expression = head.data.jaw_expression
     # A few named units at a time read as expressions; all of them at once reads as noise.
-    active = rng.choice(named, size=min(5, named), replace=False) if named else []
+    pool = [i for i in range(named) if i != jaw_expression]
+    active = rng.choice(pool, size=min(5, len(pool)), replace=False) if pool else []
     for i in active:
         expr[:, i] = np.maximum(_smooth_curve(rng, t, 3.0), 0.0)
     for i in range(named, head.n_expr):
         expr[:, i] = _smooth_curve(rng, t, 0.3)
-    jaw = np.maximum(_smooth_curve(rng, t, 0.5), 0.0)
+    jaw = np.maximum(_smooth_curve(rng, t, 1.0), 0.0)  # 0 closed, about 1 open
+    if jaw_expression is None:
+        params.jaw_pose[:, 0] = torch.tensor(JAW_OPEN_RAD * jaw * motion, dtype=torch.float32)
+    else:
+        expr[:, jaw_expression] = jaw
     params.expr = torch.tensor(expr * motion, dtype=torch.float32)
-    params.jaw_pose[:, 0] = torch.tensor(jaw * motion, dtype=torch.float32)
     params.neck_pose = torch.tensor(np.stack([_smooth_curve(rng, t, 0.1), _smooth_curve(rng, t, 0.15), _smooth_curve(rng, t, 0.05)], 1) * motion, dtype=torch.float32)
     gaze = np.stack([_smooth_curve(rng, t, 0.15), _smooth_curve(rng, t, 0.25), np.zeros_like(t)], 1)
     params.eyes_pose = torch.tensor(np.concatenate([gaze, gaze], 1) * motion, dtype=torch.float32)

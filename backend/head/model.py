@@ -22,6 +22,8 @@ from backend.wire.errors import InputError
 FLAME_SHAPE_SPACE = 300
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 
+JAW_EXPRESSION = "jawOpen"  # an expression of this name carries the jaw (ARKit's naming)
+
 
 @dataclass(frozen=True)
 class HeadModelData:
@@ -63,6 +65,13 @@ class HeadModelData:
     n_expr: int
     expr_names: tuple[str, ...] = ()
     part_masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def jaw_expression(self) -> int | None:
+        """Index of the expression that carries the jaw (``JAW_EXPRESSION``), or None when
+        the jaw joint does. A head named after ARKit (ICT's) opens its mouth, teeth and chin
+        with ``jawOpen``: whoever animates it leaves the joint at rest, or the jaw opens twice."""
+        return self.expr_names.index(JAW_EXPRESSION) if JAW_EXPRESSION in self.expr_names else None
 
     @property
     def num_vertices(self) -> int:

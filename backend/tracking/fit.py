@@ -49,9 +49,6 @@ Progress = Callable[[int, int], None]
 CAM_AXES = np.diag([1.0, -1.0, -1.0])
 
 
-JAW_EXPRESSION = "jawOpen"  # an expression of this name carries the jaw (ARKit's naming)
-
-
 @dataclass(frozen=True)
 class FitConfig:
     """Knobs of the landmark fit (defaults tuned on synthetic subjects and real portraits).
@@ -71,10 +68,9 @@ class FitConfig:
         focal_sigma: prior standard deviation of log focal.
         smooth_*: first-difference weights between neighbouring frames of a sequence.
         fit_eyes: fit eye rotations from the iris centres (needs eyeballs on the model).
-        fit_jaw_joint: fit the jaw joint. None: unless the head has an expression named
-            ``JAW_EXPRESSION`` (a head named after ARKit, such as ICT's), whose jaw weights
-            carry the jaw, teeth and chin: fitting the joint too would open the mouth twice
-            over, and ARKit curves imported onto such a head leave the joint at rest as well.
+        fit_jaw_joint: fit the jaw joint. None: unless an expression of the head carries the
+            jaw (``HeadModelData.jaw_expression``): fitting the joint too would open the mouth
+            twice over; imported ARKit curves and synthetic motion leave it at rest as well.
         mediapipe_embedding: fit mediapipe's own points embedded on the head when the head ships
             an embedding (``correspondence.MediapipeEmbedding``), so model and detection define
             each landmark the same way; off, or without one, the head's own iBUG landmarks.
@@ -316,7 +312,7 @@ class LandmarkFitter:
         """Whether the fit moves the jaw joint (``FitConfig.fit_jaw_joint``)."""
         if self.config.fit_jaw_joint is not None:
             return self.config.fit_jaw_joint
-        return JAW_EXPRESSION not in self.head.expr_names
+        return self.head.data.jaw_expression is None
 
     def raw_points(self, shape: torch.Tensor, expr: torch.Tensor, pose: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
         """[B, R, 3] the raw model points (``ModelPoints``) of the posed head, world frame."""
