@@ -1,16 +1,18 @@
 """The service: one ROUTER socket, the operation table, job watchers, and the worker behind them.
 
-The service thread owns the socket. It decodes and checks every request, answers store and
+The service thread reads the socket. It decodes and checks every request, answers store and
 job operations itself, and hands device operations (render, deform, export) to the worker,
-whose replies come back through an outbox and go out in order. A client that disappears or
-stops reading loses its stream; the service goes on with everyone else.
+which sends their replies itself: a reply handed back to the service thread would wait for
+two more thread wake-ups. The two threads share the socket under one lock, and the service
+thread waits on the socket's own signal (edge-triggered: any use of the socket may consume
+it), so the worker tells it when a send of its own has found requests waiting. A client that
+disappears or stops reading loses its stream; the service goes on with everyone else.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -90,7 +92,7 @@ OPS: dict[str, Op] = {
 WATCH = ops.Watch.op  # a stream of job events, kept by the service thread itself
 POLL_MS = 100
 MIN_EVENT_INTERVAL_S = 0.1  # progress events per watcher at most this often (state changes always go)
-READS_PER_TURN = 64  # requests read before the outbox gets its turn
+READS_PER_TURN = 64  # requests read before the job watchers get their turn
 STOP_TIMEOUT_S = 60.0
 
 
@@ -117,12 +119,14 @@ class Service:
         self._own_zmq = context is None
         self._auth = None
         self._stop = threading.Event()
-        self._outbox: queue.SimpleQueue[tuple[Task, list[Buffer]]] = queue.SimpleQueue()
+        # The socket is used by the service thread and the worker; so is the replay memory.
+        self._lock = threading.Lock()
         self._wake_endpoint = f"inproc://spatialavatar-wake-{id(self)}"
         self._thread_sockets = threading.local()
         self._pushes: list[zmq.Socket] = []
         self._watchers: dict[tuple[bytes, str], _Watcher] = {}
         self._replay: OrderedDict[str, list[Buffer]] = OrderedDict()
+        self._checked: list[Task] = []  # device requests of this turn, for the worker
         self.requests = 0
         # Encrypted binds serve other machines, which cannot map this one's memory.
         self.slots = SlotPool(config.shared_slots) if config.shared_slots > 0 and keys is None else None
@@ -130,7 +134,7 @@ class Service:
             self.engine = Engine(config.flame, device, self.store)
             self.jobs = Jobs(self.store, job_kinds(self.engine, self.store, config.generator))
             self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop, self.slots)
-            self.worker = Worker(self.jobs, self._post, config.limits, config.max_pending, self.slots, config.stream_window, config.send_timeout_s)
+            self.worker = Worker(self.jobs, self._reply, config.limits, config.max_pending, self.slots, config.stream_window, config.send_timeout_s)
             self.socket = self._zmq.socket(zmq.ROUTER)
             self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of being silently fed
             self.socket.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
@@ -222,34 +226,48 @@ class Service:
         """Serve until ``request_stop()`` or a shutdown request; then interrupt the job and close."""
         self.worker.start()
         poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.socket.getsockopt(zmq.FD), zmq.POLLIN)  # the socket's signal: "look at its events"
         poller.register(self._wake, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(POLL_MS))
-                if self._wake in events:
-                    while self._drain_wake():
-                        pass
-                self._flush_outbox()
-                if self.socket in events:
-                    for _ in range(READS_PER_TURN):
-                        try:
-                            message = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        try:
-                            self._handle(message)
-                        except Exception:  # a bug must cost one request, not the service
-                            log.exception("request handling failed")
+                if not self._readable():
+                    events = dict(poller.poll(POLL_MS))
+                    if self._wake in events:
+                        while self._drain_wake():
+                            pass
+                for _ in range(READS_PER_TURN):
+                    message = self._receive()
+                    if message is None:
+                        break
+                    try:
+                        self._handle(message)
+                    except Exception:  # a bug must cost one request, not the service
+                        log.exception("request handling failed")
                 self._update_watchers()
+                self._hand_over()
         finally:
             self.worker.stop(STOP_TIMEOUT_S)
-            self._flush_outbox()
             self._update_watchers(force=True)
             self._close_sockets()
             self.store.close()
             if self.slots is not None and not self.worker.alive:  # a worker stuck in a step may still write
                 self.slots.close()
+
+    def _readable(self) -> bool:
+        """Whether requests are waiting (this also re-arms the socket's signal)."""
+        with self._lock:
+            return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def _receive(self) -> list[zmq.Frame] | None:
+        """The next waiting request, or None. Asking the socket first is cheaper than the
+        exception a receive with nothing waiting raises."""
+        with self._lock:
+            if not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None
+            try:
+                return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
 
     def _drain_wake(self) -> bool:
         try:
@@ -259,9 +277,10 @@ class Service:
             return False
 
     def _close_sockets(self) -> None:
-        for sock in (getattr(self, "socket", None), getattr(self, "_wake", None), *self._pushes):
-            if sock is not None:
-                sock.close(linger=0)
+        with self._lock:  # a worker still inside a long step may send until the socket is closed
+            for sock in (getattr(self, "socket", None), getattr(self, "_wake", None), *self._pushes):
+                if sock is not None:
+                    sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
         worker = getattr(self, "worker", None)
@@ -296,41 +315,56 @@ class Service:
         if op is None:
             self._send(envelope, encode_error(req.id, req.op, ErrorCode.UNKNOWN_OP, f"unknown operation '{req.op}'; hello lists them"))
             return
-        if op.replay and req.id in self._replay:
-            self._send(envelope, self._replay[req.id])
-            return
+        if op.replay:
+            with self._lock:
+                replayed = self._replay.get(req.id)
+            if replayed is not None:
+                self._send(envelope, replayed)
+                return
         try:
             parts = start(op, self.ctx, req)
         except Exception as exc:
             self._reply_once(envelope, req, op, error_frames(req.id, req.op, exc))
             return
         if op.device:
-            if not self.worker.submit(Task(envelope, req, parts)):
-                self._send(
-                    envelope,
-                    encode_error(
-                        req.id, req.op, ErrorCode.BUSY, f"{req.op}: {self.config.max_pending} device requests are waiting; retry shortly"
-                    ),
-                )
+            self._checked.append(Task(envelope, req, parts))
             return
         for frames_out in encode_parts(req, parts, self.config.limits):
             self._reply_once(envelope, req, op, frames_out)
         if op.queues_job:
             self.worker.wake()
 
+    def _hand_over(self) -> None:
+        """Queue this turn's device requests for the worker. Done last before the service
+        thread waits: the woken worker then finds the interpreter free, instead of waiting
+        for the service thread to let go of it (a second thread wake-up)."""
+        checked, self._checked = self._checked, []
+        for task in checked:
+            if not self.worker.submit(task):
+                req = task.request
+                message = f"{req.op}: {self.config.max_pending} device requests are waiting; retry shortly"
+                self._send(task.envelope, encode_error(req.id, req.op, ErrorCode.BUSY, message))
+
     def _reply_once(self, envelope: list[bytes], req: Request, op: Op, frames: list[Buffer]) -> None:
         if op.replay:
-            self._remember(req, frames)
+            with self._lock:
+                self._remember(req, frames)
         self._send(envelope, frames)
 
     def _remember(self, req: Request, frames: list[Buffer]) -> None:
-        """Keep the reply of a request that must not run twice, for its retries."""
+        """Keep the reply of a request that must not run twice, for its retries (under the lock)."""
         self._replay[req.id] = frames
         while len(self._replay) > self.config.replay_size:
             self._replay.popitem(last=False)
 
     def _send(self, envelope: list[bytes], frames: list[Buffer]) -> bool:
         """False when the client is gone or has stopped reading (its reply is dropped)."""
+        with self._lock:
+            return self._send_locked(envelope, frames)
+
+    def _send_locked(self, envelope: list[bytes], frames: list[Buffer]) -> bool:
+        if self.socket.closed:  # a worker that outlived the service's stop
+            return False
         try:
             self.socket.send_multipart([*envelope, *frames], copy=False)
             return True
@@ -343,9 +377,24 @@ class Service:
 
     # -- the worker's replies --------------------------------------------------------------
 
-    def _post(self, task: Task, frames: list[Buffer]) -> None:
-        """Called on the worker thread: queue a reply and wake the service thread."""
-        self._outbox.put((task, frames))
+    def _reply(self, task: Task, frames: list[Buffer]) -> None:
+        """Called on the worker thread: send a reply of ``task`` straight to its client."""
+        op = OPS.get(task.request.op)
+        with self._lock:
+            if op is not None and op.replay:
+                self._remember(task.request, frames)
+            if task.abandoned.is_set():
+                return
+            if not self._send_locked(task.envelope, frames):
+                task.abandoned.set()
+                log.info("a client is gone or not reading: the rest of its stream is skipped")
+            # The send may have consumed the socket's signal for requests that came meanwhile,
+            # which the service thread waits on: tell it through its wake socket instead.
+            if not self.socket.closed and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._poke()
+
+    def _poke(self) -> None:
+        """Wake the service thread (under the lock)."""
         push = getattr(self._thread_sockets, "push", None)
         if push is None:
             push = self._thread_sockets.push = self._zmq.socket(zmq.PUSH)
@@ -356,20 +405,6 @@ class Service:
             push.send(b"", zmq.NOBLOCK)
         except zmq.Again:  # the service thread has wake-ups enough pending
             pass
-        time.sleep(0)  # hand the GIL to the service thread, so the reply leaves before this thread goes on
-
-    def _flush_outbox(self) -> None:
-        while True:
-            try:
-                task, frames = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            op = OPS.get(task.request.op)
-            if op is not None and op.replay:
-                self._remember(task.request, frames)
-            if not task.abandoned.is_set() and not self._send(task.envelope, frames):
-                task.abandoned.set()
-                log.info("a client is gone or not reading: the rest of its stream is skipped")
 
     def _ack(self, envelope: list[bytes], req: Request) -> None:
         """Credit for a stream of this client; answered only when malformed."""

@@ -68,8 +68,9 @@ class Worker:
         self._max_pending = max_pending
         self._window = window
         self._stall_s = stall_s
-        self._tasks: queue.Queue[Task | None] = queue.Queue()
-        self._credits: queue.Queue[tuple[tuple[bytes, str], int]] = queue.Queue()
+        # SimpleQueue: no Python-level condition to pass through, so a waiting worker wakes sooner.
+        self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self._credits: queue.SimpleQueue[tuple[tuple[bytes, str], int]] = queue.SimpleQueue()
         self._streams: dict[tuple[bytes, str], Task] = {}  # started and not finished; credit goes here
         self._parked: dict[tuple[bytes, str], Task] = {}  # those waiting for credit
         self._stopping = threading.Event()
