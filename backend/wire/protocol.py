@@ -307,7 +307,7 @@ def _described(header: dict, limits: Limits) -> list[tuple[str, np.dtype, list[i
     seen: set[str] = set()
     for i, d in enumerate(descriptors):
         where = f"buffers[{i}]"
-        if not isinstance(d, dict) or set(d) != _BUFFER_KEYS:
+        if not isinstance(d, dict) or d.keys() != _BUFFER_KEYS:
             raise _malformed(f"{where} must be an object with exactly 'name', 'dtype' and 'shape'")
         name, dtype, shape = d["name"], d["dtype"], d["shape"]
         if not isinstance(name, str) or not _NAME.fullmatch(name):
