@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
 
 from backend.server.config import RequestLimits
 from backend.wire.protocol import ErrorCode, WireError
+
+if TYPE_CHECKING:
+    import av
 
 # The video containers a tracker would read, by their leading bytes: (offset, magic, file
 # suffix, FFmpeg demuxer). The demuxer is named when probing, so FFmpeg never guesses one
@@ -54,8 +57,12 @@ def video_suffix(data: bytes, name: str, limits: RequestLimits) -> str:
     else:
         raise WireError(ErrorCode.INVALID_ARGUMENT, f"'{name}' is not an MP4, MOV, Matroska, WebM or AVI video")
     try:
+        import av  # here, not at the top: a service that only renders needs no FFmpeg
+    except ImportError:
+        raise WireError(ErrorCode.NOT_AVAILABLE, "this service cannot read videos: PyAV is not installed beside it") from None
+    try:
         with av.open(io.BytesIO(data), format=demuxer) as container:
-            _probe(container, name, limits)
+            _probe(container, name, limits, av.time_base)
     except av.FFmpegError as exc:
         raise WireError(
             ErrorCode.INVALID_ARGUMENT, f"'{name}' cannot be read as a video ({type(exc).__name__}): it may be truncated or damaged"
@@ -63,7 +70,8 @@ def video_suffix(data: bytes, name: str, limits: RequestLimits) -> str:
     return suffix
 
 
-def _probe(container: av.container.InputContainer, name: str, limits: RequestLimits) -> None:
+def _probe(container: av.container.InputContainer, name: str, limits: RequestLimits, time_base: int) -> None:
+    """``time_base``: units per second of the container's duration (FFmpeg's AV_TIME_BASE)."""
     if not container.streams.video:
         raise WireError(ErrorCode.INVALID_ARGUMENT, f"'{name}' has no video stream")
     stream = container.streams.video[0]
@@ -75,7 +83,7 @@ def _probe(container: av.container.InputContainer, name: str, limits: RequestLim
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * stream.time_base)
     else:
-        seconds = container.duration / av.time_base if container.duration else 0.0
+        seconds = container.duration / time_base if container.duration else 0.0
     if seconds > limits.max_video_seconds:
         raise WireError(ErrorCode.TOO_LARGE, f"'{name}' lasts {seconds:.1f} s; at most {limits.max_video_seconds:g} s")
     decoded = False
