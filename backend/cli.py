@@ -199,6 +199,14 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     subject.params.check_head(head.name, head.expr_names, str(subject.root / "flame_param.npz"))
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
+    photometric = args.photometric_tracking
+    if photometric is None:  # where it was measured to help: tracked video on a GPU
+        photometric = device == "cuda" and subject.info.source != "synthetic" and resume is None
+    if photometric:
+        from backend.refine.photometric_tracking import track_photometric
+
+        track_bar = _progress("photometric tracking", not args.json, unit="step")
+        subject = track_photometric(head, subject, progress=lambda done, total, stats: track_bar(done, total))
     interrupted = {"flag": False}
 
     def on_sigint(signum, frame):  # type: ignore[no-untyped-def]
@@ -224,7 +232,7 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     ckpt_path.unlink(missing_ok=True)
     wall = result.timings["wall"]
     return {
-        "avatar": str(args.out), "iterations": config.iterations, "gaussians": result.avatar.count, "seconds": round(wall, 2),
+        "avatar": str(args.out), "iterations": config.iterations, "gaussians": result.avatar.count, "seconds": round(wall, 2), "photometric_tracking": photometric,
         "final": result.history[-1] if result.history else {}, "notes": result.notes,
     }
 
@@ -558,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-flame",
         action=argparse.BooleanOptionalAction,
         help="also fine-tune the training frames' FLAME parameters (default: off for ours, on for the baselines; on real clips it helps the training frames, not the held-out ones)",
+    )
+    p.add_argument(
+        "--photometric-tracking",
+        action=argparse.BooleanOptionalAction,
+        help="first align every frame's FLAME parameters to its image with a short throwaway refinement (default: on for tracked video on a GPU, about 10-20 s; docs/refinement.md)",
     )
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6, which tracked real subjects multiply by 2.5 like the offset threshold; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")

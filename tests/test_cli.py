@@ -70,7 +70,8 @@ def test_synth_init_render_export(tmp_path, monkeypatch) -> None:
     assert img.shape == (64, 64, 3) and img.std() > 10  # a head on a white background, not a blank frame
     assert (frames / "contact_sheet.png").is_file()
     refined = tmp_path / "refined.npz"
-    run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5", "--finetune-flame")
+    summary = json.loads(run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5", "--finetune-flame", "--json").stdout)
+    assert summary["photometric_tracking"] is False  # by default only for tracked video on a GPU
     decided = load_avatar(refined).meta["refine_config"]
     assert decided["surface"]["max_depth"] == 0.5 and decided["finetune_flame"] is True  # on although the subject is synthetic
     scores = json.loads(run("evaluate", str(refined), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)
