@@ -71,9 +71,11 @@ def resolve_device(name: str) -> str:
 class Engine:
     """The head model and a few recently used avatars, on one device."""
 
-    def __init__(self, flame: str | None, device: str, store: Store, cache_size: int = 4) -> None:
-        """``flame``: the head model as ``load_head_model`` takes it; ``device``: "cpu" or "cuda"."""
+    def __init__(self, flame: str | None, device: str, store: Store, cache_size: int = 4, compile_player: bool = False) -> None:
+        """``flame``: the head model as ``load_head_model`` takes it; ``device``: "cpu" or "cuda";
+        ``compile_player``: see ``ServiceConfig``."""
         self.device = device
+        self._player_config = PlayerConfig(depth=True, compile=compile_player)
         self.head: HeadModel = load_head_model(flame).to(device)
         self.fingerprint = fingerprint(self.head.data)
         self.store = store
@@ -118,7 +120,7 @@ class Engine:
         avatar = self.avatar(aid)
         kept = self._players.get(aid)
         if kept is None or kept[0] is not avatar:
-            kept = self._players[aid] = (avatar, FramePlayer(avatar, self.head, torch.zeros(3), config=PlayerConfig(depth=True)))
+            kept = self._players[aid] = (avatar, FramePlayer(avatar, self.head, torch.zeros(3), config=self._player_config))
         return kept[1]
 
     def generator(self, checkpoint: Path | None) -> Generator:

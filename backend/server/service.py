@@ -131,7 +131,7 @@ class Service:
         # Encrypted binds serve other machines, which cannot map this one's memory.
         self.slots = SlotPool(config.shared_slots) if config.shared_slots > 0 and keys is None else None
         try:
-            self.engine = Engine(config.flame, device, self.store)
+            self.engine = Engine(config.flame, device, self.store, compile_player=config.compile_player)
             self.jobs = Jobs(self.store, job_kinds(self.engine, self.store, config.generator))
             self.ctx = OpContext(config, self.store, self.jobs, self.engine, self._hello(keys is not None), self.request_stop, self.slots)
             self.worker = Worker(self.jobs, self._reply, config.limits, config.max_pending, self.slots, config.stream_window, config.send_timeout_s)
