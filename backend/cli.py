@@ -424,7 +424,7 @@ def _personalization(args: argparse.Namespace, device: str) -> Personalization |
             why = "--no-personalize was given" if args.personalize is False else f"it is off on {device} unless --personalize is given"
             raise SpatialAvatarError(f"--personalize-iterations {args.personalize_iterations}: personalization does not run ({why})")
         return None
-    return Personalization().with_overrides(*_flags(args, {"iterations": "--personalize-iterations"}))
+    return Personalization.for_device(device).with_overrides(*_flags(args, {"iterations": "--personalize-iterations"}))
 
 
 def cmd_export_ply(args: argparse.Namespace) -> dict:
@@ -671,14 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--personalize",
         action=argparse.BooleanOptionalAction,
         help="refine the generated avatar briefly on its own sources, so it takes in the person's hair, skin and lighting "
-        "(layout unchanged). Default: on with CUDA, where it takes seconds; off on the CPU, where a step at 512 x 512 px "
-        "costs seconds on two cores, so the default steps take minutes",
+        "(layout unchanged). Default: on with CUDA, where it takes seconds; off on the CPU, where its "
+        f"{Personalization.cpu_iterations} steps take most of a minute on two cores",
     )
     p.add_argument(
         "--personalize-iterations",
         type=int,
         metavar="N",
-        help=f"personalization steps (default {Personalization.iterations}); only with personalization on",
+        help=f"personalization steps (default {Personalization.iterations} with CUDA, {Personalization.cpu_iterations} on the CPU); only with personalization on",
     )
     p.set_defaults(fn=cmd_generate)
 

@@ -24,6 +24,7 @@ from backend.gaussians.files import load_avatar
 from backend.generate.checkpoint import load_generator, save_generator
 from backend.generate.generate import generate_avatar
 from backend.generate.model import Generator, preset
+from backend.generate.personalize import Personalization
 from backend.head.flame_files import write_flame
 from backend.wire.client import Client
 from backend.wire.protocol import ErrorCode, WireError
@@ -59,6 +60,13 @@ def test_generate_command_personalizes_when_asked(setup: dict[str, Path], tmp_pa
     meta = load_avatar(out).meta
     assert meta["personalized"]["iterations"] == 3 and meta["personalized"]["frames"] == [0]
     assert meta["refined_iterations"] == 3
+
+
+def test_personalization_asked_for_on_the_cpu_runs_the_cpu_schedule(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cpu.npz"
+    assert main([*_cli(setup, out, "--personalize"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["personalized"] is True
+    assert load_avatar(out).meta["personalized"]["iterations"] == Personalization.cpu_iterations < Personalization.iterations
 
 
 def test_generate_command_leaves_it_out_on_the_cpu_and_when_told(

@@ -70,7 +70,7 @@ class DemoConfig(Config):
         gpu_personalize: personalize the generated avatar on the portrait on CUDA (seconds there).
         cpu_personalize: the same on the CPU: off, because a step at 512 x 512 px costs seconds
             on two cores and the demo must finish in minutes there.
-        personalize_iterations: personalization steps (``Personalization``'s default).
+        personalize_iterations: personalization steps; None: ``Personalization.for_device``.
         gpu_iters: Stage 2 iterations on CUDA, at ``track_size``.
         cpu_iters: Stage 2 iterations on the CPU, at ``cpu_refine_size``.
         cpu_refine_size: the CPU schedule refines on a copy of the crop downscaled to this side.
@@ -93,7 +93,7 @@ class DemoConfig(Config):
     track_size: int = 512
     gpu_personalize: bool = True
     cpu_personalize: bool = False
-    personalize_iterations: int = Personalization.iterations
+    personalize_iterations: int | None = None
     gpu_iters: int = RefineConfig.iterations
     cpu_iters: int = 300
     cpu_refine_size: int = 256
@@ -111,7 +111,8 @@ class DemoConfig(Config):
             at_least(name, getattr(self, name), 1)
         for name in ("gpu_iters", "cpu_iters"):
             at_least(name, getattr(self, name), 1, "refinement needs at least 1 iteration")
-        at_least("personalize_iterations", self.personalize_iterations, 1)
+        if self.personalize_iterations is not None:
+            at_least("personalize_iterations", self.personalize_iterations, 1)
         for name in ("track_size", "cpu_refine_size"):
             at_least(name, getattr(self, name), 16, "a crop needs at least 16 x 16 pixels")
         if self.device not in ("cpu", "cuda"):
@@ -223,7 +224,7 @@ def personalize_generated(avatar: Avatar, head: HeadModel, subject: Subject, con
         line = f"not personalized (off on {config.device}: {switch})"
         log(f"      {line}")
         return avatar, line
-    settings = Personalization().with_overrides({"iterations": config.personalize_iterations})
+    settings = Personalization.for_device(config.device).with_overrides({"iterations": config.personalize_iterations})
     t0 = time.perf_counter()
     with _steps_bar("personalize", settings.iterations) as progress:
         personalized = personalize(avatar, head, subject, [(0, 0)], settings, progress=progress)

@@ -11,7 +11,7 @@ value, so what the sources do not show stays as the generator made it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from backend.configs import Config, above, at_least
 from backend.data.subject import Subject
@@ -30,11 +30,21 @@ class Personalization(Config):
     lr_factor: the Gaussians' learning rates (offset, rotation, scale, opacity, colour)
         times this: the schedule is a twentieth of a refinement's, and a generated head's
         hair and skin colours may be far from the person's.
+    cpu_iterations: the schedule ``for_device`` gives the CPU, where a step at 512 x 512 px
+        takes 0.6-0.7 s on two cores: under a minute, and on two real clips as good on
+        held-out frames as the 500 steps of CUDA (BENCHMARKS.md).
     """
+
+    cpu_iterations: ClassVar[int] = 70
 
     iterations: int = 500
     hold: float = 1e-5
     lr_factor: float = 4.0
+
+    @classmethod
+    def for_device(cls, device: str) -> Personalization:
+        """The default schedule on ``device`` ("cpu", "cuda", "cuda:1")."""
+        return cls() if device.startswith("cuda") else cls(iterations=cls.cpu_iterations)
 
     def check(self) -> None:
         at_least("iterations", self.iterations, 1)

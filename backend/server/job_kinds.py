@@ -203,7 +203,7 @@ def _personalize(
     generates and personalizes again (both are short)."""
     from backend.generate.personalize import Personalization, personalize
 
-    config = settings_of(Personalization(), ops.Generate, p)
+    config = settings_of(Personalization.for_device(engine.device), ops.Generate, p)
     progress(0, config.iterations, "personalize: refining on the sources")
 
     def on_progress(done: int, total: int, stats: dict) -> None:
