@@ -60,7 +60,7 @@ def test_personalize_checkbox_follows_the_backend_reaches_the_request_and_cancel
     assert bpy.ops.spatialavatar.generate() == {"FINISHED"}
     task = addon.runtime.RUNTIME.tasks[-1]
     pump(addon, lambda: task.ended or task.progress.message.startswith("personalize"))
-    assert task.progress.state == "running" and task.progress.total == Personalization().iterations, task.progress.message
+    assert task.progress.state == "running" and task.progress.total == Personalization.for_device("cpu").iterations, task.progress.message
     assert bpy.ops.spatialavatar.cancel_task(index=len(addon.runtime.RUNTIME.tasks) - 1) == {"FINISHED"}
     pump(addon, lambda: task.ended)
     assert task.progress.state == "cancelled" and task.progress.message == "Generate Personal cancelled"

@@ -189,7 +189,7 @@ def test_kill9_during_an_avatar_write_keeps_the_store_whole(tmp_path: Path, head
         again = client.call("import", {"name": "again"}, {"file": npz_buffer(small_avatar(head, 1000, seed=5))}).result["avatar"]["id"]
         assert again in {a["id"] for a in client.call("list").result["avatars"]}
         assert client.call("shutdown").result == {"stopping": True}
-    assert second.proc.wait(60) == 0
+        assert second.proc.wait(60) == 0  # inside the block: leaving it first would stop the service itself
 
 
 def test_kill9_during_a_checkpoint_write_resumes_from_a_whole_checkpoint(tmp_path: Path, head: HeadModel, flame_copy: Path) -> None:
@@ -222,7 +222,7 @@ def test_kill9_during_a_checkpoint_write_resumes_from_a_whole_checkpoint(tmp_pat
         client.call("cancel", {"job": job["id"]})
         assert client.call("watch", {"job": job["id"]}).result["job"]["state"] == "cancelled"
         assert client.call("shutdown").result == {"stopping": True}
-    assert second.proc.wait(60) == 0
+        assert second.proc.wait(60) == 0  # inside the block: leaving it first would stop the service itself
 
 
 def test_kill9_with_jobs_queued_behind_a_running_one(tmp_path: Path, head: HeadModel, flame_copy: Path) -> None:
@@ -264,7 +264,7 @@ def test_kill9_with_jobs_queued_behind_a_running_one(tmp_path: Path, head: HeadM
         assert made_avatar in assert_store_whole(client, store, head)
         assert client.call("get", {"id": running["id"]}).result["job"]["state"] == "interrupted"  # not resumed: left alone
         assert client.call("shutdown").result == {"stopping": True}
-    assert second.proc.wait(60) == 0
+        assert second.proc.wait(60) == 0  # inside the block: leaving it first would stop the service itself
 
 
 def test_kill9_with_an_import_in_flight_the_retry_is_acknowledged_and_stored(tmp_path: Path, head: HeadModel, flame_copy: Path) -> None:
