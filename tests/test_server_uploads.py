@@ -5,6 +5,7 @@ start-up, and failure messages that do not tell where the store lies."""
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +159,16 @@ def test_a_crash_s_leftovers_are_gone_once_the_service_starts(tmp_path: Path) ->
         path.touch()
     with service_thread(store) as service:
         assert not partial.exists() and uploads(service) == set()
+
+
+def test_a_service_without_pyav_refuses_a_video_and_goes_on(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV is imported only for a video upload. Here it is installed, so its absence is
+    simulated: a None entry in sys.modules makes ``import av`` fail as on a machine without it."""
+    service, client = served
+    upload = video(tmp_path)
+    jobs = len(client.call("list", {"kind": "jobs"}).result["jobs"])
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(WireError) as err:
+        client.call("track", {}, {"video": upload})
+    assert err.value.code == ErrorCode.NOT_AVAILABLE and "PyAV is not installed" in str(err.value)
+    assert client.call("hello").result["protocol"] and len(client.call("list", {"kind": "jobs"}).result["jobs"]) == jobs
