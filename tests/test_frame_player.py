@@ -62,25 +62,16 @@ def test_one_rig_serves_every_frame_and_a_wrong_camera_count_is_refused() -> Non
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("batch", [1, 4])
-def test_replayed_frames_equal_eager_ones_call_after_call(batch: int) -> None:
+@pytest.mark.parametrize("batch, compiled", [(1, False), (4, False), (1, True)])
+def test_replayed_frames_equal_eager_ones_call_after_call(batch: int, compiled: bool) -> None:
+    """New parameter values each call replay one capture; compiled posing too, without
+    compiling again."""
     head, avatar, params, cams = on_cuda(20_000, 5 * batch, 128)
-    player = FramePlayer(avatar, head, BACKGROUND)
+    player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(compile=compiled))
     assert player.graphed
     for start in range(0, 5 * batch, batch):
         idx = list(range(start, start + batch))
         p, c = params.index(idx), cams.frames(idx)
-        assert_replays_eager(player(p, c), avatar, head, p, c)
-    assert player.captures == 1
-
-
-@pytest.mark.cuda
-@needs_cuda
-def test_compiled_posing_replays_the_eager_frames_without_compiling_again() -> None:
-    head, avatar, params, cams = on_cuda(20_000, 4, 128)
-    player = FramePlayer(avatar, head, BACKGROUND, config=PlayerConfig(compile=True))
-    for i in range(4):  # new parameter values each call: the same compiled kernels, one capture
-        p, c = params.index([i]), cams.frames([i])
         assert_replays_eager(player(p, c), avatar, head, p, c)
     assert player.captures == 1
 
