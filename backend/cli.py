@@ -200,7 +200,7 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     ckpt_path = Path(str(args.out) + ".ckpt")
     resume = RefineState.load(ckpt_path) if args.resume else None
     photometric = args.photometric_tracking
-    if photometric is None:  # where it was measured to help: tracked video on a GPU
+    if photometric is None:  # where it was measured to help: real (not synthetic) subjects on a GPU
         photometric = device == "cuda" and subject.info.source != "synthetic" and resume is None
     if photometric:
         from backend.refine.photometric_tracking import track_photometric
@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--photometric-tracking",
         action=argparse.BooleanOptionalAction,
-        help="first align every frame's FLAME parameters to its image with a short throwaway refinement (default: on for tracked video on a GPU, about 10-20 s; docs/refinement.md)",
+        help="first align every frame's FLAME parameters to its image with a short throwaway refinement (default: on for real, not synthetic, subjects on a GPU, about 10-20 s; docs/refinement.md)",
     )
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6, which tracked real subjects multiply by 2.5 like the offset threshold; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")
