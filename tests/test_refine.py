@@ -284,3 +284,16 @@ def test_damaged_subject_is_refused(head: HeadModel, setup, tmp_path) -> None:  
     with pytest.raises(InputError, match="has 4 frames"):
         Subject.load(root)
 
+
+
+def test_fine_tuning_flame_leaves_the_jaw_joint_to_jaw_open_on_the_ict_head(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from backend.head.registry import load_head_model
+
+    ict = load_head_model("ict")
+    subject = Subject.load(synthesize(ict, tmp_path / "ict", SynthConfig(frames=2, size=32, seed=1, reference_gaussians=2_000)))
+    avatar = initialize_on_subject(ict, subject, InitConfig(gaussians=2_000))
+    config = RefineConfig(iterations=3, log_every=3, checkpoint_every=0, finetune_flame=True, compile=False, cuda_graph=False, lr=replace(LearningRates(), flame_pose=1e-2)).for_layout(2_000, InitConfig.gaussians)
+    tuned = refine(avatar, ict, subject, config).train_params
+    frames = subject.split["train"]
+    assert torch.equal(tuned.jaw_pose, subject.params.jaw_pose[frames])  # jawOpen owns the jaw: the joint stays at rest
+    assert not torch.equal(tuned.rotation, subject.params.rotation[frames])  # the other poses are still fine-tuned

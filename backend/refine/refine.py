@@ -352,15 +352,17 @@ class _Run:
         flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
         if resume:
             flame = {k: v.to(device) for k, v in resume.flame.items()}
-        for v in flame.values():
-            v.requires_grad_(config.finetune_flame)
+        # On a head whose jawOpen carries the jaw, the joint stays at rest here too.
+        tuned = [k for k in _FLAME_FIELDS if not (k == "jaw_pose" and head.data.jaw_expression is not None)]
+        for k, v in flame.items():
+            v.requires_grad_(config.finetune_flame and k in tuned)
         targets = _Targets(subject, frames, device, config.loss_margin)
         draws = _draw(config, len(frames), subject, device)
         density = DensityControl(config.densify, binding, subject) if config.densify else None
         graphed = config.cuda_graph and device.type == "cuda" and density is None
         optimizer = RowAdam(packed)
         rates = learning_rates(config, layout).to(device)
-        flame_opt = _flame_optimizer(config, flame, graphed, device) if config.finetune_flame else None
+        flame_opt = _flame_optimizer(config, {k: flame[k] for k in tuned}, graphed, device) if config.finetune_flame else None
         if resume:
             optimizer.load_state_dict(resume.optimizer["gaussians"])
             if flame_opt is not None and "flame" in resume.optimizer:
@@ -394,11 +396,12 @@ class _Run:
 
 
 def _flame_optimizer(config: RefineConfig, flame: dict[str, torch.Tensor], capturable: bool, device: torch.device) -> torch.optim.Adam:
-    """Adam over the training frames' FLAME parameters, one rate per kind of parameter."""
+    """Adam over the training frames' FLAME parameters in ``flame`` (those fine-tuned), one
+    rate per kind of parameter."""
     lr = config.lr
     return torch.optim.Adam(
         [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
-        + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")],
+        + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose") if k in flame],
         capturable=capturable,
         fused=device.type == "cuda",  # one kernel per group: the per-tensor loop costs more than these small tensors' math
     )
