@@ -30,10 +30,10 @@ def random_trajectory(head: HeadModel, frames: int, rng: np.random.Generator, mo
     pool = [i for i in range(named) if i != jaw_expression]
     active = rng.choice(pool, size=min(5, len(pool)), replace=False) if pool else []
     # ARKit-named weights (a head whose jawOpen carries the jaw) span [0, 1]; the built-in
-    # head's units need about 3 to read as an expression.
+    # head's units need about 3 to read as an expression. A curve never exceeds its amplitude.
     top = 1.0 if jaw_expression is not None else 3.0
     for i in active:
-        expr[:, i] = np.clip(_smooth_curve(rng, t, top), 0.0, top)
+        expr[:, i] = np.maximum(_smooth_curve(rng, t, top), 0.0)
     for i in range(named, head.n_expr):
         expr[:, i] = _smooth_curve(rng, t, 0.3)
     jaw = np.maximum(_smooth_curve(rng, t, 1.0), 0.0)  # 0 closed, about 1 open
