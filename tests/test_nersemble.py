@@ -337,6 +337,8 @@ def test_bad_input_is_one_error_naming_the_file_and_leaves_nothing(head: HeadMod
     (tmp_path / "mine" / "notes.txt").write_text("not a subject")
     with pytest.raises(InputError, match="mine: exists and is not a subject"):
         convert_nersemble(export, tmp_path / "mine", head)
+    with pytest.raises(InputError, match="notes.txt: exists and is not a folder"):
+        convert_nersemble(export, tmp_path / "mine" / "notes.txt", head)
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
 
 

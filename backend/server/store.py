@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from backend.atomic_write import PARTIAL  # RefineState.save writes <checkpoint>.partial, then renames it into place
 from backend.gaussians.avatar import Avatar
 from backend.gaussians.files import load_avatar, save_avatar
 from backend.wire.errors import InputError
@@ -47,7 +48,6 @@ from backend.wire.protocol import ErrorCode, WireError
 log = logging.getLogger("spatialavatar.server")
 
 ID = re.compile(r"(av|sb|jb)_[0-9a-f]{16}")
-PARTIAL = ".partial"  # RefineState.save writes <checkpoint>.partial, then renames it into place
 KIND_NAMES = {"av": "avatar", "sb": "subject", "jb": "job"}
 
 

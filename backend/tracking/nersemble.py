@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
+from backend.atomic_write import PARTIAL
 from backend.configs import Config, SettingError, above, at_least
 from backend.data.subject import SubjectInfo, write_frame, write_subject
 from backend.head.model import FLAME_SHAPE_SPACE, HeadModel
@@ -39,7 +40,6 @@ from backend.tracking.nersemble_layouts import TRACKED_WITH, Capture, TrackedHea
 from backend.wire.errors import InputError
 
 HELDOUT = "heldout"
-PARTIAL = ".partial"
 # VHAP's FLAME appends 120 teeth vertices after FLAME's own; their offsets have no place in FLAME.
 VHAP_TEETH = 120
 # The head model names of the FLAME the public trackings used (backend/head/flame_files.py).
@@ -136,6 +136,8 @@ def convert_nersemble(
     t0 = time.perf_counter()
     config.check()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; give a new folder for the subject")
     if out.exists() and not (out / "subject.json").is_file() and any(out.iterdir()):
         raise InputError(f"{out}: exists and is not a subject; give a new folder (a subject there would be replaced)")
     capture = read_capture(Path(folder), None if calibration is None else Path(calibration))
