@@ -75,9 +75,9 @@ class FitConfig:
             an embedding (``correspondence.MediapipeEmbedding``), so model and detection define
             each landmark the same way; off, or without one, the head's own iBUG landmarks.
         landmark_offsets: learn one small 3D offset per model point, shared by every frame, when
-            there are at least this many frames (0 = never). Offsets absorb the constant
-            difference between mediapipe's and the head model's landmark definitions, which
-            expression coefficients would otherwise take up in every frame.
+            there are at least this many frames (0 = never). Without an embedding, offsets
+            absorb the constant difference between mediapipe's and the head model's landmark
+            definitions, which expression coefficients would otherwise take up in every frame.
         w_offset: prior on those offsets, per point, in units of the model's inter-ocular distance squared.
     """
 
