@@ -314,3 +314,12 @@ def test_the_shipped_ict_embedding_rebuilds_from_mediapipes_canonical_face() -> 
     rebuilt, shipped = register(data, canonical_face()), mediapipe_embedding(data)
     assert np.array_equal(rebuilt.faces, shipped.faces)
     np.testing.assert_allclose(rebuilt.bary, shipped.bary, atol=1e-5)
+
+
+def test_the_embedding_command_answers_a_missing_model_with_one_error_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from backend.tracking.embedding import main
+
+    assert main(["--head", "builtin", "--model", str(tmp_path / "none.task"), "--out", str(tmp_path / "e.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "none.task" in err[0]
+    assert not (tmp_path / "e.npz").exists()

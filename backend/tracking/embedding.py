@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from backend.head.registry import fingerprint, load_head_data
 from backend.tracking.blendshapes import read_model
 from backend.tracking.correspondence import NUM_FACE_MESH, MediapipeEmbedding, embedding_path, inner_table, model_points
 from backend.tracking.fit import umeyama
+from backend.wire.errors import InputError, SpatialAvatarError
 
 CANONICAL_MESH = "geometry_pipeline_metadata_landmarks.binarypb"
 
@@ -141,21 +143,26 @@ def register(data: HeadModelData, canonical: np.ndarray, config: RegistrationCon
     return MediapipeEmbedding(data.name, fingerprint(data), skin_triangles(data)[which], bary, dist * 1000.0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Embed mediapipe's canonical face on a head and write the tracker's embedding file.")
     ap.add_argument("--head", required=True, help="builtin, ict, or a FLAME folder")
     ap.add_argument("--model", type=Path, help="face_landmarker.task (default: the one the ARKit command reads)")
     ap.add_argument("--out", type=Path, help="output file (default: the tracker's shipped file for that head)")
-    args = ap.parse_args()
-    data = load_head_data(args.head)
-    emb = register(data, canonical_face(args.model))
-    out = args.out or embedding_path(data.name)
-    if out is None:
-        raise SystemExit(f"head name {data.name!r} is no file name: pass --out")
-    emb.save(out)
+    args = ap.parse_args(argv)
+    try:
+        data = load_head_data(args.head)
+        out = args.out or embedding_path(data.name)
+        if out is None:
+            raise InputError(f"head name {data.name!r} is no file name: pass --out")
+        emb = register(data, canonical_face(args.model))
+        emb.save(out)
+    except SpatialAvatarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     d = emb.distance_mm
     print(f"{out}: {data.name} ({emb.fingerprint}), canonical points off the surface: median {np.median(d):.2f} mm, 95% {np.percentile(d, 95):.2f} mm, max {d.max():.2f} mm")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
