@@ -36,9 +36,16 @@ def on_cuda(gaussians: int, frames: int, size: int):  # type: ignore[no-untyped-
     return head.to("cuda"), avatar.to("cuda"), params, cams
 
 
-def assert_replays_eager(out, avatar, head, params, cams, background: torch.Tensor = BACKGROUND) -> None:  # type: ignore[no-untyped-def]
-    """The captured path takes the same kernels; tile lists in fixed slots sort the same pairs."""
-    torch.testing.assert_close(out.rgb, eager(avatar, head, params, cams, background=background).rgb, atol=2e-4, rtol=0)
+def assert_replays_eager(out, avatar, head, params, cams, background: torch.Tensor = BACKGROUND, fused: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """The captured path takes the same kernels; tile lists in fixed slots sort the same pairs.
+    ``fused``: posing compiled into other kernels rounds a few ulps differently, which can swap
+    two Gaussians at nearly equal depth in a tile; a handful of pixels may then differ a little."""
+    ref = eager(avatar, head, params, cams, background=background).rgb
+    if not fused:
+        torch.testing.assert_close(out.rgb, ref, atol=2e-4, rtol=0)
+        return
+    diff = (out.rgb - ref).abs()
+    assert float((diff > 2e-4).float().mean()) < 1e-3 and float(diff.max()) < 1e-2
 
 
 def test_player_matches_eager_posing_and_rendering_on_the_cpu() -> None:
@@ -72,7 +79,7 @@ def test_replayed_frames_equal_eager_ones_call_after_call(batch: int, compiled: 
     for start in range(0, 5 * batch, batch):
         idx = list(range(start, start + batch))
         p, c = params.index(idx), cams.frames(idx)
-        assert_replays_eager(player(p, c), avatar, head, p, c)
+        assert_replays_eager(player(p, c), avatar, head, p, c, fused=compiled)
     assert player.captures == 1
 
 

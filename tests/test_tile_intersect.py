@@ -55,9 +55,11 @@ def read_back(lists, images: int, cols: int, rows: int) -> list[list[int]]:  # t
     return out
 
 
-@pytest.mark.parametrize(("images", "n", "seed"), [(1, 300, 0), (3, 120, 1)])
-def test_tile_lists_match_gsplat_rules(images: int, n: int, seed: int) -> None:
-    cols, rows = 5, 4
+@pytest.mark.parametrize(
+    ("images", "n", "seed", "cols", "rows"),
+    [(1, 300, 0, 5, 4), (3, 120, 1, 5, 4), (2, 400, 3, 130, 130)],  # the last grid outgrows 16-bit tile keys
+)
+def test_tile_lists_match_gsplat_rules(images: int, n: int, seed: int, cols: int, rows: int) -> None:
     means2d, radii, depths = random_projection(images, n, cols, rows, seed)
     expected = brute_force(means2d, radii, depths, cols, rows)
     need = sum(len(t) for t in expected)
@@ -69,17 +71,19 @@ def test_tile_lists_match_gsplat_rules(images: int, n: int, seed: int) -> None:
     assert int(lists.offsets[-1, rows, cols - 1]) == need
 
 
-def test_overflow_keeps_the_first_gaussians_pairs() -> None:
+def test_overflow_keeps_the_nearest_gaussians_pairs() -> None:
     cols, rows, n = 5, 4, 200
     means2d, radii, depths = random_projection(1, n, cols, rows, seed=2)
     per_tile = brute_force(means2d, radii, depths, cols, rows)
-    # Slot order: Gaussian by Gaussian, each one's tiles row by row.
-    slots = sorted((gid, tile) for tile, ids in enumerate(per_tile) for gid in ids)
+    # Slot order: nearest Gaussian first (ties in Gaussian order), each one's tiles row by row.
+    slots = sorted((float(depths[0, gid]), gid, tile) for tile, ids in enumerate(per_tile) for gid in ids)
     capacity = len(slots) // 2
     lists = tile_lists(means2d, radii, depths, TILE, cols, rows, capacity)
     assert int(lists.total) == len(slots)  # the total still tells how many were asked for
     got = sorted((gid, tile) for tile, ids in enumerate(read_back(lists, 1, cols, rows)) for gid in ids)
-    assert got == slots[:capacity]
+    assert got == sorted((gid, tile) for _, gid, tile in slots[:capacity])
+    kept_far = max(float(depths[0, gid]) for gid, _ in got)
+    assert all(float(depths[0, gid]) >= kept_far for gid, tile in {(g, t) for _, g, t in slots} - set(got))
 
 
 def test_budget_needs_gsplat() -> None:

@@ -15,8 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-_DEPTH_BITS = 32
-
 
 @dataclass
 class TileBudget:
@@ -24,8 +22,8 @@ class TileBudget:
 
     Attributes:
         capacity: (tile, Gaussian) slots per render, over all images of the call. A render
-            that needs more keeps the first ``capacity`` pairs in Gaussian order and drops
-            the rest; ``peak`` shows it.
+            that needs more keeps the first ``capacity`` pairs, image by image and nearest
+            Gaussian first, and drops the rest; ``peak`` shows it.
         peak: [] int64 on the render device: the most pairs any render asked for since the
             budget was made (read it when a sync is cheap, e.g. at a log line).
     """
@@ -102,30 +100,33 @@ def tile_lists(
     """
     images, n = depths.shape
     device = depths.device
+    # Pairs are laid out nearest Gaussian first within each image, so one stable sort by tile
+    # alone leaves every tile front to back: the slots' sort needs only the tile's few bits,
+    # and the depth order comes from a sort over the Gaussians, not over the slots.
+    by_depth = torch.sort(depths, dim=-1, stable=True).indices  # [I, N]; ties in Gaussian order
+    gaussian = (by_depth + n * torch.arange(images, device=device)[:, None]).reshape(-1)  # [I * N]
     x_lo, x_hi = _tile_span(means2d[..., 0], radii[..., 0], tile_size, tile_cols)
     y_lo, y_hi = _tile_span(means2d[..., 1], radii[..., 1], tile_size, tile_rows)
     visible = (radii[..., 0] > 0) & (radii[..., 1] > 0)
     cols = (x_hi - x_lo).clamp_min(0)
-    counts = torch.where(visible, cols * (y_hi - y_lo).clamp_min(0), 0).reshape(-1)  # [I * N]
+    counts = torch.where(visible, cols * (y_hi - y_lo).clamp_min(0), 0).reshape(-1)[gaussian]  # [I * N], depth order
     ends = torch.cumsum(counts, 0)
     total = ends[-1]
 
     slot = torch.arange(capacity, device=device)
-    owner = torch.searchsorted(ends, slot, right=True).clamp_max(images * n - 1)  # [capacity]
-    used = slot < total
-    k = slot - (ends[owner] - counts[owner])  # the slot's place in its Gaussian's tile rectangle
+    place = torch.searchsorted(ends, slot, right=True).clamp_max(images * n - 1)  # [capacity]
+    owner = gaussian[place]
+    k = slot - (ends[place] - counts[place])  # the slot's place in its Gaussian's tile rectangle
     width = cols.reshape(-1)[owner].clamp_min(1)
     row = y_lo.reshape(-1)[owner] + torch.div(k, width, rounding_mode="floor")
     col = x_lo.reshape(-1)[owner] + k % width
     tiles = (tile_rows + 1) * tile_cols
     pad_tile = images * tiles - 1  # the last tile of the last image's extra row
-    tile = torch.where(used, torch.div(owner, n, rounding_mode="floor") * tiles + row * tile_cols + col, pad_tile)
-    # Positive float32 depths order like their bit patterns read as integers.
-    depth_bits = depths.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    keys = (tile << _DEPTH_BITS) | torch.where(used, depth_bits[owner], 0xFFFFFFFF)
-    keys, order = torch.sort(keys, stable=True)
+    key_dtype = torch.int16 if pad_tile <= torch.iinfo(torch.int16).max else torch.int32
+    tile = torch.where(slot < total, torch.div(owner, n, rounding_mode="floor") * tiles + row * tile_cols + col, pad_tile)
+    tile, order = torch.sort(tile.to(key_dtype), stable=True)
     flatten_ids = owner[order].to(torch.int32)
-    starts = torch.searchsorted(keys >> _DEPTH_BITS, torch.arange(images * tiles, device=device))
+    starts = torch.searchsorted(tile, torch.arange(images * tiles, device=device, dtype=key_dtype))
     offsets = starts.to(torch.int32).reshape(images, tile_rows + 1, tile_cols)
     masks = torch.ones(images, tile_rows + 1, tile_cols, dtype=torch.bool, device=device)
     masks[:, -1] = False

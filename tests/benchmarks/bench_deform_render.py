@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--head", choices=SHIPPED_HEADS, default=None, help="shipped head (default: the default head)")
     ap.add_argument("--profile", action="store_true", help="also print the player's kernels by GPU time (CUDA)")
     ap.add_argument("--compile", action="store_true", help="also time a player whose posing is fused by torch.compile")
+    ap.add_argument("--headroom", type=float, default=PlayerConfig.headroom, help="the players' tile budget over the pairs seen")
     args = ap.parse_args()
     head = load_head_model(args.head)
     gen = torch.Generator().manual_seed(0)
@@ -100,7 +101,7 @@ def main() -> None:
         def deform_render() -> None:
             render(deform(avatar, head, params), cams, bg)
 
-        player = FramePlayer(avatar, head, bg)
+        player = FramePlayer(avatar, head, bg, config=PlayerConfig(headroom=args.headroom))
 
         def played() -> None:
             player(params, cams)
@@ -111,7 +112,7 @@ def main() -> None:
         t_play = time_it(played, args.device, args.repeats)
         fused = ""
         if args.compile:
-            compiled = FramePlayer(avatar, head, bg, config=PlayerConfig(compile=True))
+            compiled = FramePlayer(avatar, head, bg, config=PlayerConfig(compile=True, headroom=args.headroom))
             t0 = time.perf_counter()
             compiled(params, cams)
             first = time.perf_counter() - t0
