@@ -162,7 +162,8 @@ def test_tracked_subjects_default_to_real_tuning_random_backgrounds_and_no_depth
     assert synthetic["surface"] == asdict(SurfaceHinge()) and not synthetic["random_background"] and not synthetic["finetune_flame"]
     assert tracked["surface"]["weight"] == 0.0 and tracked["random_background"] and not tracked["finetune_flame"]
     # The real-subject tuning is applied once, to tracked subjects only, and recorded as applied.
-    tune = RealTuning()
+    tune = config.real_tuning
+    assert tune is not None
     assert synthetic["anti_spike"] == asdict(config.anti_spike) and synthetic["lr"] == asdict(config.lr)
     assert tracked["anti_spike"]["max_scale"] == 3.0 * tune.threshold_factor and tracked["anti_spike"]["max_offset"] == config.anti_spike.max_offset * tune.threshold_factor
     assert tracked["lr"]["offset"] == config.lr.offset * tune.lr_factor and tracked["lr"]["rotation"] == config.lr.rotation

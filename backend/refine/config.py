@@ -64,6 +64,10 @@ class RealTuning:
     benchmark (docs/refinement.md): hair and turned cheeks need more room and faster
     rates than the synthetic heads the defaults were tuned on.
 
+    The defaults are what the short stages built on refinement (photometric tracking,
+    personalization) were measured with; a refinement's own default is stronger
+    (``RefineConfig.real_tuning``).
+
     Attributes:
         threshold_factor: the scale and offset hinges' thresholds are multiplied by this.
         lr_factor: the starting learning rates of offsets, scales and base colour are
@@ -143,7 +147,7 @@ class RefineConfig(Config):
     anti_spike: AntiSpike = field(default_factory=AntiSpike)
     surface: SurfaceHinge | None = None
     finetune_flame: bool = False
-    real_tuning: RealTuning | None = field(default_factory=RealTuning)
+    real_tuning: RealTuning | None = field(default_factory=lambda: RealTuning(threshold_factor=5.0, lr_factor=4.0))
     random_background: bool | None = None
     lpips_weight: float = 0.0
     lpips_folder: str | None = None

@@ -18,7 +18,7 @@ from backend.configs import Config, above, at_least
 from backend.data.subject import Subject
 from backend.gaussians.layout import MIN_GAUSSIANS
 from backend.head.model import HeadModel
-from backend.refine.config import preset
+from backend.refine.config import RealTuning, preset
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.refine import ProgressFn, refine
 
@@ -29,12 +29,13 @@ class PhotometricTracking(Config):
     gaussians: the tracker's own avatar (small: it only needs to hold the face's features).
     iterations: steps of the joint refinement.
     flame_lr_factor: FLAME's fine-tuning rates times this (the schedule is shorter than a
-        refinement's, the errors to close the same).
+        refinement's, the errors to close the same). 3 against 2: +0.44 dB held-out in the
+        person mask on the real benchmark's ten clips, in the same time.
     """
 
     gaussians: int = 30_000
     iterations: int = 4_000
-    flame_lr_factor: float = 2.0
+    flame_lr_factor: float = 3.0
 
     def check(self) -> None:
         at_least("iterations", self.iterations, 1)
@@ -56,7 +57,13 @@ def track_photometric(head: HeadModel, subject: Subject, config: PhotometricTrac
         flame_translation=base.lr.flame_translation * config.flame_lr_factor,
     )
     refine_config = replace(
-        base, iterations=config.iterations, finetune_flame=True, lr=lr, checkpoint_every=0, log_every=max(config.iterations // 10, 1)
+        base,
+        iterations=config.iterations,
+        finetune_flame=True,
+        lr=lr,
+        real_tuning=RealTuning(),  # as measured: the tracker's avatar is small and short-lived
+        checkpoint_every=0,
+        log_every=max(config.iterations // 10, 1),
     ).for_layout(config.gaussians, InitConfig.gaussians)
     start = initialize_on_subject(head, over_all, InitConfig(gaussians=config.gaussians))
     result = refine(start, head, over_all, refine_config, progress=progress)

@@ -176,20 +176,21 @@ def refine_config(method: str, protocol: Protocol) -> RefineConfig:
     return RefineConfig.from_dict(d)
 
 
-def _photometric(method: str) -> bool:
+def _photometric(method: str) -> dict | None:
+    """The PhotometricTracking fields a method's lever replaces (None: no photometric tracking)."""
     lever = lever_of(method)
-    return lever is not None and lever.photometric
+    return None if lever is None else lever.photometric
 
 
-def _track_photometric(head: HeadModel, subject: Subject, protocol: Protocol, log: Log) -> tuple[Subject, float, dict]:
+def _track_photometric(head: HeadModel, subject: Subject, overrides: dict, log: Log) -> tuple[Subject, float, dict]:
     """The clip photometrically tracked, the seconds it took, and how far the parameters
     moved (mean absolute change per field, test frames apart)."""
-    from backend.refine.photometric_tracking import track_photometric
+    from backend.refine.photometric_tracking import PhotometricTracking, track_photometric
 
     device = head.v_template.device
     _sync(device)
     t0 = time.perf_counter()
-    tracked = track_photometric(head, subject)
+    tracked = track_photometric(head, subject, PhotometricTracking(**overrides))
     _sync(device)
     seconds = time.perf_counter() - t0
     change = {}
@@ -246,15 +247,18 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
     report["picture_frames"] = frames
     report["picture_turn_deg"] = [float(x) for x in head_turn_deg(subject.params.index(frames), subject.world_to_cam[frames, 0])]
     save_row(ground_truth_row(subject, frames), out / "heldout_truth.png")
-    starts = _starts([m for m in methods if not _photometric(m)], head, subject, protocol, log)
-    tracked: tuple[Subject, float, dict] | None = None
+    starts = _starts([m for m in methods if _photometric(m) is None], head, subject, protocol, log)
+    tracked: dict[str, tuple[Subject, float, dict]] = {}  # by the tracking's settings
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     for method in methods:
-        on = subject
-        if _photometric(method):
-            if tracked is None:
-                tracked = _track_photometric(head, subject, protocol, log)
-            on = tracked[0]
+        on, tracking = subject, None
+        overrides = _photometric(method)
+        if overrides is not None:
+            key = json.dumps(overrides, sort_keys=True)
+            if key not in tracked:
+                tracked[key] = _track_photometric(head, subject, overrides, log)
+            tracking = tracked[key]
+            on = tracking[0]
         if method == "generator":
             avatar, start_avatar = starts["generator"][0], None
             entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
@@ -272,8 +276,8 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
             result, wall = _refine(start_avatar, head, on, refine_config(method, protocol))
             avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
             entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": protocol.iterations}
-            if on is not subject:
-                entry["tracking_seconds"], entry["tracking_change"] = tracked[1], tracked[2]  # type: ignore[index]
+            if tracking is not None:
+                entry["tracking_seconds"], entry["tracking_change"] = tracking[1], tracking[2]
         entry |= score(avatar, start_avatar, head, on, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
         if shared > 1:
             entry["concurrent_runs"] = shared
