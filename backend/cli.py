@@ -665,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="AVATAR.npz")
     p.add_argument("--frames", nargs="+", metavar="T[:C]", help="subject views to use as sources, e.g. 0 12 or 0:0,0:3 (default: 0)")
     p.add_argument("--checkpoint", type=Path, help="generator weights (default: the shipped backend/generate/weights/generator.pt)")
-    p.add_argument("--pool", choices=("mean", "best"), default="mean", help="mean over sources (the model) or the best source per Gaussian (ablation)")
+    p.add_argument("--pool", choices=("mean", "consensus", "best"), default="mean", help="mean over sources (the model), the mean with disagreeing sources turned down, or the best source per Gaussian (ablation)")
     p.add_argument("--subject-out", type=Path, metavar="DIR", help="where tracked portraits are written (default: next to --out)")
     p.add_argument(
         "--personalize",

@@ -20,7 +20,7 @@ from backend.gaussians.surface import surface_local
 from backend.generate.checkpoint import load_generator, read_generator_file, save_generator
 from backend.generate.data import Corpus, PhaseSampler, Sample, find_subjects, load_subject, pose_rows, shard
 from backend.generate.generate import check_source_count, generate_avatar, parse_views, split_inputs, subject_sources
-from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, push_pull_fill, source_visibility
+from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, source_visibility
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.wire.errors import InputError
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
@@ -155,16 +155,6 @@ def test_pose_rows_matches_the_head_model(head) -> None:  # type: ignore[no-unty
     assert torch.allclose(got, torch.cat(expect), atol=1e-6)
 
 
-def test_push_pull_fill_keeps_known_and_fills_gaps() -> None:
-    grid = torch.zeros(1, 3, 16, 16)
-    weight = torch.zeros(1, 1, 16, 16)
-    grid[..., :8, :] = torch.tensor([0.2, 0.4, 0.6])[:, None, None]
-    weight[..., :8, :] = 1.0
-    filled = push_pull_fill(grid, weight)
-    assert torch.allclose(filled[..., :8, :], grid[..., :8, :])
-    assert torch.allclose(filled[..., 8:, :], torch.tensor([0.2, 0.4, 0.6])[:, None, None].expand(3, 8, 16)[None], atol=1e-5)
-
-
 def test_samplers_phase_rules_cross_time_rate_and_uniform_k() -> None:
     mono = PhaseSampler([(24, 1)] * 5, phase=1, targets=2, seed=0)
     for _ in range(200):
@@ -287,6 +277,34 @@ def test_best_pool_ablation_uses_one_source_per_gaussian(generator: Generator, h
     assert float(d[seen].max()) < 1e-5
     assert float((mean.base_rgb - best.base_rgb).abs().max()) > 1e-3
     assert math.isfinite(float(mean.local.sh.sum()))
+
+
+def test_consensus_pool_turns_down_a_source_that_disagrees_and_keeps_one_source_as_is(generator: Generator, head, corpus_dirs) -> None:  # type: ignore[no-untyped-def]
+    subject = Subject.load(corpus_dirs[1][0])
+    with torch.no_grad():
+        one = mv_sources(subject, head, [0])
+        torch.testing.assert_close(generator(one, pool="consensus").base_rgb, generator(one).base_rgb)
+        # Three views of the subject and a fourth whose colours are inverted (as if something
+        # covered the head there): the mean drifts towards it, the consensus hardly does.
+        clean = generator(mv_sources(subject, head, [0, 1, 3]))
+        spoiled = mv_sources(subject, head, [0, 1, 3, 2])
+        spoiled.images[:, 3] = 1.0 - spoiled.images[:, 3]
+        mean, consensus = generator(spoiled), generator(spoiled, pool="consensus")
+        reordered = generator(spoiled.permuted([3, 0, 2, 1]), pool="consensus")
+    seen = clean.seen[0] > 0
+    drift = {name: float((out.base_rgb[0] - clean.base_rgb[0])[seen].abs().mean()) for name, out in (("mean", mean), ("consensus", consensus))}
+    assert drift["consensus"] < 0.5 * drift["mean"], drift
+    torch.testing.assert_close(reordered.base_rgb, consensus.base_rgb, atol=1e-5, rtol=0)  # order-invariant
+    assert torch.equal(consensus.seen, mean.seen)  # what the sources see does not depend on what they agree on
+
+
+def test_consensus_weights_survive_sources_far_apart() -> None:
+    from backend.generate.model import consensus_weights
+
+    rgb = torch.tensor([0.0, 1.0]).repeat_interleave(3).reshape(1, 2, 1, 3)  # black and white
+    w = consensus_weights(rgb, torch.ones(1, 2, 1))
+    torch.testing.assert_close(w / w.sum(1, keepdim=True), torch.full((1, 2, 1), 0.5))  # no underflow to zero
+    assert float(consensus_weights(rgb, torch.zeros(1, 2, 1)).abs().sum()) == 0.0
 
 
 def test_logit_of_surface_opacity(generator: Generator) -> None:

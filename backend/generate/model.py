@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend.gaussians.avatar import SH_C0, LocalGaussians, logit, rgb_to_sh_dc
+from backend.data.image_fill import push_pull_fill
 from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
 from backend.gaussians.layout import Binding, sample_layout
 from backend.gaussians.splats import Splats
@@ -47,7 +48,11 @@ from backend.render.rasterize import render
 from backend.wire.errors import InputError
 
 MAX_SOURCES = 4
-PoolMode = Literal["mean", "best"]
+PoolMode = Literal["mean", "best", "consensus"]
+# Consensus pooling: a source's colour this far (RGB distance in [0, 1] units) from the others'
+# weighted mean keeps exp(-1/2) of its weight; rounds of reweighting towards the majority.
+CONSENSUS_SIGMA = 0.1
+CONSENSUS_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -301,26 +306,32 @@ def source_visibility(
     return xy_norm, visible, cos, view_local
 
 
-def push_pull_fill(grid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Fill empty texels of a UV image from their neighbours (push-pull pyramid).
+def consensus_weights(rgb: torch.Tensor, weight: torch.Tensor, sigma: float = CONSENSUS_SIGMA, rounds: int = CONSENSUS_ROUNDS) -> torch.Tensor:
+    """Visibility weights times each source's agreement with the sources' consensus colour.
+
+    A surface point that hair, a hand or a shadow covers in one photo is still geometrically
+    visible there; its colour then disagrees with the other photos'. Iteratively reweighted
+    means pull the consensus towards the majority and turn such sources down. Parameter-free
+    in K and order-invariant; with one source (or agreeing ones) the normalized weights are
+    unchanged.
 
     Args:
-        grid: [B, C, R, R] values, meaningful where ``weight`` > 0.
-        weight: [B, 1, R, R] non-negative confidence.
+        rgb: [B, K, N, 3] source colours in [0, 1] at each Gaussian.
+        weight: [B, K, N] non-negative visibility weights.
     Returns:
-        [B, C, R, R]: weighted averages of ever coarser neighbourhoods fill the gaps; texels
-        with weight >= 1 keep their value.
+        [B, K, N] weights, zero where ``weight`` is.
     """
-    levels = [(grid * weight, weight)]
-    while min(levels[-1][1].shape[-2:]) > 1:
-        gw, wt = levels[-1]
-        levels.append((F.avg_pool2d(gw, 2, ceil_mode=True), F.avg_pool2d(wt, 2, ceil_mode=True)))
-    coarse = levels[-1][0] / levels[-1][1].clamp_min(1e-8)
-    for gw, wt in reversed(levels[:-1]):
-        up = F.interpolate(coarse, size=gw.shape[-2:], mode="bilinear", align_corners=False)
-        alpha = wt.clamp(0, 1)
-        coarse = alpha * (gw / wt.clamp_min(1e-8)) + (1 - alpha) * up
-    return coarse
+    out = weight
+    for _ in range(rounds):
+        norm = out / out.sum(1, keepdim=True).clamp_min(1e-6)
+        consensus = (norm[..., None] * rgb).sum(1, keepdim=True)  # [B, 1, N, 3]
+        distance2 = (rgb - consensus).square().sum(-1)  # [B, K, N]
+        # Measured from the best-agreeing visible source, so that far-apart colours do not
+        # all underflow to zero; a factor common to all sources cancels in the mean.
+        nearest = torch.where(weight > 0, distance2, torch.inf).amin(1, keepdim=True)
+        nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
+        out = weight * torch.exp(-0.5 * (distance2 - nearest) / sigma**2)
+    return out
 
 
 # -- networks ------------------------------------------------------------------------------
@@ -535,8 +546,10 @@ class Generator(nn.Module):
 
         Args:
             sources: see ``SourceViews``; K in 1..4.
-            pool: "mean" (the model) or "best" (each Gaussian takes only its most frontal
-                visible source: an ablation, no weights change).
+            pool: "mean" (the model), "consensus" (the mean with sources whose colour
+                disagrees with the others' turned down: ``consensus_weights``), or "best"
+                (each Gaussian takes only its most frontal visible source: an ablation). No
+                weights change between them.
         """
         sources.check()
         cfg = self.config
@@ -567,8 +580,8 @@ class Generator(nn.Module):
         if pool == "best":
             best = weight.argmax(dim=1, keepdim=True)
             weight = torch.zeros_like(weight).scatter(1, best, weight.gather(1, best))
-        elif pool != "mean":
-            raise InputError(f"pool must be 'mean' or 'best', got {pool!r}")
+        elif pool not in ("mean", "consensus"):
+            raise InputError(f"pool must be 'mean', 'consensus' or 'best', got {pool!r}")
         rgb = _sample(images, xy_norm)  # [M, N, 3], full resolution
         size = cfg.image_size
         enc_in = torch.cat([images * 2 - 1, masks * 2 - 1], 1)
@@ -580,8 +593,9 @@ class Generator(nn.Module):
             point = self.point(torch.cat([sampled, (rgb * 2 - 1).to(sampled.dtype), view_local.to(sampled.dtype)], -1))
         point = point.float().reshape(b, k, -1, cfg.point_dim)
         rgb = rgb.reshape(b, k, -1, 3)
-        w_sum = weight.sum(1)  # [B, N]
-        norm = weight / w_sum.clamp_min(1e-6)[:, None]
+        w_sum = weight.sum(1)  # [B, N]: how well the sources see each Gaussian, whatever they agree on
+        mixing = consensus_weights(rgb, weight) if pool == "consensus" else weight
+        norm = mixing / mixing.sum(1, keepdim=True).clamp_min(1e-6)
         pooled = (norm[..., None] * point).sum(1)  # [B, N, P]
         pooled_rgb = (norm[..., None] * rgb).sum(1)  # [B, N, 3]
         seen = (w_sum > 0).float()

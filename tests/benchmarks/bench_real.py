@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from backend.generate.model import PoolMode  # noqa: E402
 from tests.benchmarks.real.data import SOURCES, Layout, Sources, prepare  # noqa: E402
 from tests.benchmarks.real.protocol import METHODS, Protocol, method_choices  # noqa: E402
 
@@ -85,7 +87,7 @@ def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> No
 
     for i, photos in enumerate(sources.photos):
         log(f"[{i + 1}/{len(sources.photos)}] {photos.name}")
-        run_photos(photos, layout, Protocol(), log)
+        run_photos(photos, layout, Protocol(), log, args.pool)
 
 
 def cmd_report(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -115,6 +117,7 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=1, metavar="N", help="N runs share the GPU at once (recorded, so the report marks their wall times as not comparable)")
     p.set_defaults(fn=cmd_clips)
     p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
+    p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="how the generator pools the sources (results of other pools than the mean go to photos_POOL.json)")
     p.set_defaults(fn=cmd_photos)
     p = sub.add_parser("report", help="tables (Markdown) and figures from the results")
     p.add_argument("--figures", type=Path, help="also copy the representative figures here")

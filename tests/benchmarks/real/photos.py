@@ -3,8 +3,9 @@
 The photos are tracked together (one identity). The last photo is held out; the generator
 makes the head from the first K of the others, K = 1 .. min(4, n - 1), and the held-out
 photo is scored at its own tracked pose and expression. Writes ``results/<identity>/
-photos.json`` and ``photos.png``: the sources, then for K = 1 and the largest K the
-held-out view and the head at -30, 0 and +30 degrees.
+photos.json`` and ``photos.png`` (``photos_POOL.*`` for another pool than the mean): the
+sources, then for K = 1 and the largest K the held-out view and the head at -30, 0 and +30
+degrees.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from backend.generate.model import MAX_SOURCES
+from backend.generate.model import MAX_SOURCES, PoolMode
 from backend.refine.evaluate import evaluate
 from tests.benchmarks.real.clips import Log, ground_truth_row, heldout_tiles, open_subject, save_grid, turntable_tiles
 from tests.benchmarks.real.data import Layout, PhotoSet
@@ -24,7 +25,12 @@ from tests.benchmarks.real.protocol import Protocol
 PHOTO_YAW_DEG = 30.0
 
 
-def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log) -> dict:
+def photos_stem(pool: PoolMode) -> str:
+    """The result files' name for a pool: ``photos`` for the model's mean."""
+    return "photos" if pool == "mean" else f"photos_{pool}"
+
+
+def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log, pool: PoolMode = "mean") -> dict:
     from backend.generate.checkpoint import load_generator
     from backend.generate.generate import generate_avatar
     from backend.head.registry import load_head_model
@@ -41,15 +47,15 @@ def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log) -
     out = layout.results / photos.name
     out.mkdir(parents=True, exist_ok=True)
     rows: list[list[np.ndarray]] = [ground_truth_row(subject, list(range(n)))]
-    report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "k": {}}
+    report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "pool": pool, "k": {}}
     ks = list(range(1, min(MAX_SOURCES, n - 1) + 1))
     for k in ks:
-        avatar = generate_avatar(model, head, subject, [(t, 0) for t in range(k)])
+        avatar = generate_avatar(model, head, subject, [(t, 0) for t in range(k)], pool=pool)
         s = evaluate(avatar, head, subject, frames=[held])
         report["k"][str(k)] = {key: s[key] for key in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face")} | {"generate_ms": avatar.meta["generate_ms"]}
         log(f"  K = {k}: held-out photo PSNR {s['psnr']:.2f} / mask {s['psnr_mask']:.2f} / face {s['psnr_face']:.2f} dB")
         if k in (ks[0], ks[-1]):
             rows.append(heldout_tiles(avatar, head, subject, [held]) + turntable_tiles(avatar, head, subject.params.index([held]), PHOTO_YAW_DEG, views=3))
-    save_grid(rows, out / "photos.png")
-    (out / "photos.json").write_text(json.dumps(report, indent=1))
+    save_grid(rows, out / f"{photos_stem(pool)}.png")
+    (out / f"{photos_stem(pool)}.json").write_text(json.dumps(report, indent=1))
     return report

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from backend.generate.model import PoolMode
 from tests.benchmarks.real.data import Layout, Sources
 from tests.benchmarks.real.protocol import LEVER_PREFIX, LEVERS, METHOD_LABELS, METHODS
 
@@ -80,24 +82,32 @@ def lever_table(results: dict[str, dict]) -> list[str]:
 
 
 def photo_tables(layout: Layout, sources: Sources) -> str:
-    rows, per_k = [], {}
-    for photos in sources.photos:
-        path = layout.results / photos.name / "photos.json"
-        if not path.is_file():
+    from tests.benchmarks.real.photos import photos_stem
+
+    tables = []
+    for pool in get_args(PoolMode):
+        rows, per_k = [], {}
+        for photos in sources.photos:
+            path = layout.results / photos.name / f"{photos_stem(pool)}.json"
+            if not path.is_file():
+                continue
+            r = json.loads(path.read_text())
+            cells = []
+            for k, s in r["k"].items():
+                per_k.setdefault(k, []).append(s)
+                cells.append(f"K={k}: {_fmt(s['psnr_face'])} / {_fmt(s['psnr_mask'])}")
+            rows.append(f"| {photos.name} | {r['photos']} | " + "; ".join(cells) + " |")
+        if not rows:
             continue
-        r = json.loads(path.read_text())
-        cells = []
-        for k, s in r["k"].items():
-            per_k.setdefault(k, []).append(s)
-            cells.append(f"K={k}: {_fmt(s['psnr_face'])} / {_fmt(s['psnr_mask'])}")
-        rows.append(f"| {photos.name} | {r['photos']} | " + "; ".join(cells) + " |")
-    lines = ["### Photos, leave one out: held-out photo PSNR face / person mask (dB)", "", "| identity | photos | per K |", "|---|---|---|", *rows, ""]
-    lines.append("| K | identities | face PSNR | mask PSNR | face SSIM |")
-    lines.append("|---|---|---|---|---|")
-    for k in sorted(per_k, key=int):
-        s = per_k[k]
-        lines.append(f"| {k} | {len(s)} | {_fmt(_mean([x['psnr_face'] for x in s]))} | {_fmt(_mean([x['psnr_mask'] for x in s]))} | {_fmt(_mean([x['ssim_face'] for x in s]), 3)} |")
-    return "\n".join(lines)
+        pooled = "" if pool == "mean" else f", {pool} pool"
+        lines = [f"### Photos, leave one out{pooled}: held-out photo PSNR face / person mask (dB)", "", "| identity | photos | per K |", "|---|---|---|", *rows, ""]
+        lines.append("| K | identities | face PSNR | mask PSNR | face SSIM |")
+        lines.append("|---|---|---|---|---|")
+        for k in sorted(per_k, key=int):
+            s = per_k[k]
+            lines.append(f"| {k} | {len(s)} | {_fmt(_mean([x['psnr_face'] for x in s]))} | {_fmt(_mean([x['psnr_mask'] for x in s]))} | {_fmt(_mean([x['ssim_face'] for x in s]), 3)} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def _labelled(rows: list[tuple[str, np.ndarray]]) -> Image.Image:
