@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from backend.batch.blender_render import BlenderRenderJob, blender_command
+from backend.data.subject import Subject
 from backend.demo.pipeline import ROOT, DemoConfig, DemoResult, run_demo
 from backend.demo.scene import AVATAR_OBJECT
 from backend.gaussians.files import load_avatar
@@ -108,13 +109,20 @@ def test_blend_holds_the_whole_avatar_and_the_set(demo: DemoResult, facts: dict)
     assert facts["range"] == [1, FRAMES]
 
 
-def test_performance_is_keyed(facts: dict) -> None:
+def test_performance_is_keyed_on_top_of_the_portraits_own_expression(demo: DemoResult, facts: dict) -> None:
     curves = facts["curves"]
     for channel in ("neck_pose[1]", "jaw_pose[0]", "smile_L", "blink_L", "blink_R", "brow_raise_R"):
         assert channel in curves, f"{channel} is not keyed: {sorted(curves)}"
         assert max(curves[channel]) - min(curves[channel]) > 0.1, f"{channel} does not move: {curves[channel]}"
+    # The first and last frames hold the tracked portrait's expression; the smile is added to it.
+    rest = json.loads((demo.blend.parent / "scene.json").read_text())["rest_expression"]
+    tracked = Subject.load(demo.blend.parent / "subject").params
+    assert rest == pytest.approx(dict(zip(tracked.expr_names, tracked.expr[0].tolist())), abs=1e-6)
+    for unit in ("smile_L", "blink_L", "blink_R", "brow_raise_R"):
+        assert curves[unit][0] == pytest.approx(rest[unit], abs=1e-4) and curves[unit][-1] == pytest.approx(rest[unit], abs=1e-4)
+    assert max(curves["smile_L"]) == pytest.approx(rest["smile_L"] + 1.0, abs=1e-4)
     for lid in ("blink_L", "blink_R"):
-        assert max(curves[lid]) == pytest.approx(BLINK_CLOSED, abs=1e-4) and curves[lid][0] == pytest.approx(0.0, abs=1e-6)
+        assert BLINK_CLOSED in [pytest.approx(v, abs=1e-4) for v in curves[lid]]
     yaw = curves["neck_pose[1]"]
     assert min(yaw) < -0.2 and max(yaw) > 0.2  # the head turns both ways
 

@@ -325,7 +325,8 @@ def run_demo(config: DemoConfig, log: Log = _stderr) -> DemoResult:
         with _stage("scene", seconds, log):
             running.enter_context(backend(job))  # started here (a free port), stopped when the render is done
             aid = _import_avatar(endpoint, avatar_path)
-            spec = SceneSpec(endpoint, aid, str(blend.resolve()), config.frames, config.size, config.samples, config.fps, BLINK_CLOSED)
+            rest = {name: float(v) for name, v in zip(subject.params.expr_names, subject.params.expr[0])}
+            spec = SceneSpec(endpoint, aid, str(blend.resolve()), config.frames, config.size, config.samples, config.fps, BLINK_CLOSED, rest)
             _build_scene(spec.write(out / "scene.json"))
         with _stage("render", seconds, log):
             size = f"{config.size} x {config.size}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,9 @@ class SceneSpec:
         samples: Cycles samples per pixel (denoised).
         fps: frames per second.
         blink_closed: the blink units' coefficient that closes the lids.
+        rest_expression: the portrait's own tracked coefficients of the head's named units:
+            the performance starts and ends there and keys its smile and brows on top, so the
+            first frame looks like the photo and a smile in the photo is not smiled twice.
     """
 
     endpoint: str
@@ -52,6 +55,7 @@ class SceneSpec:
     samples: int
     fps: int
     blink_closed: float
+    rest_expression: dict[str, float] = field(default_factory=dict)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -61,16 +65,18 @@ class SceneSpec:
 # The performance, keyed on the FLAME properties. Times are fractions of the animation; blinks
 # are in frames around a time, because a blink lasts a fixed few frames whatever the length.
 # (channel, [(time, value)]): a channel is a named expression unit of the head model, or
-# (pose property, element). Values: expression coefficients, radians for poses.
+# (pose property, element). Values: radians for poses; for expressions, coefficients added to
+# the portrait's own (``SceneSpec.rest_expression``). One photo shows no mouth interior, so the
+# jaw opens only as far as speech does: wider, the lips' teeth part from the closed ones behind.
 POSE_KEYS: tuple[tuple[tuple[str, int], tuple[tuple[float, float], ...]], ...] = (
     (("neck_pose", 1), ((0.0, 0.0), (0.25, 0.3), (0.65, -0.3), (1.0, 0.0))),  # head turn (yaw)
     (("neck_pose", 0), ((0.0, 0.0), (0.45, 0.12), (0.8, -0.06), (1.0, 0.0))),  # nod (pitch)
-    (("jaw_pose", 0), ((0.0, 0.0), (0.5, 0.0), (0.6, 0.3), (0.72, 0.0), (1.0, 0.0))),  # jaw opens
+    (("jaw_pose", 0), ((0.0, 0.0), (0.5, 0.0), (0.6, 0.1), (0.72, 0.0), (1.0, 0.0))),  # jaw opens
 )
 EXPRESSION_KEYS: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = tuple(
     (f"{unit}_{side}", keys)
     for unit, keys in (
-        ("smile", ((0.0, 0.0), (0.08, 0.0), (0.25, 2.0), (0.45, 2.0), (0.58, 0.0), (1.0, 0.0))),
+        ("smile", ((0.0, 0.0), (0.08, 0.0), (0.25, 1.0), (0.45, 1.0), (0.58, 0.0), (1.0, 0.0))),
         ("brow_raise", ((0.0, 0.0), (0.75, 0.0), (0.88, 2.2), (1.0, 0.0))),
     )
     for side in ("L", "R")
@@ -92,21 +98,30 @@ def _key(obj: bpy.types.Object, prop: str, index: int, keys: list[tuple[int, flo
         group.keyframe_insert(prop, index=index, frame=frame)
 
 
-def animate(obj: bpy.types.Object, frames: int, blink_closed: float) -> list[str]:
-    """Key the performance on ``obj``'s FLAME properties; returns the channels keyed (labels)."""
+def animate(obj: bpy.types.Object, frames: int, blink_closed: float, rest: dict[str, float]) -> list[str]:
+    """Key the performance on ``obj``'s FLAME properties, expressions on top of ``rest`` (named
+    units; the others stay at their value); returns the channels keyed (labels)."""
     from blender_addon import flame_data
 
     labels = obj.spatialavatar_flame.labels()
+    for name, value in rest.items():
+        if name in labels:
+            prop, index = flame_data.expr_location(labels.index(name))
+            getattr(obj.spatialavatar_flame, prop)[index] = value
     keyed = []
     for (prop, index), keys in POSE_KEYS:
         _key(obj, prop, index, [(key_frame(t, frames), v) for t, v in keys])
         keyed.append(f"{prop}[{index}]")
-    blinks = []
-    for t in BLINK_TIMES:
-        mid = key_frame(t, frames)
-        blinks += [(max(1, mid - BLINK_HALF_FRAMES), 0.0), (mid, blink_closed), (min(frames, mid + BLINK_HALF_FRAMES), 0.0)]
-    expression_keys = [(name, [(key_frame(t, frames), v) for t, v in keys]) for name, keys in EXPRESSION_KEYS]
-    for name, keys in expression_keys + [(unit, blinks) for unit in BLINK_UNITS]:
+    def blinks(unit: str) -> list[tuple[int, float]]:  # from the lid's rest to closed and back
+        open_ = rest.get(unit, 0.0)
+        keys = []
+        for t in BLINK_TIMES:
+            mid = key_frame(t, frames)
+            keys += [(max(1, mid - BLINK_HALF_FRAMES), open_), (mid, blink_closed), (min(frames, mid + BLINK_HALF_FRAMES), open_)]
+        return keys
+
+    expression_keys = [(name, [(key_frame(t, frames), rest.get(name, 0.0) + v) for t, v in keys]) for name, keys in EXPRESSION_KEYS]
+    for name, keys in expression_keys + [(unit, blinks(unit)) for unit in BLINK_UNITS]:
         if name not in labels:  # a head without named units (real FLAME) keeps its poses only
             continue
         prop, index = flame_data.expr_location(labels.index(name))
@@ -228,7 +243,7 @@ def build(spec: SceneSpec) -> dict:
     world = np.asarray(obj.matrix_world)
     points = arrays["positions"] @ world[:3, :3].T + world[:3, 3]
     build_set(scene, points.min(0), points.max(0))
-    keyed = animate(obj, spec.frames, spec.blink_closed)
+    keyed = animate(obj, spec.frames, spec.blink_closed, spec.rest_expression)
     configure_render(scene, spec)
     compositing.setup_compositing(scene)
     bpy.ops.wm.save_as_mainfile(filepath=spec.blend)
