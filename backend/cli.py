@@ -416,13 +416,12 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def _personalization(args: argparse.Namespace, device: str) -> Personalization | None:
-    """The Personalization that ``generate`` runs, or None: --personalize / --no-personalize,
-    else on with CUDA and off on the CPU (the service decides the same way)."""
-    on = Generate.personalize_default(device) if args.personalize is None else args.personalize
+    """The Personalization that ``generate`` runs (``device``'s schedule), or None with
+    --no-personalize (the service decides the same way)."""
+    on = Generate.personalize_default if args.personalize is None else args.personalize
     if not on:
         if args.personalize_iterations is not None:
-            why = "--no-personalize was given" if args.personalize is False else f"it is off on {device} unless --personalize is given"
-            raise SpatialAvatarError(f"--personalize-iterations {args.personalize_iterations}: personalization does not run ({why})")
+            raise SpatialAvatarError(f"--personalize-iterations {args.personalize_iterations}: personalization does not run (--no-personalize was given)")
         return None
     return Personalization.for_device(device).with_overrides(*_flags(args, {"iterations": "--personalize-iterations"}))
 
@@ -671,8 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--personalize",
         action=argparse.BooleanOptionalAction,
         help="refine the generated avatar briefly on its own sources, so it takes in the person's hair, skin and lighting "
-        "(layout unchanged). Default: on with CUDA, where it takes seconds; off on the CPU, where its "
-        f"{Personalization.cpu_iterations} steps take most of a minute on two cores",
+        "(layout unchanged). Default: on; it takes about a second with CUDA and, with its "
+        f"{Personalization.cpu_iterations} steps, under a minute on two CPU cores",
     )
     p.add_argument(
         "--personalize-iterations",

@@ -42,18 +42,17 @@ def test_personalize_checkbox_follows_the_backend_reaches_the_request_and_cancel
     props = bpy.context.scene.spatialavatar
     assert "prop:personalize" in draw_panels(addon, bpy.context)
 
-    # Untouched, the checkbox shows the backend's default: off on this CPU backend, on where hello says so.
+    # Untouched, the checkbox shows the backend's default: on (this CPU backend's hello says so),
+    # off where a backend says otherwise.
     generate = addon.runtime.RUNTIME.status["info"]["capabilities"]["generate"]
-    assert generate["personalize"] is False and props.personalize is False
-    generate["personalize"] = True  # what a CUDA backend's hello says
-    assert props.personalize is True
-    props.personalize = False  # the artist's choice holds whatever the backend says
+    assert generate["personalize"] is True and props.personalize is True
+    generate["personalize"] = False  # what a backend that does not personalize by default says
     assert props.personalize is False
-    generate["personalize"] = False
+    props.personalize = True  # the artist's choice holds whatever the backend says
+    assert props.personalize is True
 
     # Checked, Generate personalizes on a backend that would not by default; the task shows the
     # step, and Cancel stops it without an object.
-    props.personalize = True
     props.avatar_name = "Personal"
     added = bpy.ops.spatialavatar.portrait_add("EXEC_DEFAULT", True, directory=str(portrait.parent), files=[{"name": portrait.name}])
     assert added == {"FINISHED"}

@@ -62,24 +62,21 @@ def test_generate_command_personalizes_when_asked(setup: dict[str, Path], tmp_pa
     assert meta["refined_iterations"] == 3
 
 
-def test_personalization_asked_for_on_the_cpu_runs_the_cpu_schedule(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "cpu.npz"
-    assert main([*_cli(setup, out, "--personalize"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["personalized"] is True
-    assert load_avatar(out).meta["personalized"]["iterations"] == Personalization.cpu_iterations < Personalization.iterations
-
-
-def test_generate_command_leaves_it_out_on_the_cpu_and_when_told(
-    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    for flags in ((), ("--no-personalize",)):  # the CPU's default, then the explicit switch
-        out = tmp_path / "plain.npz"
+def test_personalization_runs_by_default_on_the_cpu_with_the_cpu_schedule(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for flags in ((), ("--personalize",)):  # the default, then the explicit switch
+        out = tmp_path / "cpu.npz"
         assert main([*_cli(setup, out, *flags), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["personalized"] is False
-        assert "personalized" not in load_avatar(out).meta
+        assert json.loads(capsys.readouterr().out)["personalized"] is True
+        assert load_avatar(out).meta["personalized"]["iterations"] == Personalization.cpu_iterations < Personalization.iterations
+
+
+def test_generate_command_leaves_it_out_when_told(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "plain.npz"
+    assert main([*_cli(setup, out, "--no-personalize"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["personalized"] is False
+    assert "personalized" not in load_avatar(out).meta
     cases = [
         (("--no-personalize", "--personalize-iterations", "3"), "--personalize-iterations 3: personalization does not run (--no-"),
-        (("--personalize-iterations", "3"), "it is off on cpu unless --personalize is given"),
         (("--personalize", "--personalize-iterations", "0"), "--personalize-iterations 0: must be >= 1"),
     ]
     for flags, message in cases:
@@ -116,9 +113,12 @@ def _buffers(client: Client, aid: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 def test_service_generate_personalizes_when_asked(served: tuple[Client, str]) -> None:
     client, sid = served
-    assert client.call("hello").result["capabilities"]["generate"]["personalize"] is False  # a CPU service
+    assert client.call("hello").result["capabilities"]["generate"]["personalize"] is True  # a CPU service too
 
-    plain = _run(client, {"subject": sid})  # left out: this service's default
+    by_default = _run(client, {"subject": sid})  # left out: the default
+    assert by_default["state"] == "done" and by_default["params"]["personalize"] is True and by_default["result"]["personalized"] is True
+    assert _buffers(client, by_default["result"]["avatar"])[0]["personalized"]["iterations"] == Personalization.cpu_iterations
+    plain = _run(client, {"subject": sid, "personalize": False})
     assert plain["state"] == "done" and plain["params"]["personalize"] is False and plain["result"]["personalized"] is False
     plain_meta, plain_buffers = _buffers(client, plain["result"]["avatar"])
     assert "personalized" not in plain_meta
@@ -139,7 +139,6 @@ def test_service_refuses_bad_personalization_naming_the_argument(served: tuple[C
         ({"personalize": "yes"}, "argument 'personalize' must be true or false"),
         ({"personalize": True, "personalize_iterations": 0}, "argument 'personalize_iterations' must be an integer in [1, 1000000]"),
         ({"personalize": False, "personalize_iterations": 3}, "'personalize_iterations' needs 'personalize' true: it is false"),
-        ({"personalize_iterations": 3}, "'personalize_iterations' needs 'personalize' true: this service does not personalize unless"),
     ]
     jobs_before = len(client.call("list", {"kind": "jobs"}).result["jobs"])
     for extra, message in cases:

@@ -68,8 +68,9 @@ class DemoConfig(Config):
         samples: Cycles samples per pixel of the set (denoised).
         track_size: side of the tracked crop, pixels (the generator's source image).
         gpu_personalize: personalize the generated avatar on the portrait on CUDA (seconds there).
-        cpu_personalize: the same on the CPU: off, because a step at 512 x 512 px costs seconds
-            on two cores and the demo must finish in minutes there.
+        cpu_personalize: the same on the CPU: off, because the demo's Stage 2 refines on the
+            same portrait right after, and there personalization's 70 steps (about 45 s on two
+            cores) would only anticipate it.
         personalize_iterations: personalization steps; None: ``Personalization.for_device``.
         gpu_iters: Stage 2 iterations on CUDA, at ``track_size``.
         cpu_iters: Stage 2 iterations on the CPU, at ``cpu_refine_size``.

@@ -116,10 +116,9 @@ def _personalization(ctx: OpContext, a: Args) -> dict:
 
     asked = a.bool(ops.Generate.personalize)
     iterations = a.int(ops.Generate.personalize_iterations)
-    on = ops.Generate.personalize_default(ctx.engine.device) if asked is None else asked
+    on = ops.Generate.personalize_default if asked is None else asked
     if iterations is not None and not on:
-        why = "it is false" if asked is False else f"this service does not personalize unless asked (it runs on {ctx.engine.device})"
-        raise a.error(f"'personalize_iterations' needs 'personalize' true: {why}")
+        raise a.error("'personalize_iterations' needs 'personalize' true: it is false")
     params = {"personalize": on, "personalize_iterations": iterations}
     settings_of(Personalization(), ops.Generate, params)
     return params

@@ -215,7 +215,7 @@ class Service:
                 generator_from_state(weights, self.engine.head, str(path))
         except SpatialAvatarError as exc:
             return {"available": False, "reason": str(exc)}
-        return {"available": True, "head": weights["head_name"], "personalize": ops.Generate.personalize_default(self.engine.device)}
+        return {"available": True, "head": weights["head_name"], "personalize": ops.Generate.personalize_default}
 
     # -- the loop --------------------------------------------------------------------------
 
