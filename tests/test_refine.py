@@ -100,6 +100,17 @@ def test_ssim_matches_scikit_image(rng: torch.Generator) -> None:
     assert psnr(a, torch.zeros_like(a) + a + 0.1) == pytest.approx(20.0, abs=1e-6)
 
 
+def test_silhouette_iou_counts_pixels_over_half() -> None:
+    from backend.refine.evaluate import silhouette_iou
+
+    alpha, mask = torch.zeros(4, 4, 1), torch.zeros(4, 4, 1)
+    alpha[:2] = 0.9  # 8 pixels drawn
+    alpha[2, :2] = 0.4  # below half: not drawn
+    mask[1:3] = 1.0  # 8 pixels of the person, 4 of them drawn
+    assert silhouette_iou(alpha, mask) == pytest.approx(4 / 12)
+    assert silhouette_iou(mask, mask) == 1.0 and silhouette_iou(torch.zeros(4, 4, 1), torch.zeros(4, 4, 1)) == 1.0
+
+
 @pytest.fixture(scope="module")
 def setup(head: HeadModel, tmp_path_factory):  # type: ignore[no-untyped-def]
     root = synthesize(head, tmp_path_factory.mktemp("refine") / "mono", SynthConfig(frames=10, size=128, seed=5, reference_gaussians=60_000))
@@ -114,6 +125,7 @@ def test_cpu_refinement_improves_test_psnr_and_keeps_layout(head: HeadModel, set
     result = refine(avatar, head, subject, RefineConfig(iterations=200, log_every=50, anti_spike=AntiSpike(max_scale=3.0)))
     after = evaluate(result.avatar, head, subject)
     assert after["psnr_mask"] >= before["psnr_mask"] + 3.0, (before, after)
+    assert 0.5 < after["silhouette_iou"] <= 1.0  # the surface start already covers most of the synthetic head
     # Layout frozen: same count, same binding, bit for bit.
     assert result.avatar.count == avatar.count
     assert torch.equal(result.avatar.binding.face_idx, avatar.binding.face_idx)

@@ -1,6 +1,6 @@
 """Metrics of an avatar on a subject's split: PSNR and SSIM (full image, within the person
-mask, and within the face region where the subject has tracked landmarks), spike statistics
-and the Gaussian count; and holes seen from all around the head, which a subject's own views
+mask, and within the face region where the subject has tracked landmarks), the silhouette's
+IoU with the person mask, spike statistics and the Gaussian count; and holes seen from all around the head, which a subject's own views
 cannot show.
 
 LPIPS is reported when its weights are on this machine (``perceptual.py``: never
@@ -24,7 +24,7 @@ from backend.refine.losses import psnr, ssim
 from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import AntiSpike, spike_stats
 from backend.render.camera import Cameras, HeadShot, focal_from_fov, orbit_cameras
-from backend.render.rasterize import render
+from backend.render.rasterize import RenderOutput, render
 from backend.wire.errors import InputError
 
 
@@ -38,14 +38,28 @@ class ViewScore:
     ssim_mask: float
     psnr_face: float | None
     ssim_face: float | None
+    silhouette_iou: float
 
 
 @torch.no_grad()
-def render_view(avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor) -> torch.Tensor:
-    """[C, H, W, 3] renders of one frame (params with batch 1) in every camera of ``cameras``,
-    computed on the head model's device."""
+def render_frame(avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor) -> RenderOutput:
+    """One frame (params with batch 1) in every camera of ``cameras``: [C, H, W, k] colour,
+    alpha and depth, computed on the head model's device."""
     splats = deform(avatar.to(head.v_template.device), head, params).frame(0)
-    return render(splats, cameras, background).rgb
+    return render(splats, cameras, background)
+
+
+def render_view(avatar: Avatar, head: HeadModel, params: FlameParams, cameras: Cameras, background: torch.Tensor) -> torch.Tensor:
+    """[C, H, W, 3] colour of ``render_frame``."""
+    return render_frame(avatar, head, params, cameras, background).rgb
+
+
+def silhouette_iou(alpha: torch.Tensor, mask: torch.Tensor) -> float:
+    """Intersection over union of the rendered silhouette (alpha > 0.5) and the person mask
+    (> 0.5); both [H, W, 1]. 1 where both are empty."""
+    a, m = alpha[..., 0] > 0.5, mask[..., 0] > 0.5
+    union = int((a | m).sum())
+    return float((a & m).sum()) / union if union else 1.0
 
 
 @torch.no_grad()
@@ -80,8 +94,8 @@ def evaluate(
     worst: tuple[float, np.ndarray] | None = None
     for i, t in enumerate(frames):
         frame_params = subject.params.index([t]) if params is None else params.index([i])
-        rendered = render_view(avatar, head, frame_params.to(device), subject.cameras(t).to(device), bg)
-        rgb = rendered.cpu()
+        out = render_frame(avatar, head, frame_params.to(device), subject.cameras(t).to(device), bg)
+        rendered, rgb, alpha = out.rgb, out.rgb.cpu(), out.alpha.cpu()
         face = subject.face_mask(t)
         for c in range(subject.num_cameras):
             m = subject.mask(t, c)
@@ -96,6 +110,7 @@ def evaluate(
                 float(ssim(rgb[c], target, m)),
                 psnr(rgb[c], target, face) if in_face else None,
                 float(ssim(rgb[c], target, face)) if in_face else None,
+                silhouette_iou(alpha[c], m),
             )
             scores.append(s)
             if lpips is not None:
@@ -120,6 +135,7 @@ def evaluate(
         "ssim": mean("ssim"),
         "ssim_mask": mean("ssim_mask"),
         "ssim_face": mean("ssim_face"),
+        "silhouette_iou": mean("silhouette_iou"),
         "lpips": float(np.mean(distances)) if distances else None,
         "lpips_note": lpips_note if lpips is not None else f"not computed: {lpips_note}",
         "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},

@@ -11,6 +11,7 @@ progress. DATA is an ignored folder (default data/real):
     # 3. refinement and generation (GPU machine): one JSON and pictures per clip
     python tests/benchmarks/bench_real.py clips [--clips NAME ...] [--methods M ...]
     python tests/benchmarks/bench_real.py photos
+    python tests/benchmarks/bench_real.py silhouettes   # cheap: the CPU is enough
     # 4. tables and figures from every result found
     python tests/benchmarks/bench_real.py report --figures docs/figures/real
 
@@ -90,6 +91,15 @@ def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> No
         run_photos(photos, layout, Protocol(), log, args.pool)
 
 
+def cmd_silhouettes(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
+    from tests.benchmarks.real.silhouettes import run_silhouette
+
+    names = args.clips or [c.name for c in sources.clips]
+    for i, name in enumerate(names):
+        log(f"[{i + 1}/{len(names)}] {name}")
+        run_silhouette(name, layout, log)
+
+
 def cmd_report(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
     from tests.benchmarks.real.report import write_report
 
@@ -119,6 +129,9 @@ def main() -> None:
     p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
     p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="how the generator pools the sources (results of other pools than the mean go to photos_POOL.json)")
     p.set_defaults(fn=cmd_photos)
+    p = sub.add_parser("silhouettes", help="the generated head's outline in its source view, zero-shot and personalized (CPU or GPU)")
+    p.add_argument("--clips", nargs="*", help="subject names (default: every listed clip)")
+    p.set_defaults(fn=cmd_silhouettes)
     p = sub.add_parser("report", help="tables (Markdown) and figures from the results")
     p.add_argument("--figures", type=Path, help="also copy the representative figures here")
     p.set_defaults(fn=cmd_report)

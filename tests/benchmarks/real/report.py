@@ -110,6 +110,24 @@ def photo_tables(layout: Layout, sources: Sources) -> str:
     return "\n\n".join(tables)
 
 
+def silhouette_table(layout: Layout, sources: Sources) -> str:
+    rows, both = [], []
+    for clip in sources.clips:
+        path = layout.results / clip.name / "silhouette.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        g, p = r["generated"], r["personalized"]
+        both.append((g, p))
+        rows.append(f"| {clip.name} | {g['silhouette_iou']:.3f} / {_fmt(g['psnr_mask'])} | {p['silhouette_iou']:.3f} / {_fmt(p['psnr_mask'])} | {p['iterations']} in {p['seconds']:.0f} s ({r['device']}) |")
+    if not rows:
+        return ""
+    mean = lambda key, i: _mean([pair[i][key] for pair in both])  # noqa: E731
+    rows.append(f"| **mean** | {mean('silhouette_iou', 0):.3f} / {_fmt(mean('psnr_mask', 0))} | {mean('silhouette_iou', 1):.3f} / {_fmt(mean('psnr_mask', 1))} | |")
+    head = ["### Source view, K = 1 from frame 0: silhouette IoU with the person mask / PSNR in the mask (dB)", "", "| clip | generated | personalized | personalization |", "|---|---|---|---|"]
+    return "\n".join(head + rows)
+
+
 def _labelled(rows: list[tuple[str, np.ndarray]]) -> Image.Image:
     """Rows of pictures with a text label to the left of each."""
     width = LABEL_WIDTH + max(a.shape[1] for _, a in rows)
@@ -147,4 +165,4 @@ def write_report(layout: Layout, sources: Sources, figures: Path | None) -> str:
             sheet = layout.results / photos.name / "photos.png"
             if sheet.is_file():
                 shutil.copy(sheet, figures / f"{photos.name}_photos.png")
-    return "\n\n".join([clip_tables(results), photo_tables(layout, sources)])
+    return "\n\n".join(t for t in (clip_tables(results), photo_tables(layout, sources), silhouette_table(layout, sources)) if t)
