@@ -394,7 +394,7 @@ class LandmarkFitter:
         focal0 = np.asarray(data.focal_init, np.float64)
         rot0, trans0, distance = self._rigid_init(data, focal0)
         problem = FitProblem(self, data, distance)
-        v = FitVariables.start(problem, rot0, trans0, focal0)
+        v = FitVariables.start(problem, rot0, trans0, focal0, self.fits_jaw_joint)
         stages = fit_stages(v, self.config, self.has_eyes, problem.use_offsets, self.fits_jaw_joint)
         total = sum(st.steps for st in stages)
         done = 0
@@ -445,15 +445,16 @@ class FitVariables:
     offsets: torch.Tensor
 
     @classmethod
-    def start(cls, problem: FitProblem, rot0: np.ndarray, trans0: np.ndarray, focal0: np.ndarray) -> FitVariables:
-        """Zero identity, expression, neck, jaw, eyes and offsets; the rigid start's pose; the focal guess."""
+    def start(cls, problem: FitProblem, rot0: np.ndarray, trans0: np.ndarray, focal0: np.ndarray, fits_jaw: bool) -> FitVariables:
+        """Zero identity, expression, neck, jaw, eyes and offsets; the rigid start's pose; the focal
+        guess. Without ``fits_jaw`` the jaw joint is a constant at rest (an expression carries it)."""
         b, f32 = problem.frames, torch.float32
         return cls(
             shape=torch.zeros(problem.n_shape, requires_grad=True),
             expr=torch.zeros(b, problem.n_expr, requires_grad=True),
             rot=torch.as_tensor(rot0, dtype=f32).clone().requires_grad_(True),
             neck=torch.zeros(b, 3, requires_grad=True),
-            jaw=torch.zeros(b, 3, requires_grad=True),
+            jaw=torch.zeros(b, 3, requires_grad=fits_jaw),
             eyes=torch.zeros(b, 6, requires_grad=True),
             trans=torch.as_tensor(trans0, dtype=f32).clone().requires_grad_(True),
             log_f=torch.as_tensor(np.log(focal0), dtype=f32).clone().requires_grad_(True),
