@@ -29,6 +29,7 @@ subject's left.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,12 +218,20 @@ def embedding_path(head_name: str) -> Path | None:
 
 def mediapipe_embedding(data: HeadModelData) -> MediapipeEmbedding | None:
     """The shipped embedding of this head, or None when there is none or it was made on another head
-    (same name, different mesh: its triangles would mean nothing here)."""
+    (same name, different mesh: its triangles would mean nothing here; a warning says so, since
+    the fit then falls back to the head's own 68 landmarks)."""
     path = embedding_path(data.name)
     if path is None or not path.is_file():
         return None
     emb = MediapipeEmbedding.load(path)
-    return emb if emb.fingerprint == fingerprint(data) else None
+    if emb.fingerprint != fingerprint(data):
+        warnings.warn(
+            f"{path.name} was made on another '{data.name}' mesh ({emb.fingerprint}, this one is {fingerprint(data)}): "
+            "tracking fits the head's own 68 landmarks instead; `python -m backend.tracking.embedding --head HEAD` rebuilds it",
+            stacklevel=2,
+        )
+        return None
+    return emb
 
 
 @dataclass(frozen=True)
