@@ -14,13 +14,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
 import torch
 
 from backend import __version__
 from backend.data.synthetic import SynthConfig
 from backend.demo.pipeline import DemoConfig
+from backend.generate.model import PoolMode
 from backend.generate.personalize import Personalization, personalize
 from backend.head.registry import SHIPPED_HEADS
 from backend.refine.config import RefineConfig
@@ -664,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="AVATAR.npz")
     p.add_argument("--frames", nargs="+", metavar="T[:C]", help="subject views to use as sources, e.g. 0 12 or 0:0,0:3 (default: 0)")
     p.add_argument("--checkpoint", type=Path, help="generator weights (default: the shipped backend/generate/weights/generator.pt)")
-    p.add_argument("--pool", choices=("mean", "consensus", "best"), default="mean", help="mean over sources (the model), the mean with disagreeing sources turned down, or the best source per Gaussian (ablation)")
+    p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="mean over sources (the model), the best source per Gaussian (ablation), or consensus: the mean with disagreeing sources turned down")
     p.add_argument("--subject-out", type=Path, metavar="DIR", help="where tracked portraits are written (default: next to --out)")
     p.add_argument(
         "--personalize",

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from backend.gaussians.avatar import SH_C0, LocalGaussians, logit, rgb_to_sh_dc
-from backend.data.image_fill import push_pull_fill
 from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
 from backend.gaussians.layout import Binding, sample_layout
 from backend.gaussians.splats import Splats
@@ -334,6 +333,28 @@ def consensus_weights(rgb: torch.Tensor, weight: torch.Tensor, sigma: float = CO
     return out
 
 
+def push_pull_fill(grid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Fill empty texels of a UV image from their neighbours (push-pull pyramid).
+
+    Args:
+        grid: [B, C, R, R] values, meaningful where ``weight`` > 0.
+        weight: [B, 1, R, R] non-negative confidence.
+    Returns:
+        [B, C, R, R]: weighted averages of ever coarser neighbourhoods fill the gaps; texels
+        with weight >= 1 keep their value.
+    """
+    levels = [(grid * weight, weight)]
+    while min(levels[-1][1].shape[-2:]) > 1:
+        gw, wt = levels[-1]
+        levels.append((F.avg_pool2d(gw, 2, ceil_mode=True), F.avg_pool2d(wt, 2, ceil_mode=True)))
+    coarse = levels[-1][0] / levels[-1][1].clamp_min(1e-8)
+    for gw, wt in reversed(levels[:-1]):
+        up = F.interpolate(coarse, size=gw.shape[-2:], mode="bilinear", align_corners=False)
+        alpha = wt.clamp(0, 1)
+        coarse = alpha * (gw / wt.clamp_min(1e-8)) + (1 - alpha) * up
+    return coarse
+
+
 # -- networks ------------------------------------------------------------------------------
 
 
@@ -580,8 +601,8 @@ class Generator(nn.Module):
         if pool == "best":
             best = weight.argmax(dim=1, keepdim=True)
             weight = torch.zeros_like(weight).scatter(1, best, weight.gather(1, best))
-        elif pool not in ("mean", "consensus"):
-            raise InputError(f"pool must be 'mean', 'consensus' or 'best', got {pool!r}")
+        elif pool not in get_args(PoolMode):
+            raise InputError(f"pool must be one of {', '.join(get_args(PoolMode))}, got {pool!r}")
         rgb = _sample(images, xy_norm)  # [M, N, 3], full resolution
         size = cfg.image_size
         enc_in = torch.cat([images * 2 - 1, masks * 2 - 1], 1)

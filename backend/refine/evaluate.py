@@ -1,7 +1,7 @@
 """Metrics of an avatar on a subject's split: PSNR and SSIM (full image, within the person
 mask, and within the face region where the subject has tracked landmarks), the silhouette's
-IoU with the person mask, spike statistics and the Gaussian count; and holes seen from all around the head, which a subject's own views
-cannot show.
+IoU with the person mask, spike statistics and the Gaussian count; and holes seen from all
+around the head, which a subject's own views cannot show.
 
 LPIPS is reported when its weights are on this machine (``perceptual.py``: never
 downloaded); otherwise ``lpips`` is None and ``lpips_note`` says what is missing.
