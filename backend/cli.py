@@ -22,6 +22,7 @@ from backend import __version__
 from backend.data.synthetic import SynthConfig
 from backend.demo.pipeline import DemoConfig
 from backend.generate.model import PoolMode
+from backend.generate.outline import OutlineFit
 from backend.generate.personalize import Personalization, personalize
 from backend.head.registry import SHIPPED_HEADS
 from backend.refine.config import RefineConfig
@@ -401,8 +402,9 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         views = parse_views(args.frames, subject)
     head = head.to(device)  # tracking is done: it fits on the CPU
     checkpoint_info = {k: info.get(k) for k in ("phase", "steps_done")}
-    avatar = generate_avatar(model.to(device), head, subject, views, pool=args.pool, meta={"checkpoint_info": checkpoint_info})
-    summary: dict[str, Any] = {"personalized": config is not None}
+    outline = OutlineFit(enabled=args.outline)
+    avatar = generate_avatar(model.to(device), head, subject, views, pool=args.pool, meta={"checkpoint_info": checkpoint_info}, outline=outline)
+    summary: dict[str, Any] = {"outline": outline.enabled, "personalized": config is not None}
     if config is not None:
         t0 = time.perf_counter()
         bar = _progress("personalize", not args.json, unit="step")
@@ -667,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="generator weights (default: the shipped backend/generate/weights/generator.pt)")
     p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="mean over sources (the model), the best source per Gaussian (ablation), or consensus: the mean with disagreeing sources turned down")
     p.add_argument("--subject-out", type=Path, metavar="DIR", help="where tracked portraits are written (default: next to --out)")
+    p.add_argument(
+        "--outline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the hair volume and the outline to the sources' person masks after the network: scalp Gaussians "
+        "lift to the top of the hair, and nothing shows where a mask says no person is (default: on)",
+    )
     p.add_argument(
         "--personalize",
         action=argparse.BooleanOptionalAction,

@@ -15,6 +15,7 @@ import torch
 from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar
 from backend.generate.model import MAX_SOURCES, Generator, PoolMode, SourceViews
+from backend.generate.outline import OutlineFit, fit_outline, hair_weight
 from backend.head.model import HeadModel
 from backend.wire.errors import InputError
 
@@ -87,10 +88,19 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate_avatar(model: Generator, head: HeadModel, subject: Subject, views: Sequence[tuple[int, int]], pool: PoolMode = "mean", meta: dict | None = None) -> Avatar:
+def generate_avatar(
+    model: Generator,
+    head: HeadModel,
+    subject: Subject,
+    views: Sequence[tuple[int, int]],
+    pool: PoolMode = "mean",
+    meta: dict | None = None,
+    outline: OutlineFit = OutlineFit(),
+) -> Avatar:
     """The avatar of ``subject`` generated from ``views``; ``meta["generate_ms"]`` times the network.
 
-    ``model`` and ``head`` must be on the same device.
+    ``model`` and ``head`` must be on the same device. ``outline`` fits the hair volume and
+    outline to the sources' person masks after the network (``outline.py``).
     """
     if subject.info.head_model != head.name:
         raise InputError(f"subject {subject.root} was tracked with head model '{subject.info.head_model}', the generator uses '{head.name}'")
@@ -101,7 +111,13 @@ def generate_avatar(model: Generator, head: HeadModel, subject: Subject, views: 
     out = model(sources, pool=pool)
     _sync(model.device)
     ms = (time.perf_counter() - t0) * 1000
-    local = out.frame(0).map(lambda t: t.detach().float().cpu().contiguous())
+    local, outline_summary = out.local, {"outline": False}
+    if outline.enabled:
+        t0 = time.perf_counter()
+        local, fitted = fit_outline(model, sources, local, hair_weight(head.data, model.binding, outline.hairline_ramp), outline)
+        _sync(model.device)
+        outline_summary = {"outline": True, **fitted, "outline_ms": round((time.perf_counter() - t0) * 1000, 2)}
+    local = local.map(lambda t: t[0].detach().float().cpu().contiguous())
     params = subject.params
     return Avatar(
         head_name=model.head_name,
@@ -118,6 +134,7 @@ def generate_avatar(model: Generator, head: HeadModel, subject: Subject, views: 
             "subject": str(subject.root),
             "seen_share": float((out.seen[0] > 0).float().mean()),
             "generate_ms": round(ms, 2),
+            **outline_summary,
             # Refinement takes its reference frame from here.
             "reference_frame": int(views[0][0]),
             "reference_camera": int(views[0][1]),

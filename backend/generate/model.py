@@ -43,7 +43,7 @@ from backend.gaussians.splats import Splats
 from backend.gaussians.surface import SurfaceInit, surface_local
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, project
-from backend.render.rasterize import render
+from backend.render.rasterize import RenderOutput, render
 from backend.wire.errors import InputError
 
 MAX_SOURCES = 4
@@ -237,7 +237,7 @@ def deform_batched(vertices: torch.Tensor, faces: torch.Tensor, binding: Binding
     return Splats(means, quats, scales, torch.sigmoid(local.opacity_logit), colours)
 
 
-def _sample(maps: torch.Tensor, xy_norm: torch.Tensor) -> torch.Tensor:
+def sample_maps(maps: torch.Tensor, xy_norm: torch.Tensor) -> torch.Tensor:
     """Bilinear lookup. maps: [M, C, h, w]; xy_norm: [M, N, 2] in [-1, 1] -> [M, N, C]."""
     out = F.grid_sample(maps, xy_norm[:, :, None, :].to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
     return out[..., 0].transpose(1, 2)
@@ -247,6 +247,40 @@ def scaled_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
     """Intrinsics [..., 3, 3] of the same camera with the image resized by (sx, sy)."""
     scale = torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device)
     return K * scale[:, None]
+
+
+@torch.no_grad()
+def head_depth_render(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    binding: Binding,
+    base_log_scale: torch.Tensor,
+    K: torch.Tensor,
+    world_to_cam: torch.Tensor,
+    image_hw: tuple[int, int],
+    vis_size: int,
+) -> RenderOutput:
+    """The posed head's own depth and silhouette in each view, at ``vis_size`` x ``vis_size``.
+
+    Its flat surface Gaussians are widened 1.5x in their plane to close pinholes at the low
+    resolution.
+
+    Args:
+        vertices: [M, V, 3] posed vertices of M views.
+        base_log_scale: [N, 3] the surface initialization's log-scales.
+        K, world_to_cam: [M, 3, 3], [M, 4, 4] cameras of the H x W images.
+    Returns:
+        The render of M views, one camera each (alpha and depth [M, 1, vis_size, vis_size, 1]).
+    """
+    h, w = image_hw
+    frames = triangle_frames(vertices, faces)
+    size = frames.size[:, binding.face_idx, None]
+    anchor = surface_points(vertices, faces, binding.face_idx, binding.bary)
+    vis_cams = Cameras(scaled_intrinsics(K, vis_size / w, vis_size / h)[:, None], world_to_cam[:, None], vis_size, vis_size)
+    widen = torch.tensor([math.log(1.5), math.log(1.5), 0.0], device=vertices.device)
+    scales = size * torch.exp(base_log_scale + widen)
+    splats = Splats(anchor, frames.quat[:, binding.face_idx], scales, torch.full(anchor.shape[:2], 0.99, device=anchor.device), torch.zeros_like(anchor))
+    return render(splats, vis_cams, torch.zeros(3, device=anchor.device))
 
 
 @torch.no_grad()
@@ -277,7 +311,6 @@ def source_visibility(
     h, w = image_hw
     frames = triangle_frames(vertices, faces)
     rot = frames.rotation[:, binding.face_idx]  # [M, N, 3, 3]
-    size = frames.size[:, binding.face_idx, None]
     anchor = surface_points(vertices, faces, binding.face_idx, binding.bary)  # [M, N, 3]
     cams = Cameras(K[:, None], world_to_cam[:, None], w, h)
     centre = cams.centers[:, 0]  # [M, 3]
@@ -288,18 +321,11 @@ def source_visibility(
     xy, depth = xy[:, 0], depth[:, 0]
     xy_norm = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], dim=-1)
     inside = (xy_norm.abs() <= 1).all(-1) & (depth > 0)
-    # Depth of the posed head: its flat surface Gaussians, slightly widened to close pinholes
-    # at the low visibility resolution.
-    sx, sy = vis_size / w, vis_size / h
-    vis_cams = Cameras(scaled_intrinsics(K, sx, sy)[:, None], world_to_cam[:, None], vis_size, vis_size)
-    widen = torch.tensor([math.log(1.5), math.log(1.5), 0.0], device=vertices.device)
-    quats = matrix_to_quat(rot)
-    scales = size * torch.exp(base_log_scale + widen)
-    splats = Splats(anchor, quats, scales, torch.full(anchor.shape[:2], 0.99, device=anchor.device), torch.zeros_like(anchor))
-    out = render(splats, vis_cams, torch.zeros(3, device=anchor.device))
-    seen_depth = _sample(out.depth[:, 0].permute(0, 3, 1, 2), xy_norm)[..., 0]
-    seen_alpha = _sample(out.alpha[:, 0].permute(0, 3, 1, 2), xy_norm)[..., 0]
-    pixel = depth / vis_cams.K[:, 0, 0, 0, None]  # metres per visibility pixel at that depth
+    out = head_depth_render(vertices, faces, binding, base_log_scale, K, world_to_cam, image_hw, vis_size)
+    vis_f = K[:, 0, 0] * vis_size / w
+    seen_depth = sample_maps(out.depth[:, 0].permute(0, 3, 1, 2), xy_norm)[..., 0]
+    seen_alpha = sample_maps(out.alpha[:, 0].permute(0, 3, 1, 2), xy_norm)[..., 0]
+    pixel = depth / vis_f[:, None]  # metres per visibility pixel at that depth
     tolerance = depth_tolerance + 2.0 * pixel / cos.clamp_min(0.2)
     visible = inside & (cos > min_cos) & (seen_alpha > 0.5) & (depth <= seen_depth + tolerance)
     return xy_norm, visible, cos, view_local
@@ -593,7 +619,7 @@ class Generator(nn.Module):
         masks = sources.masks.reshape(m, h, w, 1).permute(0, 3, 1, 2).float()
         # Inside the person mask only (no background colours at the silhouette); frontal
         # views count more than grazing ones.
-        mask_at = _sample(masks, xy_norm)[..., 0]
+        mask_at = sample_maps(masks, xy_norm)[..., 0]
         weight = (visible & (mask_at > 0.5)).float() * cos.clamp_min(0.0)
         if sources.valid is not None:
             weight = weight * sources.valid.reshape(m, 1).float()
@@ -603,14 +629,14 @@ class Generator(nn.Module):
             weight = torch.zeros_like(weight).scatter(1, best, weight.gather(1, best))
         elif pool not in get_args(PoolMode):
             raise InputError(f"pool must be one of {', '.join(get_args(PoolMode))}, got {pool!r}")
-        rgb = _sample(images, xy_norm)  # [M, N, 3], full resolution
+        rgb = sample_maps(images, xy_norm)  # [M, N, 3], full resolution
         size = cfg.image_size
         enc_in = torch.cat([images * 2 - 1, masks * 2 - 1], 1)
         if (h, w) != (size, size):
             enc_in = F.interpolate(enc_in, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         with self._autocast():
             feats = self.encoder(enc_in)
-            sampled = _sample(feats, xy_norm)
+            sampled = sample_maps(feats, xy_norm)
             point = self.point(torch.cat([sampled, (rgb * 2 - 1).to(sampled.dtype), view_local.to(sampled.dtype)], -1))
         point = point.float().reshape(b, k, -1, cfg.point_dim)
         rgb = rgb.reshape(b, k, -1, 3)

@@ -1,0 +1,248 @@
+"""The person's outline from the sources' masks: hair volume and what lies outside the person.
+
+The network was trained on bald synthetic heads, and its offsets are bounded to a triangle's
+size (a few millimetres), so on a real portrait the generated head stops at the scalp while
+the person mask goes on to the top of the hair. Both are geometric facts of the sources, so
+this step reads them from the masks directly, after the network, in one pass:
+
+1. **Lift.** Where a Gaussian that may carry hair (``hair_weight``: the scalp, the sides and
+   back of the neck) lies on the head's outline in a source (its normal at a grazing angle
+   and just outside the posed head's own silhouette), march along its normal and measure
+   how far the projection stays inside the person mask: the hair's thickness there, in
+   metres. The measurements (a ring around the head per source) are averaged over sources,
+   spread over the rest of the region in UV space (push-pull) and faded in from the face,
+   and every such Gaussian moves out along its normal by that much, growing with the shell
+   so that it stays closed.
+   The lifted Gaussians take their colour from where they now land in the sources.
+2. **Carve.** A Gaussian that lands where a source's person mask fades out (the neck below
+   the mask's fade; the far side of the neck behind it) gets no more opacity than the mask
+   there, as the source image was composited with that mask: the visual hull of the masks,
+   widened by a margin for tracking error.
+
+Parameter-free in K and order-invariant, as the network's pool is. Heads without a "scalp"
+part mask get no lift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.configs import Config, above, at_least
+from backend.gaussians.avatar import LocalGaussians, logit, rgb_to_sh_dc
+from backend.gaussians.frames import surface_points, triangle_frames
+from backend.gaussians.layout import Binding
+from backend.generate.model import Generator, SourceViews, head_depth_render, push_pull_fill, sample_maps
+from backend.head.model import HeadModelData
+from backend.render.camera import Cameras, project
+
+
+@dataclass(frozen=True)
+class OutlineFit(Config):
+    """Attributes:
+    enabled: run the step (``generate --no-outline`` turns it off).
+    max_lift: the thickest hair measured, metres.
+    step: spacing of the samples along the normal, metres.
+    grazing_cos: a Gaussian is on the outline where |cos(normal, view)| is below this; the
+        lifted shell takes colour from sources it faces at more than minus this.
+    probe: metres along the normal (plus two pixels of the coarse head render) at which an
+        outline Gaussian must leave the posed head's own silhouette (so that Gaussians behind
+        an ear or on the far side do not count).
+    hairline_ramp: metres from the edge of the hair's region over which the lift fades in.
+    head_radius: metres; a shell lifted by h is (r + h) / r times wider, and so are its Gaussians.
+    smooth: texels of the box filter that evens out the measurements in UV space.
+    carve_margin: the masks are widened by this share of the image side before carving.
+    recolour_lift: metres of lift at which a Gaussian's colour is wholly the one its new
+        place shows in the sources (less lift, a blend with the network's colour).
+    """
+
+    enabled: bool = True
+    max_lift: float = 0.08
+    step: float = 0.002
+    grazing_cos: float = 0.35
+    probe: float = 0.006
+    hairline_ramp: float = 0.02
+    head_radius: float = 0.09
+    smooth: int = 5
+    carve_margin: float = 0.015
+    recolour_lift: float = 0.004
+
+    def check(self) -> None:
+        above("max_lift", self.max_lift, 0.0)
+        above("step", self.step, 0.0)
+        above("grazing_cos", self.grazing_cos, 0.0)
+        above("probe", self.probe, 0.0)
+        at_least("hairline_ramp", self.hairline_ramp, 0.0)
+        above("head_radius", self.head_radius, 0.0)
+        at_least("smooth", self.smooth, 1)
+        at_least("carve_margin", self.carve_margin, 0.0)
+        above("recolour_lift", self.recolour_lift, 0.0)
+
+
+def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """[V, 3] area-weighted unit normals."""
+    tri = vertices[faces]
+    face_normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    normals = torch.zeros_like(vertices)
+    for corner in range(3):
+        normals.index_add_(0, faces[:, corner], face_normal)
+    return F.normalize(normals, dim=-1)
+
+
+def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Tensor:
+    """[N] how freely each Gaussian may stand off the head as hair, in [0, 1].
+
+    The scalp, and the sides and back of the neck where long hair falls (the throat and the
+    underside of the jaw face forward or down on the neutral template and get none); faded
+    in over ``ramp`` metres from the face, the ears and the throat. Zeros for a head without
+    a "scalp" part mask.
+    """
+    masks = data.part_masks or {}
+    scalp = masks.get("scalp")
+    if scalp is None or not scalp.any():
+        return torch.zeros(binding.count)
+    verts = torch.as_tensor(np.asarray(data.v_template), dtype=torch.float32)
+    faces = torch.as_tensor(np.asarray(data.faces), dtype=torch.long)
+    weight = torch.from_numpy(np.asarray(scalp, bool)).float()
+    neck = masks.get("neck")
+    if neck is not None:
+        normal = _vertex_normals(verts, faces)
+        sideways = ((0.3 - normal[:, 2]) / 0.5).clamp(0, 1) * ((normal[:, 1] + 0.5) / 0.3).clamp(0, 1)
+        weight = torch.maximum(weight, torch.from_numpy(np.asarray(neck, bool)).float() * sideways)
+    if ramp > 0:
+        inside, outside = weight > 0, verts[weight <= 0]
+        edge = torch.cat([torch.cdist(chunk, outside).amin(1) for chunk in verts[inside].split(2048)])
+        weight[inside] *= (edge / ramp).clamp(0, 1)
+    return (weight[faces[binding.face_idx]] * binding.bary.float()).sum(-1)
+
+
+@torch.no_grad()
+def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, config: OutlineFit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hair thickness seen at the head's outline in each source.
+
+    Args:
+        hair: [N] ``hair_weight``.
+    Returns:
+        lift: [B, K, N] metres (meaningful where measured).
+        measured: [B, K, N] bool: the Gaussian may carry hair and lies on this source's outline.
+    """
+    b, k, h, w = sources.images.shape[:4]
+    m = b * k
+    vertices = sources.vertices.reshape(m, *sources.vertices.shape[2:]).float()
+    K = sources.K.reshape(m, 3, 3).float()
+    world_to_cam = sources.world_to_cam.reshape(m, 4, 4).float()
+    frames = triangle_frames(vertices, model.faces)
+    normal = frames.rotation[:, model.face_idx, :, 2]  # [M, N, 3]
+    anchor = surface_points(vertices, model.faces, model.face_idx, model.bary)
+    cams = Cameras(K[:, None], world_to_cam[:, None], w, h)
+    cos = (F.normalize(cams.centers[:, 0, None] - anchor, dim=-1) * normal).sum(-1)
+    head = head_depth_render(vertices, model.faces, model.binding, model.base_log_scale, K, world_to_cam, (h, w), model.config.vis_size)
+
+    def in_image(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xy, depth = project(points, cams)
+        xy_norm = torch.stack([xy[:, 0, ..., 0] / w * 2 - 1, xy[:, 0, ..., 1] / h * 2 - 1], dim=-1)
+        return xy_norm, (xy_norm.abs() <= 1).all(-1) & (depth[:, 0] > 0)
+
+    # The head's own silhouette is rendered coarsely and blurs outward by a pixel or two.
+    _, anchor_depth = project(anchor, cams)
+    vis_pixel = anchor_depth[:, 0] / (K[:, 0, 0, None] * model.config.vis_size / w)  # [M, N] metres
+    probe_xy, probe_in = in_image(anchor + (config.probe + 2 * vis_pixel)[..., None] * normal)
+    leaves_head = sample_maps(head.alpha[:, 0].permute(0, 3, 1, 2), probe_xy)[..., 0] < 0.5
+    _, anchor_in = in_image(anchor)
+    measured = (hair > 0) & (cos.abs() < config.grazing_cos) & leaves_head & probe_in & anchor_in
+    masks = sources.masks.reshape(m, h, w, 1).permute(0, 3, 1, 2).float()
+    steps = torch.arange(0, config.max_lift + 1e-9, config.step, device=anchor.device)  # [J], 0 first
+    lift = torch.zeros(m, anchor.shape[1], device=anchor.device)
+    for i in range(m):
+        idx = measured[i].nonzero()[:, 0]
+        if len(idx) == 0:
+            continue
+        points = anchor[i, idx, None] + steps[:, None] * normal[i, idx, None]  # [n, J, 3]
+        one = Cameras(K[i, None], world_to_cam[i, None], w, h)
+        xy, depth = project(points.reshape(-1, 3), one)  # [1, n * J, 2], [1, n * J]
+        xy_norm = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], dim=-1)
+        inside = (sample_maps(masks[i : i + 1], xy_norm)[0, :, 0] > 0.5) & (xy_norm[0].abs() <= 1).all(-1) & (depth[0] > 0)
+        # Samples stay inside up to the first one that leaves the mask.
+        run = inside.reshape(len(idx), len(steps)).int().cumprod(dim=1)
+        lift[i, idx] = config.step * (run.sum(1) - 1).clamp_min(0).float()
+    return lift.reshape(b, k, -1), measured.reshape(b, k, -1)
+
+
+@torch.no_grad()
+def fit_outline(model: Generator, sources: SourceViews, local: LocalGaussians, hair: torch.Tensor, config: OutlineFit) -> tuple[LocalGaussians, dict]:
+    """The generated Gaussians with the sources' hair volume and outline.
+
+    Args:
+        local: [B, N, ...] the network's output for ``sources``.
+        hair: [N] ``hair_weight`` of the model's layout.
+    Returns:
+        The adjusted local Gaussians, and a summary (mean lift where hair may grow, in
+        millimetres; the share of Gaussians carved).
+    """
+    config.check()
+    b, k, h, w = sources.images.shape[:4]
+    m = b * k
+    hair = hair.to(model.device)
+    lift, measured = measure_lift(model, sources, hair, config)
+    count = measured.float().sum(1)  # [B, N]
+    mean_lift = (lift * measured).sum(1) / count.clamp_min(1)
+    # Even out the ring of measurements, then spread it over the hair's region.
+    box = (config.smooth, config.smooth)
+    pad = config.smooth // 2
+    weight_grid = F.avg_pool2d(model.to_grid((count > 0).float()[..., None]), box, 1, pad)
+    value_grid = F.avg_pool2d(model.to_grid((mean_lift * (count > 0))[..., None]), box, 1, pad)
+    filled = push_pull_fill(value_grid / weight_grid.clamp_min(1e-6), (weight_grid * 8).clamp(0, 1))
+    has_any = (count > 0).any(1, keepdim=True)
+    lift_n = model.from_grid(filled)[..., 0] * hair * has_any  # [B, N] metres
+
+    # Where the lifted shell lands in each source.
+    vertices = sources.vertices.reshape(m, *sources.vertices.shape[2:]).float()
+    frames = triangle_frames(vertices, model.faces)
+    normal = frames.rotation[:, model.face_idx, :, 2]  # [M, N, 3]
+    lifted = surface_points(vertices, model.faces, model.face_idx, model.bary) + lift_n.repeat_interleave(k, 0)[..., None] * normal
+    cams = Cameras(sources.K.reshape(m, 1, 3, 3).float(), sources.world_to_cam.reshape(m, 1, 4, 4).float(), w, h)
+    xy, depth = project(lifted, cams)
+    xy_norm = torch.stack([xy[:, 0, ..., 0] / w * 2 - 1, xy[:, 0, ..., 1] / h * 2 - 1], dim=-1)  # [M, N, 2]
+    in_front = depth[:, 0] > 0
+    if sources.valid is not None:
+        in_front &= sources.valid.reshape(m, 1)
+    in_image = in_front & (xy_norm.abs() <= 1).all(-1)
+    masks = sources.masks.reshape(m, h, w, 1).permute(0, 3, 1, 2).float()
+
+    # Carve: nothing may show where a source's mask says no person is. The mask is widened
+    # first, so that a tracking error of a few pixels does not eat the face's outline; beyond
+    # the image it continues as at its border (a neck running out of the frame's bottom
+    # fades as the mask does there; hair cut off by the frame's top stays).
+    r = max(1, round(config.carve_margin * max(h, w)))
+    widened = F.max_pool2d(masks, 2 * r + 1, 1, r)
+    outside = torch.where(in_front, sample_maps(widened, xy_norm)[..., 0], 1.0).reshape(b, k, -1).amin(1)
+    ceiling = logit(outside.clamp(1e-3, 1 - 1e-3))
+    opacity_logit = torch.where(outside < 1.0, torch.minimum(local.opacity_logit, ceiling), local.opacity_logit)
+
+    # Recolour the lifted shell from where it now lands (the network coloured it on the head).
+    cos = (F.normalize(cams.centers[:, 0, None] - lifted, dim=-1) * normal).sum(-1)
+    inside = sample_maps(masks, xy_norm)[..., 0] > 0.5
+    facing = ((cos > -config.grazing_cos) & in_image & inside).float() * (cos + config.grazing_cos)
+    facing = facing.reshape(b, k, -1)
+    rgb = sample_maps(sources.images.reshape(m, h, w, 3).permute(0, 3, 1, 2).float(), xy_norm).reshape(b, k, -1, 3)
+    seen = facing.sum(1)
+    colour = (facing[..., None] * rgb).sum(1) / seen.clamp_min(1e-6)[..., None]
+    blend = ((lift_n / config.recolour_lift).clamp(0, 1) * (seen > 0))[..., None]
+    dc = local.sh[..., 0, :]
+    sh = local.sh.clone()
+    sh[..., 0, :] = dc + blend * (rgb_to_sh_dc(colour) - dc)
+
+    size = frames.size[:, model.face_idx].reshape(b, k, -1).mean(1)  # [B, N]
+    offset = local.offset.clone()
+    offset[..., 2] = offset[..., 2] + lift_n / size
+    log_scale = local.log_scale + torch.log1p(lift_n / config.head_radius)[..., None]
+
+    region = hair > 0
+    summary = {
+        "outline_lift_mm": round(float(lift_n[:, region].mean()) * 1000, 2) if region.any() else 0.0,
+        "outline_carved_share": round(float((outside < 0.5).float().mean()), 4),
+    }
+    return LocalGaussians(offset, local.rotation, log_scale, opacity_logit, sh), summary
