@@ -185,7 +185,7 @@ def test_a_lever_changes_only_its_fields_of_ours(monkeypatch: pytest.MonkeyPatch
 
     from backend.refine.config import preset
     from tests.benchmarks.real.clips import refine_config
-    from tests.benchmarks.real.protocol import LEVERS, Lever, Protocol, lever_of, method_choices
+    from tests.benchmarks.real.protocol import LEVERS, Lever, Protocol, lever_of, method_choices, starts_from_generator
 
     protocol = Protocol()
     ours = refine_config("ours-surface", protocol)
@@ -207,5 +207,27 @@ def test_a_lever_changes_only_its_fields_of_ours(monkeypatch: pytest.MonkeyPatch
     room = refine_config("ours-surface+hair-room", protocol)
     assert room.real_tuning is not None and (room.real_tuning.threshold_factor, room.real_tuning.lr_factor) == (5.0, 2.0)
     assert lever_of("densify") is None and all(f"ours-surface+{n}" in method_choices() for n in LEVERS)
+    # A lever from the generator: the same refinement as from the surface, another start.
+    assert all(f"ours-generator+{n}" in method_choices() for n in LEVERS)
+    assert refine_config("ours-generator+photo-lr3+tuned", protocol) == refine_config("ours-surface+photo-lr3+tuned", protocol)
+    assert starts_from_generator("ours-generator+photo-lr3+tuned") and not starts_from_generator("ours-surface+photo-lr3+tuned")
+    third = refine_config("ours-generator+photo-lr3+tuned-third", protocol)
+    assert third.iterations == 3_334 and replace(third, iterations=protocol.iterations) == refine_config("ours-surface+photo-lr3+tuned", protocol)
     with pytest.raises(SystemExit, match="unknown lever"):
         lever_of("ours-surface+nosuch")
+
+
+def test_lever_table_compares_each_lever_with_its_base() -> None:
+    from tests.benchmarks.real.report import lever_table
+
+    def scores(mask: float) -> dict:
+        return {"psnr": mask + 3, "psnr_mask": mask, "psnr_face": mask + 6, "ssim_mask": 0.8, "train_psnr": mask + 4, "spike_share": 0.1, "wall_seconds": 20.0}
+
+    results = {
+        "a": {"methods": {"ours-surface": scores(20.0), "ours-surface+photo-lr3+tuned": scores(23.0), "ours-generator+photo-lr3+tuned": scores(24.5)}},
+        "b": {"methods": {"ours-surface": scores(22.0), "ours-surface+photo-lr3+tuned": scores(24.0)}},
+    }
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lever_table(results) if line.startswith("| ") and "---" not in line}
+    surface, generator = rows["photo-lr3+tuned"], rows["from the generator: photo-lr3+tuned"]
+    assert surface[2:5] == ["ours-surface", "a, b", "2.50"]  # base, clips, d psnr: (3 + 2) / 2
+    assert generator[2:5] == ["ours-surface+photo-lr3+tuned", "a", "1.50"]  # only clip a ran both

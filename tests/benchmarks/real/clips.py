@@ -29,7 +29,7 @@ from backend.render.animation import to_uint8
 from backend.render.camera import HeadShot
 from backend.render.rasterize import render
 from tests.benchmarks.real.data import Layout
-from tests.benchmarks.real.protocol import Protocol, lever_of
+from tests.benchmarks.real.protocol import Protocol, lever_of, starts_from_generator
 from tests.benchmarks.real.tracking import unpack
 
 Log = Callable[[str], None]
@@ -149,7 +149,7 @@ def init_config(method: str, protocol: Protocol) -> InitConfig:
 
 
 def _start_key(method: str, protocol: Protocol) -> InitConfig | str:
-    return "generator" if method in ("generator", "personalized", "ours-generator") else init_config(method, protocol)
+    return "generator" if starts_from_generator(method) else init_config(method, protocol)
 
 
 def _personalize(generated: Avatar, head: HeadModel, subject: Subject) -> tuple[Avatar, float]:
@@ -273,9 +273,10 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
                 start_avatar, start_seconds = starts[start_name]
             else:
                 start_avatar, start_seconds = _starts([method], head, on, protocol, log)[start_name]
-            result, wall = _refine(start_avatar, head, on, refine_config(method, protocol))
+            config = refine_config(method, protocol)
+            result, wall = _refine(start_avatar, head, on, config)
             avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
-            entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": protocol.iterations}
+            entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": config.iterations}
             if tracking is not None:
                 entry["tracking_seconds"], entry["tracking_change"] = tracking[1], tracking[2]
         entry |= score(avatar, start_avatar, head, on, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}

@@ -75,20 +75,33 @@ LEVERS = {
     "photo-track": Lever("photometric tracking of every frame before refinement", _EARLIER_TUNING, photometric={"flame_lr_factor": 2.0}),
     "photo-track+tuned": Lever("photometric tracking, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"flame_lr_factor": 2.0}),
     "photo-lr3+tuned": Lever("photometric tracking with FLAME's rates x3 instead of x2, then the tuning x5 / x4", _TUNED, photometric={"flame_lr_factor": 3.0}),
+    "photo-lr3+tuned-third": Lever(
+        "photo-lr3+tuned in a third of the iterations (3,334)", {**_TUNED, "iterations": 3_334}, photometric={"flame_lr_factor": 3.0}
+    ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
+# A lever's method is ours from the surface (the lever's table compares it with plain
+# "ours-surface") or ours from the generator (compared with the same lever from the surface).
 LEVER_PREFIX = "ours-surface+"
+GENERATOR_LEVER_PREFIX = "ours-generator+"
 
 
 def lever_of(method: str) -> Lever | None:
-    """The lever a method name ``ours-surface+NAME`` stands for (None: a plain method)."""
-    if not method.startswith(LEVER_PREFIX):
-        return None
-    name = method[len(LEVER_PREFIX) :]
-    if name not in LEVERS:
-        raise SystemExit(f"unknown lever {name!r}; choose from {sorted(LEVERS)}")
-    return LEVERS[name]
+    """The lever a method name ``ours-surface+NAME`` or ``ours-generator+NAME`` stands for
+    (None: a plain method)."""
+    for prefix in (LEVER_PREFIX, GENERATOR_LEVER_PREFIX):
+        if method.startswith(prefix):
+            name = method[len(prefix) :]
+            if name not in LEVERS:
+                raise SystemExit(f"unknown lever {name!r}; choose from {sorted(LEVERS)}")
+            return LEVERS[name]
+    return None
+
+
+def starts_from_generator(method: str) -> bool:
+    """Whether a method's avatar starts as the generator's (K = 1, the clip's first frame)."""
+    return method in ("generator", "personalized", "ours-generator") or method.startswith(GENERATOR_LEVER_PREFIX)
 
 
 def method_choices() -> list[str]:
-    return [*METHODS, *(LEVER_PREFIX + name for name in LEVERS)]
+    return [*METHODS, *(prefix + name for prefix in (LEVER_PREFIX, GENERATOR_LEVER_PREFIX) for name in LEVERS)]

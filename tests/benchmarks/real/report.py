@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from backend.generate.model import PoolMode
 from tests.benchmarks.real.data import Layout, Sources
-from tests.benchmarks.real.protocol import LEVER_PREFIX, LEVERS, METHOD_LABELS, METHODS
+from tests.benchmarks.real.protocol import GENERATOR_LEVER_PREFIX, LEVER_PREFIX, LEVERS, METHOD_LABELS, METHODS
 
 LABEL_WIDTH = 200
 
@@ -63,21 +63,24 @@ def clip_tables(results: dict[str, dict]) -> str:
 
 
 def lever_table(results: dict[str, dict]) -> list[str]:
-    """Each lever against ours from the surface on the clips the lever ran on: mean
-    differences (dB; SSIM in the mask), and the lever's own spike share and wall time."""
-    base = "ours-surface"
-    levers = [n for n in LEVERS if any(LEVER_PREFIX + n in r["methods"] for r in results.values())]
-    if not levers:
+    """Each lever against its base on the clips both ran on: mean differences (dB; SSIM in
+    the mask), and the lever's own spike share and wall time. The base of ``ours-surface+X``
+    is ours from the surface; that of ``ours-generator+X`` is ``ours-surface+X``."""
+    rows = [(LEVER_PREFIX + n, "ours-surface", n, LEVERS[n].about) for n in LEVERS]
+    rows += [(GENERATOR_LEVER_PREFIX + n, LEVER_PREFIX + n, f"from the generator: {n}", f"{LEVERS[n].about}, starting from the generator") for n in LEVERS]
+    present = [r for r in rows if any(r[0] in c["methods"] for c in results.values())]
+    if not present:
         return []
     deltas = [("psnr", 2), ("psnr_mask", 2), ("psnr_face", 2), ("ssim_mask", 3), ("train_psnr", 2)]
-    lines = ["", "### Levers on ours from the surface: difference from it on the same clips", ""]
-    lines.append("| lever | what it changes | clips | " + " | ".join(f"d {k}" for k, _ in deltas) + " | spike_share | wall_seconds |")
-    lines.append("|---|---|---|" + "---|" * (len(deltas) + 2))
-    for name in levers:
-        pairs = [(r["methods"][LEVER_PREFIX + name], r["methods"][base]) for r in results.values() if LEVER_PREFIX + name in r["methods"] and base in r["methods"]]
+    lines = ["", "### Levers: difference from their base on the same clips", ""]
+    lines.append("| lever | what it changes | base | clips | " + " | ".join(f"d {k}" for k, _ in deltas) + " | spike_share | wall_seconds |")
+    lines.append("|---|---|---|---|" + "---|" * (len(deltas) + 2))
+    for method, base, name, about in present:
+        both = {n: r["methods"] for n, r in results.items() if method in r["methods"] and base in r["methods"]}
+        pairs = [(m[method], m[base]) for m in both.values()]
         cells = [_fmt(_mean([a[k] - b[k] for a, b in pairs]), d) for k, d in deltas]
         own = [_fmt(_mean([a.get(k) for a, _ in pairs]), d) for k, d in (("spike_share", 4), ("wall_seconds", 1))]
-        lines.append(f"| {name} | {LEVERS[name].about} | {', '.join(n for n, r in results.items() if LEVER_PREFIX + name in r['methods'])} | " + " | ".join(cells + own) + " |")
+        lines.append(f"| {name} | {about} | {base} | {', '.join(both)} | " + " | ".join(cells + own) + " |")
     return lines
 
 
@@ -147,6 +150,7 @@ def clip_figures(name: str, layout: Layout, dest: Path) -> list[Path]:
     written = []
     for kind, first in (("heldout", [("ground truth", folder / "heldout_truth.png")]), ("turntable", [])):
         labelled = [(METHOD_LABELS[m], m) for m in METHODS] + [(f"ours + {n}", LEVER_PREFIX + n) for n in LEVERS]
+        labelled += [(f"ours from the generator + {n}", GENERATOR_LEVER_PREFIX + n) for n in LEVERS]
         rows = first + [(label, folder / f"{kind}_{m}.png") for label, m in labelled if (folder / f"{kind}_{m}.png").is_file()]
         sheet = _labelled([(label, np.asarray(Image.open(p).convert("RGB"))) for label, p in rows])
         path = dest / f"{name}_{kind}.png"
