@@ -9,7 +9,7 @@ from. CPU only, a few seconds.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -48,10 +48,21 @@ def _cameras(azimuth: list[float]) -> Cameras:
     return HeadShot().cameras(torch.tensor(azimuth), torch.zeros(len(azimuth)), SIZE, (0.0, 0.03, 0.0))
 
 
-def _render_local(head, binding, local: LocalGaussians, cams: Cameras):  # type: ignore[no-untyped-def]
-    verts = head(FlameParams.neutral(1, head.n_shape, head.n_expr)).vertices
-    splats = deform_local(verts, head.faces, binding, local).frame(0)
+def _rest(head, static_offset: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[1, V, 3] the neutral head, its template moved by ``static_offset`` [V, 3]."""
+    return head(replace(FlameParams.neutral(1, head.n_shape, head.n_expr), static_offset=static_offset)).vertices
+
+
+def _render_local(head, binding, local: LocalGaussians, cams: Cameras, static_offset: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+    splats = deform_local(_rest(head, static_offset), head.faces, binding, local).frame(0)
     return render(splats, cams, torch.ones(3))
+
+
+def _fit(generator: Generator, head, sources: SourceViews, config: OutlineFit = OutlineFit(), local: LocalGaussians | None = None):  # type: ignore[no-untyped-def]
+    """(local [1, N, ...], template offset [V, 3], summary) of the outline step on the surface head."""
+    hair = hair_weight(head.data, generator.binding, config.hairline_ramp)
+    local, lift, summary = fit_outline(generator, sources, generator.base_local(1) if local is None else local, hair, _rest(head), config)
+    return local, lift[0], summary
 
 
 def person(head, cams: Cameras, hair_mm: float):  # type: ignore[no-untyped-def]
@@ -76,12 +87,8 @@ def person(head, cams: Cameras, hair_mm: float):  # type: ignore[no-untyped-def]
 def sources_of(head, cams: Cameras, hair_mm: float) -> SourceViews:  # type: ignore[no-untyped-def]
     images, masks = person(head, cams, hair_mm)
     c = images.shape[0]
-    verts = head(FlameParams.neutral(1, head.n_shape, head.n_expr)).vertices.expand(c, -1, -1)
+    verts = _rest(head).expand(c, -1, -1)
     return SourceViews(images[None], masks[None], verts[None], cams.K[None], cams.world_to_cam[None])
-
-
-def _surface(generator: Generator) -> LocalGaussians:
-    return generator.base_local(1)
 
 
 def _iou(alpha: torch.Tensor, mask: torch.Tensor) -> float:
@@ -105,25 +112,29 @@ def test_lift_measures_the_hair_thickness_on_the_outline(head, generator: Genera
 def test_fitted_outline_fills_the_mask_in_the_source_and_in_a_view_it_did_not_see(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     source_cams, other_cams = _cameras([0.0]), _cameras([100.0])
     sources = sources_of(head, source_cams, HAIR_MM)
-    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
-    before = _surface(generator)
-    after, summary = fit_outline(generator, sources, before, hair, OutlineFit())
+    before = generator.base_local(1)
+    after, lift, summary = _fit(generator, head, sources)
     assert summary["outline_lift_mm"] > 5.0
-    one = lambda local, cams: _render_local(head, generator.binding, local.map(lambda t: t[0]), cams).alpha  # noqa: E731
+    # The Gaussians keep their place on their triangles: the lift moves the triangles.
+    assert torch.equal(after.offset, before.offset) and torch.equal(after.log_scale, before.log_scale)
+
+    def alpha(local: LocalGaussians, cams: Cameras, offset: torch.Tensor | None) -> torch.Tensor:
+        return _render_local(head, generator.binding, local.map(lambda t: t[0]), cams, offset).alpha
+
     mask = sources.masks[0]
-    assert _iou(one(after, source_cams), mask) > _iou(one(before, source_cams), mask) + 0.03
+    assert _iou(alpha(after, source_cams, lift), mask) > _iou(alpha(before, source_cams, None), mask) + 0.03
     _, other_mask = person(head, other_cams, HAIR_MM)
-    assert _iou(one(after, other_cams), other_mask) > _iou(one(before, other_cams), other_mask) + 0.03
+    assert _iou(alpha(after, other_cams, lift), other_mask) > _iou(alpha(before, other_cams, None), other_mask) + 0.03
 
 
 def test_a_bald_person_is_lifted_no_further_than_the_blur_of_the_masks_edge(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     sources = sources_of(head, _cameras([0.0, 60.0]), 0.0)
-    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
-    before = _surface(generator)
-    after, summary = fit_outline(generator, sources, before, hair, OutlineFit())
+    before = generator.base_local(1)
+    after, lift, summary = _fit(generator, head, sources)
     # The reference render's edge blurs a splat's width (about 2 mm at 40K Gaussians) and a
     # pixel (2.3 mm) beyond the mesh; samples are 2 mm apart.
     assert summary["outline_lift_mm"] < 6.0
+    assert float(lift.norm(dim=-1).max()) < 0.012
     assert summary["outline_carved_share"] == 0.0
     assert torch.equal(after.opacity_logit, before.opacity_logit)
 
@@ -133,10 +144,9 @@ def test_carving_follows_the_mask_and_its_margin(head, generator: Generator) -> 
     sources = sources_of(head, cams, 0.0)
     cut = SIZE // 2
     sources.masks[..., cut:, :, :] = 0.0  # no person below the middle row
-    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
-    before = _surface(generator)
-    after, _ = fit_outline(generator, sources, before, hair, OutlineFit(carve_margin=0.05))
-    verts = head(FlameParams.neutral(1, head.n_shape, head.n_expr)).vertices
+    before = generator.base_local(1)
+    after, _, _ = _fit(generator, head, sources, OutlineFit(carve_margin=0.05))
+    verts = _rest(head)
     xy, _ = project(surface_points(verts, head.faces, generator.face_idx, generator.bary), cams)
     row = xy[0, 0, :, 1]
     margin = 0.05 * SIZE + 2
@@ -148,23 +158,23 @@ def test_carving_follows_the_mask_and_its_margin(head, generator: Generator) -> 
 
 def test_the_lifted_shell_takes_the_colour_where_it_lands(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     sources = sources_of(head, _cameras([0.0]), HAIR_MM)
-    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
-    before = _surface(generator)
-    before = LocalGaussians(before.offset, before.rotation, before.log_scale, before.opacity_logit, torch.zeros_like(before.sh))  # grey
-    after, _ = fit_outline(generator, sources, before, hair, OutlineFit())
-    lifted = after.offset[0, :, 2] > before.offset[0, :, 2] + 1.0  # at least a triangle out
-    changed = (after.sh[0, :, 0] - before.sh[0, :, 0]).abs().amax(-1) > 1e-3
+    base = generator.base_local(1)
+    grey = LocalGaussians(base.offset, base.rotation, base.log_scale, base.opacity_logit, torch.zeros_like(base.sh))
+    after, lift, _ = _fit(generator, head, sources, local=grey)
+    corners = generator.faces[generator.face_idx]
+    lifted = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) > 0.008  # [N]: more than 8 mm out
+    changed = (after.sh[0, :, 0] - grey.sh[0, :, 0]).abs().amax(-1) > 1e-3
     assert int((lifted & changed).sum()) > 10
     rgb = 0.5 + SH_C0 * after.sh[0, lifted & changed, 0]
-    # Green hair, not skin: the lifted Gaussians that were recoloured landed on the cap.
+    # Green hair, not skin: the lifted Gaussians that were recoloured landed on the hair.
     assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
 
 
 def test_outline_does_not_depend_on_source_order(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     sources = sources_of(head, _cameras([-50.0, 0.0, 60.0]), HAIR_MM)
-    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
-    ref, _ = fit_outline(generator, sources, _surface(generator), hair, OutlineFit())
-    other, _ = fit_outline(generator, sources.permuted([2, 0, 1]), _surface(generator), hair, OutlineFit())
+    ref, ref_lift, _ = _fit(generator, head, sources)
+    other, other_lift, _ = _fit(generator, head, sources.permuted([2, 0, 1]))
+    torch.testing.assert_close(ref_lift, other_lift, atol=1e-6, rtol=1e-5)
     for f in fields(ref):
         torch.testing.assert_close(getattr(ref, f.name), getattr(other, f.name), atol=1e-5, rtol=1e-5)
 

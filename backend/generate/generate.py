@@ -7,6 +7,7 @@ which are tracked on the fly into a subject folder first (``backend.tracking``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ from backend.gaussians.avatar import Avatar
 from backend.generate.model import MAX_SOURCES, Generator, PoolMode, SourceViews
 from backend.generate.outline import OutlineFit, fit_outline, hair_weight
 from backend.head.model import HeadModel
+from backend.head.params import FlameParams
 from backend.wire.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -111,21 +113,28 @@ def generate_avatar(
     out = model(sources, pool=pool)
     _sync(model.device)
     ms = (time.perf_counter() - t0) * 1000
+    params = subject.params
+    static_offset = None if params.static_offset is None else params.static_offset.detach().clone().float()
     local, outline_summary = out.local, {"outline": False}
     if outline.enabled:
         t0 = time.perf_counter()
-        local, fitted = fit_outline(model, sources, local, hair_weight(head.data, model.binding, outline.hairline_ramp), outline)
+        neutral = FlameParams.neutral(1, head.n_shape, head.n_expr, device=model.device)
+        own = None if static_offset is None else static_offset.to(model.device)
+        rest = head(replace(neutral, shape=params.shape.to(model.device), static_offset=own)).vertices
+        hair = hair_weight(head.data, model.binding, outline.hairline_ramp)
+        local, lift, fitted = fit_outline(model, sources, local, hair, rest, outline)
         _sync(model.device)
+        if bool(lift.any()):
+            static_offset = lift[0].cpu() if static_offset is None else static_offset + lift[0].cpu()
         outline_summary = {"outline": True, **fitted, "outline_ms": round((time.perf_counter() - t0) * 1000, 2)}
     local = local.map(lambda t: t[0].detach().float().cpu().contiguous())
-    params = subject.params
     return Avatar(
         head_name=model.head_name,
         head_fingerprint=model.head_fingerprint,
         shape=params.shape.detach().clone().float(),
         binding=model.binding.to("cpu"),
         local=local,
-        static_offset=None if params.static_offset is None else params.static_offset.detach().clone().float(),
+        static_offset=static_offset,
         meta={
             "init": "generator",
             "sources": [list(v) for v in views],

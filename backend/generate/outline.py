@@ -11,8 +11,10 @@ this step reads them from the masks directly, after the network, in one pass:
    how far the projection stays inside the person mask: the hair's thickness there, in
    metres. The measurements (a ring around the head per source) are averaged over sources,
    spread over the rest of the region in UV space (push-pull) and faded in from the face,
-   and every such Gaussian moves out along its normal by that much, growing with the shell
-   so that it stays closed.
+   and the region's vertices move out along their normals by that much (a per-vertex offset
+   of the template, the avatar's ``static_offset``): the Gaussians keep their place on
+   their triangles and grow with them, so the shell stays closed and the refinement's
+   hinges, which keep Gaussians near their triangles, hold them on the hair.
    The lifted Gaussians take their colour from where they now land in the sources.
 2. **Carve.** A Gaussian that lands where a source's person mask fades out (the neck below
    the mask's fade; the far side of the neck behind it) gets no more opacity than the mask
@@ -52,7 +54,6 @@ class OutlineFit(Config):
         outline Gaussian must leave the posed head's own silhouette (so that Gaussians behind
         an ear or on the far side do not count).
     hairline_ramp: metres from the edge of the hair's region over which the lift fades in.
-    head_radius: metres; a shell lifted by h is (r + h) / r times wider, and so are its Gaussians.
     smooth: texels of the box filter that evens out the measurements in UV space.
     carve_margin: the masks are widened by this share of the image side before carving.
     recolour_lift: metres of lift at which a Gaussian's colour is wholly the one its new
@@ -65,7 +66,6 @@ class OutlineFit(Config):
     grazing_cos: float = 0.35
     probe: float = 0.006
     hairline_ramp: float = 0.02
-    head_radius: float = 0.09
     smooth: int = 5
     carve_margin: float = 0.015
     recolour_lift: float = 0.004
@@ -76,7 +76,6 @@ class OutlineFit(Config):
         above("grazing_cos", self.grazing_cos, 0.0)
         above("probe", self.probe, 0.0)
         at_least("hairline_ramp", self.hairline_ramp, 0.0)
-        above("head_radius", self.head_radius, 0.0)
         at_least("smooth", self.smooth, 1)
         at_least("carve_margin", self.carve_margin, 0.0)
         above("recolour_lift", self.recolour_lift, 0.0)
@@ -172,15 +171,21 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
 
 
 @torch.no_grad()
-def fit_outline(model: Generator, sources: SourceViews, local: LocalGaussians, hair: torch.Tensor, config: OutlineFit) -> tuple[LocalGaussians, dict]:
+def fit_outline(
+    model: Generator, sources: SourceViews, local: LocalGaussians, hair: torch.Tensor, rest_vertices: torch.Tensor, config: OutlineFit
+) -> tuple[LocalGaussians, torch.Tensor, dict]:
     """The generated Gaussians with the sources' hair volume and outline.
 
     Args:
         local: [B, N, ...] the network's output for ``sources``.
         hair: [N] ``hair_weight`` of the model's layout.
+        rest_vertices: [B, V, 3] each identity's head at rest (zero pose and expression).
     Returns:
-        The adjusted local Gaussians, and a summary (mean lift where hair may grow, in
-        millimetres; the share of Gaussians carved).
+        The local Gaussians recoloured and carved; the lift as a per-vertex offset of the
+        template [B, V, 3] (metres, to add to the avatar's ``static_offset``: the hair's
+        triangles move out, and their Gaussians, sized in triangle units, grow with them);
+        and a summary (mean lift where hair may grow, in millimetres; the share of Gaussians
+        carved).
     """
     config.check()
     b, k, h, w = sources.images.shape[:4]
@@ -235,14 +240,40 @@ def fit_outline(model: Generator, sources: SourceViews, local: LocalGaussians, h
     sh = local.sh.clone()
     sh[..., 0, :] = dc + blend * (rgb_to_sh_dc(colour) - dc)
 
-    size = frames.size[:, model.face_idx].reshape(b, k, -1).mean(1)  # [B, N]
-    offset = local.offset.clone()
-    offset[..., 2] = offset[..., 2] + lift_n / size
-    log_scale = local.log_scale + torch.log1p(lift_n / config.head_radius)[..., None]
-
     region = hair > 0
     summary = {
         "outline_lift_mm": round(float(lift_n[:, region].mean()) * 1000, 2) if region.any() else 0.0,
         "outline_carved_share": round(float((outside < 0.5).float().mean()), 4),
     }
-    return LocalGaussians(offset, local.rotation, log_scale, opacity_logit, sh), summary
+    lift_v = _to_vertices(lift_n, model.faces[model.face_idx], model.bary, rest_vertices.shape[1])
+    displacement = lift_v[..., None] * torch.stack([_vertex_normals(v, model.faces) for v in rest_vertices])
+    return LocalGaussians(local.offset, local.rotation, local.log_scale, opacity_logit, sh), displacement, summary
+
+
+def _to_vertices(values: torch.Tensor, corners: torch.Tensor, bary: torch.Tensor, count: int, sweeps: int = 8) -> torch.Tensor:
+    """Per-Gaussian values [B, N] -> per-vertex values [B, V]: the barycentric-weighted mean of
+    the Gaussians on each vertex's faces; a vertex none lies near takes the mean of its
+    neighbours' (``sweeps`` rounds), else 0.
+
+    Args:
+        corners: [N, 3] the vertices of each Gaussian's face; bary: [N, 3].
+    """
+    b = values.shape[0]
+    flat, weight = corners.reshape(-1), bary.float().to(values)
+    num = values.new_zeros(b, count).index_add_(1, flat, (values[..., None] * weight).reshape(b, -1))
+    den = values.new_zeros(count).index_add_(0, flat, weight.reshape(-1))
+    known = den > 0
+    out = num / den.clamp_min(1e-12)
+    for _ in range(sweeps):
+        if bool(known.all()):
+            break
+        # Each Gaussian's face carries the mean of its known corners to its unknown ones.
+        face_known = known[corners].float()  # [N, 3]
+        face_mean = (out[:, corners] * face_known).sum(-1) / face_known.sum(-1).clamp_min(1)  # [B, N]
+        reach = (face_known.sum(-1) > 0)[:, None].expand(-1, 3) & ~known[corners]
+        add = values.new_zeros(b, count).index_add_(1, corners[reach], face_mean[:, reach.nonzero()[:, 0]])
+        hits = values.new_zeros(count).index_add_(0, corners[reach], torch.ones_like(corners[reach], dtype=values.dtype))
+        fresh = (hits > 0) & ~known
+        out = torch.where(fresh, add / hits.clamp_min(1), out)
+        known = known | fresh
+    return torch.where(known, out, 0.0)
