@@ -45,8 +45,9 @@ def test_generate_from_a_portrait_then_from_its_subject(client: Client, head: He
     assert got.arrays["offset"].shape[0] == got.result["avatar"]["gaussians"] > 0
     assert client.call("get", {"id": sid}).result["subject"]["num_frames"] == 1
     # The tracked portrait is a stored subject now: generating from it needs no tracking.
-    again = client.call("watch", {"job": client.call("generate", {"subject": sid, "frames": "0", "personalize": False}).result["job"]["id"]}).result["job"]
-    assert again["state"] == "done" and again["result"]["subject"] == sid
+    assert final["result"]["outline"] is True and got.result["avatar"]["meta"]["outline"] is True
+    again = client.call("watch", {"job": client.call("generate", {"subject": sid, "frames": "0", "personalize": False, "outline": False}).result["job"]["id"]}).result["job"]
+    assert again["state"] == "done" and again["result"]["subject"] == sid and again["result"]["outline"] is False
     K, w2c = front_camera(32)
     frame = client.call(
         "render",

@@ -168,6 +168,7 @@ def run_generate(
     engine: Engine, store: Store, checkpoint: Path | None, args: JobArgs, progress: Progress, should_cancel: ShouldCancel
 ) -> dict:
     from backend.generate.generate import generate_avatar, parse_views
+    from backend.generate.outline import OutlineFit
 
     p = args.params
     aid = p["out"]
@@ -186,13 +187,14 @@ def run_generate(
         if p.get("subject")
         else [(t, 0) for t in range(subject.num_frames)]
     )
-    avatar = generate_avatar(engine.generator(checkpoint), engine.head, subject, views)
+    outline = OutlineFit(enabled=p.get("outline", True))
+    avatar = generate_avatar(engine.generator(checkpoint), engine.head, subject, views, outline=outline)
     if p.get("personalize"):
         avatar = _personalize(engine, avatar, subject, views, p, progress, should_cancel)
     avatar.meta["subject"] = sid  # generate_avatar records the folder; clients know subjects by id
     store.put_avatar(aid, avatar, name=p.get("name"), source=f"generate from {sid}")
     result = {"avatar": aid, "subject": sid, "sources": len(views), "generate_ms": avatar.meta["generate_ms"], "warnings": warnings}
-    return result | {"personalized": "personalized" in avatar.meta}
+    return result | {"outline": outline.enabled, "personalized": "personalized" in avatar.meta}
 
 
 def _personalize(

@@ -148,7 +148,8 @@ def op_generate(ctx: OpContext, req: Request) -> Part:
     elif not 1 <= len(names) <= ops.Generate.max_portraits or names != [f"portrait{i}" for i in range(len(names))]:
         raise a.error(f"send 1 to {ops.Generate.max_portraits} portraits as buffers portrait0, portrait1, ... (got {len(names)}), or a 'subject'")
     files = _uploads(a, names, lim.max_upload_bytes, lim.max_image_pixels)
-    params = {"subject": subject, "frames": frames, "name": a.str(ops.Generate.name)} | _personalization(ctx, a)
+    outline = a.bool(ops.Generate.outline)
+    params = {"subject": subject, "frames": frames, "name": a.str(ops.Generate.name), "outline": outline is not False} | _personalization(ctx, a)
     a.done()
     if not ctx.hello["capabilities"][ops.Generate.op]["available"]:
         raise unavailable(ctx, ops.Generate.op)

@@ -243,10 +243,11 @@ class Track(Operation):
 class Generate(Operation):
     """Buffers ``portrait0`` .. (photos), or a stored ``subject``.
 
-    ``personalize``: refine the generated avatar briefly on its own sources
-    (``backend.generate.personalize``); absent, ``personalize_default``, which hello
-    reports. ``personalize_iterations`` sets ``Personalization.iterations`` and is refused
-    when personalization is off.
+    ``outline``: fit the hair volume and outline to the sources' person masks after the
+    network (``backend.generate.outline``); absent, on. ``personalize``: refine the
+    generated avatar briefly on its own sources (``backend.generate.personalize``); absent,
+    ``personalize_default``, which hello reports. ``personalize_iterations`` sets
+    ``Personalization.iterations`` and is refused when personalization is off.
     """
 
     # On every device: CUDA's 500 steps (0.6 s on an H100) gain 8.2 dB held-out in the person
@@ -259,6 +260,7 @@ class Generate(Operation):
     subject = Text(None)
     frames = Text(None)  # the subject's views, e.g. "0,3" or "0:1"
     name = Text(None)
+    outline = Flag(None)
     personalize = Flag(None)
     personalize_iterations = Int(None, "iterations", lo=1, hi=1_000_000)
 
