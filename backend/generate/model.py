@@ -243,6 +243,12 @@ def sample_maps(maps: torch.Tensor, xy_norm: torch.Tensor) -> torch.Tensor:
     return out[..., 0].transpose(1, 2)
 
 
+def grid_coords(xy: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel coordinates [..., 2] of an H x W image -> grid_sample's [-1, 1] (pixel edges)."""
+    h, w = image_hw
+    return torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], dim=-1)
+
+
 def scaled_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
     """Intrinsics [..., 3, 3] of the same camera with the image resized by (sx, sy)."""
     scale = torch.tensor([sx, sy, 1.0], dtype=K.dtype, device=K.device)
@@ -319,7 +325,7 @@ def source_visibility(
     view_local = (rot.transpose(-1, -2) @ to_cam[..., None]).squeeze(-1)
     xy, depth = project(anchor, cams)
     xy, depth = xy[:, 0], depth[:, 0]
-    xy_norm = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], dim=-1)
+    xy_norm = grid_coords(xy, (h, w))
     inside = (xy_norm.abs() <= 1).all(-1) & (depth > 0)
     out = head_depth_render(vertices, faces, binding, base_log_scale, K, world_to_cam, image_hw, vis_size)
     vis_f = K[:, 0, 0] * vis_size / w

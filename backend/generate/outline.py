@@ -37,7 +37,7 @@ from backend.configs import Config, above, at_least
 from backend.gaussians.avatar import LocalGaussians, logit, rgb_to_sh_dc
 from backend.gaussians.frames import surface_points, triangle_frames
 from backend.gaussians.layout import Binding
-from backend.generate.model import Generator, SourceViews, head_depth_render, push_pull_fill, sample_maps
+from backend.generate.model import Generator, SourceViews, grid_coords, head_depth_render, push_pull_fill, sample_maps
 from backend.head.model import HeadModelData
 from backend.render.camera import Cameras, project
 
@@ -142,7 +142,7 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
 
     def in_image(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xy, depth = project(points, cams)
-        xy_norm = torch.stack([xy[:, 0, ..., 0] / w * 2 - 1, xy[:, 0, ..., 1] / h * 2 - 1], dim=-1)
+        xy_norm = grid_coords(xy[:, 0], (h, w))
         return xy_norm, (xy_norm.abs() <= 1).all(-1) & (depth[:, 0] > 0)
 
     # The head's own silhouette is rendered coarsely and blurs outward by a pixel or two.
@@ -162,7 +162,7 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
         points = anchor[i, idx, None] + steps[:, None] * normal[i, idx, None]  # [n, J, 3]
         one = Cameras(K[i, None], world_to_cam[i, None], w, h)
         xy, depth = project(points.reshape(-1, 3), one)  # [1, n * J, 2], [1, n * J]
-        xy_norm = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], dim=-1)
+        xy_norm = grid_coords(xy, (h, w))
         inside = (sample_maps(masks[i : i + 1], xy_norm)[0, :, 0] > 0.5) & (xy_norm[0].abs() <= 1).all(-1) & (depth[0] > 0)
         # Samples stay inside up to the first one that leaves the mask.
         run = inside.reshape(len(idx), len(steps)).int().cumprod(dim=1)
@@ -210,7 +210,7 @@ def fit_outline(
     lifted = surface_points(vertices, model.faces, model.face_idx, model.bary) + lift_n.repeat_interleave(k, 0)[..., None] * normal
     cams = Cameras(sources.K.reshape(m, 1, 3, 3).float(), sources.world_to_cam.reshape(m, 1, 4, 4).float(), w, h)
     xy, depth = project(lifted, cams)
-    xy_norm = torch.stack([xy[:, 0, ..., 0] / w * 2 - 1, xy[:, 0, ..., 1] / h * 2 - 1], dim=-1)  # [M, N, 2]
+    xy_norm = grid_coords(xy[:, 0], (h, w))  # [M, N, 2]
     in_front = depth[:, 0] > 0
     if sources.valid is not None:
         in_front &= sources.valid.reshape(m, 1)
