@@ -8,8 +8,8 @@ this step reads them from the masks directly, after the network, in one pass:
 1. **Lift.** Where a Gaussian that may carry hair (``hair_weight``: the scalp, the sides and
    back of the neck) lies on the head's outline in a source (its normal at a grazing angle
    and just outside the posed head's own silhouette), march along its normal and measure
-   how far the projection stays inside the person mask: the hair's thickness there, in
-   metres. The measurements (a ring around the head per source) are averaged over sources,
+   how much further the projection stays inside the person mask than inside the bare
+   head's own silhouette: the hair's thickness there, in metres. The measurements (a ring around the head per source) are averaged over sources,
    spread over the rest of the region in UV space (push-pull) and faded in from the face,
    and the region's vertices move out along their normals by that much (a per-vertex offset
    of the template, the avatar's ``static_offset``): the Gaussians keep their place on
@@ -153,6 +153,10 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
     _, anchor_in = in_image(anchor)
     measured = (hair > 0) & (cos.abs() < config.grazing_cos) & leaves_head & probe_in & anchor_in
     masks = sources.masks.reshape(m, h, w, 1).permute(0, 3, 1, 2).float()
+    # The bare head's own outline at the image's resolution: a Gaussian on the grazing band
+    # but in front of the outline reaches it only some way out along its normal, and that
+    # stretch is head, not hair.
+    bare = head_depth_render(vertices, model.faces, model.binding, model.base_log_scale, K, world_to_cam, (h, w), max(h, w)).alpha[:, 0].permute(0, 3, 1, 2)
     steps = torch.arange(0, config.max_lift + 1e-9, config.step, device=anchor.device)  # [J], 0 first
     lift = torch.zeros(m, anchor.shape[1], device=anchor.device)
     for i in range(m):
@@ -163,10 +167,13 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
         one = Cameras(K[i, None], world_to_cam[i, None], w, h)
         xy, depth = project(points.reshape(-1, 3), one)  # [1, n * J, 2], [1, n * J]
         xy_norm = grid_coords(xy, (h, w))
-        inside = (sample_maps(masks[i : i + 1], xy_norm)[0, :, 0] > 0.5) & (xy_norm[0].abs() <= 1).all(-1) & (depth[0] > 0)
-        # Samples stay inside up to the first one that leaves the mask.
-        run = inside.reshape(len(idx), len(steps)).int().cumprod(dim=1)
-        lift[i, idx] = config.step * (run.sum(1) - 1).clamp_min(0).float()
+        seen = (xy_norm[0].abs() <= 1).all(-1) & (depth[0] > 0)
+        person = (sample_maps(masks[i : i + 1], xy_norm)[0, :, 0] > 0.5) & seen
+        head_only = (sample_maps(bare[i : i + 1], xy_norm)[0, :, 0] > 0.5) & seen
+        # Samples stay inside up to the first one that leaves: the person's outline minus the head's.
+        person_run = person.reshape(len(idx), len(steps)).int().cumprod(dim=1).sum(1)
+        head_run = head_only.reshape(len(idx), len(steps)).int().cumprod(dim=1).sum(1)
+        lift[i, idx] = config.step * (person_run - head_run).clamp_min(0).float()
     return lift.reshape(b, k, -1), measured.reshape(b, k, -1)
 
 
