@@ -137,6 +137,7 @@ def test_service_refuses_bad_personalization_naming_the_argument(served: tuple[C
     client, sid = served
     cases = [
         ({"personalize": "yes"}, "argument 'personalize' must be true or false"),
+        ({"outline": 1}, "argument 'outline' must be true or false"),
         ({"personalize": True, "personalize_iterations": 0}, "argument 'personalize_iterations' must be an integer in [1, 1000000]"),
         ({"personalize": False, "personalize_iterations": 3}, "'personalize_iterations' needs 'personalize' true: it is false"),
     ]
