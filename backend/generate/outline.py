@@ -28,6 +28,7 @@ part mask get no lift.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -118,25 +119,48 @@ def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Ten
     return (weight[faces[binding.face_idx]] * binding.bary.float()).sum(-1)
 
 
+class _Posed(NamedTuple):
+    """The layout on each source's posed head, M = B x K views."""
+
+    vertices: torch.Tensor  # [M, V, 3]
+    K: torch.Tensor  # [M, 3, 3]
+    world_to_cam: torch.Tensor  # [M, 4, 4]
+    cams: Cameras  # one camera per view
+    normal: torch.Tensor  # [M, N, 3] each Gaussian's triangle normal
+    anchor: torch.Tensor  # [M, N, 3] each Gaussian's surface point
+
+
+def _posed(model: Generator, sources: SourceViews) -> _Posed:
+    h, w = sources.images.shape[2:4]
+    m = sources.batch * sources.count
+    vertices = sources.vertices.reshape(m, *sources.vertices.shape[2:]).float()
+    K = sources.K.reshape(m, 3, 3).float()
+    world_to_cam = sources.world_to_cam.reshape(m, 4, 4).float()
+    frames = triangle_frames(vertices, model.faces)
+    return _Posed(
+        vertices,
+        K,
+        world_to_cam,
+        Cameras(K[:, None], world_to_cam[:, None], w, h),
+        frames.rotation[:, model.face_idx, :, 2],
+        surface_points(vertices, model.faces, model.face_idx, model.bary),
+    )
+
+
 @torch.no_grad()
-def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, config: OutlineFit) -> tuple[torch.Tensor, torch.Tensor]:
+def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, config: OutlineFit, posed: _Posed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hair thickness seen at the head's outline in each source.
 
     Args:
         hair: [N] ``hair_weight``.
+        posed: ``_posed(model, sources)`` when the caller has it.
     Returns:
         lift: [B, K, N] metres (meaningful where measured).
         measured: [B, K, N] bool: the Gaussian may carry hair and lies on this source's outline.
     """
     b, k, h, w = sources.images.shape[:4]
     m = b * k
-    vertices = sources.vertices.reshape(m, *sources.vertices.shape[2:]).float()
-    K = sources.K.reshape(m, 3, 3).float()
-    world_to_cam = sources.world_to_cam.reshape(m, 4, 4).float()
-    frames = triangle_frames(vertices, model.faces)
-    normal = frames.rotation[:, model.face_idx, :, 2]  # [M, N, 3]
-    anchor = surface_points(vertices, model.faces, model.face_idx, model.bary)
-    cams = Cameras(K[:, None], world_to_cam[:, None], w, h)
+    vertices, K, world_to_cam, cams, normal, anchor = posed or _posed(model, sources)
     cos = (F.normalize(cams.centers[:, 0, None] - anchor, dim=-1) * normal).sum(-1)
     head = head_depth_render(vertices, model.faces, model.binding, model.base_log_scale, K, world_to_cam, (h, w), model.config.vis_size)
 
@@ -198,7 +222,8 @@ def fit_outline(
     b, k, h, w = sources.images.shape[:4]
     m = b * k
     hair = hair.to(model.device)
-    lift, measured = measure_lift(model, sources, hair, config)
+    posed = _posed(model, sources)
+    lift, measured = measure_lift(model, sources, hair, config, posed)
     count = measured.float().sum(1)  # [B, N]
     mean_lift = (lift * measured).sum(1) / count.clamp_min(1)
     # Even out the ring of measurements, then spread it over the hair's region.
@@ -211,11 +236,10 @@ def fit_outline(
     lift_n = model.from_grid(filled)[..., 0] * hair * has_any  # [B, N] metres
 
     # Where the lifted shell lands in each source.
-    vertices = sources.vertices.reshape(m, *sources.vertices.shape[2:]).float()
-    frames = triangle_frames(vertices, model.faces)
-    normal = frames.rotation[:, model.face_idx, :, 2]  # [M, N, 3]
-    lifted = surface_points(vertices, model.faces, model.face_idx, model.bary) + lift_n.repeat_interleave(k, 0)[..., None] * normal
-    cams = Cameras(sources.K.reshape(m, 1, 3, 3).float(), sources.world_to_cam.reshape(m, 1, 4, 4).float(), w, h)
+    cams, normal = posed.cams, posed.normal
+    # The Gaussians' places on the lifted shell, near enough: each moved along its triangle's
+    # normal (the avatar moves the vertices, along theirs).
+    lifted = posed.anchor + lift_n.repeat_interleave(k, 0)[..., None] * normal
     xy, depth = project(lifted, cams)
     xy_norm = grid_coords(xy[:, 0], (h, w))  # [M, N, 2]
     in_front = depth[:, 0] > 0
