@@ -56,6 +56,20 @@ def test_sources_cover_the_protocol() -> None:
     assert all(f.path.lower().endswith(PHOTO_SUFFIXES) for p in sources.photos for f in p.files)
     for f in sources.all_files():
         assert len(sources.repos[f.repo]["commit"]) == 40 and sources.repos[f.repo]["licence"]
+    # K = 4 leave one out needs five photos: at least five identities have them.
+    assert sum(len(p.files) >= 5 for p in sources.photos) >= 5
+
+
+def test_clips_and_photo_identities_are_chosen_by_name() -> None:
+    sources = Sources.load()
+    names = [p.name for p in sources.photos]
+    assert [p.name for p in sources.select_photos(names[:0])] == names  # none named: all
+    assert [p.name for p in sources.select_photos([names[2], names[0]])] == [names[2], names[0]]
+    assert [c.name for c in sources.select_clips([sources.clips[1].name])] == [sources.clips[1].name]
+    with pytest.raises(SystemExit, match="unknown photo identity name"):
+        sources.select_photos(["nobody"])
+    with pytest.raises(SystemExit, match="unknown clip name"):
+        sources.select_clips([names[0]])
 
 
 def test_prepare_copies_and_checks_blob_ids(tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def cmd_track(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
 
     protocol = Protocol()
     jobs = [(c.name, lambda c=c: track_clip(c, layout, protocol, log)) for c in sources.select_clips(args.clips)]
-    if args.photos:
-        jobs += [(p.name, lambda p=p: track_photos(p, layout, protocol, log)) for p in sources.photos]
+    if args.photos is not None:
+        jobs += [(p.name, lambda p=p: track_photos(p, layout, protocol, log)) for p in sources.select_photos(args.photos)]
     for i, (name, job) in enumerate(jobs):
         log(f"[{i + 1}/{len(jobs)}] tracking {name}")
         s = job()
@@ -66,7 +66,7 @@ def cmd_track(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
 def cmd_pack(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
     from tests.benchmarks.real.tracking import pack
 
-    names = [c.name for c in sources.select_clips(args.clips)] + ([p.name for p in sources.photos] if args.photos else [])
+    names = [c.name for c in sources.select_clips(args.clips)] + ([p.name for p in sources.select_photos(args.photos)] if args.photos is not None else [])
     for name in names:
         dest = pack(layout.subjects / name, layout.packs / f"{name}.tar", Protocol().jpeg_quality)
         log(f"{dest}: {dest.stat().st_size / 2**20:.1f} MiB")
@@ -86,9 +86,10 @@ def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
 def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
     from tests.benchmarks.real.photos import run_photos
 
-    for i, photos in enumerate(sources.photos):
-        log(f"[{i + 1}/{len(sources.photos)}] {photos.name}")
-        run_photos(photos, layout, Protocol(), log, args.pool)
+    chosen = sources.select_photos(args.identities)
+    for i, photos in enumerate(chosen):
+        log(f"[{i + 1}/{len(chosen)}] {photos.name}")
+        run_photos(photos, layout, Protocol(), log, args.pool, args.match_colours)
 
 
 def cmd_silhouettes(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -118,7 +119,7 @@ def main() -> None:
     for name, fn, text in (("track", cmd_track, "track clips (and photos) into subjects"), ("pack", cmd_pack, "compact packs of tracked subjects for the GPU machine")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--clips", nargs="*", help="clip names (default: all)")
-        p.add_argument("--photos", action="store_true", help="the photo identities too")
+        p.add_argument("--photos", nargs="*", metavar="NAME", help="the photo identities too (all of them, or the named ones)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("clips", help="refine and score every method on each clip (GPU)")
     p.add_argument("--clips", nargs="*", help="subject names in DATA/subjects or DATA/packs (default: every listed clip)")
@@ -127,7 +128,9 @@ def main() -> None:
     p.add_argument("--shared", type=int, default=1, metavar="N", help="N runs share the GPU at once (recorded, so the report marks their wall times as not comparable)")
     p.set_defaults(fn=cmd_clips)
     p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
+    p.add_argument("--identities", nargs="*", metavar="NAME", help="photo identities (default: all)")
     p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="how the generator pools the sources (results of other pools than the mean go to photos_POOL.json)")
+    p.add_argument("--match-colours", action="store_true", help="match the sources' exposure and white balance before pooling (results go to photos[_POOL]_matched.json)")
     p.set_defaults(fn=cmd_photos)
     p = sub.add_parser("silhouettes", help="the generated head's outline in its source view, zero-shot and personalized (CPU or GPU)")
     p.add_argument("--clips", nargs="*", help="subject names (default: every listed clip)")

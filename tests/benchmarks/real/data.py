@@ -97,13 +97,22 @@ class Sources:
         return [c.file for c in self.clips] + [f for p in self.photos for f in p.files]
 
     def select_clips(self, names: list[str] | None) -> list[Clip]:
-        if not names:
-            return list(self.clips)
-        known = {c.name: c for c in self.clips}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise SystemExit(f"unknown clip(s) {unknown}; known: {sorted(known)}")
-        return [known[n] for n in names]
+        """The named clips (all of them for none)."""
+        return _select(self.clips, names, "clip")
+
+    def select_photos(self, names: list[str] | None) -> list[PhotoSet]:
+        """The named photo identities (all of them for none)."""
+        return _select(self.photos, names, "photo identity")
+
+
+def _select(items: tuple, names: list[str] | None, kind: str) -> list:
+    if not names:
+        return list(items)
+    known = {item.name: item for item in items}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {kind} name(s) {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
 
 
 def _git(git_dir: Path, *args: str) -> bytes:
