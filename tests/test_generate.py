@@ -310,6 +310,45 @@ def test_consensus_pool_turns_down_a_source_that_disagrees_and_keeps_one_source_
         generator(one, pool="median")  # type: ignore[arg-type]
 
 
+def test_source_gains_undo_an_exposure_and_white_balance_change() -> None:
+    from backend.generate.model import source_gains
+
+    gen = torch.Generator().manual_seed(3)
+    base = 0.1 + 0.4 * torch.rand(1, 1, 500, 3, generator=gen)
+    scale = torch.tensor([0.6, 0.8, 1.25])
+    rgb = torch.cat([base, base * scale], 1)  # [1, 2, N, 3]: the second source darker and bluer
+    weight = torch.ones(1, 2, 500)
+    gains = source_gains(rgb, weight)
+    torch.testing.assert_close(gains[0, 1] / gains[0, 0], 1 / scale, atol=1e-3, rtol=0)
+    torch.testing.assert_close(gains[0, 0] * gains[0, 1], torch.ones(3), atol=1e-4, rtol=0)  # the level is the sources' mean
+    torch.testing.assert_close(source_gains(rgb.flip(1), weight).flip(1), gains)  # order-invariant
+    assert torch.equal(source_gains(base, weight[:, :1]), torch.ones(1, 1, 3))  # one source: unchanged
+    apart = torch.stack([torch.arange(500) < 250, torch.arange(500) >= 250])[None].float()
+    assert torch.equal(source_gains(rgb, apart), torch.ones(1, 2, 3))  # nothing seen in common: unchanged
+
+
+def test_generator_pools_a_darker_source_as_if_it_were_not(generator: Generator, head, corpus_dirs) -> None:  # type: ignore[no-untyped-def]
+    subject = Subject.load(corpus_dirs[1][0])
+    with torch.no_grad():
+        one = mv_sources(subject, head, [0])
+        torch.testing.assert_close(generator(one, match_colours=True).base_rgb, generator(one).base_rgb)
+        clean = generator(mv_sources(subject, head, [0, 1, 3]), match_colours=True)
+        dark = mv_sources(subject, head, [0, 1, 3])
+        dark.images[:, 1] = dark.images[:, 1] * (1 - dark.masks[:, 1]) + dark.images[:, 1] * dark.masks[:, 1] * torch.tensor([0.55, 0.7, 0.9])
+        fixed, plain = generator(dark, match_colours=True), generator(dark)
+    seen = clean.seen[0] > 0
+    truth = clean.base_rgb[0][seen]
+
+    def error(out) -> float:  # type: ignore[no-untyped-def]
+        # Up to one gain per channel: the pooled head takes the sources' mean level.
+        got = out.base_rgb[0][seen]
+        scale = (got * truth).sum(0) / truth.square().sum(0)
+        return float((got - truth * scale).abs().mean())
+
+    assert error(fixed) < 0.5 * error(plain), (error(fixed), error(plain))
+    assert float(fixed.gains[0, 1].mean()) > float(fixed.gains[0, 0].mean())  # the darkened source is brightened
+
+
 def test_consensus_weights_survive_sources_far_apart() -> None:
     from backend.generate.model import consensus_weights
 

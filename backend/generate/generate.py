@@ -98,11 +98,14 @@ def generate_avatar(
     pool: PoolMode = "mean",
     meta: dict | None = None,
     outline: OutlineFit = OutlineFit(),
+    match_colours: bool = False,
 ) -> Avatar:
     """The avatar of ``subject`` generated from ``views``; ``meta["generate_ms"]`` times the network.
 
     ``model`` and ``head`` must be on the same device. ``outline`` fits the hair volume and
-    outline to the sources' person masks after the network (``outline.py``).
+    outline to the sources' person masks after the network (``outline.py``);
+    ``match_colours`` evens out the sources' exposure and white balance first
+    (``source_gains``).
     """
     if subject.info.head_model != head.name:
         raise InputError(f"subject {subject.root} was tracked with head model '{subject.info.head_model}', the generator uses '{head.name}'")
@@ -110,7 +113,7 @@ def generate_avatar(
     model.eval()
     _sync(model.device)
     t0 = time.perf_counter()
-    out = model(sources, pool=pool)
+    out = model(sources, pool=pool, match_colours=match_colours)
     _sync(model.device)
     ms = (time.perf_counter() - t0) * 1000
     params = subject.params
@@ -122,7 +125,7 @@ def generate_avatar(
         own = None if static_offset is None else static_offset.to(model.device)
         rest = head(replace(neutral, shape=params.shape.to(model.device), static_offset=own)).vertices
         hair = hair_weight(head.data, model.binding, outline.hairline_ramp)
-        local, lift, fitted = fit_outline(model, sources, local, hair, rest, outline)
+        local, lift, fitted = fit_outline(model, sources.with_gains(out.gains), local, hair, rest, outline)
         _sync(model.device)
         if bool(lift.any()):
             static_offset = lift[0].cpu() if static_offset is None else static_offset + lift[0].cpu()
@@ -142,6 +145,7 @@ def generate_avatar(
             "pool": pool,
             "subject": str(subject.root),
             "seen_share": float((out.seen[0] > 0).float().mean()),
+            "source_gains": [[round(float(g), 3) for g in gain] for gain in out.gains[0]],
             "generate_ms": round(ms, 2),
             **outline_summary,
             # Refinement takes its reference frame from here.

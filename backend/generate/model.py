@@ -188,6 +188,12 @@ class SourceViews:
         if self.vertices.ndim != 4 or tuple(self.vertices.shape[:2]) != (b, k) or self.vertices.shape[-1] != 3:
             raise InputError(f"source 'vertices' has shape {list(self.vertices.shape)}, expected [{b}, {k}, V, 3]")
 
+    def with_gains(self, gains: torch.Tensor) -> SourceViews:
+        """The sources with per-source colour gains [B, K, 3] applied to the person (inside
+        the mask); the background keeps its colour."""
+        scaled = (self.images * gains[:, :, None, None]).clamp(0, 1)
+        return replace(self, images=self.images + self.masks * (scaled - self.images))
+
     def permuted(self, order: list[int] | torch.Tensor) -> SourceViews:
         """The same sources in another order (along K)."""
         pick = lambda t: None if t is None else t[:, order]  # noqa: E731
@@ -200,11 +206,13 @@ class GeneratorOutput:
     local: batched local parameters, every field [B, N, ...].
     seen: [B, N] sum of visibility weights over the sources (0 = no source sees it).
     base_rgb: [B, N, 3] the pooled source colours, filled where unseen (the appearance path).
+    gains: [B, K, 3] the colour gains applied to the sources (``source_gains``; ones when off).
     """
 
     local: LocalGaussians
     seen: torch.Tensor
     base_rgb: torch.Tensor
+    gains: torch.Tensor
 
     def frame(self, b: int) -> LocalGaussians:
         """The unbatched local parameters of identity ``b``."""
@@ -363,6 +371,40 @@ def consensus_weights(rgb: torch.Tensor, weight: torch.Tensor, sigma: float = CO
         nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
         out = weight * torch.exp(-0.5 * (distance2 - nearest) / sigma**2)
     return out
+
+
+def source_gains(rgb: torch.Tensor, weight: torch.Tensor, rounds: int = 2, limit: float = 2.0) -> torch.Tensor:
+    """Per-source colour gains that bring K sources' exposure and white balance together.
+
+    Photos of one person rarely share exposure and white balance; averaged as they are, the
+    pooled colours mix them and the head comes out greyer than any one source. Each source's
+    gain maps its colours, on the Gaussians it sees together with another source, onto the
+    visibility-weighted pool of all of them (a few rounds, the pool being remade with the new
+    gains); the gains' weighted geometric mean is then fixed at 1, so the head keeps the
+    sources' average level. Parameter-free in K and order-invariant; one source, or sources
+    with nothing in common, get gain 1.
+
+    Args:
+        rgb: [B, K, N, 3] source colours in [0, 1] at each Gaussian.
+        weight: [B, K, N] non-negative visibility weights.
+    Returns:
+        [B, K, 3] multiplicative gains in [1 / limit, limit].
+    """
+    shared = weight * ((weight > 0).sum(1, keepdim=True) > 1)  # [B, K, N]: seen by another source too
+    total = shared.sum(-1)  # [B, K]
+    gains = torch.ones(rgb.shape[0], rgb.shape[1], 3, dtype=rgb.dtype, device=rgb.device)
+    if rgb.shape[1] < 2:
+        return gains
+    for _ in range(rounds):
+        corrected = rgb * gains[:, :, None]
+        pooled = (shared[..., None] * corrected).sum(1) / shared.sum(1).clamp_min(1e-6)[..., None]  # [B, N, 3]
+        own = (shared[..., None] * rgb).sum(2)  # [B, K, 3]
+        target = (shared[..., None] * pooled[:, None]).sum(2)
+        gains = torch.where(total[..., None] > 0, target / own.clamp_min(1e-6), 1.0).clamp(1 / limit, limit)
+    log_gain = gains.log()
+    share = total / total.sum(1, keepdim=True).clamp_min(1e-6)  # [B, K]
+    centre = (share[..., None] * log_gain).sum(1, keepdim=True)
+    return torch.where(total[..., None] > 0, (log_gain - centre).exp(), 1.0).clamp(1 / limit, limit)
 
 
 def push_pull_fill(grid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -594,7 +636,7 @@ class Generator(nn.Module):
         flat = self.texel[:, 0] * g + self.texel[:, 1]
         return grid.reshape(b, c, g * g)[:, :, flat].transpose(1, 2)
 
-    def forward(self, sources: SourceViews, pool: PoolMode = "mean") -> GeneratorOutput:
+    def forward(self, sources: SourceViews, pool: PoolMode = "mean", match_colours: bool = False) -> GeneratorOutput:
         """Generate the local Gaussians of B identities from their K sources each.
 
         Args:
@@ -603,6 +645,9 @@ class Generator(nn.Module):
                 disagrees with the others' turned down: ``consensus_weights``), or "best"
                 (each Gaussian takes only its most frontal visible source: an ablation). No
                 weights change between them.
+            match_colours: bring the sources' exposure and white balance together before
+                pooling (``source_gains``; no change for K = 1). Off by default: on the photo
+                benchmark it changed the held-out face by -0.9 to +0.2 dB (BENCHMARKS.md).
         """
         sources.check()
         cfg = self.config
@@ -630,12 +675,17 @@ class Generator(nn.Module):
         if sources.valid is not None:
             weight = weight * sources.valid.reshape(m, 1).float()
         weight = weight.reshape(b, k, -1)
+        rgb = sample_maps(images, xy_norm)  # [M, N, 3], full resolution
+        gains = torch.ones(b, k, 3, device=rgb.device)
+        if match_colours:
+            gains = source_gains(rgb.reshape(b, k, -1, 3), weight)
+            images = sources.with_gains(gains).images.reshape(m, h, w, 3).permute(0, 3, 1, 2).float()
+            rgb = sample_maps(images, xy_norm)
         if pool == "best":
             best = weight.argmax(dim=1, keepdim=True)
             weight = torch.zeros_like(weight).scatter(1, best, weight.gather(1, best))
         elif pool not in get_args(PoolMode):
             raise InputError(f"pool must be one of {', '.join(get_args(PoolMode))}, got {pool!r}")
-        rgb = sample_maps(images, xy_norm)  # [M, N, 3], full resolution
         size = cfg.image_size
         enc_in = torch.cat([images * 2 - 1, masks * 2 - 1], 1)
         if (h, w) != (size, size):
@@ -672,7 +722,7 @@ class Generator(nn.Module):
             opacity_logit=base.opacity_logit + raw[..., 10],
             sh=(rgb_to_sh_dc(base_rgb) + raw[..., 11:14])[..., None, :],
         )
-        return GeneratorOutput(local, w_sum, base_rgb)
+        return GeneratorOutput(local, w_sum, base_rgb, gains)
 
 
 def count_parameters(module: nn.Module) -> int:

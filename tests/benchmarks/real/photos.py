@@ -3,7 +3,8 @@
 The photos are tracked together (one identity). The last photo is held out; the generator
 makes the head from the first K of the others, K = 1 .. min(4, n - 1), and the held-out
 photo is scored at its own tracked pose and expression. Writes ``results/<identity>/
-photos.json`` and ``photos.png`` (``photos_POOL.*`` for another pool than the mean): the
+photos.json`` and ``photos.png`` (``photos_POOL.*`` for another pool than the mean,
+``photos[_POOL]_matched.*`` with the sources' colours matched first): the
 sources, then for K = 1 and the largest K the held-out view and the head at -30, 0 and +30
 degrees.
 """
@@ -25,12 +26,12 @@ from tests.benchmarks.real.protocol import Protocol
 PHOTO_YAW_DEG = 30.0
 
 
-def photos_stem(pool: PoolMode) -> str:
-    """The result files' name for a pool: ``photos`` for the model's mean."""
-    return "photos" if pool == "mean" else f"photos_{pool}"
+def photos_stem(pool: PoolMode, match_colours: bool = False) -> str:
+    """The result files' name for a pool: ``photos`` for the model's mean, as generate runs."""
+    return "photos" + ("" if pool == "mean" else f"_{pool}") + ("_matched" if match_colours else "")
 
 
-def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log, pool: PoolMode = "mean") -> dict:
+def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log, pool: PoolMode = "mean", match_colours: bool = False) -> dict:
     from backend.generate.checkpoint import load_generator
     from backend.generate.generate import generate_avatar
     from backend.head.registry import load_head_model
@@ -47,15 +48,15 @@ def run_photos(photos: PhotoSet, layout: Layout, protocol: Protocol, log: Log, p
     out = layout.results / photos.name
     out.mkdir(parents=True, exist_ok=True)
     rows: list[list[np.ndarray]] = [ground_truth_row(subject, list(range(n)))]
-    report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "pool": pool, "k": {}}
+    report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "pool": pool, "match_colours": match_colours, "k": {}}
     ks = list(range(1, min(MAX_SOURCES, n - 1) + 1))
     for k in ks:
-        avatar = generate_avatar(model, head, subject, [(t, 0) for t in range(k)], pool=pool)
+        avatar = generate_avatar(model, head, subject, [(t, 0) for t in range(k)], pool=pool, match_colours=match_colours)
         s = evaluate(avatar, head, subject, frames=[held])
         report["k"][str(k)] = {key: s[key] for key in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face")} | {"generate_ms": avatar.meta["generate_ms"]}
         log(f"  K = {k}: held-out photo PSNR {s['psnr']:.2f} / mask {s['psnr_mask']:.2f} / face {s['psnr_face']:.2f} dB")
         if k in (ks[0], ks[-1]):
             rows.append(heldout_tiles(avatar, head, subject, [held]) + turntable_tiles(avatar, head, subject.params.index([held]), PHOTO_YAW_DEG, views=3))
-    save_grid(rows, out / f"{photos_stem(pool)}.png")
-    (out / f"{photos_stem(pool)}.json").write_text(json.dumps(report, indent=1))
+    save_grid(rows, out / f"{photos_stem(pool, match_colours)}.png")
+    (out / f"{photos_stem(pool, match_colours)}.json").write_text(json.dumps(report, indent=1))
     return report
