@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,28 @@ def test_outline_does_not_depend_on_source_order(head, generator: Generator) -> 
     torch.testing.assert_close(ref_lift, other_lift, atol=1e-6, rtol=1e-5)
     for f in fields(ref):
         torch.testing.assert_close(getattr(ref, f.name), getattr(other, f.name), atol=1e-5, rtol=1e-5)
+
+
+def test_hair_may_cover_the_scalp_ears_and_the_skin_behind_them_not_the_face(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
+    binding = generator.binding
+    weight = hair_weight(head.data, binding, OutlineFit().hairline_ramp)
+    corners = head.faces[binding.face_idx]
+    masks = {k: torch.from_numpy(np.asarray(v, bool)) for k, v in head.data.part_masks.items()}
+    on = lambda name: masks[name][corners].all(-1)  # noqa: E731
+    template = torch.as_tensor(np.asarray(head.data.v_template), dtype=torch.float32)
+    point = (template[corners] * binding.bary[..., None]).sum(1)  # [N, 3] on the neutral head
+    ear_front = float(template[masks["ears"], 2].max())
+    # Long hair falls over the ears and past the jaw behind them.
+    behind_ears = masks["skin"][corners].all(-1) & (point[:, 2] < ear_front - 0.01) & (point[:, 1] < -0.04) & (point[:, 1] > -0.09)
+    assert float(weight[on("scalp")].mean()) > 0.8
+    assert float(weight[behind_ears].mean()) > 0.5
+    assert float(weight[on("ears")].max()) > 0.5
+    # Not the face in front of the ears, nor the throat.
+    for name in ("nose", "upper_lip", "lower_lip", "eyelids", "brows"):
+        assert float(weight[on(name)].max()) == 0.0, name
+    cheeks = masks["skin"][corners].all(-1) & (point[:, 2] > ear_front + 0.02) & (point[:, 1] > -0.06) & (point[:, 1] < 0.02)
+    throat = masks["neck"][corners].all(-1) & (point[:, 2] > 0.03)
+    assert float(weight[cheeks].max()) == 0.0 and float(weight[throat].max()) == 0.0
 
 
 def test_a_head_without_a_scalp_mask_gets_no_lift(generator: Generator) -> None:

@@ -5,8 +5,8 @@ size (a few millimetres), so on a real portrait the generated head stops at the 
 the person mask goes on to the top of the hair. Both are geometric facts of the sources, so
 this step reads them from the masks directly, after the network, in one pass:
 
-1. **Lift.** Where a Gaussian that may carry hair (``hair_weight``: the scalp, the sides and
-   back of the neck) lies on the head's outline in a source (its normal at a grazing angle
+1. **Lift.** Where a Gaussian that may carry hair (``hair_weight``: the scalp, the ears and
+   the skin behind them, the sides and back of the neck) lies on the head's outline in a source (its normal at a grazing angle
    and just outside the posed head's own silhouette), march along its normal and measure
    how much further the projection stays inside the person mask than inside the bare
    head's own silhouette: the hair's thickness there, in metres. The measurements (a ring around the head per source) are averaged over sources,
@@ -95,10 +95,10 @@ def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor
 def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Tensor:
     """[N] how freely each Gaussian may stand off the head as hair, in [0, 1].
 
-    The scalp, and the sides and back of the neck where long hair falls (the throat and the
-    underside of the jaw face forward or down on the neutral template and get none); faded
-    in over ``ramp`` metres from the face, the ears and the throat. Zeros for a head without
-    a "scalp" part mask.
+    The scalp; the ears, and the skin behind them that faces sideways or back (the sides and
+    back of the head below the hairline and of the neck), where long hair covers the ears
+    and falls past the jaw; faded in over ``ramp`` metres from the face and the throat.
+    Zeros for a head without a "scalp" part mask.
     """
     masks = data.part_masks or {}
     scalp = masks.get("scalp")
@@ -106,12 +106,25 @@ def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Ten
         return torch.zeros(binding.count)
     verts = torch.as_tensor(np.asarray(data.v_template), dtype=torch.float32)
     faces = torch.as_tensor(np.asarray(data.faces), dtype=torch.long)
-    weight = torch.from_numpy(np.asarray(scalp, bool)).float()
-    neck = masks.get("neck")
-    if neck is not None:
-        normal = _vertex_normals(verts, faces)
-        sideways = ((0.3 - normal[:, 2]) / 0.5).clamp(0, 1) * ((normal[:, 1] + 0.5) / 0.3).clamp(0, 1)
-        weight = torch.maximum(weight, torch.from_numpy(np.asarray(neck, bool)).float() * sideways)
+
+    def part(*names: str) -> torch.Tensor:
+        """[V] bool: the union of the named masks the head has."""
+        union = np.zeros(len(verts), bool)
+        for name in names:
+            if name in masks:
+                union |= np.asarray(masks[name], bool)
+        return torch.from_numpy(union)
+
+    weight = part("scalp").float()
+    ears = part("ears", "left_ear", "right_ear")
+    # The skin the hair may cover: all of it where the head says, else the neck.
+    skin = part("skin") if "skin" in masks else part("neck")
+    if ears.any():
+        skin &= verts[:, 2] <= verts[ears, 2].max()  # behind the front of the ears, not the cheeks
+        weight = torch.maximum(weight, ears.float())
+    normal = _vertex_normals(verts, faces)
+    sideways = ((0.3 - normal[:, 2]) / 0.5).clamp(0, 1) * ((normal[:, 1] + 0.5) / 0.3).clamp(0, 1)
+    weight = torch.maximum(weight, skin.float() * sideways)
     if ramp > 0:
         inside, outside = weight > 0, verts[weight <= 0]
         edge = torch.cat([torch.cdist(chunk, outside).amin(1) for chunk in verts[inside].split(2048)])
