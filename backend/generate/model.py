@@ -647,7 +647,7 @@ class Generator(nn.Module):
                 weights change between them.
             match_colours: bring the sources' exposure and white balance together before
                 pooling (``source_gains``; no change for K = 1). Off by default: on the photo
-                benchmark it changed the held-out face by -0.9 to +0.2 dB (BENCHMARKS.md).
+                benchmark it changed the held-out face by -1.0 to +0.2 dB (BENCHMARKS.md).
         """
         sources.check()
         cfg = self.config
