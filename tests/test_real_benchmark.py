@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +247,11 @@ def test_lever_table_compares_each_lever_with_its_base() -> None:
     surface, generator = rows["photo-lr3+tuned"], rows["from the generator: photo-lr3+tuned"]
     assert surface[2:5] == ["ours-surface", "a, b", "2.50"]  # base, clips, d psnr: (3 + 2) / 2
     assert generator[2:5] == ["ours-surface+photo-lr3+tuned", "a", "1.50"]  # only clip a ran both
+
+
+def test_another_generator_needs_a_tag_so_it_cannot_overwrite_the_shipped_ones_results(tmp_path: Path) -> None:
+    bench = [sys.executable, str(ROOT / "tests" / "benchmarks" / "bench_real.py"), "--data", str(tmp_path), "clips", "--methods", "generator"]
+    for extra in (["--generator", str(tmp_path / "g.pt")], ["--tag", "ft"]):
+        run = subprocess.run(bench + extra, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert run.returncode != 0 and "--generator and --tag go together" in run.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

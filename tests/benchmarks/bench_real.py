@@ -75,12 +75,14 @@ def cmd_pack(args: argparse.Namespace, layout: Layout, sources: Sources) -> None
 def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
     from tests.benchmarks.real.clips import run_clip
 
-    protocol = Protocol(iterations=args.iters)
+    if (args.generator is None) != (args.tag is None):
+        raise SystemExit("--generator and --tag go together: another generator's results are stored as METHOD@TAG")
+    protocol = Protocol(iterations=args.iters, generator=None if args.generator is None else str(args.generator))
     # Any subject in the data folder (or its pack) can be named, listed or not.
     names = args.clips or [c.name for c in sources.clips]
     for i, name in enumerate(names):
         log(f"[{i + 1}/{len(names)}] {name}")
-        run_clip(name, layout, protocol, args.methods, log, args.shared)
+        run_clip(name, layout, protocol, args.methods, log, args.shared, args.tag or "")
 
 
 def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -126,6 +128,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=method_choices(), help="methods, and levers on ours (ours-surface+NAME, tests/benchmarks/real/protocol.py)")
     p.add_argument("--iters", type=int, default=Protocol.iterations)
     p.add_argument("--shared", type=int, default=1, metavar="N", help="N runs share the GPU at once (recorded, so the report marks their wall times as not comparable)")
+    p.add_argument("--generator", type=Path, metavar="PATH", help="a generator file (a training run's generator.pt) for the methods that start from it, instead of the shipped ones (needs --tag)")
+    p.add_argument("--tag", metavar="NAME", help="store the results as METHOD@NAME, beside the methods' own")
     p.set_defaults(fn=cmd_clips)
     p = sub.add_parser("photos", help="leave-one-out generation on the photo identities")
     p.add_argument("--identities", nargs="*", metavar="NAME", help="photo identities (default: all)")

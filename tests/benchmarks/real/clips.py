@@ -126,7 +126,7 @@ def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Pro
             continue
         t0 = time.perf_counter()
         if key == "generator":
-            model, _ = load_generator(None, head)
+            model, _ = load_generator(protocol.generator, head)
             avatar = generate_avatar(model.to(device), head, subject, [(0, 0)])
             _sync(device)
             log(f"  generated {avatar.count} Gaussians in {avatar.meta['generate_ms']:.1f} ms (network)")
@@ -230,9 +230,10 @@ def score(avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subjec
     }
 
 
-def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], log: Log, shared: int = 1) -> dict:
+def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], log: Log, shared: int = 1, tag: str = "") -> dict:
     """Run ``methods`` on one clip; returns (and merges into) its scores.json. ``shared``:
-    how many runs share the GPU at once (recorded beside the wall times)."""
+    how many runs share the GPU at once (recorded beside the wall times); ``tag``: results
+    are stored as METHOD@TAG (an experiment beside the methods' own results)."""
     from backend.head.registry import load_head_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,9 +283,12 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
         entry |= score(avatar, start_avatar, head, on, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
         if shared > 1:
             entry["concurrent_runs"] = shared
-        report["methods"][method] = entry
-        save_row(heldout_tiles(avatar, head, on, frames), out / f"heldout_{method}.png")
-        save_row(turntable_tiles(avatar, head, on.params.index([on.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{method}.png")
+        if protocol.generator is not None:
+            entry["generator"] = protocol.generator
+        stored = f"{method}@{tag}" if tag else method
+        report["methods"][stored] = entry
+        save_row(heldout_tiles(avatar, head, on, frames), out / f"heldout_{stored}.png")
+        save_row(turntable_tiles(avatar, head, on.params.index([on.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{stored}.png")
         path.write_text(json.dumps(report, indent=1))
-        log(f"  {method}: held-out PSNR {entry['psnr']:.2f} / mask {entry['psnr_mask']:.2f} / face {entry['psnr_face']:.2f} dB, train {entry['train_psnr']:.2f} dB, {entry['wall_seconds']:.1f} s")
+        log(f"  {stored}: held-out PSNR {entry['psnr']:.2f} / mask {entry['psnr_mask']:.2f} / face {entry['psnr_face']:.2f} dB, train {entry['train_psnr']:.2f} dB, {entry['wall_seconds']:.1f} s")
     return report

@@ -29,6 +29,8 @@ class Protocol:
     turntable_deg: the turntable figure spans +- this yaw.
     jpeg_quality: frames travel to the GPU machine as JPEG of this quality; the decoded
         frames are the ground truth every method is scored against.
+    generator: the generator file (a training run's generator.pt) the methods that start
+        from the generator use; None: the shipped weights.
     """
 
     size: int = 512
@@ -38,6 +40,7 @@ class Protocol:
     train_every: int = 4
     turntable_deg: float = 45.0
     jpeg_quality: int = 90
+    generator: str | None = None
 
 
 @dataclass(frozen=True)
