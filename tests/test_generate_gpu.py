@@ -1,5 +1,6 @@
-"""Stage 1 training on CUDA: the corpus's pinned, non-blocking gathers match the CPU's, and two
-GPUs under nccl DDP average to one GPU's gradients on the union batch (skipped with fewer)."""
+"""Stage 1 on CUDA: the corpus's pinned, non-blocking gathers match the CPU's, the outline
+step's hair weights come out the same from a layout on the GPU, and two GPUs under nccl DDP
+average to one GPU's gradients on the union batch (skipped with fewer)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch.multiprocessing as mp
 
 from backend.generate.data import Corpus, PhaseSampler, find_subjects
 from backend.generate.model import Generator, preset
+from backend.generate.outline import OutlineFit, hair_weight
+from backend.head.registry import load_head_model
 from tests.test_generate_support import assert_ddp_matches_union_batch, ddp_gradient_worker, one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
 from tests.test_server_support import free_port
 
@@ -43,6 +46,17 @@ def test_a_generator_made_for_a_cuda_head_leaves_the_head_on_the_gpu() -> None:
     model = Generator.for_head(preset("tiny"), head)
     assert head.v_template.is_cuda and head.dirs.is_cuda
     assert not any(p.is_cuda for p in model.parameters())
+
+
+def test_the_hair_region_of_a_layout_on_the_gpu_is_the_cpus() -> None:
+    """``generate`` on CUDA keeps the generator's layout on the GPU; the outline step's hair
+    weights are made on the CPU from it (indexing CPU arrays with CUDA indices once failed
+    every CUDA generate on a head with a scalp)."""
+    head = load_head_model()  # the built-in head: it has a scalp mask
+    binding = Generator.for_head(preset("tiny"), head).binding
+    on_cpu = hair_weight(head.data, binding, OutlineFit().hairline_ramp)
+    assert on_cpu.max() > 0
+    torch.testing.assert_close(hair_weight(head.data, binding.to("cuda"), OutlineFit().hairline_ramp).cpu(), on_cpu)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

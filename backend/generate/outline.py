@@ -129,7 +129,8 @@ def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Ten
         inside, outside = weight > 0, verts[weight <= 0]
         edge = torch.cat([torch.cdist(chunk, outside).amin(1) for chunk in verts[inside].split(2048)])
         weight[inside] *= (edge / ramp).clamp(0, 1)
-    return (weight[faces[binding.face_idx]] * binding.bary.float()).sum(-1)
+    # The weights are made on the CPU, whatever device the layout lives on.
+    return (weight[faces[binding.face_idx.cpu()]] * binding.bary.float().cpu()).sum(-1)
 
 
 class _Posed(NamedTuple):
