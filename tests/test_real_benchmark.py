@@ -249,9 +249,16 @@ def test_lever_table_compares_each_lever_with_its_base() -> None:
     assert generator[2:5] == ["ours-surface+photo-lr3+tuned", "a", "1.50"]  # only clip a ran both
 
 
-def test_another_generator_needs_a_tag_so_it_cannot_overwrite_the_shipped_ones_results(tmp_path: Path) -> None:
+def test_another_generator_needs_a_file_and_a_plain_tag_so_it_cannot_overwrite_the_shipped_ones_results(tmp_path: Path) -> None:
     bench = [sys.executable, str(ROOT / "tests" / "benchmarks" / "bench_real.py"), "--data", str(tmp_path), "clips", "--methods", "generator"]
-    for extra in (["--generator", str(tmp_path / "g.pt")], ["--tag", "ft"]):
-        run = subprocess.run(bench + extra, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert run.returncode != 0 and "--generator and --tag go together" in run.stderr
+    weights = tmp_path / "g.pt"
+    refusals = {
+        "--generator and --tag go together": (["--generator", str(weights)], ["--tag", "ft"]),
+        "no such file": (["--generator", str(weights), "--tag", "ft"],),
+        "letters, digits": (["--generator", str(ROOT / "backend" / "generate" / "weights" / "generator.pt"), "--tag", "a/b"],),
+    }
+    for message, cases in refusals.items():
+        for extra in cases:
+            run = subprocess.run(bench + extra, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert run.returncode != 0 and message in run.stderr, (extra, run.stderr[-300:])
     assert not any(tmp_path.iterdir())  # nothing written

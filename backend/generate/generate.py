@@ -125,7 +125,8 @@ def generate_avatar(
         own = None if static_offset is None else static_offset.to(model.device)
         rest = head(replace(neutral, shape=params.shape.to(model.device), static_offset=own)).vertices
         hair = hair_weight(head.data, model.binding, outline.hairline_ramp)
-        local, lift, fitted = fit_outline(model, sources.with_gains(out.gains), local, hair, rest, outline)
+        seen_as = sources.with_gains(out.gains) if match_colours else sources
+        local, lift, fitted = fit_outline(model, seen_as, local, hair, rest, outline)
         _sync(model.device)
         if bool(lift.any()):
             static_offset = lift[0].cpu() if static_offset is None else static_offset + lift[0].cpu()

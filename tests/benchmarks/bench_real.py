@@ -23,6 +23,7 @@ track your video into DATA/subjects/NAME with ``spatialavatar track`` and run ``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import get_args
@@ -77,6 +78,10 @@ def cmd_clips(args: argparse.Namespace, layout: Layout, sources: Sources) -> Non
 
     if (args.generator is None) != (args.tag is None):
         raise SystemExit("--generator and --tag go together: another generator's results are stored as METHOD@TAG")
+    if args.generator is not None and not args.generator.is_file():
+        raise SystemExit(f"--generator {args.generator}: no such file (a training run's generator.pt)")
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        raise SystemExit(f"--tag {args.tag!r}: letters, digits, '.', '_' and '-' only (it names files)")
     protocol = Protocol(iterations=args.iters, generator=None if args.generator is None else str(args.generator))
     # Any subject in the data folder (or its pack) can be named, listed or not.
     names = args.clips or [c.name for c in sources.clips]
