@@ -403,7 +403,9 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     head = head.to(device)  # tracking is done: it fits on the CPU
     checkpoint_info = {k: info.get(k) for k in ("phase", "steps_done")}
     outline = OutlineFit(enabled=args.outline)
-    avatar = generate_avatar(model.to(device), head, subject, views, pool=args.pool, meta={"checkpoint_info": checkpoint_info}, outline=outline)
+    avatar = generate_avatar(
+        model.to(device), head, subject, views, pool=args.pool, meta={"checkpoint_info": checkpoint_info}, outline=outline, gaussians=args.gaussians
+    )
     summary: dict[str, Any] = {"outline": outline.enabled, "personalized": config is not None}
     if config is not None:
         t0 = time.perf_counter()
@@ -669,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="generator weights (default: the shipped backend/generate/weights/generator.pt)")
     p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="mean over sources (the model), the best source per Gaussian (ablation), or consensus: the mean with disagreeing sources turned down")
     p.add_argument("--subject-out", type=Path, metavar="DIR", help="where tracked portraits are written (default: next to --out)")
+    p.add_argument(
+        "--gaussians",
+        type=int,
+        metavar="N",
+        help="carry the generated head onto a layout of N Gaussians, interpolated in UV space (more room for detail in a "
+        "later refinement, which keeps that layout); default: the network's own layout",
+    )
     p.add_argument(
         "--outline",
         action=argparse.BooleanOptionalAction,

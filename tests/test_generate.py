@@ -20,7 +20,7 @@ from backend.gaussians.surface import surface_local
 from backend.generate.checkpoint import load_generator, read_generator_file, save_generator
 from backend.generate.data import Corpus, PhaseSampler, Sample, find_subjects, load_subject, pose_rows, shard
 from backend.generate.generate import check_source_count, generate_avatar, parse_views, split_inputs, subject_sources
-from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, push_pull_fill, source_visibility
+from backend.generate.model import Generator, SourceViews, count_parameters, deform_batched, preset, source_visibility
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.wire.errors import InputError
 from tests.test_generate_support import one_thread, tiny_corpus, tiny_head  # noqa: F401 (autouse fixture)
@@ -153,16 +153,6 @@ def test_pose_rows_matches_the_head_model(head) -> None:  # type: ignore[no-unty
             rows[n].append(getattr(p, n))
     got = pose_rows(head, torch.cat(shapes), {n: torch.cat(v) for n, v in rows.items()})
     assert torch.allclose(got, torch.cat(expect), atol=1e-6)
-
-
-def test_push_pull_fill_keeps_known_and_fills_gaps() -> None:
-    grid = torch.zeros(1, 3, 16, 16)
-    weight = torch.zeros(1, 1, 16, 16)
-    grid[..., :8, :] = torch.tensor([0.2, 0.4, 0.6])[:, None, None]
-    weight[..., :8, :] = 1.0
-    filled = push_pull_fill(grid, weight)
-    assert torch.allclose(filled[..., :8, :], grid[..., :8, :])
-    assert torch.allclose(filled[..., 8:, :], torch.tensor([0.2, 0.4, 0.6])[:, None, None].expand(3, 8, 16)[None], atol=1e-5)
 
 
 def test_samplers_phase_rules_cross_time_rate_and_uniform_k() -> None:

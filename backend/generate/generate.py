@@ -15,6 +15,7 @@ import torch
 
 from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar
+from backend.gaussians.resample import resample_avatar
 from backend.generate.model import MAX_SOURCES, Generator, PoolMode, SourceViews
 from backend.generate.outline import OutlineFit, fit_outline, hair_weight
 from backend.head.model import HeadModel
@@ -99,13 +100,15 @@ def generate_avatar(
     meta: dict | None = None,
     outline: OutlineFit = OutlineFit(),
     match_colours: bool = False,
+    gaussians: int | None = None,
 ) -> Avatar:
     """The avatar of ``subject`` generated from ``views``; ``meta["generate_ms"]`` times the network.
 
     ``model`` and ``head`` must be on the same device. ``outline`` fits the hair volume and
     outline to the sources' person masks after the network (``outline.py``);
     ``match_colours`` evens out the sources' exposure and white balance first
-    (``source_gains``).
+    (``source_gains``). ``gaussians``: carry the result onto a layout of this many
+    Gaussians (``resample_avatar``; None keeps the network's own layout).
     """
     if subject.info.head_model != head.name:
         raise InputError(f"subject {subject.root} was tracked with head model '{subject.info.head_model}', the generator uses '{head.name}'")
@@ -132,7 +135,7 @@ def generate_avatar(
             static_offset = lift[0].cpu() if static_offset is None else static_offset + lift[0].cpu()
         outline_summary = {"outline": True, **fitted, "outline_ms": round((time.perf_counter() - t0) * 1000, 2)}
     local = local.map(lambda t: t[0].detach().float().cpu().contiguous())
-    return Avatar(
+    avatar = Avatar(
         head_name=model.head_name,
         head_fingerprint=model.head_fingerprint,
         shape=params.shape.detach().clone().float(),
@@ -155,6 +158,7 @@ def generate_avatar(
         }
         | dict(meta or {}),
     )
+    return avatar if gaussians is None else resample_avatar(avatar, head, gaussians)
 
 
 def split_inputs(inputs: Sequence[str | Path]) -> tuple[Path | None, list[Path]]:

@@ -40,6 +40,7 @@ from backend.gaussians.avatar import SH_C0, LocalGaussians, logit, rgb_to_sh_dc
 from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
 from backend.gaussians.layout import Binding, sample_layout
 from backend.gaussians.splats import Splats
+from backend.gaussians.uv_image import push_pull_fill
 from backend.gaussians.surface import SurfaceInit, surface_local
 from backend.head.model import HeadModel
 from backend.render.camera import Cameras, project
@@ -405,28 +406,6 @@ def source_gains(rgb: torch.Tensor, weight: torch.Tensor, rounds: int = 2, limit
     share = total / total.sum(1, keepdim=True).clamp_min(1e-6)  # [B, K]
     centre = (share[..., None] * log_gain).sum(1, keepdim=True)
     return torch.where(total[..., None] > 0, (log_gain - centre).exp(), 1.0).clamp(1 / limit, limit)
-
-
-def push_pull_fill(grid: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Fill empty texels of a UV image from their neighbours (push-pull pyramid).
-
-    Args:
-        grid: [B, C, R, R] values, meaningful where ``weight`` > 0.
-        weight: [B, 1, R, R] non-negative confidence.
-    Returns:
-        [B, C, R, R]: weighted averages of ever coarser neighbourhoods fill the gaps; texels
-        with weight >= 1 keep their value.
-    """
-    levels = [(grid * weight, weight)]
-    while min(levels[-1][1].shape[-2:]) > 1:
-        gw, wt = levels[-1]
-        levels.append((F.avg_pool2d(gw, 2, ceil_mode=True), F.avg_pool2d(wt, 2, ceil_mode=True)))
-    coarse = levels[-1][0] / levels[-1][1].clamp_min(1e-8)
-    for gw, wt in reversed(levels[:-1]):
-        up = F.interpolate(coarse, size=gw.shape[-2:], mode="bilinear", align_corners=False)
-        alpha = wt.clamp(0, 1)
-        coarse = alpha * (gw / wt.clamp_min(1e-8)) + (1 - alpha) * up
-    return coarse
 
 
 # -- networks ------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from backend.configs import Config, above, at_least
 from backend.gaussians.avatar import LocalGaussians, logit, rgb_to_sh_dc
 from backend.gaussians.frames import surface_points, triangle_frames
 from backend.gaussians.layout import Binding
-from backend.generate.model import Generator, SourceViews, grid_coords, head_depth_render, push_pull_fill, sample_maps
+from backend.gaussians.uv_image import push_pull_fill
+from backend.generate.model import Generator, SourceViews, grid_coords, head_depth_render, sample_maps
 from backend.head.model import HeadModelData
 from backend.render.camera import Cameras, project
 
