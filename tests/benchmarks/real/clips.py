@@ -125,9 +125,9 @@ def _starts(methods: list[str], head: HeadModel, subject: Subject, protocol: Pro
         if key in starts:
             continue
         t0 = time.perf_counter()
-        if key == "generator":
+        if isinstance(key, str):
             model, _ = load_generator(protocol.generator, head)
-            avatar = generate_avatar(model.to(device), head, subject, [(0, 0)])
+            avatar = generate_avatar(model.to(device), head, subject, [(0, 0)], gaussians=_generated_count(method))
             _sync(device)
             log(f"  generated {avatar.count} Gaussians in {avatar.meta['generate_ms']:.1f} ms (network)")
         else:
@@ -148,8 +148,17 @@ def init_config(method: str, protocol: Protocol) -> InitConfig:
     return replace(config, **changes)
 
 
+def _generated_count(method: str) -> int | None:
+    """The Gaussian count a generator method's lever carries the generated head onto (None: the network's)."""
+    lever = lever_of(method)
+    return None if lever is None else lever.init.get("gaussians")
+
+
 def _start_key(method: str, protocol: Protocol) -> InitConfig | str:
-    return "generator" if starts_from_generator(method) else init_config(method, protocol)
+    if not starts_from_generator(method):
+        return init_config(method, protocol)
+    count = _generated_count(method)
+    return "generator" if count is None else f"generator@{count}"
 
 
 def _personalize(generated: Avatar, head: HeadModel, subject: Subject) -> tuple[Avatar, float]:

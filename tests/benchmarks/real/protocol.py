@@ -49,7 +49,8 @@ class Lever:
     ``ours-surface+NAME``). Attributes:
     about: what it changes, for the table.
     refine: fields of RefineConfig.to_dict() replaced (nested dicts merge into their group).
-    init: fields of the surface start's InitConfig replaced (``surface`` merges into SurfaceInit).
+    init: fields of the surface start's InitConfig replaced (``surface`` merges into SurfaceInit);
+        from the generator, only ``gaussians``: the generated head carried onto that count.
     photometric: None, or fields of PhotometricTracking replaced ({}: its defaults): the
         clip's FLAME parameters, held-out frames' included, go through photometric tracking
         first (``backend/refine/photometric_tracking.py``); the start, the refinement and the
@@ -80,6 +81,15 @@ LEVERS = {
     "photo-lr3+tuned": Lever("photometric tracking with FLAME's rates x3 instead of x2, then the tuning x5 / x4", _TUNED, photometric={"flame_lr_factor": 3.0}),
     "photo-lr3+tuned-third": Lever(
         "photo-lr3+tuned in a third of the iterations (3,334)", {**_TUNED, "iterations": 3_334}, photometric={"flame_lr_factor": 3.0}
+    ),
+    "dense+photo-lr3+tuned": Lever(
+        "photo-lr3+tuned from the generated head carried onto 100,000 Gaussians (resample_avatar)", _TUNED, init={"gaussians": 100_000}, photometric={"flame_lr_factor": 3.0}
+    ),
+    "dense+photo-lr3+tuned-third": Lever(
+        "dense+photo-lr3+tuned in a third of the iterations (3,334)",
+        {**_TUNED, "iterations": 3_334},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
     ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
