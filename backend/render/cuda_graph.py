@@ -67,5 +67,8 @@ class GraphedStep(Generic[Out]):
             opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the capture
         torch.cuda.synchronize()
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        # Thread-local: CUDA work that another thread of the process starts meanwhile (the
+        # refinement's kernels compiling in the background, a server's other jobs) must not
+        # invalidate this capture, as "global" mode lets it.
+        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
             self._out = self._step()

@@ -222,19 +222,24 @@ def _refine(start: Avatar, head: HeadModel, subject: Subject, config: RefineConf
     return result, time.perf_counter() - t0
 
 
-def score(avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subject, protocol: Protocol, train_params: FlameParams | None) -> dict:
+def score(
+    avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subject, protocol: Protocol, train_params: FlameParams | None, worst_train_png: Path | None = None
+) -> dict:
     """Held-out scores, training-frame PSNR (every n-th training frame, under the fine-tuned
-    parameters when given) and turntable holes against the start (None: not a refinement)."""
+    parameters when given) and turntable holes against the start (None: not a refinement).
+    ``worst_train_png``: where the scored training view with the lowest PSNR is drawn (truth
+    beside render)."""
     test = evaluate(avatar, head, subject, "test")
     train = subject.split["train"]
     picked = list(range(0, len(train), protocol.train_every))
     params = train_params.index(picked) if train_params is not None else subject.params.index([train[i] for i in picked])
-    train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params)
+    train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params, worst_view_png=worst_train_png)
     holes = None if start is None else orbit_holes(avatar, start, head, subject.params.index(subject.split["test"][:1]))
     return {
         **{k: test[k] for k in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face", "lpips", "lpips_note", "spike_share", "gaussians")},
         "train_psnr": train_scores["psnr"],
         "train_psnr_mask": train_scores["psnr_mask"],
+        "train_psnr_face": train_scores["psnr_face"],
         "orbit_holes": holes,
     }
 
@@ -289,12 +294,13 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
             entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": config.iterations}
             if tracking is not None:
                 entry["tracking_seconds"], entry["tracking_change"] = tracking[1], tracking[2]
-        entry |= score(avatar, start_avatar, head, on, protocol, train_params) | {"device": device_name, "date": time.strftime("%Y-%m-%d")}
+        stored = f"{method}@{tag}" if tag else method
+        entry |= score(avatar, start_avatar, head, on, protocol, train_params, out / f"train_worst_{stored}.png")
+        entry |= {"device": device_name, "date": time.strftime("%Y-%m-%d")}
         if shared > 1:
             entry["concurrent_runs"] = shared
         if protocol.generator is not None:
             entry["generator"] = protocol.generator
-        stored = f"{method}@{tag}" if tag else method
         report["methods"][stored] = entry
         save_row(heldout_tiles(avatar, head, on, frames), out / f"heldout_{stored}.png")
         save_row(turntable_tiles(avatar, head, on.params.index([on.split["test"][0]]), protocol.turntable_deg), out / f"turntable_{stored}.png")
