@@ -138,7 +138,7 @@ def test_cpu_refinement_improves_test_psnr_and_keeps_layout(head: HeadModel, set
 def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
     subject, avatar = setup
     # Random backgrounds: the per-step colours must come out the same after a resume.
-    config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), random_background=True)
+    config = RefineConfig(iterations=12, log_every=4, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), random_background=True, exposure=True)
     full = refine(avatar, head, subject, config, profile=True)  # profiling must not change the run
     assert all(full.timings[stage] > 0 for stage in ("data", "deform", "render", "loss", "backward", "optimizer"))
     calls = {"n": 0}
@@ -154,6 +154,7 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
     resumed = refine(avatar, head, subject, config, resume=RefineState.load(path))
     for name, t in full.avatar.local.tensors().items():
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
+    assert full.exposure is not None and resumed.exposure is not None and torch.equal(resumed.exposure, full.exposure)
 
 
 def test_tracked_subjects_default_to_real_tuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -218,6 +219,33 @@ def test_random_background_clears_gaussians_outside_the_mask(head: HeadModel, se
 
     fixed, random = alpha_in_cut(False), alpha_in_cut(True)
     assert random < fixed - 0.08, (fixed, random)
+
+
+def test_exposure_learns_each_frames_gain_and_fits_the_frames_better(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each frame's image darkened by its own per-channel gain, as a camera's auto-exposure
+    would: the learnt gains follow the applied ones (up to their common mean, which the
+    avatar's colours hold), and the training frames, rendered with them, fit better than a
+    run that must put every frame's exposure into the same colours."""
+    subject, avatar = setup
+    root = tmp_path / "exposed"
+    shutil.copytree(subject.root, root)
+    applied = 0.55 + 0.45 * torch.rand(subject.num_frames, 3, generator=torch.Generator().manual_seed(3))
+    for t in range(subject.num_frames):
+        path = root / "images" / frame_name(t, 0)
+        img = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+        Image.fromarray(np.clip(img * applied[t].numpy() + 0.5, 0, 255).astype(np.uint8)).save(path)
+    exposed_subject = Subject.load(root)
+    train = exposed_subject.split["train"]
+    config = RefineConfig(iterations=300, log_every=100, anti_spike=AntiSpike(max_scale=3.0), lr=LearningRates(exposure=2e-2))
+    plain = refine(avatar, head, exposed_subject, config)
+    with_gains = refine(avatar, head, exposed_subject, replace(config, exposure=True))
+    assert plain.exposure is None and with_gains.exposure is not None and with_gains.exposure.shape == (len(train), 3)
+    learnt, truth = with_gains.exposure.log(), applied[train].log()
+    centred = truth - truth.mean(0)
+    assert float(torch.corrcoef(torch.stack([learnt.flatten(), centred.flatten()]))[0, 1]) > 0.9
+    assert float((learnt - centred).abs().mean()) < 0.5 * float(centred.abs().mean())
+    scores = [evaluate(r.avatar, head, exposed_subject, frames=train, exposure=r.exposure)["psnr_mask"] for r in (plain, with_gains)]
+    assert scores[1] > scores[0] + 1.0, scores
 
 
 def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]

@@ -29,6 +29,7 @@ class LearningRates:
     flame_expr: float = 1e-3
     flame_pose: float = 1e-5
     flame_translation: float = 1e-6
+    exposure: float = 5e-3
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,11 @@ class RefineConfig(Config):
             move as fast as one they show plainly; the pull keeps such Gaussians where the
             start put them. 0 (default) leaves it out; personalization of a generated avatar
             on its few sources uses it.
+        exposure: learn a colour gain per training frame and channel (log-gains with zero
+            mean over the frames, rate ``lr.exposure``) that the step's render is multiplied
+            by, where it covers, before the loss: a camera's auto-exposure and white balance,
+            and light that changes as the head turns, then need not go into the Gaussians'
+            colours. Held-out frames render with the mean gain, 1.
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -153,6 +159,7 @@ class RefineConfig(Config):
     lpips_folder: str | None = None
     opacity_sparsity: float = 0.0
     hold: float = 0.0
+    exposure: bool = False
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0

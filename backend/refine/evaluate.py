@@ -20,6 +20,7 @@ from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
+from backend.refine.exposure import exposed
 from backend.refine.losses import psnr, ssim
 from backend.refine.perceptual import load_lpips
 from backend.refine.regularizers import AntiSpike, spike_stats
@@ -73,18 +74,22 @@ def evaluate(
     lpips_folder: Path | None = None,
     frames: list[int] | None = None,
     params: FlameParams | None = None,
+    exposure: torch.Tensor | None = None,
 ) -> dict:
     """Scores averaged over every (frame, camera) of ``split``; see module doc.
 
     ``lpips_folder``: where to look first for LPIPS's weight files. ``frames``: score these
     frames instead of the split's. ``params``: [len(frames)] parameters to pose them with
-    instead of the subject's (a refinement's fine-tuned training parameters).
+    instead of the subject's (a refinement's fine-tuned training parameters). ``exposure``:
+    [len(frames), 3] colour gains to render them with (a refinement's ``exposure``).
     """
     frames = subject.split.get(split, []) if frames is None else list(frames)
     if not frames:
         raise InputError(f"subject {subject.root} has no '{split}' frames")
     if params is not None and params.batch_size != len(frames):
         raise InputError(f"{params.batch_size} parameter frames given for {len(frames)} frames")
+    if exposure is not None and tuple(exposure.shape) != (len(frames), 3):
+        raise InputError(f"exposure has shape {list(exposure.shape)}, expected [{len(frames)}, 3]")
     device = head.v_template.device
     avatar = avatar.to(device)
     bg = subject.background().to(device)
@@ -95,7 +100,8 @@ def evaluate(
     for i, t in enumerate(frames):
         frame_params = subject.params.index([t]) if params is None else params.index([i])
         out = render_frame(avatar, head, frame_params.to(device), subject.cameras(t).to(device), bg)
-        rendered, rgb, alpha = out.rgb, out.rgb.cpu(), out.alpha.cpu()
+        rendered = out.rgb if exposure is None else exposed(out.rgb, out.alpha, bg, exposure[i].to(device).expand(out.rgb.shape[0], 3))
+        rgb, alpha = rendered.cpu(), out.alpha.cpu()
         face = subject.face_mask(t)
         for c in range(subject.num_cameras):
             m = subject.mask(t, c)

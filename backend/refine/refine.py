@@ -27,6 +27,7 @@ from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
+from backend.refine.exposure import exposed, frame_gains
 from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
@@ -57,6 +58,7 @@ class RefineState:
     flame: dict[str, torch.Tensor]
     config: dict
     timings: dict[str, float] = field(default_factory=dict)
+    exposure: torch.Tensor | None = None  # [T, 3] learnt log-gains of the training frames
 
     def to_dict(self) -> dict:
         """Tensors, numbers and strings only, so ``torch.load(weights_only=True)`` reads it."""
@@ -68,12 +70,12 @@ class RefineState:
             "flame": self.flame,
             "config": self.config,
             "timings": self.timings,
-        }
+        } | ({} if self.exposure is None else {"exposure": self.exposure})
 
     @classmethod
     def from_dict(cls, d: dict) -> RefineState:
         avatar = avatar_from_bytes(d["avatar"].numpy().tobytes(), "checkpoint")
-        return cls(d["iteration"], avatar, d["optimizer"], d["flame"], d["config"], d.get("timings", {}))
+        return cls(d["iteration"], avatar, d["optimizer"], d["flame"], d["config"], d.get("timings", {}), d.get("exposure"))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -101,6 +103,7 @@ class RefineResult:
     timings: dict[str, float]
     stopped_early: bool
     notes: list[str]  # what the run left out and why (LPIPS without its weights)
+    exposure: torch.Tensor | None = None  # [T, 3] the training frames' colour gains (``config.exposure``)
 
 
 class _Targets:
@@ -305,6 +308,7 @@ class _Run:
         layout, packed: the local parameters packed [N, D], the optimized leaf.
         held: [N, D] the input avatar's packed parameters that ``config.hold`` pulls toward.
         flame: the training frames' FLAME parameters [T, ...] (optimized when fine-tuned).
+        exposure: [T, 3] the training frames' log-gains (``config.exposure``), or None.
         fixed: posed vertices [T, V, 3] and triangle frames of every training frame,
             computed once when FLAME is not fine-tuned (a step then only gathers them).
         graphed: the step is captured in a CUDA graph (CUDA and a frozen layout).
@@ -324,6 +328,8 @@ class _Run:
     flame: dict[str, torch.Tensor]
     optimizer: RowAdam
     flame_opt: torch.optim.Adam | None
+    exposure: torch.Tensor | None
+    exposure_opt: torch.optim.Adam | None
     targets: _Targets
     draws: _Draws
     rates: torch.Tensor  # [iterations, D] learning rates
@@ -363,10 +369,15 @@ class _Run:
         optimizer = RowAdam(packed)
         rates = learning_rates(config, layout).to(device)
         flame_opt = _flame_optimizer(config, {k: flame[k] for k in tuned}, graphed, device) if config.finetune_flame else None
+        exposure, exposure_opt = None, None
+        if config.exposure:
+            exposure = (resume.exposure.to(device) if resume and resume.exposure is not None else torch.zeros(len(frames), 3, device=device)).requires_grad_(True)
+            exposure_opt = torch.optim.Adam([exposure], lr=config.lr.exposure, capturable=graphed, fused=device.type == "cuda")
         if resume:
             optimizer.load_state_dict(resume.optimizer["gaussians"])
-            if flame_opt is not None and "flame" in resume.optimizer:
-                flame_opt.load_state_dict(resume.optimizer["flame"])
+            for name, opt in (("flame", flame_opt), ("exposure", exposure_opt)):
+                if opt is not None and name in resume.optimizer:
+                    opt.load_state_dict(resume.optimizer[name])
         fixed = None
         if not config.finetune_flame:
             with torch.no_grad():
@@ -377,22 +388,24 @@ class _Run:
         counter = torch.full((1,), start, dtype=torch.int64, device=device)
         return cls(
             config=config, source=source, params=params, layout=layout, packed=packed, held=held, binding=binding, flame=flame,
-            optimizer=optimizer, flame_opt=flame_opt, targets=targets, draws=draws, rates=rates, fixed=fixed, density=density,
+            optimizer=optimizer, flame_opt=flame_opt, exposure=exposure, exposure_opt=exposure_opt, targets=targets, draws=draws, rates=rates, fixed=fixed, density=density,
             graphed=graphed, start=start, counter=counter, timings=timings, clock=_StageClock(device, profile, timings),
         )
 
     @property
     def optimizers(self) -> list[RowAdam | torch.optim.Optimizer]:
         """Every optimizer of the step, the Gaussians' first."""
-        return [self.optimizer] + ([self.flame_opt] if self.flame_opt is not None else [])
+        return [self.optimizer] + [opt for opt in (self.flame_opt, self.exposure_opt) if opt is not None]
 
     def state(self, step: int) -> RefineState:
         """A copy of the run after ``step`` steps, for a checkpoint or the result."""
         # state_dict() holds the live moment tensors, which the next steps update in place.
-        opt = copy.deepcopy({"gaussians": self.optimizer.state_dict()} | ({"flame": self.flame_opt.state_dict()} if self.flame_opt is not None else {}))
+        named = {"gaussians": self.optimizer, "flame": self.flame_opt, "exposure": self.exposure_opt}
+        opt = copy.deepcopy({name: o.state_dict() for name, o in named.items() if o is not None})
         current = replace(self.source, binding=self.binding, local=unpacked_copy(self.packed, self.layout))
         flame = {k: v.detach().clone() for k, v in self.flame.items()}
-        return RefineState(step, current, opt, flame, self.config.to_dict(), dict(self.timings))
+        exposure = None if self.exposure is None else self.exposure.detach().clone()
+        return RefineState(step, current, opt, flame, self.config.to_dict(), dict(self.timings), exposure)
 
 
 def _flame_optimizer(config: RefineConfig, flame: dict[str, torch.Tensor], capturable: bool, device: torch.device) -> torch.optim.Adam:
@@ -452,7 +465,8 @@ def refine(
         raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
     out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=run.binding.to("cpu"))
     out_avatar.meta = dict(source.meta) | {"refined_iterations": final.iteration, "refine_config": config.to_dict()}
-    return RefineResult(out_avatar, tuned.to("cpu"), history, run.timings, stopped, notes)
+    gains = None if final.exposure is None else frame_gains(final.exposure).cpu()
+    return RefineResult(out_avatar, tuned.to("cpu"), history, run.timings, stopped, notes, gains)
 
 
 _Step = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # loss, render, target
@@ -534,7 +548,10 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         if run.density is not None:
             splats.means.retain_grad()
         clock.lap("deform")
-        rgb = render(splats, view, background, budget=run.budget, depth=False).rgb[:, 0]
+        out = render(splats, view, background, budget=run.budget, depth=False)
+        rgb = out.rgb[:, 0]
+        if run.exposure is not None:
+            rgb = exposed(rgb, out.alpha[:, 0], background, frame_gains(run.exposure).index_select(0, frame))
         clock.lap("render")
         if kernels.place_with_hinges is not None:
             loss = image_loss(rgb, target) + hinges
@@ -550,8 +567,9 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         if run.density is not None:
             run.density.observe(splats, splats.means.grad, view)
         run.optimizer.step(run.rates.index_select(0, counter)[0])
-        if run.flame_opt is not None:
-            run.flame_opt.step()
+        for opt in (run.flame_opt, run.exposure_opt):
+            if opt is not None:
+                opt.step()
         counter.add_(1)
         clock.lap("optimizer")
         return loss, rgb, target
