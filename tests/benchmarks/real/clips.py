@@ -223,17 +223,26 @@ def _refine(start: Avatar, head: HeadModel, subject: Subject, config: RefineConf
 
 
 def score(
-    avatar: Avatar, start: Avatar | None, head: HeadModel, subject: Subject, protocol: Protocol, train_params: FlameParams | None, worst_train_png: Path | None = None
+    avatar: Avatar,
+    start: Avatar | None,
+    head: HeadModel,
+    subject: Subject,
+    protocol: Protocol,
+    train_params: FlameParams | None,
+    worst_train_png: Path | None = None,
+    train_exposure: torch.Tensor | None = None,
 ) -> dict:
     """Held-out scores, training-frame PSNR (every n-th training frame, under the fine-tuned
-    parameters when given) and turntable holes against the start (None: not a refinement).
+    parameters and the learnt colour gains [T, 3] when given) and turntable holes against
+    the start (None: not a refinement).
     ``worst_train_png``: where the scored training view with the lowest PSNR is drawn (truth
     beside render)."""
     test = evaluate(avatar, head, subject, "test")
     train = subject.split["train"]
     picked = list(range(0, len(train), protocol.train_every))
     params = train_params.index(picked) if train_params is not None else subject.params.index([train[i] for i in picked])
-    train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params, worst_view_png=worst_train_png)
+    gains = None if train_exposure is None else train_exposure[picked]
+    train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params, worst_view_png=worst_train_png, exposure=gains)
     holes = None if start is None else orbit_holes(avatar, start, head, subject.params.index(subject.split["test"][:1]))
     return {
         **{k: test[k] for k in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face", "lpips", "lpips_note", "spike_share", "gaussians")},
@@ -277,10 +286,10 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
         if method == "generator":
             avatar, start_avatar = starts["generator"][0], None
             entry: dict = {"wall_seconds": starts["generator"][1], "iterations": 0}
-            train_params = None
+            train_params, train_exposure = None, None
         elif method == "personalized":
             avatar, wall = _personalize(starts["generator"][0], head, subject)
-            start_avatar, train_params = None, None
+            start_avatar, train_params, train_exposure = None, None, None
             entry = {"wall_seconds": wall, "start_seconds": starts["generator"][1], "iterations": Personalization().iterations}
         else:
             start_name = _start_key(method, protocol)
@@ -290,12 +299,12 @@ def run_clip(name: str, layout: Layout, protocol: Protocol, methods: list[str], 
                 start_avatar, start_seconds = _starts([method], head, on, protocol, log)[start_name]
             config = refine_config(method, protocol)
             result, wall = _refine(start_avatar, head, on, config)
-            avatar, train_params = result.avatar, result.train_params  # type: ignore[attr-defined]
+            avatar, train_params, train_exposure = result.avatar, result.train_params, result.exposure  # type: ignore[attr-defined]
             entry = {"wall_seconds": wall, "start_seconds": start_seconds, "iterations": config.iterations}
             if tracking is not None:
                 entry["tracking_seconds"], entry["tracking_change"] = tracking[1], tracking[2]
         stored = f"{method}@{tag}" if tag else method
-        entry |= score(avatar, start_avatar, head, on, protocol, train_params, out / f"train_worst_{stored}.png")
+        entry |= score(avatar, start_avatar, head, on, protocol, train_params, out / f"train_worst_{stored}.png", train_exposure)
         entry |= {"device": device_name, "date": time.strftime("%Y-%m-%d")}
         if shared > 1:
             entry["concurrent_runs"] = shared

@@ -91,6 +91,15 @@ LEVERS = {
         init={"gaussians": 100_000},
         photometric={"flame_lr_factor": 3.0},
     ),
+    "exposure+photo-lr3+tuned": Lever(
+        "photo-lr3+tuned with a colour gain per training frame (RefineConfig.exposure)", {**_TUNED, "exposure": True}, photometric={"flame_lr_factor": 3.0}
+    ),
+    "dense+exposure+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with a colour gain per training frame",
+        {**_TUNED, "exposure": True},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
 # A lever's method is ours from the surface (the lever's table compares it with plain
