@@ -248,6 +248,54 @@ def test_exposure_learns_each_frames_gain_and_fits_the_frames_better(head: HeadM
     assert scores[1] > scores[0] + 1.0, scores
 
 
+def test_pixels_past_the_source_edge_are_neither_fitted_nor_scored(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Tracking pads a crop that reaches past its source image with the background and masks
+    the padding out. Recorded as unknown (each frame's crop box and source size), that band
+    is left alone by the loss: the head drawn there keeps its opacity, where a subject that
+    calls the band background makes it vanish. The scores do not look there either."""
+    subject, avatar = setup
+    size, band = subject.info.width, subject.info.width // 3
+    unknown_rows = torch.zeros(size, size, 1)
+    unknown_rows[:band] = 1.0
+    roots = {}
+    for name, record in (("background", False), ("unknown", True)):
+        root = roots[name] = tmp_path / name
+        shutil.copytree(subject.root, root)
+        for t in range(subject.num_frames):
+            for folder, value in (("images", 255), ("masks", 0)):
+                path = root / folder / frame_name(t, 0)
+                img = np.asarray(Image.open(path)).copy()
+                img[:band] = value
+                Image.fromarray(img).save(path)
+        if record:  # the crop starts `band` rows above the source's top edge
+            info = json.loads((root / "subject.json").read_text())
+            frames = [{"box": [0, -band, size], "size": [size, size - band]}] * subject.num_frames
+            (root / "subject.json").write_text(json.dumps(info | {"extra": {"tracking": {"frames": frames}}}))
+    background, unknown = Subject.load(roots["background"]), Subject.load(roots["unknown"])
+    assert torch.equal(unknown.known(0), 1 - unknown_rows) and bool((background.known(0) == 1).all())
+
+    config = RefineConfig(iterations=150, log_every=50, anti_spike=AntiSpike(max_scale=3.0), random_background=True)
+    results = {name: refine(avatar, head, subj, config).avatar for name, subj in (("background", background), ("unknown", unknown))}
+
+    def alpha_in_band(result_avatar) -> float:  # type: ignore[no-untyped-def]
+        alphas = []
+        for t in range(4):
+            params, cams = subject.params.index([t]), subject.cameras(t)
+            over_black, over_white = (render_view(result_avatar, head, params, cams, torch.full((3,), v))[0] for v in (0.0, 1.0))
+            alpha = 1.0 - (over_white - over_black).mean(-1, keepdim=True)
+            drawn = subject.mask(t) * unknown_rows  # where the head lay before the band was cut
+            alphas.append(float((alpha * drawn).sum() / drawn.sum()))
+        return float(np.mean(alphas))
+
+    kept, faded = alpha_in_band(results["unknown"]), alpha_in_band(results["background"])
+    assert kept > faded + 0.15, (kept, faded)
+    # The scores leave the band out: the head drawn there costs the full image nothing, as
+    # it does when the band is called background; the person mask's score is the same.
+    as_unknown, as_background = (evaluate(results["unknown"], head, subj) for subj in (unknown, background))
+    assert as_unknown["psnr"] > as_background["psnr"] + 1.0, (as_unknown["psnr"], as_background["psnr"])
+    assert as_unknown["psnr_mask"] == pytest.approx(as_background["psnr_mask"], abs=1e-6)
+
+
 def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
     subject, avatar = setup
     # Start from deliberately spiky Gaussians: a fifth of them stretched 2x along one axis.

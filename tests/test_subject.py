@@ -118,3 +118,16 @@ def test_synthetic_identities_differ_from_side_to_side(head: HeadModel) -> None:
         asymmetry = np.abs(colour - colour[mirror]).max(axis=1)
         assert (asymmetry > 0.1).mean() > 0.05, seed
         assert np.array_equal(colour, vertex_albedo(head.data, params))  # deterministic per identity
+
+
+def test_a_crop_past_the_source_edge_knows_which_pixels_are_the_sources() -> None:
+    from backend.data.subject import inside_source
+    from backend.tracking.crop import crop_image
+
+    inside = inside_source((-10, 5, 40), (30, 50), 20)  # 2 source pixels per crop pixel
+    assert inside.shape == (20, 20)
+    assert not inside[:, :5].any() and inside[:, 5:].all()  # columns left of the source's edge
+    source = np.full((50, 30, 3), 7, np.uint8)
+    img, valid = crop_image(source, np.array([-10, 5, 40]), 20, fill=(200, 200, 200))
+    assert np.array_equal(valid, inside)
+    assert (img[:, :2] == 200).all() and (img[:, 8:] == 7).all()  # the edge itself rings (Lanczos)

@@ -11,6 +11,11 @@ A subject is a folder:
     landmarks.npz      optional, written by tracking (monocular subjects): mediapipe [T, 478, 3]
                        in the frames' pixels; the face region that metrics use is their hull
 
+Tracked subjects record each frame's crop in subject.json (``extra.tracking.frames[t]``:
+``box`` [x0, y0, side] in source pixels and the source's ``size`` [width, height]): where a
+crop reaches past the source image, its pixels were padded with the background and are
+unknown, not background (``Subject.known``).
+
 The test split is the last 20% of frames (the INSTA / SplattingAvatar protocol) unless the
 subject names its own. Synthetic, tracked and converted subjects all use this format.
 """
@@ -45,6 +50,16 @@ def default_split(num_frames: int) -> dict[str, list[int]]:
 
 def frame_name(t: int, c: int) -> str:
     return f"{t:05d}_{c:02d}.png"
+
+
+def inside_source(box: tuple[int, int, int], source_size: tuple[int, int], size: int) -> np.ndarray:
+    """[size, size] bool: the pixels of a square crop (x0, y0, side in source pixels, resized
+    to ``size``) whose centres fall inside the source image of ``source_size`` (width, height)."""
+    x0, y0, side = box
+    centres = (np.arange(size) + 0.5) * (side / size)
+    cols = (x0 + centres >= 0) & (x0 + centres < source_size[0])
+    rows = (y0 + centres >= 0) & (y0 + centres < source_size[1])
+    return rows[:, None] & cols[None, :]
 
 
 @dataclass
@@ -149,6 +164,17 @@ class Subject:
             with np.load(path, allow_pickle=False) as z:
                 self._landmarks = z["mediapipe"][..., :2].astype(np.float64)
         inside = hull_mask(self._landmarks[t], self.info.height, self.info.width)
+        return torch.from_numpy(inside.astype(np.float32))[..., None]
+
+    def known(self, t: int, c: int = 0) -> torch.Tensor:
+        """[H, W, 1] float32: 1 where frame t holds the source's pixels, 0 where its crop was
+        padded past the source's edge (see the module doc). All ones where the subject does not
+        record its crops (synthetic and converted subjects, and other cameras than 0)."""
+        frames = self.info.extra.get("tracking", {}).get("frames", [])
+        crop = frames[t] if c == 0 and t < len(frames) else {}
+        if "box" not in crop or "size" not in crop or self.info.width != self.info.height:
+            return torch.ones(self.info.height, self.info.width, 1)
+        inside = inside_source(tuple(int(v) for v in crop["box"]), tuple(int(v) for v in crop["size"]), self.info.width)
         return torch.from_numpy(inside.astype(np.float32))[..., None]
 
     def background(self) -> torch.Tensor:

@@ -104,19 +104,19 @@ def evaluate(
         rgb, alpha = rendered.cpu(), out.alpha.cpu()
         face = subject.face_mask(t)
         for c in range(subject.num_cameras):
-            m = subject.mask(t, c)
+            m, known = subject.mask(t, c), subject.known(t, c)
             target = subject.image(t, c) * m + subject.background() * (1 - m)
             in_face = face is not None and c == 0
             s = ViewScore(
                 t,
                 c,
-                psnr(rgb[c], target),
+                psnr(rgb[c], target, known),
                 psnr(rgb[c], target, m),
-                float(ssim(rgb[c], target)),
+                float(ssim(rgb[c], target, known)),
                 float(ssim(rgb[c], target, m)),
                 psnr(rgb[c], target, face) if in_face else None,
                 float(ssim(rgb[c], target, face)) if in_face else None,
-                silhouette_iou(alpha[c], m),
+                silhouette_iou(alpha[c] * known, m),
             )
             scores.append(s)
             if lpips is not None:

@@ -118,6 +118,9 @@ class _Targets:
         foreground: [V, h, w, 3] crops of the images times their masks, V = frames x cameras
             (flat view index = frame index * C + camera).
         uncovered: [V, h, w, 1] 1 - mask of the same crops.
+        known: [V, h, w, 1] ``Subject.known`` of the same crops, or None where every pixel
+            is known: where the frame was padded past its source's edge, the loss takes
+            the render as its own target.
         num_cameras, views: C and V.
         K, world_to_cam: [V, 1, 3, 3] and [V, 1, 4, 4] cameras of the crops.
     """
@@ -126,12 +129,13 @@ class _Targets:
         h, w = subject.info.height, subject.info.width
         self.num_cameras = subject.num_cameras
         self.views = len(frames) * self.num_cameras
-        imgs, uncovered, boxes = [], [], []
+        imgs, uncovered, known, boxes = [], [], [], []
         for t in frames:
             for c in range(subject.num_cameras):
                 m = subject.mask(t, c)
                 imgs.append(subject.image(t, c) * m)
                 uncovered.append(1 - m)
+                known.append(subject.known(t, c))
                 ys, xs = torch.nonzero(m[..., 0] > 0.5, as_tuple=True)
                 boxes.append((int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1))
         self.crop_h = min(h, _round_up(max(b[1] - b[0] + 1 for b in boxes) + 2 * margin, 16))
@@ -141,10 +145,11 @@ class _Targets:
             y0 = min(max((y_lo + y_hi + 1 - self.crop_h) // 2, 0), h - self.crop_h)
             x0 = min(max((x_lo + x_hi + 1 - self.crop_w) // 2, 0), w - self.crop_w)
             windows.append((y0, x0))
-        self.foreground, self.uncovered = (
+        self.foreground, self.uncovered, known_crops = (
             torch.stack([img[y0 : y0 + self.crop_h, x0 : x0 + self.crop_w] for img, (y0, x0) in zip(images, windows)]).to(device)
-            for images in (imgs, uncovered)
+            for images in (imgs, uncovered, known)
         )
+        self.known = None if bool((known_crops == 1).all()) else known_crops
         cams = subject.cameras(frames)  # [T, C]
         K = cams.K.reshape(-1, 1, 3, 3).clone()
         K[:, 0, 0, 2] -= torch.tensor([x0 for _, x0 in windows], dtype=K.dtype)
@@ -156,9 +161,14 @@ class _Targets:
         """The crop cameras of flat view indices [B] (a device tensor), [B, 1, ...]."""
         return Cameras(self.K.index_select(0, views), self.world_to_cam.index_select(0, views), self.crop_w, self.crop_h)
 
-    def get(self, views: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-        """[B, h, w, 3] crops of flat view indices [B] composited over ``background`` [3]."""
-        return self.foreground.index_select(0, views) + background * self.uncovered.index_select(0, views)
+    def get(self, views: torch.Tensor, background: torch.Tensor, rendered: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, 3] crops of flat view indices [B] composited over ``background`` [3];
+        where a crop's pixels are unknown, the ``rendered`` views [B, h, w, 3] themselves
+        (no gradient), so that the loss does not look there."""
+        target = self.foreground.index_select(0, views) + background * self.uncovered.index_select(0, views)
+        if self.known is None:
+            return target
+        return torch.lerp(rendered.detach(), target, self.known.index_select(0, views))
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -535,7 +545,7 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         clock.lap("")
         frame, view_idx = run.draws.frame.index_select(0, counter)[0], run.draws.view.index_select(0, counter)[0]
         background = run.draws.background.index_select(0, counter)[0]
-        view, target = run.targets.cameras(view_idx), run.targets.get(view_idx, background)
+        view = run.targets.cameras(view_idx)
         clock.lap("data")
         local = unpack(packed, layout)
         if kernels.place_with_hinges is not None:
@@ -552,6 +562,7 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         rgb = out.rgb[:, 0]
         if run.exposure is not None:
             rgb = exposed(rgb, out.alpha[:, 0], background, frame_gains(run.exposure).index_select(0, frame))
+        target = run.targets.get(view_idx, background, rgb)
         clock.lap("render")
         if kernels.place_with_hinges is not None:
             loss = image_loss(rgb, target) + hinges

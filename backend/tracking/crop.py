@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from backend.data.subject import inside_source
 from backend.wire.errors import InputError
 
 
@@ -85,14 +86,11 @@ def crop_image(rgb: np.ndarray, box: np.ndarray, size: int, fill: tuple[int, int
     h, w = rgb.shape[:2]
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = fill
-    inside = np.zeros((side, side), np.uint8)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
     if sx1 > sx0 and sy1 > sy0:
         canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1, :3]
-        inside[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = 255
     img = np.asarray(Image.fromarray(canvas).resize((size, size), Image.LANCZOS))
-    valid = np.asarray(Image.fromarray(inside).resize((size, size), Image.BILINEAR)) > 127
-    return img, valid
+    return img, inside_source((x0, y0, side), (w, h), size)
 
 
 def crop_intrinsics(K: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:

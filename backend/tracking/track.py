@@ -249,7 +249,7 @@ def track(
         extra={
             "tracking": {
                 "inputs": [{"path": str(s.path), "kind": s.kind} for s in sources],
-                "frames": [{"input": f.source, "index": f.index, "time": f.time, "name": f.name, "box": [int(v) for v in boxes[i]]} for i, f in enumerate(frames)],
+                "frames": [{"input": f.source, "index": f.index, "time": f.time, "name": f.name, "box": [int(v) for v in boxes[i]], "size": [f.width, f.height]} for i, f in enumerate(frames)],
                 "focal_px_source": [float(f) for f in fit.focal],
                 "landmark_error_px": fit.landmark_error()["px"],
                 "landmark_error_iod_percent": fit.landmark_error()["iod_percent"],
