@@ -158,6 +158,20 @@ def test_carving_follows_the_mask_and_its_margin(head, generator: Generator) -> 
     assert torch.equal(after.opacity_logit[0, above], before.opacity_logit[0, above])
 
 
+def test_nothing_is_carved_where_the_crop_ran_past_its_source(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
+    """The bottom half padded past the source's edge: its mask is 0 there, as tracking writes
+    it, but no source pixel says that no person is there, so nothing is carved."""
+    sources = sources_of(head, _cameras([0.0]), 0.0)
+    cut = SIZE // 2
+    sources.masks[..., cut:, :, :] = 0.0
+    sources.known = torch.ones_like(sources.masks)
+    sources.known[..., cut:, :, :] = 0.0
+    before = generator.base_local(1)
+    after, _, summary = _fit(generator, head, sources, OutlineFit(carve_margin=0.05))
+    assert summary["outline_carved_share"] == 0.0
+    assert torch.equal(after.opacity_logit, before.opacity_logit)
+
+
 def test_the_lifted_shell_takes_the_colour_where_it_lands(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     sources = sources_of(head, _cameras([0.0]), HAIR_MM)
     base = generator.base_local(1)

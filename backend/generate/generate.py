@@ -68,11 +68,12 @@ def subject_sources(subject: Subject, views: Sequence[tuple[int, int]], head: He
     check_source_count(len(views))
     device = head.v_template.device
     bg = subject.background()
-    images, masks = [], []
+    images, masks, known = [], [], []
     for t, c in views:
         m = subject.mask(t, c)
         images.append(subject.image(t, c) * m + bg * (1 - m))
         masks.append(m)
+        known.append(subject.known(t, c))
     frames = [t for t, _ in views]
     verts = head(subject.params.index(frames).to(device)).vertices
     cams = [c for _, c in views]
@@ -82,6 +83,7 @@ def subject_sources(subject: Subject, views: Sequence[tuple[int, int]], head: He
         vertices=verts[None],
         K=subject.K[frames, cams][None].to(device),
         world_to_cam=subject.world_to_cam[frames, cams][None].to(device),
+        known=torch.stack(known)[None].to(device),
     )
 
 

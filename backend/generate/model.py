@@ -154,6 +154,8 @@ class SourceViews:
         K: [B, K, 3, 3] intrinsics in pixels of the H x W images.
         world_to_cam: [B, K, 4, 4] OpenCV world -> camera transforms.
         valid: optional [B, K] bool; invalid sources get zero weight (padding).
+        known: optional [B, K, H, W, 1]: 1 where an image holds its source's pixels, 0 where
+            its crop was padded past the source's edge (``Subject.known``); None: all known.
     """
 
     images: torch.Tensor
@@ -162,6 +164,7 @@ class SourceViews:
     K: torch.Tensor
     world_to_cam: torch.Tensor
     valid: torch.Tensor | None = None
+    known: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -198,7 +201,7 @@ class SourceViews:
     def permuted(self, order: list[int] | torch.Tensor) -> SourceViews:
         """The same sources in another order (along K)."""
         pick = lambda t: None if t is None else t[:, order]  # noqa: E731
-        return SourceViews(pick(self.images), pick(self.masks), pick(self.vertices), pick(self.K), pick(self.world_to_cam), pick(self.valid))
+        return SourceViews(pick(self.images), pick(self.masks), pick(self.vertices), pick(self.K), pick(self.world_to_cam), pick(self.valid), pick(self.known))
 
 
 @dataclass

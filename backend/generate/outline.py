@@ -266,9 +266,11 @@ def fit_outline(
     # Carve: nothing may show where a source's mask says no person is. The mask is widened
     # first, so that a tracking error of a few pixels does not eat the face's outline; beyond
     # the image it continues as at its border (a neck running out of the frame's bottom
-    # fades as the mask does there; hair cut off by the frame's top stays).
+    # fades as the mask does there; hair cut off by the frame's top stays). Where a crop was
+    # padded past its source's edge, nothing is known, so nothing is carved.
     r = max(1, round(config.carve_margin * max(h, w)))
-    widened = F.max_pool2d(masks, 2 * r + 1, 1, r)
+    carve_by = masks if sources.known is None else torch.maximum(masks, 1 - sources.known.reshape(m, h, w, 1).permute(0, 3, 1, 2).float())
+    widened = F.max_pool2d(carve_by, 2 * r + 1, 1, r)
     outside = torch.where(in_front, sample_maps(widened, xy_norm)[..., 0], 1.0).reshape(b, k, -1).amin(1)
     ceiling = logit(outside.clamp(1e-3, 1 - 1e-3))
     opacity_logit = torch.where(outside < 1.0, torch.minimum(local.opacity_logit, ceiling), local.opacity_logit)
