@@ -186,7 +186,7 @@ def cmd_refine(args: argparse.Namespace) -> dict:
     _check_lpips_folder(args.lpips_weights)
     overrides, names = _flags(
         args,
-        {"iterations": "--iters", "seed": "--seed", "finetune_flame": "--finetune-flame", "opacity_sparsity": "--opacity-sparsity", "lpips_weight": "--lpips"},
+        {"iterations": "--iters", "seed": "--seed", "finetune_flame": "--finetune-flame", "opacity_sparsity": "--opacity-sparsity", "lpips_weight": "--lpips", "exposure": "--exposure"},
     )
     overrides |= {
         "anti_spike.max_scale": args.max_scale,
@@ -575,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--photometric-tracking",
         action=argparse.BooleanOptionalAction,
         help="first align every frame's FLAME parameters to its image with a short throwaway refinement (default: on for real, not synthetic, subjects on a GPU, about 10-20 s; docs/refinement.md)",
+    )
+    p.add_argument(
+        "--exposure",
+        action=argparse.BooleanOptionalAction,
+        help="learn a colour gain per training frame (a camera's auto-exposure and white balance) instead of baking each frame's into the colours (default: off)",
     )
     p.add_argument("--max-scale", type=float, help="anti-spike scale threshold in triangle sizes (default 0.6, which tracked real subjects multiply by 2.5 like the offset threshold; raise it for coarse layouts)")
     p.add_argument("--max-depth", type=float, help="turn the depth hinge on with this threshold: how far past its triangle's plane a Gaussian may reach, in triangle sizes (default: 0.1 on synthetic subjects, off on tracked ones, whose hair stands off the mesh)")

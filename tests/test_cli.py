@@ -70,10 +70,11 @@ def test_synth_init_render_export(tmp_path, monkeypatch) -> None:
     assert img.shape == (64, 64, 3) and img.std() > 10  # a head on a white background, not a blank frame
     assert (frames / "contact_sheet.png").is_file()
     refined = tmp_path / "refined.npz"
-    summary = json.loads(run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5", "--finetune-flame", "--json").stdout)
+    summary = json.loads(run("refine", str(avatar_path), str(subject), "--out", str(refined), "--iters", "3", "--max-scale", "100", "--opacity-sparsity", "0.01", "--max-depth", "0.5", "--finetune-flame", "--exposure", "--json").stdout)
     assert summary["photometric_tracking"] is False  # by default only for tracked video on a GPU
     decided = load_avatar(refined).meta["refine_config"]
     assert decided["surface"]["max_depth"] == 0.5 and decided["finetune_flame"] is True  # on although the subject is synthetic
+    assert decided["exposure"] is True
     scores = json.loads(run("evaluate", str(refined), str(subject), "--split", "train", "--against", str(avatar_path), "--json").stdout)
     assert 0.0 <= scores["orbit_holes"] < 0.5 and scores["gaussians"] == 3000
     assert scores["lpips"] is None and "never downloaded" in scores["lpips_note"]

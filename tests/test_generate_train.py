@@ -146,6 +146,11 @@ def test_train_and_generate_commands(corpus_dirs, tmp_path: Path, capsys: pytest
     assert main(["generate", str(subject), "--frames", "0:0", "0:2,1:4", "--checkpoint", str(run / "generator.pt"), "--out", str(out), *common]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["sources"] == 3 and load_avatar(out).count == 2_000
+    # The same head carried onto a denser layout, for a refinement with more room.
+    dense = tmp_path / "dense.npz"
+    assert main(["generate", str(subject), "--checkpoint", str(run / "generator.pt"), "--gaussians", "5000", "--no-personalize", "--out", str(dense), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["gaussians"] == 5_000
+    assert load_avatar(dense).count == 5_000 and load_avatar(dense).meta["resampled_from"] == 2_000
     # Clear one-line errors, exit status 2.
     cases = [
         (["generate", str(subject), "--frames", "0:0,0:1,0:2,0:3,0:4", "--checkpoint", str(run / "generator.pt")], "takes 1 to 4"),
