@@ -82,6 +82,7 @@ LEVERS = {
     "photo-lr3+tuned-third": Lever(
         "photo-lr3+tuned in a third of the iterations (3,334)", {**_TUNED, "iterations": 3_334}, photometric={"flame_lr_factor": 3.0}
     ),
+    "dense": Lever("the generated head carried onto 100,000 Gaussians (resample_avatar)", init={"gaussians": 100_000}),
     "dense+photo-lr3+tuned": Lever(
         "photo-lr3+tuned from the generated head carried onto 100,000 Gaussians (resample_avatar)", _TUNED, init={"gaussians": 100_000}, photometric={"flame_lr_factor": 3.0}
     ),
