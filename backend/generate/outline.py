@@ -42,6 +42,7 @@ from backend.gaussians.uv_image import push_pull_fill
 from backend.generate.model import Generator, SourceViews, grid_coords, head_depth_render, sample_maps
 from backend.head.model import HeadModelData
 from backend.render.camera import Cameras, project
+from backend.render.mesh_preview import vertex_normals
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,9 @@ class OutlineFit(Config):
 
 
 def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """[V, 3] area-weighted unit normals."""
-    tri = vertices[faces]
-    face_normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-    normals = torch.zeros_like(vertices)
-    for corner in range(3):
-        normals.index_add_(0, faces[:, corner], face_normal)
-    return F.normalize(normals, dim=-1)
+    """[V, 3] unit normals of ``vertices`` (any device; ``mesh_preview.vertex_normals``)."""
+    normals = vertex_normals(vertices.detach().cpu().double().numpy(), faces.cpu().numpy())
+    return torch.from_numpy(normals).to(vertices)
 
 
 def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Tensor:
