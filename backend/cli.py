@@ -383,6 +383,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from backend.data.subject import Subject
     from backend.gaussians.files import save_avatar
     from backend.generate.checkpoint import DEFAULT_CHECKPOINT, load_generator, read_generator_file
+    from backend.gaussians.layout import MAX_GAUSSIANS, MIN_GAUSSIANS
     from backend.generate.generate import generate_avatar, parse_views, split_inputs, track_portraits
 
     subject_dir, images = split_inputs(args.inputs)
@@ -391,6 +392,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     config = _personalization(args, device)  # a bad setting fails before any tracking
     read_generator_file(args.checkpoint or DEFAULT_CHECKPOINT)  # a missing checkpoint fails before any tracking
+    if args.gaussians is not None and not MIN_GAUSSIANS <= args.gaussians <= MAX_GAUSSIANS:
+        raise SpatialAvatarError(f"--gaussians {args.gaussians}: a layout holds {MIN_GAUSSIANS} to {MAX_GAUSSIANS} Gaussians")
     head = _head(args)
     model, info = load_generator(args.checkpoint, head)
     if images:

@@ -155,6 +155,7 @@ def test_train_and_generate_commands(corpus_dirs, tmp_path: Path, capsys: pytest
     cases = [
         (["generate", str(subject), "--frames", "0:0,0:1,0:2,0:3,0:4", "--checkpoint", str(run / "generator.pt")], "takes 1 to 4"),
         (["generate"], "no source views"),
+        (["generate", str(subject), "--gaussians", "10", "--checkpoint", str(run / "generator.pt")], "--gaussians 10"),
         (["generate", str(subject), "--checkpoint", str(tmp_path / "nope.pt")], "generator checkpoint not found"),
         (["train", "--phase", "2", "--data", str(subject), "--out", str(tmp_path / "r2")], "--init"),
     ]
