@@ -92,6 +92,35 @@ def test_split_outside_frames_is_refused(synthetic, tmp_path) -> None:  # type: 
         Subject.load(root)
 
 
+@pytest.mark.parametrize(
+    "crop, message",
+    [
+        ({"box": [0, -4], "size": [64, 60]}, r"frames\[2\]\): box \[0, -4\] is not 3 numbers \[x0, y0, side\]"),
+        ({"box": [0, "top", 64], "size": [64, 60]}, r"frame 2 .*box .* is not 3 numbers"),
+        ({"box": [0, -4, 64], "size": [64, 0]}, r"frame 2 .*size \[64, 0\] needs a positive width and height"),
+        ({"box": [0, -4, 64], "size": [64, None]}, r"frame 2 .*size .* is not 2 numbers \[width, height\]"),
+        ({"box": [0, -4, 64], "size": 64}, r"frame 2 .*size 64 is not 2 numbers"),
+    ],
+)
+def test_malformed_crop_records_are_refused(synthetic, tmp_path, crop, message) -> None:  # type: ignore[no-untyped-def]
+    """A tracked subject's per-frame crop records (read by Subject.known) are checked on load:
+    the error names subject.json and the frame. Missing records, or records without a source
+    size (older tracked subjects), load as before."""
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic, root)
+    meta = json.loads((root / "subject.json").read_text())
+    good = {"box": [0, -4, 64], "size": [64, 60]}
+    for frames in ([good] * 5, [{"box": [0, -4, 64]}] * 5, []):
+        meta["extra"] = {"tracking": {"frames": frames}}
+        (root / "subject.json").write_text(json.dumps(meta))
+        Subject.load(root).known(2)
+    meta["extra"] = {"tracking": {"frames": [good, good, crop, good, good]}}
+    (root / "subject.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=message) as err:
+        Subject.load(root)
+    assert "subject.json" in str(err.value)
+
+
 def test_reference_differs_from_fitted_layout(head: HeadModel) -> None:
     """Ground truth never comes from the avatar being fitted: its layout is much denser."""
     from backend.data.synthetic import reference_head

@@ -23,6 +23,7 @@ subject names its own. Synthetic, tracked and converted subjects all use this fo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,11 +214,41 @@ class Subject:
             bad = [i for i in idx if not 0 <= i < t]
             if bad:
                 raise InputError(f"{meta_path}: split '{name}' names frames {bad[:5]} outside [0, {t})")
+        # The crop records Subject.known reads (module doc): a broken one fails here, not mid-fit.
+        tracking = info.extra.get("tracking", {})
+        crops = tracking.get("frames", []) if isinstance(tracking, dict) else None
+        if not isinstance(crops, list):
+            raise InputError(f"{meta_path}: extra.tracking must be an object whose frames are a list of per-frame crop records")
+        for i, crop in enumerate(crops):
+            problem = _crop_problem(crop)
+            if problem:
+                raise InputError(f"{meta_path}: crop record of frame {i} (extra.tracking.frames[{i}]): {problem}")
         if check_images:
             missing = [f"{sub}/{frame_name(i, j)}" for i in range(t) for j in range(c) for sub in ("images", "masks") if not (root / sub / frame_name(i, j)).is_file()]
             if missing:
                 raise InputError(f"{root}: {len(missing)} frame files missing, first: {missing[0]}")
         return cls(root, info, params, K, w2c)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _crop_problem(crop: object) -> str | None:
+    """What keeps one tracking crop record from ``Subject.known``, or None. ``box`` and ``size``
+    may each be missing (older tracked subjects record no size; the frame is then all known)."""
+    if not isinstance(crop, dict):
+        return f"not an object ({type(crop).__name__})"
+    # (field, its entries, those that must be positive after int() as Subject.known reads them)
+    for key, names, positive in (("box", ("x0", "y0", "side"), {"side"}), ("size", ("width", "height"), {"width", "height"})):
+        if key not in crop:
+            continue
+        v = crop[key]
+        if not isinstance(v, list) or len(v) != len(names) or not all(_is_number(x) for x in v):
+            return f"{key} {v!r} is not {len(names)} numbers [{', '.join(names)}]"
+        if any(n in positive and int(x) <= 0 for n, x in zip(names, v)):
+            return f"{key} {v!r} needs a positive {' and '.join(sorted(positive, key=names.index))}"
+    return None
 
 
 def write_frame(root: Path, t: int, c: int, rgb: np.ndarray, mask: np.ndarray) -> None:
