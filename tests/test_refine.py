@@ -248,6 +248,27 @@ def test_exposure_learns_each_frames_gain_and_fits_the_frames_better(head: HeadM
     assert scores[1] > scores[0] + 1.0, scores
 
 
+def test_exposure_of_the_wrong_shape_is_refused_before_rendering(head: HeadModel, setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Gains are one [3] row per scored frame (a refinement's ``exposure`` for its training
+    frames); any other shape is the caller's mistake, refused before LPIPS loads or a frame renders."""
+    import backend.refine.evaluate as evaluate_module
+    from backend.wire.errors import InputError
+
+    def no_work(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("evaluate started work on a refused exposure")
+
+    monkeypatch.setattr(evaluate_module, "render_frame", no_work)
+    monkeypatch.setattr(evaluate_module, "load_lpips", no_work)
+    subject, avatar = setup
+    frames = subject.split["train"][:3]
+    for shape in ((2, 3), (3, 1), (3,), (1, 3, 3)):
+        with pytest.raises(InputError, match=rf"exposure has shape \[{', '.join(map(str, shape))}\], expected \[3, 3\]"):
+            evaluate(avatar, head, subject, frames=frames, exposure=torch.ones(shape))
+    # The test split by default: one row per test frame.
+    with pytest.raises(InputError, match=rf"expected \[{len(subject.split['test'])}, 3\]"):
+        evaluate(avatar, head, subject, exposure=torch.ones(len(subject.split["test"]) + 1, 3))
+
+
 def test_pixels_past_the_source_edge_are_neither_fitted_nor_scored(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Tracking pads a crop that reaches past its source image with the background and masks
     the padding out. Recorded as unknown (each frame's crop box and source size), that band
