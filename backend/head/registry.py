@@ -25,12 +25,24 @@ def resolve_flame_path(flame: str | os.PathLike | None) -> str:
     return os.environ.get(FLAME_ENV) or BUILTIN
 
 
+# The code the built-in head is made by: its cached arrays are keyed on these files.
+_BUILTIN_CODE = Path(__file__).parent / "builtin"
+
+
+def _build_builtin() -> HeadModelData:
+    from backend.head.builtin import build_builtin_head
+
+    return build_builtin_head()
+
+
 @lru_cache(maxsize=4)
 def _load_data(source: str) -> HeadModelData:
     if source == BUILTIN:
-        from backend.head.builtin import build_builtin_head
+        import backend.head.cache as cache
+        import backend.head.model as model
 
-        return build_builtin_head()
+        key = cache.code_key([*_BUILTIN_CODE.glob("*.py"), Path(model.__file__), Path(cache.__file__)])
+        return cache.cached_head(BUILTIN, key, _build_builtin)
     if source == ICT:
         from backend.head.ict import load_ict_head
 
