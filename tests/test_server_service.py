@@ -326,7 +326,11 @@ def test_a_client_that_vanishes_mid_stream_does_not_wedge_the_service(served, he
 
 def test_a_client_that_stops_reading_loses_its_stream(tmp_path: Path, head: HeadModel, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="spatialavatar.server")
-    with service_thread(tmp_path / "store", send_hwm=2, send_timeout_s=0.2) as service, Client(service.endpoint, timeout_s=30) as client:
+    # A window as long as the stream: the stream cannot park for want of acknowledgements
+    # (the other way a stream is dropped, tested below) before its 200 frames (39 MB) have
+    # overrun ZeroMQ's queue and the loopback socket's buffers. With the default 16 frames
+    # (3 MB), buffers that grow large enough took them all, and it parked instead.
+    with service_thread(tmp_path / "store", send_hwm=2, send_timeout_s=0.2, stream_window=200) as service, Client(service.endpoint, timeout_s=30) as client:
         aid = client.call("import", {}, {"file": npz_buffer(small_avatar(head, 1000))}).result["avatar"]["id"]
         stuck = _long_stream(service, aid, head, rcvhwm=1)
         try:
