@@ -34,10 +34,14 @@ def test_a_built_head_is_read_back_exactly_and_a_code_change_builds_anew(tmp_pat
     again = cached_head("builtin", "k1", _never)
     _same(built, again)
     assert fingerprint(again) == fingerprint(built)
-    # Another key (the building code changed) does not read the old file.
+    # Another key (the building code changed) does not read the old file, and the new file
+    # replaces it; other heads' files stay.
     with pytest.raises(AssertionError, match="built again"):
         cached_head("builtin", "k2", _never)
     assert sorted(p.name for p in (tmp_path / "heads").iterdir()) == ["builtin-k1.npz"]
+    (tmp_path / "heads" / "other-k1.npz").write_bytes(b"another head's file")
+    cached_head("builtin", "k2", build_builtin_head)
+    assert sorted(p.name for p in (tmp_path / "heads").iterdir()) == ["builtin-k2.npz", "other-k1.npz"]
 
 
 def test_a_damaged_or_unwritable_cache_only_costs_a_build(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -4,8 +4,9 @@ The built-in head takes about 2.5 s of CPU to build, in every process that uses 
 cold ``generate``. Built once, its arrays are written under the user's cache folder and read
 back in tens of milliseconds. The file's name carries a hash of the code that builds it (and
 of NumPy's version), so a change to that code makes a new file rather than reading a stale
-one. A cache that cannot be read or written is rebuilt or skipped, never an error: it only
-ever saves time.
+one, and writing it removes the files of that head under other keys (about 47 MB each for
+the built-in head). A cache that cannot be read or written is rebuilt or skipped, never an
+error: it only ever saves time.
 
 Folder: ``$SPATIALAVATAR_CACHE``, else ``$XDG_CACHE_HOME/spatialavatar``, else
 ``~/.cache/spatialavatar``; the heads go in its ``heads/`` subfolder.
@@ -68,6 +69,11 @@ def cached_head(name: str, key: str, build: Callable[[], HeadModelData]) -> Head
         os.replace(part, path)
     except OSError:
         Path(part).unlink(missing_ok=True)
+        return data
+    # Files of the same head under other keys were made by code that has changed since.
+    for old in path.parent.glob(f"{name}-*.npz"):
+        if old != path:
+            old.unlink(missing_ok=True)
     return data
 
 
