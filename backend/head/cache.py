@@ -4,7 +4,7 @@ The built-in head takes about 2.5 s of CPU to build, in every process that uses 
 cold ``generate``. Built once, its arrays are written under the user's cache folder and read
 back in tens of milliseconds. The file's name carries a hash of the code that builds it (and
 of NumPy's version), so a change to that code makes a new file rather than reading a stale
-one, and writing it removes the files of that head under other keys (about 47 MB each for
+one, and writing it removes the files of that head under other keys (about 51 MB each for
 the built-in head). A cache that cannot be read or written is rebuilt or skipped, never an
 error: it only ever saves time.
 
@@ -26,8 +26,7 @@ import numpy as np
 from backend.head.model import HeadModelData
 
 CACHE_ENV = "SPATIALAVATAR_CACHE"
-_ARRAYS = ("v_template", "faces", "j_regressor", "weights", "parents", "uv_coords", "uv_faces", "lmk_faces", "lmk_bary")
-_SPARSE = ("shapedirs", "posedirs")  # [V, 3, C] with many all-zero columns (unused FLAME slots)
+_ARRAYS = ("v_template", "faces", "shapedirs", "posedirs", "j_regressor", "weights", "parents", "uv_coords", "uv_faces", "lmk_faces", "lmk_bary")
 _MASK = "mask:"
 
 
@@ -78,13 +77,9 @@ def cached_head(name: str, key: str, build: Callable[[], HeadModelData]) -> Head
 
 
 def write_head_file(file, data: HeadModelData) -> None:  # type: ignore[no-untyped-def]
-    """Every field of ``data`` into one uncompressed .npz (a path or an open binary file).
-    All-zero columns of shapedirs and posedirs are left out and their width recorded."""
+    """Every field of ``data`` into one uncompressed .npz (a path or an open binary file);
+    ``write_flame``'s files would not round-trip ``n_shape`` and ``n_expr``, nor be one file."""
     arrays: dict[str, np.ndarray] = {k: getattr(data, k) for k in _ARRAYS}
-    for k in _SPARSE:
-        full = getattr(data, k)
-        used = np.flatnonzero(np.any(full != 0, axis=(0, 1)))
-        arrays |= {k: full[..., used], f"{k}_columns": used, f"{k}_width": np.array(full.shape[-1])}
     arrays |= {f"{_MASK}{n}": m for n, m in data.part_masks.items()}
     arrays |= {"name": np.array(data.name), "n_shape": np.array(data.n_shape), "n_expr": np.array(data.n_expr), "expr_names": np.array(data.expr_names, dtype=str)}
     np.savez(file, **arrays)
@@ -94,15 +89,9 @@ def read_head_file(path: Path) -> HeadModelData:
     """A head written by ``write_head_file``, exactly as it was."""
     with np.load(path, allow_pickle=False) as z:
         a = {k: z[k] for k in z.files}
-    sparse = {}
-    for k in _SPARSE:
-        full = np.zeros((*a[k].shape[:2], int(a[f"{k}_width"])), a[k].dtype)
-        full[..., a[f"{k}_columns"]] = a[k]
-        sparse[k] = full
     data = HeadModelData(
         name=str(a["name"]),
         **{k: a[k] for k in _ARRAYS},
-        **sparse,
         n_shape=int(a["n_shape"]),
         n_expr=int(a["n_expr"]),
         expr_names=tuple(str(n) for n in a["expr_names"]),

@@ -30,6 +30,7 @@ _BUILTIN_CODE = Path(__file__).parent / "builtin"
 
 
 def _build_builtin() -> HeadModelData:
+    # Imported only when the cache misses: the builder's package pulls in SciPy (0.4 s).
     from backend.head.builtin import build_builtin_head
 
     return build_builtin_head()
