@@ -16,9 +16,10 @@ from skimage.metrics import structural_similarity
 
 from backend.data.subject import Subject, frame_name
 from backend.data.synthetic import SynthConfig, synthesize
-from backend.gaussians.avatar import LocalGaussians, deform
+from backend.gaussians.avatar import SH_C0, LocalGaussians, deform
 from backend.gaussians.frames import normal_in_gaussian_axes, quat_to_matrix
 from backend.head.model import HeadModel
+from backend.refine.colour_bound import out_of_range_share
 from backend.refine.config import LearningRates, RealTuning, RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
@@ -332,6 +333,21 @@ def test_antispike_lowers_spike_share(head: HeadModel, setup) -> None:  # type: 
     s_ours, s_plain = spike_stats(ours.avatar.local, hinges), spike_stats(plain.avatar.local, hinges)
     assert s_plain["spike_share"] > 0.15
     assert s_ours["spike_share"] < 0.5 * s_plain["spike_share"], (s_ours, s_plain)
+
+
+def test_bounded_colours_stay_displayable_and_fit_as_well(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    # A fast colour rate drives faintly seen Gaussians' colours past [0, 1] within 60 steps.
+    config = RefineConfig(iterations=60, log_every=60, anti_spike=AntiSpike(max_scale=3.0), lr=LearningRates(sh_dc=2.5e-2))
+    assert config.bound_colours  # the default
+    bounded = refine(avatar, head, subject, config)
+    free = refine(avatar, head, subject, replace(config, bound_colours=False))
+    assert out_of_range_share(avatar.local) == 0.0
+    assert out_of_range_share(free.avatar.local) > 0.005
+    assert out_of_range_share(bounded.avatar.local) == 0.0
+    colour = 0.5 + SH_C0 * bounded.avatar.local.sh[:, 0]
+    assert float(colour.min()) >= -1e-6 and float(colour.max()) <= 1 + 1e-6
+    assert evaluate(bounded.avatar, head, subject)["psnr_mask"] >= evaluate(free.avatar, head, subject)["psnr_mask"] - 0.1
 
 
 def test_sparsity_gradient_is_the_mean_opacity_gradient_on_reached_gaussians_only(rng: torch.Generator) -> None:

@@ -127,6 +127,10 @@ class RefineConfig(Config):
             by, where it covers, before the loss: a camera's auto-exposure and white balance,
             and light that changes as the head turns, then need not go into the Gaussians'
             colours. Held-out frames render with the mean gain, 1.
+        bound_colours: clamp every Gaussian's base colour into [0, 1] after each step
+            (``backend/refine/colour_bound.py``): Gaussians seen only faintly otherwise take
+            colours far outside it and show as saturated specks in other views. On by
+            default since it won held-out frames on real clips (BENCHMARKS.md).
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -160,6 +164,7 @@ class RefineConfig(Config):
     opacity_sparsity: float = 0.0
     hold: float = 0.0
     exposure: bool = False
+    bound_colours: bool = True
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0

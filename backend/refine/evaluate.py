@@ -20,6 +20,7 @@ from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar, deform
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
+from backend.refine.colour_bound import out_of_range_share
 from backend.refine.exposure import exposed
 from backend.refine.losses import psnr, ssim
 from backend.refine.perceptual import load_lpips
@@ -147,6 +148,7 @@ def evaluate(
         "worst_view": {"frame": min(scores, key=lambda s: s.psnr).frame, "camera": min(scores, key=lambda s: s.psnr).camera},
         "gaussians": avatar.count,
         **spike_stats(avatar.local, anti_spike),
+        "colour_out_share": out_of_range_share(avatar.local),
     }
 
 

@@ -25,6 +25,7 @@ from backend.gaussians.layout import Binding
 from backend.gaussians.splats import Splats
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
+from backend.refine.colour_bound import bound_base_colours_
 from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
 from backend.refine.exposure import exposed, frame_gains
@@ -578,6 +579,8 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         if run.density is not None:
             run.density.observe(splats, splats.means.grad, view)
         run.optimizer.step(run.rates.index_select(0, counter)[0])
+        if config.bound_colours:
+            bound_base_colours_(packed, layout)
         for opt in (run.flame_opt, run.exposure_opt):
             if opt is not None:
                 opt.step()
