@@ -245,7 +245,7 @@ def score(
     train_scores = evaluate(avatar, head, subject, frames=[train[i] for i in picked], params=params, worst_view_png=worst_train_png, exposure=gains)
     holes = None if start is None else orbit_holes(avatar, start, head, subject.params.index(subject.split["test"][:1]))
     return {
-        **{k: test[k] for k in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face", "lpips", "lpips_note", "spike_share", "gaussians")},
+        **{k: test[k] for k in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face", "lpips", "lpips_note", "spike_share", "colour_out_share", "gaussians")},
         "train_psnr": train_scores["psnr"],
         "train_psnr_mask": train_scores["psnr_mask"],
         "train_psnr_face": train_scores["psnr_face"],

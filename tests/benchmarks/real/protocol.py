@@ -101,6 +101,27 @@ LEVERS = {
         init={"gaussians": 100_000},
         photometric={"flame_lr_factor": 3.0},
     ),
+    "dense+hold+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with every Gaussian pulled toward its generated value (RefineConfig.hold 1e-5, as personalization)",
+        {**_TUNED, "hold": 1e-5},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
+    "dense+hold-weak+photo-lr3+tuned": Lever(
+        "dense+hold+photo-lr3+tuned with a tenth of the pull (hold 1e-6)",
+        {**_TUNED, "hold": 1e-6},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
+    "bounded+photo-lr3+tuned": Lever(
+        "photo-lr3+tuned with every base colour clamped into [0, 1] after each step (RefineConfig.bound_colours)", {**_TUNED, "bound_colours": True}, photometric={"flame_lr_factor": 3.0}
+    ),
+    "dense+bounded+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with every base colour clamped into [0, 1] after each step",
+        {**_TUNED, "bound_colours": True},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
 # A lever's method is ours from the surface (the lever's table compares it with plain
