@@ -9,6 +9,7 @@ not wait for the GPU anywhere: renders go through a ``TileBudget``.
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
@@ -67,8 +68,20 @@ class GraphedStep(Generic[Out]):
             opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the capture
         torch.cuda.synchronize()
         self._graph = torch.cuda.CUDAGraph()
-        # Thread-local: CUDA work that another thread of the process starts meanwhile (the
-        # refinement's kernels compiling in the background, a server's other jobs) must not
-        # invalidate this capture, as "global" mode lets it.
-        with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
-            self._out = self._step()
+        # Python's collector must not run inside the capture: freeing a dead cycle's pinned
+        # host or CUDA tensors there records and queries CUDA events, calls a capture
+        # forbids, and the capture fails (cudaErrorStreamCaptureInvalidated; the frame
+        # player's tests failed so, now and then, after the generator's GPU tests in the
+        # same process). So: collect now, and not again until the capture ends.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # Thread-local: CUDA work that another thread of the process starts meanwhile
+            # (the refinement's kernels compiling in the background, a server's other jobs)
+            # must not invalidate this capture, as "global" mode lets it.
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+                self._out = self._step()
+        finally:
+            if collecting:
+                gc.enable()
