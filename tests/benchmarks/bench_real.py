@@ -96,7 +96,7 @@ def cmd_photos(args: argparse.Namespace, layout: Layout, sources: Sources) -> No
     chosen = sources.select_photos(args.identities)
     for i, photos in enumerate(chosen):
         log(f"[{i + 1}/{len(chosen)}] {photos.name}")
-        run_photos(photos, layout, Protocol(), log, args.pool, args.match_colours)
+        run_photos(photos, layout, Protocol(), log, args.pool, args.match_colours, args.personalize)
 
 
 def cmd_silhouettes(args: argparse.Namespace, layout: Layout, sources: Sources) -> None:
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--identities", nargs="*", metavar="NAME", help="photo identities (default: all)")
     p.add_argument("--pool", choices=get_args(PoolMode), default="mean", help="how the generator pools the sources (results of other pools than the mean go to photos_POOL.json)")
     p.add_argument("--match-colours", action="store_true", help="match the sources' exposure and white balance before pooling (results go to photos[_POOL]_matched.json)")
+    p.add_argument("--personalize", action="store_true", help="personalize each head on its own sources, as generate does, at K = 1 and the largest K (results go to photos[...]_personalized.json)")
     p.set_defaults(fn=cmd_photos)
     p = sub.add_parser("silhouettes", help="the generated head's outline in its source view, zero-shot and personalized (CPU or GPU)")
     p.add_argument("--clips", nargs="*", help="subject names (default: every listed clip)")

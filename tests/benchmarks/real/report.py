@@ -89,10 +89,10 @@ def photo_tables(layout: Layout, sources: Sources) -> str:
     from tests.benchmarks.real.photos import photos_stem
 
     tables = []
-    for pool, matched in itertools.product(get_args(PoolMode), (False, True)):
+    for pool, matched, personalized in itertools.product(get_args(PoolMode), (False, True), (False, True)):
         rows, per_k = [], {}
         for photos in sources.photos:
-            path = layout.results / photos.name / f"{photos_stem(pool, matched)}.json"
+            path = layout.results / photos.name / f"{photos_stem(pool, matched, personalized)}.json"
             if not path.is_file():
                 continue
             r = json.loads(path.read_text())
@@ -103,7 +103,7 @@ def photo_tables(layout: Layout, sources: Sources) -> str:
             rows.append(f"| {photos.name} | {r['photos']} | " + "; ".join(cells) + " |")
         if not rows:
             continue
-        pooled = ("" if pool == "mean" else f", {pool} pool") + (", sources' colours matched" if matched else "")
+        pooled = ("" if pool == "mean" else f", {pool} pool") + (", sources' colours matched" if matched else "") + (", personalized" if personalized else "")
         lines = [f"### Photos, leave one out{pooled}: held-out photo PSNR face / person mask (dB)", "", "| identity | photos | per K |", "|---|---|---|", *rows, ""]
         lines.append("| K | identities | face PSNR | mask PSNR | face SSIM |")
         lines.append("|---|---|---|---|---|")
