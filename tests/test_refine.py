@@ -20,7 +20,7 @@ from backend.gaussians.avatar import SH_C0, LocalGaussians, deform
 from backend.gaussians.frames import normal_in_gaussian_axes, quat_to_matrix
 from backend.head.model import HeadModel
 from backend.refine.colour_bound import out_of_range_share
-from backend.refine.config import LearningRates, RealTuning, RefineConfig, preset
+from backend.refine.config import LearningRates, RefineConfig, preset
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
