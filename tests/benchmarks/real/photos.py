@@ -55,14 +55,15 @@ def run_photos(
     rows: list[list[np.ndarray]] = [ground_truth_row(subject, list(range(n)))]
     report: dict = {"identity": photos.name, "photos": n, "held_out": held, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"), "pool": pool, "match_colours": match_colours, "k": {}}
     ks = list(range(1, min(MAX_SOURCES, n - 1) + 1))
-    if personalized:  # a personalization per K is slow on the CPU: the two ends only
+    schedule = Personalization.for_device(device.type) if personalized else None
+    if schedule is not None:  # a personalization per K is slow on the CPU: the two ends only
         ks = [ks[0], ks[-1]]
-        report["personalization"] = asdict(Personalization.for_device(device.type))
+        report["personalization"] = asdict(schedule)
     for k in ks:
         views = [(t, 0) for t in range(k)]
         avatar = generate_avatar(model, head, subject, views, pool=pool, match_colours=match_colours)
-        if personalized:
-            avatar = personalize(avatar, head, subject, views, Personalization.for_device(device.type))
+        if schedule is not None:
+            avatar = personalize(avatar, head, subject, views, schedule)
         s = evaluate(avatar, head, subject, frames=[held])
         report["k"][str(k)] = {key: s[key] for key in ("psnr", "psnr_mask", "psnr_face", "ssim", "ssim_mask", "ssim_face")} | {"generate_ms": avatar.meta["generate_ms"]}
         log(f"  K = {k}: held-out photo PSNR {s['psnr']:.2f} / mask {s['psnr_mask']:.2f} / face {s['psnr_face']:.2f} dB")
