@@ -69,10 +69,10 @@ class GraphedStep(Generic[Out]):
         torch.cuda.synchronize()
         self._graph = torch.cuda.CUDAGraph()
         # Python's collector must not run inside the capture: freeing a dead cycle's pinned
-        # host or CUDA tensors there records and queries CUDA events, calls a capture
-        # forbids, and the capture fails (cudaErrorStreamCaptureInvalidated; the frame
-        # player's tests failed so, now and then, after the generator's GPU tests in the
-        # same process). So: collect now, and not again until the capture ends.
+        # host or CUDA tensors there can record and query CUDA events, calls a capture
+        # forbids. A frame-player capture failed so (cudaErrorStreamCaptureInvalidated)
+        # after the generator's GPU tests had run in the same process; the collector is
+        # the likely culprit. So: collect now, and not again until the capture ends.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
