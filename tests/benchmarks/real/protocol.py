@@ -130,6 +130,30 @@ LEVERS = {
         init={"gaussians": 100_000},
         photometric={"flame_lr_factor": 3.0},
     ),
+    "dense+flame-ft+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with the training frames' FLAME parameters fine-tuned during refinement",
+        {**_TUNED, "finetune_flame": True},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
+    "dense+lr8+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with the real-subject learning-rate factor 8 instead of 4",
+        {"real_tuning": {"threshold_factor": 5.0, "lr_factor": 8.0}},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
+    "dense200k+photo-lr3+tuned": Lever(
+        "photo-lr3+tuned from the generated head carried onto 200,000 Gaussians",
+        _TUNED,
+        init={"gaussians": 200_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
+    "dense+unbounded+photo-lr3+tuned-third": Lever(
+        "dense+photo-lr3+tuned-third without the colour clamp",
+        {**_TUNED, "bound_colours": False, "iterations": 3_334},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
 # A lever's method is ours from the surface (the lever's table compares it with plain
