@@ -122,7 +122,7 @@ LEVERS = {
         init={"gaussians": 100_000},
         photometric={"flame_lr_factor": 3.0},
     ),
-    # The clamp is the default since; these two reproduce the rows it was measured against.
+    # The clamp is the default since; the unbounded levers reproduce the rows it was measured against.
     "unbounded+photo-lr3+tuned": Lever("photo-lr3+tuned without the colour clamp (as before it became the default)", {**_TUNED, "bound_colours": False}, photometric={"flame_lr_factor": 3.0}),
     "dense+unbounded+photo-lr3+tuned": Lever(
         "dense+photo-lr3+tuned without the colour clamp",
