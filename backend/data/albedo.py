@@ -17,7 +17,9 @@ SKIN_TONES = np.array(
     [[0.93, 0.76, 0.65], [0.87, 0.67, 0.54], [0.78, 0.57, 0.43], [0.63, 0.44, 0.32], [0.45, 0.30, 0.21], [0.33, 0.22, 0.16]],
     np.float32,
 )
-HAIR_COLOURS = np.array([[0.08, 0.06, 0.05], [0.25, 0.16, 0.09], [0.45, 0.30, 0.16], [0.70, 0.55, 0.32], [0.55, 0.20, 0.10], [0.6, 0.6, 0.6]], np.float32)
+HAIR_COLOURS = np.array(
+    [[0.08, 0.06, 0.05], [0.25, 0.16, 0.09], [0.45, 0.30, 0.16], [0.70, 0.55, 0.32], [0.55, 0.20, 0.10], [0.6, 0.6, 0.6]], np.float32
+)
 IRIS_COLOURS = np.array([[0.30, 0.18, 0.08], [0.20, 0.35, 0.55], [0.30, 0.45, 0.30], [0.45, 0.35, 0.20]], np.float32)
 MOUTH_INTERIOR = np.array([0.35, 0.12, 0.12], np.float32)
 SCLERA = np.array([0.92, 0.90, 0.88], np.float32)
@@ -48,7 +50,8 @@ class AlbedoParams:
         return cls(tuple(skin), tuple(hair), tuple(lips), tuple(iris), int(rng.integers(1 << 30)))  # type: ignore[arg-type]
 
 
-def _mask(head: HeadModelData, *names: str) -> np.ndarray:
+def part_weight(head: HeadModelData, *names: str) -> np.ndarray:
+    """[V] float32: 1 on the vertices of any of the named part masks (those the head has), else 0."""
     out = np.zeros(head.num_vertices, np.float32)
     for n in names:
         if n in head.part_masks:
@@ -64,10 +67,10 @@ def vertex_albedo(head: HeadModelData, params: AlbedoParams) -> np.ndarray:
     phases = rng.uniform(0, 2 * np.pi, 6).astype(np.float32)
     noise = np.sin(v @ freqs.T + phases).mean(axis=1, keepdims=True)
     colour = np.asarray(params.skin, np.float32) * (1.0 + 0.06 * noise)
-    hair = _mask(head, "scalp")[:, None]
-    brows = _mask(head, "brows")[:, None]
-    lips = _mask(head, "upper_lip", "lower_lip")[:, None]
-    mouth = _mask(head, "mouth_interior")[:, None]
+    hair = part_weight(head, "scalp")[:, None]
+    brows = part_weight(head, "brows")[:, None]
+    lips = part_weight(head, "upper_lip", "lower_lip")[:, None]
+    mouth = part_weight(head, "mouth_interior")[:, None]
     colour = colour * (1 - lips) + np.asarray(params.lips, np.float32) * lips
     colour = colour * (1 - 0.8 * brows) + np.asarray(params.hair, np.float32) * 0.8 * brows
     colour = colour * (1 - hair) + np.asarray(params.hair, np.float32) * (1.0 + 0.08 * noise) * hair

@@ -2,7 +2,9 @@
 
 Ground truth comes from a high-detail reference of the textured head: a surface avatar many
 times denser than any avatar being fitted (its own layout, tiny flat Gaussians carrying the
-procedural albedo), never from the avatar under test.
+procedural albedo), never from the avatar under test. With ``looks`` on, the reference also
+carries hair and facial-hair volumes, glasses and skin texture, and is lit per frame
+(``backend/data/looks.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from backend.configs import Config, SettingError, at_least
 from backend.data.albedo import AlbedoParams, surface_albedo
+from backend.data.looks import Looks, LooksConfig, concat_splats, look_avatars, shade, textured_skin
 from backend.data.motion import random_trajectory
 from backend.data.subject import SubjectInfo, default_split, write_frame, write_subject
 from backend.gaussians.avatar import Avatar, deform
@@ -44,6 +47,9 @@ class SynthConfig(Config):
         shot: camera distance and focal length (the backend's one default framing).
         arc_degrees: horizontal span of the multi-view ring.
         background: RGB in [0, 1].
+        looks: give the identity hair and facial-hair volumes, glasses, skin texture and a
+            key light (off: a bare, flatly lit head, as the benchmarks' subjects are).
+        looks_config: how those are drawn.
     """
 
     frames: int = 30
@@ -56,6 +62,8 @@ class SynthConfig(Config):
     shot: HeadShot = HeadShot()
     arc_degrees: float = 150.0
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    looks: bool = False
+    looks_config: LooksConfig = LooksConfig()
 
     def check(self) -> None:
         """Raise SettingError naming the first field a capture cannot be made with."""
@@ -65,6 +73,7 @@ class SynthConfig(Config):
             raise SettingError("size", self.size, "the image size must be in [32, 4096] pixels")
         if not MIN_GAUSSIANS <= self.reference_gaussians <= MAX_GAUSSIANS:
             raise SettingError("reference_gaussians", self.reference_gaussians, f"must be in [{MIN_GAUSSIANS}, {MAX_GAUSSIANS}]")
+        self.looks_config.check()
 
 
 def capture_cameras(config: SynthConfig) -> Cameras:
@@ -78,7 +87,7 @@ def capture_cameras(config: SynthConfig) -> Cameras:
 
 
 def reference_head(head: HeadModel, config: SynthConfig, rng: np.random.Generator) -> tuple[Avatar, AlbedoParams]:
-    """The dense, textured ground-truth head of one random identity."""
+    """The dense, textured ground-truth surface of one random identity."""
     shape = torch.tensor(rng.normal(0.0, config.shape_std, head.n_shape), dtype=torch.float32)
     albedo = AlbedoParams.random(rng)
     ref = surface_avatar(
@@ -99,6 +108,12 @@ def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, progress: 
     rng = np.random.default_rng(config.seed)
     ref, albedo = reference_head(head, config, rng)
     params = random_trajectory(head, config.frames, rng, config.motion, moving_head=config.views == 1)
+    # Drawn after the motion, so that turning looks on changes no identity's face or motion.
+    looks = Looks.random(rng, config.looks_config) if config.looks else None
+    parts = [ref]
+    if looks:
+        hair_count = int(config.looks_config.hair_share * config.reference_gaussians)
+        parts = [textured_skin(ref, head.data, looks), *look_avatars(head, ref.shape, looks, albedo.hair, hair_count)]
     params.shape = ref.shape.clone()
     cams = capture_cameras(config)
     root = Path(out)
@@ -112,15 +127,18 @@ def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, progress: 
         split=default_split(config.frames),
         head_model=head.name,
         source="synthetic",
-        extra={"synth": asdict(config), "albedo": asdict(albedo)},
+        extra={"synth": asdict(config), "albedo": asdict(albedo), **({"looks": asdict(looks)} if looks else {})},
     )
     t_cams = config.frames
     write_subject(root, info, params, cams.K.expand(t_cams, *cams.K.shape), cams.world_to_cam.expand(t_cams, *cams.world_to_cam.shape))
     device = head.v_template.device
-    ref_dev, cams_dev = ref.to(device), cams.to(device)
+    parts_dev, cams_dev = [p.to(device) for p in parts], cams.to(device)
     background = torch.tensor(config.background, device=device)
     for t in range(config.frames):
-        splats = deform(ref_dev, head, params.index([t]).to(device)).frame(0)
+        frame = params.index([t]).to(device)
+        splats = concat_splats([deform(p, head, frame).frame(0) for p in parts_dev])
+        if looks:
+            splats = shade(splats, looks)
         out_t = render(splats, cams_dev, background)
         for c in range(config.views):
             write_frame(root, t, c, out_t.rgb[c].cpu().numpy(), out_t.alpha[c, ..., 0].cpu().numpy())
