@@ -103,7 +103,7 @@ def cmd_synth(args: argparse.Namespace) -> dict:
     from backend.data.synthetic import synthesize
 
     config = SynthConfig().with_overrides(
-        *_flags(args, {"frames": "--frames", "views": "--views", "size": "--size", "seed": "--seed", "reference_gaussians": "--reference-gaussians"})
+        *_flags(args, {"frames": "--frames", "views": "--views", "size": "--size", "seed": "--seed", "reference_gaussians": "--reference-gaussians", "looks": "--looks"})
     )
     t0 = time.perf_counter()
     root = synthesize(_head(args).to(_device(args.device)), args.out, config, progress=_progress("synth", not args.json))
@@ -545,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=SynthConfig.size)
     p.add_argument("--seed", type=int, default=SynthConfig.seed)
     p.add_argument("--reference-gaussians", type=int, default=SynthConfig.reference_gaussians, help="density of the ground-truth reference head")
+    p.add_argument("--looks", action="store_true", help="give the identity hair and facial-hair volumes, glasses, skin texture and a key light")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("init", parents=[common], help="initialize an avatar on a subject (Gaussians on the surface)")

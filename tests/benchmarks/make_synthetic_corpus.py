@@ -93,11 +93,12 @@ def _make(task: tuple[str, dict]) -> tuple[str, float]:
 
 def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(folder, SynthConfig fields) of every subject still to write."""
+    looks = {"looks": args.looks}
     groups = {
-        "train_mono": (args.mono, dict(frames=args.mono_frames, views=1, size=args.size, reference_gaussians=args.reference_gaussians)),
-        "train_multi": (args.multi, dict(frames=args.multi_frames, views=args.views, size=args.size, reference_gaussians=args.reference_gaussians)),
-        "test_mono": (args.test_mono, dict(frames=args.test_mono_frames, views=1, size=args.test_size, reference_gaussians=args.test_reference_gaussians)),
-        "test_multi": (args.test_multi, dict(frames=args.test_multi_frames, views=args.views, size=args.test_size, reference_gaussians=args.test_reference_gaussians)),
+        "train_mono": (args.mono, dict(frames=args.mono_frames, views=1, size=args.size, reference_gaussians=args.reference_gaussians, **looks)),
+        "train_multi": (args.multi, dict(frames=args.multi_frames, views=args.views, size=args.size, reference_gaussians=args.reference_gaussians, **looks)),
+        "test_mono": (args.test_mono, dict(frames=args.test_mono_frames, views=1, size=args.test_size, reference_gaussians=args.test_reference_gaussians, **looks)),
+        "test_multi": (args.test_multi, dict(frames=args.test_multi_frames, views=args.views, size=args.test_size, reference_gaussians=args.test_reference_gaussians, **looks)),
     }
     tasks = []
     for name, (count, fields) in groups.items():
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--flame", help="FLAME model (default: the built-in head)")
+    ap.add_argument("--looks", action="store_true", help="identities with hair and facial-hair volumes, glasses, skin texture and a key light (backend/data/looks.py)")
     ap.add_argument("--estimate", action="store_true", help="time one identity per group and project the full run; write nothing")
     args = ap.parse_args(argv)
 
