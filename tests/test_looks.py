@@ -133,8 +133,17 @@ def test_a_subject_with_looks_shows_hair_above_the_bare_head_with_the_same_face_
 
     assert "looks" not in bare_info["extra"]
     assert info["extra"]["looks"]["hair_style"] == "long"
+    assert set(params) - set(bare_params) == {"static_offset"}
     for key in bare_params:
         np.testing.assert_array_equal(params[key], bare_params[key])  # same identity and motion
+    # The static offset lifts the head's surface to the hair's outer surface, the face not at all.
+    lift = np.linalg.norm(params["static_offset"].reshape(-1, 3), axis=1)
+    thickness = info["extra"]["looks"]["hair_thickness"]
+    crown = int(np.argmax(head.data.v_template[:, 1]))
+    assert lift[crown] == pytest.approx(thickness, rel=0.05)
+    nose = head.data.part_masks["nose"]
+    assert lift[nose].max() == 0.0
+    assert lift.max() <= BACK_HANG * thickness * 1.001
     np.testing.assert_array_equal(masks, again)  # reproducible from the seed
     top = [int(np.argmax(m.any(axis=1))) for m in masks]
     bare_top = [int(np.argmax(m.any(axis=1))) for m in bare_masks]

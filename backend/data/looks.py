@@ -40,6 +40,7 @@ from backend.gaussians.splats import Splats
 from backend.gaussians.surface import neutral_with_shape
 from backend.head.model import HeadModel, HeadModelData
 from backend.head.registry import fingerprint
+from backend.render.mesh_preview import vertex_normals
 
 # style: (crown thickness range in metres, lowest template height the hair reaches at the
 # back and sides, range; None = the scalp alone)
@@ -188,6 +189,25 @@ def hair_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: np
         depth = np.maximum(depth, looks.fringe * forehead)
     bare = part_weight(head, "left_eyeball", "right_eyeball", "mouth_interior", "upper_lip", "lower_lip")
     return (depth * (1.0 - (bare[corners] * bary).sum(1))).astype(np.float32)
+
+
+def hair_lift(head: HeadModel, shape: torch.Tensor, looks: Looks) -> torch.Tensor:
+    """[V, 3] per-vertex offset of the template (metres) that moves the head's surface out to
+    the hair's outer surface, along the neutral head's vertex normals.
+
+    It is what the generator's outline step measures from the person masks, known here
+    exactly: a synthetic subject stores it as its static offset, so that a head posed from
+    its parameters wears the hair's outline (the reference Gaussians are bound without it).
+    """
+    data = head.data
+    face_of = np.zeros(data.num_vertices, np.int64)
+    corner = np.zeros(data.num_vertices, np.int64)
+    for k in range(3):  # any face a vertex belongs to, and which of its corners it is
+        face_of[data.faces[:, k]] = np.arange(len(data.faces))
+        corner[data.faces[:, k]] = k
+    depth = hair_depth(data, looks, face_of, np.eye(3, dtype=np.float32)[corner])
+    verts = head(neutral_with_shape(head, shape)).vertices[0].detach().cpu().numpy()
+    return torch.from_numpy((vertex_normals(verts, data.faces) * depth[:, None]).astype(np.float32))
 
 
 def beard_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: np.ndarray) -> np.ndarray:

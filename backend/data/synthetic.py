@@ -4,7 +4,8 @@ Ground truth comes from a high-detail reference of the textured head: a surface 
 times denser than any avatar being fitted (its own layout, tiny flat Gaussians carrying the
 procedural albedo), never from the avatar under test. With ``looks`` on, the reference also
 carries hair and facial-hair volumes, glasses and skin texture, and is lit per frame
-(``backend/data/looks.py``).
+(``backend/data/looks.py``); the subject's static offset then lifts the head's surface to
+the hair's outer surface, as the generator's outline step does from masks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from backend.configs import Config, SettingError, at_least
 from backend.data.albedo import AlbedoParams, surface_albedo
-from backend.data.looks import Looks, LooksConfig, concat_splats, look_avatars, shade, textured_skin
+from backend.data.looks import Looks, LooksConfig, concat_splats, hair_lift, look_avatars, shade, textured_skin
 from backend.data.motion import random_trajectory
 from backend.data.subject import SubjectInfo, default_split, write_frame, write_subject
 from backend.gaussians.avatar import Avatar, deform
@@ -114,6 +115,7 @@ def synthesize(head: HeadModel, out: str | Path, config: SynthConfig, progress: 
     if looks:
         hair_count = int(config.looks_config.hair_share * config.reference_gaussians)
         parts = [textured_skin(ref, head.data, looks), *look_avatars(head, ref.shape, looks, albedo.hair, hair_count)]
+        params.static_offset = hair_lift(head, ref.shape, looks)
     params.shape = ref.shape.clone()
     cams = capture_cameras(config)
     root = Path(out)
