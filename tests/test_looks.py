@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from backend.configs import SettingError
-from backend.data.looks import BACK_HANG, Looks, LooksConfig, look_avatars, shade
+from backend.data.looks import BACK_HANG, Looks, LooksConfig, look_avatars, shade, template_points
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.gaussians.avatar import deform
 from backend.gaussians.frames import matrix_to_quat
@@ -35,8 +35,7 @@ LONG_HAIR_AND_BEARD = Looks(
 
 
 def _template_points(head: HeadModel, face_idx: torch.Tensor, bary: torch.Tensor) -> np.ndarray:
-    corners = head.data.faces[face_idx.numpy()]
-    return (head.data.v_template[corners] * bary.numpy()[..., None]).sum(1)
+    return template_points(head.data, face_idx.numpy(), bary.numpy())
 
 
 def test_hair_stands_off_the_scalp_within_its_style_and_leaves_the_face_bare(head: HeadModel) -> None:

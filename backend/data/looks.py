@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from backend.configs import Config, SettingError
 from backend.data.albedo import part_weight
-from backend.gaussians.avatar import SH_C0, Avatar, LocalGaussians, logit, rgb_to_sh_dc
-from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, surface_points, triangle_frames
+from backend.gaussians.avatar import Avatar, LocalGaussians, logit, rgb_to_sh_dc, sh_dc_to_rgb
+from backend.gaussians.frames import matrix_to_quat, quat_to_matrix, triangle_frames
 from backend.gaussians.layout import MAX_GAUSSIANS, Binding, sample_layout, texel_footprint
 from backend.gaussians.splats import Splats
 from backend.gaussians.surface import neutral_with_shape
@@ -161,21 +161,24 @@ class Looks:
         )
 
 
+def template_points(head: HeadModelData, face_idx: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """[N, 3] template positions of N surface points (face [N], barycentric [N, 3])."""
+    return (head.v_template[head.faces[face_idx]] * bary[..., None]).sum(1)
+
+
+def _interpolated(head: HeadModelData, values: np.ndarray, face_idx: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """[N] per-vertex ``values`` [V] at N surface points."""
+    return (values[head.faces[face_idx]] * bary).sum(1)
+
+
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
     return t * t * (3 - 2 * t)
 
 
-def hair_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: np.ndarray) -> np.ndarray:
-    """[N] thickness of the hair volume (metres, 0 = bare) at N surface points (face, bary).
-
-    The scalp carries the crown's thickness, fading at its edge; a style with a reach also
-    covers the ears, the sides and the back of the neck down to that height (never the face:
-    only behind the cheekbones); a fringe covers the forehead's upper part.
-    """
-    corners = head.faces[face_idx]  # [N, 3]
-    p = (head.v_template[corners] * bary[..., None]).sum(1)  # [N, 3] template positions
-    scalp = (part_weight(head, "scalp")[corners] * bary).sum(1)
+def _hair_depth_at(head: HeadModelData, looks: Looks, p: np.ndarray, scalp: np.ndarray, bare: np.ndarray) -> np.ndarray:
+    """[N] hair thickness at template positions ``p`` [N, 3] with the scalp's and the bare
+    parts' weights [N] there (see ``hair_depth``)."""
     depth = looks.hair_thickness * scalp
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
     if looks.hair_reach is not None:
@@ -187,8 +190,22 @@ def hair_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: np
     if looks.fringe > 0:
         forehead = _smoothstep(0.03, 0.06, z) * _smoothstep(0.045, 0.065, y) * (1.0 - _smoothstep(0.05, 0.07, np.abs(x)))
         depth = np.maximum(depth, looks.fringe * forehead)
-    bare = part_weight(head, "left_eyeball", "right_eyeball", "mouth_interior", "upper_lip", "lower_lip")
-    return (depth * (1.0 - (bare[corners] * bary).sum(1))).astype(np.float32)
+    return (depth * (1.0 - bare)).astype(np.float32)
+
+
+_NO_HAIR = ("left_eyeball", "right_eyeball", "mouth_interior", "upper_lip", "lower_lip")
+
+
+def hair_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """[N] thickness of the hair volume (metres, 0 = bare) at N surface points (face, bary).
+
+    The scalp carries the crown's thickness, fading at its edge; a style with a reach also
+    covers the ears, the sides and the back of the neck down to that height (never the face:
+    only behind the cheekbones); a fringe covers the forehead's upper part.
+    """
+    scalp = _interpolated(head, part_weight(head, "scalp"), face_idx, bary)
+    bare = _interpolated(head, part_weight(head, *_NO_HAIR), face_idx, bary)
+    return _hair_depth_at(head, looks, template_points(head, face_idx, bary), scalp, bare)
 
 
 def hair_lift(head: HeadModel, shape: torch.Tensor, looks: Looks) -> torch.Tensor:
@@ -200,12 +217,7 @@ def hair_lift(head: HeadModel, shape: torch.Tensor, looks: Looks) -> torch.Tenso
     its parameters wears the hair's outline (the reference Gaussians are bound without it).
     """
     data = head.data
-    face_of = np.zeros(data.num_vertices, np.int64)
-    corner = np.zeros(data.num_vertices, np.int64)
-    for k in range(3):  # any face a vertex belongs to, and which of its corners it is
-        face_of[data.faces[:, k]] = np.arange(len(data.faces))
-        corner[data.faces[:, k]] = k
-    depth = hair_depth(data, looks, face_of, np.eye(3, dtype=np.float32)[corner])
+    depth = _hair_depth_at(data, looks, data.v_template, part_weight(data, "scalp"), part_weight(data, *_NO_HAIR))
     verts = head(neutral_with_shape(head, shape)).vertices[0].detach().cpu().numpy()
     return torch.from_numpy((vertex_normals(verts, data.faces) * depth[:, None]).astype(np.float32))
 
@@ -215,13 +227,16 @@ def beard_depth(head: HeadModelData, looks: Looks, face_idx: np.ndarray, bary: n
     and the front of the neck under the chin, rising along the jaw to the sideburns."""
     if looks.beard <= 0:
         return np.zeros(len(face_idx), np.float32)
-    corners = head.faces[face_idx]
-    p = (head.v_template[corners] * bary[..., None]).sum(1)
-    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    x, y, z = template_points(head, face_idx, bary).T
     ceiling = NOSE_BOTTOM_Y + 0.35 * np.maximum(np.abs(x) - 0.03, 0.0)  # up along the jaw to the sideburns
     region = (1.0 - _smoothstep(ceiling - 0.01, ceiling, y)) * _smoothstep(-0.12, -0.1, y) * _smoothstep(-0.03, 0.0, z)
-    bare = part_weight(head, "left_eyeball", "right_eyeball", "mouth_interior", "upper_lip", "lower_lip", "nose", "eyelids")
-    return (looks.beard * region * (1.0 - (bare[corners] * bary).sum(1))).astype(np.float32)
+    bare = _interpolated(head, part_weight(head, *_NO_HAIR, "nose", "eyelids"), face_idx, bary)
+    return (looks.beard * region * (1.0 - bare)).astype(np.float32)
+
+
+def _bound(head: HeadModel, shape: torch.Tensor, binding: Binding, local: LocalGaussians, role: str) -> Avatar:
+    """A synthetic part (hair, glasses) as an avatar of ``head`` with identity ``shape``."""
+    return Avatar(head.name, fingerprint(head.data), shape.detach().clone().float(), binding, local, meta={"role": role})
 
 
 def strand_volume(
@@ -261,7 +276,7 @@ def strand_volume(
     frames = triangle_frames(verts, faces)
     size = frames.size[face]  # [N] metres
     rotation = frames.rotation[face]  # [N, 3, 3] columns t, b, n
-    template = surface_points(torch.from_numpy(head.data.v_template), faces, face, bc).numpy()
+    template = template_points(head.data, face_idx[pick], bary[pick])
     flow = F.normalize(torch.from_numpy(template - CROWN), dim=-1) + torch.tensor([0.0, -1.5, -0.3])
     local_flow = (rotation.transpose(1, 2) @ flow[..., None])[..., 0]  # [N, 3] in (t, b, n)
     angle = torch.atan2(local_flow[:, 1], local_flow[:, 0])
@@ -282,20 +297,14 @@ def strand_volume(
     rgb = np.clip(np.asarray(colour, np.float32)[None] * shade[:, None].astype(np.float32), 0.0, 1.0)
     opacity = np.where(height > 0.8, rng.uniform(0.35, 0.7, count), rng.uniform(0.75, 0.95, count)).astype(np.float32)
 
-    return Avatar(
-        head_name=head.name,
-        head_fingerprint=fingerprint(head.data),
-        shape=shape.detach().clone().float(),
-        binding=Binding(face, bc, source.texel[pick], source.resolution),
-        local=LocalGaussians(
-            offset=offset,
-            rotation=quat.float(),
-            log_scale=log_scale.float(),
-            opacity_logit=logit(torch.from_numpy(opacity)).float(),
-            sh=rgb_to_sh_dc(torch.from_numpy(rgb))[:, None, :],
-        ),
-        meta={"role": "synthetic hair volume"},
+    local = LocalGaussians(
+        offset=offset,
+        rotation=quat.float(),
+        log_scale=log_scale.float(),
+        opacity_logit=logit(torch.from_numpy(opacity)).float(),
+        sh=rgb_to_sh_dc(torch.from_numpy(rgb))[:, None, :],
     )
+    return _bound(head, shape, Binding(face, bc, source.texel[pick], source.resolution), local, "synthetic hair volume")
 
 
 def _resampled(polyline: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -351,36 +360,30 @@ def glasses_avatar(head: HeadModel, shape: torch.Tensor, looks: Looks) -> Avatar
     count = len(points)
     thickness = float(rng.uniform(0.0008, 0.0015))
     log_scale = torch.log(torch.tensor([0.0012, thickness, thickness])[None] / size[:, None])
-    return Avatar(
-        head_name=head.name,
-        head_fingerprint=fingerprint(data),
-        shape=shape.detach().clone().float(),
-        binding=Binding(face, torch.full((count, 3), 1.0 / 3.0), torch.zeros(count, 2, dtype=torch.int64), 1),
-        local=LocalGaussians(
-            offset=offset,
-            rotation=matrix_to_quat(rotation.transpose(1, 2) @ world),
-            log_scale=log_scale.float(),
-            opacity_logit=torch.full((count,), float(logit(0.97))),
-            sh=rgb_to_sh_dc(torch.tensor(looks.glasses).expand(count, 3))[:, None, :].clone(),
-        ),
-        meta={"role": "synthetic glasses"},
+    local = LocalGaussians(
+        offset=offset,
+        rotation=matrix_to_quat(rotation.transpose(1, 2) @ world),
+        log_scale=log_scale.float(),
+        opacity_logit=torch.full((count,), float(logit(0.97))),
+        sh=rgb_to_sh_dc(torch.tensor(looks.glasses).expand(count, 3))[:, None, :].clone(),
     )
+    binding = Binding(face, torch.full((count, 3), 1.0 / 3.0), torch.zeros(count, 2, dtype=torch.int64), 1)
+    return _bound(head, shape, binding, local, "synthetic glasses")
 
 
 def textured_skin(ref: Avatar, head: HeadModelData, looks: Looks) -> Avatar:
     """``ref`` (a surface avatar of plain colours) with fine mottling and a sprinkle of
     freckles multiplied into its colours, the eyeballs left clear."""
     rng = np.random.default_rng(looks.seed + 1)
-    corners = head.faces[ref.binding.face_idx.numpy()]
-    bary = ref.binding.bary.numpy()[..., None]
-    p = (head.v_template[corners] * bary).sum(1)
+    face_idx, bary = ref.binding.face_idx.numpy(), ref.binding.bary.numpy()
+    p = template_points(head, face_idx, bary)
     fine = rng.normal(0.0, 600.0, (6, 3))  # cycles per metre: a millimetre or two across
     coarse = rng.normal(0.0, 250.0, (4, 3))
     mottle = np.sin(p @ fine.T + rng.uniform(0, 2 * np.pi, 6)).mean(1) + 0.5 * np.sin(p @ coarse.T + rng.uniform(0, 2 * np.pi, 4)).mean(1)
     freckles = np.clip(np.sin(p @ rng.normal(0.0, 400.0, (3, 3)).T).prod(1) * 4.0 - 0.2, 0.0, 1.0)
-    eyes = (part_weight(head, "left_eyeball", "right_eyeball")[corners] * bary[..., 0]).sum(1)
+    eyes = _interpolated(head, part_weight(head, "left_eyeball", "right_eyeball"), face_idx, bary)
     gain = (1.0 + looks.skin_texture * (mottle - freckles)) * (1.0 - eyes) + eyes
-    rgb = (0.5 + SH_C0 * ref.local.sh[:, 0]) * torch.from_numpy(gain.astype(np.float32))[:, None]
+    rgb = sh_dc_to_rgb(ref.local.sh[:, 0]) * torch.from_numpy(gain.astype(np.float32))[:, None]
     sh = ref.local.sh.clone()
     sh[:, 0] = rgb_to_sh_dc(rgb.clamp(0.0, 1.0))
     return replace(ref, local=replace(ref.local, sh=sh))

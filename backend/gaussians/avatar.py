@@ -201,6 +201,11 @@ def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb - 0.5) / SH_C0
 
 
+def sh_dc_to_rgb(dc: torch.Tensor) -> torch.Tensor:
+    """[..., 3] degree-0 SH coefficient -> base colour (unclamped; [0, 1] when displayable)."""
+    return 0.5 + SH_C0 * dc
+
+
 def logit(p: torch.Tensor | float) -> torch.Tensor:
     p = torch.as_tensor(p).clamp(1e-6, 1 - 1e-6)
     return torch.log(p) - torch.log1p(-p)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.gaussians.avatar import SH_C0, LocalGaussians
+from backend.gaussians.avatar import SH_C0, LocalGaussians, sh_dc_to_rgb
 from backend.refine.packed import PackLayout
 
 # colour = 0.5 + SH_C0 * f_dc, so [0, 1] in colour is +-0.5 / SH_C0 in f_dc.
@@ -31,5 +31,5 @@ def bound_base_colours_(packed: torch.Tensor, layout: PackLayout) -> None:
 def out_of_range_share(local: LocalGaussians, tolerance: float = 1e-3) -> float:
     """Share of Gaussians whose base colour leaves [0, 1] by more than ``tolerance`` in
     some channel."""
-    colour = 0.5 + SH_C0 * local.sh[:, 0]
+    colour = sh_dc_to_rgb(local.sh[:, 0])
     return float(((colour < -tolerance) | (colour > 1 + tolerance)).any(dim=-1).float().mean())
