@@ -117,7 +117,7 @@ class TrainConfig:
 
 
 def phase_defaults(phase: int) -> TrainConfig:
-    """Phase 1: no anchor, no cross-time mix. Phase 2: L2-SP 1e-2, 25% cross-time, lower lr."""
+    """Phase 1: no anchor, no cross-time mix. Phase 2: L2-SP 1e-3, 25% cross-time, lower lr."""
     if phase == 1:
         return TrainConfig(phase=1, l2sp=0.0, cross_time=0.0)
     return TrainConfig(phase=2, steps=3_000, lr=2e-4, warmup=100, l2sp=1e-3, cross_time=0.25)
