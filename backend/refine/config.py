@@ -80,6 +80,24 @@ class RealTuning:
 
 
 @dataclass(frozen=True)
+class FaintColours:
+    """Gaussians whose colour the training views barely constrain take their starting colour
+    back after the last step (``backend/refine/faint.py``).
+
+    Attributes:
+        enabled: off leaves every colour as refined.
+        min_pixels: a Gaussian is faint when its blending weight over the known pixels of all
+            training views sums to less than this many pixels ...
+        min_known_share: ... or to less than this share of its weight over all their pixels
+            (most of it past the frame's edge). Gaussians no view reaches are left alone.
+    """
+
+    enabled: bool = False
+    min_pixels: float = 1.0
+    min_known_share: float = 0.5
+
+
+@dataclass(frozen=True)
 class RefineConfig(Config):
     """Everything the refinement loop reads.
 
@@ -131,6 +149,7 @@ class RefineConfig(Config):
             (``backend/refine/colour_bound.py``): Gaussians seen only faintly otherwise take
             colours far outside it and show as saturated specks in other views. On by
             default since it won held-out frames on real clips (BENCHMARKS.md).
+        faint: colours the training views barely constrain, set back to the start's at the end.
         densify: None keeps the layout frozen (ours); set only for baseline (a).
         lr: learning rates.
         seed: view sampling.
@@ -165,6 +184,7 @@ class RefineConfig(Config):
     hold: float = 0.0
     exposure: bool = False
     bound_colours: bool = True
+    faint: FaintColours = field(default_factory=FaintColours)
     densify: Densify | None = None
     lr: LearningRates = field(default_factory=LearningRates)
     seed: int = 0
@@ -199,6 +219,9 @@ class RefineConfig(Config):
         if self.surface is not None:
             at_least("surface.weight", self.surface.weight, 0.0, "a weight must be >= 0")
             above("surface.max_depth", self.surface.max_depth, 0.0, "the depth threshold must be > 0 (triangle sizes)")
+        at_least("faint.min_pixels", self.faint.min_pixels, 0.0)
+        if not 0.0 <= self.faint.min_known_share <= 1.0:
+            raise SettingError("faint.min_known_share", self.faint.min_known_share, "must be in [0, 1]")
         for name, rate in asdict(self.lr).items():
             at_least(f"lr.{name}", rate, 0.0, "a learning rate must be >= 0")
 
@@ -235,6 +258,7 @@ class RefineConfig(Config):
         d["anti_spike"] = AntiSpike(**d.get("anti_spike", {}))
         d["surface"] = SurfaceHinge(**d["surface"]) if d.get("surface") else None
         d["lr"] = LearningRates(**d.get("lr", {}))
+        d["faint"] = FaintColours(**d.get("faint", {}))
         d["densify"] = Densify(**d["densify"]) if d.get("densify") else None
         d["real_tuning"] = RealTuning(**d["real_tuning"]) if d.get("real_tuning") else None
         return cls(**d)

@@ -29,6 +29,7 @@ from backend.refine.colour_bound import bound_base_colours_
 from backend.refine.config import RefineConfig
 from backend.refine.densify import DensityControl
 from backend.refine.exposure import exposed, frame_gains
+from backend.refine.faint import coverage, faint_rows, restore_colours
 from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
 from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
@@ -474,10 +475,23 @@ def refine(
     tuned = replace(run.params, **{k: v.detach().clone() for k, v in run.flame.items()})
     if run.binding.count != source.binding.count and run.density is None:
         raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
-    out_avatar = replace(final.avatar, local=final.avatar.local.map(lambda t: t.cpu()), binding=run.binding.to("cpu"))
-    out_avatar.meta = dict(source.meta) | {"refined_iterations": final.iteration, "refine_config": config.to_dict()}
+    local, faint_meta = final.avatar.local, {}
+    if config.faint.enabled and run.density is None:
+        local, faint_meta = _settle_faint(run, head, subject, local, avatar.local)
+    out_avatar = replace(final.avatar, local=local.map(lambda t: t.cpu()), binding=run.binding.to("cpu"))
+    out_avatar.meta = dict(source.meta) | {"refined_iterations": final.iteration, "refine_config": config.to_dict()} | faint_meta
     gains = None if final.exposure is None else frame_gains(final.exposure).cpu()
     return RefineResult(out_avatar, tuned.to("cpu"), history, run.timings, stopped, notes, gains)
+
+
+def _settle_faint(run: _Run, head: HeadModel, subject: Subject, local: LocalGaussians, start: LocalGaussians) -> tuple[LocalGaussians, dict]:
+    """``local`` with the colours of its faint Gaussians (``RefineConfig.faint``) back at
+    ``start``'s, and the share of them for the avatar's meta."""
+    with torch.no_grad():
+        verts = run.fixed[0] if run.fixed is not None else head(replace(run.params, **{k: v.detach() for k, v in run.flame.items()}), check=False).vertices
+    known_px, total_px = coverage(verts, head.faces, run.binding, local, subject, subject.split["train"])
+    rows = faint_rows(known_px, total_px, run.config.faint)
+    return restore_colours(local, start, rows), {"faint_share": float(rows.float().mean())}
 
 
 _Step = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # loss, render, target

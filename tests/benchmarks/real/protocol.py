@@ -154,6 +154,13 @@ LEVERS = {
         init={"gaussians": 100_000},
         photometric={"flame_lr_factor": 3.0},
     ),
+    "faint+photo-lr3+tuned": Lever("photo-lr3+tuned with the colours the training views barely constrain set back to the start's (RefineConfig.faint)", {**_TUNED, "faint": {"enabled": True}}, photometric={"flame_lr_factor": 3.0}),
+    "dense+faint+photo-lr3+tuned": Lever(
+        "dense+photo-lr3+tuned with the colours the training views barely constrain set back to the generated ones (RefineConfig.faint)",
+        {**_TUNED, "faint": {"enabled": True}},
+        init={"gaussians": 100_000},
+        photometric={"flame_lr_factor": 3.0},
+    ),
     "photo-fast+tuned": Lever("photometric tracking in 2,500 steps, then hinge thresholds x5 and learning rates x4", _TUNED, photometric={"iterations": 2_500, "flame_lr_factor": 2.0}),
 }
 # A lever's method is ours from the surface (the lever's table compares it with plain

@@ -1,0 +1,110 @@
+"""Colours the training views barely constrain, set back to the start's after refinement
+(backend/refine/faint.py), on a synthetic subject whose frames' top band lies past the
+source's edge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.data.subject import Subject, frame_name
+from backend.data.synthetic import SynthConfig, synthesize
+from backend.gaussians.avatar import deform
+from backend.head.model import HeadModel
+from backend.refine.config import FaintColours, LearningRates, RefineConfig
+from backend.refine.faint import coverage, faint_rows, restore_colours
+from backend.refine.initialize import InitConfig, initialize_on_subject
+from backend.refine.refine import refine
+from backend.refine.regularizers import AntiSpike
+from backend.render.rasterize import render
+from backend.wire.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def cut(head: HeadModel, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A subject whose crops start ``band`` rows above the source (the top of the head is
+    unknown in every frame), and the surface start on it."""
+    root = synthesize(head, tmp_path_factory.mktemp("faint") / "mono", SynthConfig(frames=8, size=96, seed=7, reference_gaussians=40_000))
+    size, band = 96, 30
+    for t in range(8):
+        for folder, value in (("images", 255), ("masks", 0)):
+            path = root / folder / frame_name(t, 0)
+            img = np.asarray(Image.open(path)).copy()
+            img[:band] = value
+            Image.fromarray(img).save(path)
+    info = json.loads((root / "subject.json").read_text())
+    frames = [{"box": [0, -band, size], "size": [size, size - band]}] * 8
+    (root / "subject.json").write_text(json.dumps(info | {"extra": {"tracking": {"frames": frames}}}))
+    subject = Subject.load(root)
+    return subject, initialize_on_subject(head, subject, InitConfig(gaussians=4_000)), band
+
+
+def _train_vertices(head: HeadModel, subject: Subject, avatar) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[T, V, 3] the avatar's head posed at the training frames."""
+    return head(avatar.params_for(subject.params.index(subject.split["train"]))).vertices
+
+
+def test_coverage_splits_each_pixels_alpha_among_the_gaussians(head: HeadModel, cut) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar, band = cut
+    frames = subject.split["train"]
+    known_px, total_px = coverage(_train_vertices(head, subject, avatar), head.faces, avatar.binding, avatar.local, subject, frames, batch=3)
+    # The weights of all Gaussians at a pixel add up to its alpha, so the sums over the
+    # Gaussians are the rendered alpha summed over the pixels (known ones for known_px).
+    alpha_all, alpha_known = 0.0, 0.0
+    for t in frames:
+        splats = deform(avatar, head, subject.params.index([t]))
+        out = render(splats, subject.cameras([t]), torch.zeros(3), depth=False)
+        alpha_all += float(out.alpha.sum())
+        alpha_known += float((out.alpha[0, 0] * subject.known(t)).sum())
+    assert float(total_px.sum()) == pytest.approx(alpha_all, rel=1e-3)
+    assert float(known_px.sum()) == pytest.approx(alpha_known, rel=1e-3)
+    assert bool((known_px <= total_px + 1e-4).all()) and bool((known_px >= -1e-6).all())
+    assert alpha_known < 0.9 * alpha_all  # the band holds part of the head
+
+    # The Gaussians whose centres lie in the band in every frame are faint; most of those
+    # below it are not.
+    rows = torch.stack([_pixel_rows(head, subject, avatar, t) for t in frames])  # [T, N]
+    in_band, below = (rows < band - 4).all(0), (rows > band + 8).all(0) & (total_px > 1.0)
+    faint = faint_rows(known_px, total_px, FaintColours(enabled=True))
+    assert int(in_band.sum()) > 50 and int(below.sum()) > 500
+    assert float(faint[in_band & (total_px > 0)].float().mean()) > 0.95
+    assert float(faint[below].float().mean()) < 0.05
+
+
+def _pixel_rows(head: HeadModel, subject: Subject, avatar, t: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[N] image row of each Gaussian's centre in frame t."""
+    means = deform(avatar, head, subject.params.index([t])).means[0]
+    cams = subject.cameras([t])
+    cam = means @ cams.world_to_cam[0, 0, :3, :3].T + cams.world_to_cam[0, 0, :3, 3]
+    return cams.K[0, 0, 1, 1] * cam[:, 1] / cam[:, 2] + cams.K[0, 0, 1, 2]
+
+
+def test_refinement_sets_faint_colours_back_and_leaves_the_rest(head: HeadModel, cut) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar, _ = cut
+    # A fast colour rate: the band's Gaussians are driven to the gamut's corners within 40 steps.
+    config = RefineConfig(iterations=40, log_every=40, anti_spike=AntiSpike(max_scale=3.0), lr=LearningRates(sh_dc=2.5e-2))
+    plain = refine(avatar, head, subject, config).avatar
+    settled = refine(avatar, head, subject, replace(config, faint=FaintColours(enabled=True))).avatar
+    known_px, total_px = coverage(_train_vertices(head, subject, avatar), head.faces, settled.binding, plain.local, subject, subject.split["train"])
+    faint = faint_rows(known_px, total_px, FaintColours(enabled=True))
+    assert 0.01 < settled.meta["faint_share"] == pytest.approx(float(faint.float().mean()))
+    assert torch.equal(settled.local.sh, restore_colours(plain.local, avatar.local, faint).sh)
+    assert torch.equal(settled.local.sh[faint], avatar.local.sh[faint])
+    moved = (plain.local.sh[faint] - avatar.local.sh[faint]).abs().amax((1, 2))
+    assert float((moved > 0.05).float().mean()) > 0.3  # without the pass those colours had left the start
+    for name in ("offset", "rotation", "log_scale", "opacity_logit"):
+        assert torch.equal(getattr(settled.local, name), getattr(plain.local, name))
+    assert "faint_share" not in plain.meta
+
+
+def test_faint_settings_are_checked() -> None:
+    for bad in (FaintColours(min_pixels=-1.0), FaintColours(min_known_share=1.5)):
+        with pytest.raises(InputError):
+            RefineConfig(faint=bad).with_overrides({})
+    assert RefineConfig.from_dict(RefineConfig(faint=FaintColours(enabled=True)).to_dict()).faint.enabled
