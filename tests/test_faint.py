@@ -89,8 +89,9 @@ def test_refinement_sets_faint_colours_back_and_leaves_the_rest(head: HeadModel,
     subject, avatar, _ = cut
     # A fast colour rate: the band's Gaussians are driven to the gamut's corners within 40 steps.
     config = RefineConfig(iterations=40, log_every=40, anti_spike=AntiSpike(max_scale=3.0), lr=LearningRates(sh_dc=2.5e-2))
-    plain = refine(avatar, head, subject, config).avatar
-    settled = refine(avatar, head, subject, replace(config, faint=FaintColours(enabled=True))).avatar
+    assert config.faint.enabled  # the default
+    plain = refine(avatar, head, subject, replace(config, faint=FaintColours(enabled=False))).avatar
+    settled = refine(avatar, head, subject, config).avatar
     known_px, total_px = coverage(_train_vertices(head, subject, avatar), head.faces, settled.binding, plain.local, subject, subject.split["train"])
     faint = faint_rows(known_px, total_px, FaintColours(enabled=True))
     assert 0.01 < settled.meta["faint_share"] == pytest.approx(float(faint.float().mean()))
@@ -107,4 +108,4 @@ def test_faint_settings_are_checked() -> None:
     for bad in (FaintColours(min_pixels=-1.0), FaintColours(min_known_share=1.5)):
         with pytest.raises(InputError):
             RefineConfig(faint=bad).with_overrides({})
-    assert RefineConfig.from_dict(RefineConfig(faint=FaintColours(enabled=True)).to_dict()).faint.enabled
+    assert not RefineConfig.from_dict(RefineConfig(faint=FaintColours(enabled=False)).to_dict()).faint.enabled

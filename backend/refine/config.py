@@ -85,14 +85,16 @@ class FaintColours:
     back after the last step (``backend/refine/faint.py``).
 
     Attributes:
-        enabled: off leaves every colour as refined.
+        enabled: off leaves every colour as refined. On by default: on six real clips it took
+            the band of saturated colours off the necks past the frame's edge and left the
+            scores where they were (BENCHMARKS.md).
         min_pixels: a Gaussian is faint when its blending weight over the known pixels of all
             training views sums to less than this many pixels ...
         min_known_share: ... or to less than this share of its weight over all their pixels
             (most of it past the frame's edge). Gaussians no view reaches are left alone.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     min_pixels: float = 1.0
     min_known_share: float = 0.5
 

@@ -18,7 +18,7 @@ from backend.configs import Config, above, at_least
 from backend.data.subject import Subject
 from backend.gaussians.layout import MIN_GAUSSIANS
 from backend.head.model import HeadModel
-from backend.refine.config import RealTuning, preset
+from backend.refine.config import FaintColours, RealTuning, preset
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.refine import ProgressFn, refine
 
@@ -62,6 +62,7 @@ def track_photometric(head: HeadModel, subject: Subject, config: PhotometricTrac
         finetune_flame=True,
         lr=lr,
         real_tuning=RealTuning(),  # as measured: the tracker's avatar is small and short-lived
+        faint=FaintColours(enabled=False),  # the avatar is thrown away
         checkpoint_every=0,
         log_every=max(config.iterations // 10, 1),
     ).for_layout(config.gaussians, InitConfig.gaussians)
