@@ -76,6 +76,11 @@ def test_coverage_splits_each_pixels_alpha_among_the_gaussians(head: HeadModel, 
     assert float(faint[in_band & (total_px > 0)].float().mean()) > 0.95
     assert float(faint[below].float().mean()) < 0.05
 
+    # Where every pixel is known the weights agree exactly and nothing is faint.
+    whole = Subject(subject.root, replace(subject.info, extra={}), subject.params, subject.K, subject.world_to_cam)
+    k, t = coverage(_train_vertices(head, whole, avatar)[:2], head.faces, avatar.binding, avatar.local, whole, frames[:2])
+    assert torch.equal(k, t) and not bool(faint_rows(k, t, FaintColours()).any())
+
 
 def _pixel_rows(head: HeadModel, subject: Subject, avatar, t: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """[N] image row of each Gaussian's centre in frame t."""
@@ -105,7 +110,23 @@ def test_refinement_sets_faint_colours_back_and_leaves_the_rest(head: HeadModel,
 
 
 def test_faint_settings_are_checked() -> None:
-    for bad in (FaintColours(min_pixels=-1.0), FaintColours(min_known_share=1.5)):
+    for bad in (FaintColours(min_known_share=-0.1), FaintColours(min_known_share=1.5)):
         with pytest.raises(InputError):
             RefineConfig(faint=bad).with_overrides({})
     assert not RefineConfig.from_dict(RefineConfig(faint=FaintColours(enabled=False)).to_dict()).faint.enabled
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_coverage_through_gsplat_matches_the_reference(head: HeadModel, cut) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar, _ = cut
+    frames = subject.split["train"][:4]
+    verts = head(avatar.params_for(subject.params.index(frames))).vertices
+    on_cpu = coverage(verts, head.faces, avatar.binding, avatar.local, subject, frames)
+    gpu = HeadModel(head.data).to("cuda")  # a copy: the fixture's head stays on the CPU
+    local = avatar.local.map(lambda t: t.cuda())
+    on_gpu = coverage(verts.cuda(), gpu.faces, avatar.binding.to("cuda"), local, subject, frames)
+    for ref, got in zip(on_cpu, on_gpu):
+        assert float(got.sum().cpu()) == pytest.approx(float(ref.sum()), rel=0.02)
+        seen = ref > 1.0
+        assert float(((got.cpu()[seen] - ref[seen]).abs() / ref[seen]).median()) < 0.05

@@ -88,14 +88,12 @@ class FaintColours:
         enabled: off leaves every colour as refined. On by default: on six real clips it took
             the band of saturated colours off the necks past the frame's edge and left the
             scores where they were (BENCHMARKS.md).
-        min_pixels: a Gaussian is faint when its blending weight over the known pixels of all
-            training views sums to less than this many pixels ...
-        min_known_share: ... or to less than this share of its weight over all their pixels
-            (most of it past the frame's edge). Gaussians no view reaches are left alone.
+        min_known_share: a Gaussian that the views reach is faint when less than this share
+            of its blending weight over all their pixels falls on known ones (most of it
+            lies past the frame's edge). Where every pixel is known nothing is faint.
     """
 
     enabled: bool = True
-    min_pixels: float = 1.0
     min_known_share: float = 0.5
 
 
@@ -221,7 +219,6 @@ class RefineConfig(Config):
         if self.surface is not None:
             at_least("surface.weight", self.surface.weight, 0.0, "a weight must be >= 0")
             above("surface.max_depth", self.surface.max_depth, 0.0, "the depth threshold must be > 0 (triangle sizes)")
-        at_least("faint.min_pixels", self.faint.min_pixels, 0.0)
         if not 0.0 <= self.faint.min_known_share <= 1.0:
             raise SettingError("faint.min_known_share", self.faint.min_known_share, "must be in [0, 1]")
         for name, rate in asdict(self.lr).items():

@@ -67,10 +67,9 @@ def coverage(
 
 
 def faint_rows(known_px: torch.Tensor, total_px: torch.Tensor, config: FaintColours) -> torch.Tensor:
-    """[N] bool: the Gaussians the training views reach (``total_px`` > 0) but whose known
-    pixels hold too little of them, in all or as a share of what the views show."""
-    reached = total_px > 0
-    return reached & ((known_px < config.min_pixels) | (known_px < config.min_known_share * total_px))
+    """[N] bool: the Gaussians the training views reach (``total_px`` > 0) whose known pixels
+    hold less than ``config.min_known_share`` of their weight."""
+    return (total_px > 0) & (known_px < config.min_known_share * total_px)
 
 
 def restore_colours(local: LocalGaussians, start: LocalGaussians, rows: torch.Tensor) -> LocalGaussians:
