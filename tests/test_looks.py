@@ -164,3 +164,20 @@ def test_the_synth_command_draws_looks_on_request(tmp_path: Path, capsys: pytest
     assert json.loads(capsys.readouterr().out)["frames"] == 1
     info = json.loads((tmp_path / "s" / "subject.json").read_text())
     assert info["extra"]["synth"]["looks"] is True and info["extra"]["looks"]["hair_style"] in ("buzz", "short", "medium", "long")
+
+
+def test_a_corpus_mixes_looks_and_bare_identities_evenly(tmp_path: Path) -> None:
+    from tests.benchmarks.make_synthetic_corpus import parse_args, plan
+
+    def looks_of(*flags: str) -> tuple[list[bool], list[int]]:
+        args = parse_args(["--out", str(tmp_path), "--mono", "40", "--multi", "10", "--test-mono", "0", "--test-multi", "0", *flags])
+        tasks = [config for out, config in plan(args) if "/train/mono/" in out]
+        return [config["looks"] for config in tasks], [config["seed"] for config in tasks]
+
+    half, seeds = looks_of("--looks", "--looks-share", "0.5")
+    assert abs(sum(half) - 20) <= 1 and 4 <= sum(half[:10]) <= 6  # spread over the group, not its first half
+    every, same_seeds = looks_of("--looks")
+    assert all(every) and seeds == same_seeds == list(range(40))  # the share never changes who is who
+    assert not any(looks_of("--looks-share", "0.5")[0]) and not any(looks_of("--looks", "--looks-share", "0")[0])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--looks", "--looks-share", "1.5"])

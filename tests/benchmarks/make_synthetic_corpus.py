@@ -39,6 +39,9 @@ GROUPS = {
     "test_multi": ("test/multi", 950_000),
 }
 
+# Golden-ratio steps spread a share of looks identities evenly over any prefix of a group.
+_LOOKS_STEP = 0.6180339887498949
+
 _HEAD = None
 
 
@@ -91,14 +94,18 @@ def _make(task: tuple[str, dict]) -> tuple[str, float]:
     return out, time.perf_counter() - t0
 
 
+def has_looks(index: int, share: float) -> bool:
+    """Whether identity ``index`` of a group gets the looks when ``share`` of them do."""
+    return (index * _LOOKS_STEP) % 1.0 < share
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(folder, SynthConfig fields) of every subject still to write."""
-    looks = {"looks": args.looks}
     groups = {
-        "train_mono": (args.mono, dict(frames=args.mono_frames, views=1, size=args.size, reference_gaussians=args.reference_gaussians, **looks)),
-        "train_multi": (args.multi, dict(frames=args.multi_frames, views=args.views, size=args.size, reference_gaussians=args.reference_gaussians, **looks)),
-        "test_mono": (args.test_mono, dict(frames=args.test_mono_frames, views=1, size=args.test_size, reference_gaussians=args.test_reference_gaussians, **looks)),
-        "test_multi": (args.test_multi, dict(frames=args.test_multi_frames, views=args.views, size=args.test_size, reference_gaussians=args.test_reference_gaussians, **looks)),
+        "train_mono": (args.mono, dict(frames=args.mono_frames, views=1, size=args.size, reference_gaussians=args.reference_gaussians)),
+        "train_multi": (args.multi, dict(frames=args.multi_frames, views=args.views, size=args.size, reference_gaussians=args.reference_gaussians)),
+        "test_mono": (args.test_mono, dict(frames=args.test_mono_frames, views=1, size=args.test_size, reference_gaussians=args.test_reference_gaussians)),
+        "test_multi": (args.test_multi, dict(frames=args.test_multi_frames, views=args.views, size=args.test_size, reference_gaussians=args.test_reference_gaussians)),
     }
     tasks = []
     for name, (count, fields) in groups.items():
@@ -108,7 +115,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
             out = args.out / folder / f"{prefix}{i:04d}"
             if (out / "subject.json").is_file():
                 continue
-            tasks.append((str(out), dict(fields, seed=offset + i)))
+            tasks.append((str(out), dict(fields, seed=offset + i, looks=args.looks and has_looks(i, args.looks_share))))
     return tasks
 
 
@@ -140,7 +147,7 @@ def estimate(args: argparse.Namespace) -> dict:
     return {"device": device, "seconds_per_identity": timings, "serial_seconds": round(serial, 1), "with_workers_seconds": round(serial / max(args.workers, 1), 1), "workers": args.workers}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mono", type=int, default=160, help="training monocular identities")
@@ -161,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--flame", help="FLAME model (default: the built-in head)")
     ap.add_argument("--looks", action="store_true", help="identities with hair and facial-hair volumes, glasses, skin texture and a key light (backend/data/looks.py)")
+    ap.add_argument("--looks-share", type=float, default=1.0, metavar="FRACTION", help="with --looks: the share of each group's identities that get them (the rest are bare heads)")
     ap.add_argument("--estimate", action="store_true", help="time one identity per group and project the full run; write nothing")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.looks_share <= 1.0:
+        ap.error(f"--looks-share {args.looks_share}: a share must be in [0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     if args.estimate:
         print(json.dumps(estimate(args), indent=1))
