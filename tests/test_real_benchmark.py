@@ -262,3 +262,24 @@ def test_another_generator_needs_a_file_and_a_plain_tag_so_it_cannot_overwrite_t
             run = subprocess.run(bench + extra, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             assert run.returncode != 0 and message in run.stderr, (extra, run.stderr[-300:])
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_generator_regions_split_the_person_mask_into_four_parts(head: HeadModel, tracked_like: Path, tmp_path: Path) -> None:
+    from tests.benchmarks.generator_regions import parse_args, part_errors
+
+    subject = Subject.load(tracked_like)
+    avatar = initialize_on_subject(head, subject, InitConfig(gaussians=3000))
+    parts = part_errors(avatar, head, subject)
+    frames = subject.split["test"]
+    person = sum(int((subject.mask(t) > 0.5).sum()) for t in frames)
+    face = sum(int(((subject.mask(t) > 0.5) & (subject.face_mask(t) > 0.5)).sum()) for t in frames)
+    assert sum(count for _, count in parts.values()) == person and parts["face"][1] == face
+    assert all(err >= 0.0 for err, _ in parts.values()) and parts["above"][1] > 0
+
+    weights = tmp_path / "generator.pt"
+    weights.write_bytes(b"")
+    args, generators = parse_args(["--clips", "lp_d3", "--generator", f"mine={weights}"])
+    assert generators == {"shipped": None, "mine": str(weights)} and args.clips == ["lp_d3"]
+    for bad in ("mine", f"mine={tmp_path / 'missing.pt'}", f"shipped={weights}", f"={weights}"):
+        with pytest.raises(SystemExit):
+            parse_args(["--clips", "lp_d3", "--generator", bad])

@@ -477,18 +477,19 @@ def refine(
         raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
     local, faint_meta = final.avatar.local, {}
     if config.faint.enabled and run.density is None:
-        local, faint_meta = _settle_faint(run, head, subject, local, avatar.local)
+        local, faint_meta = _settle_faint(run, head, subject, tuned, local, avatar.local)
     out_avatar = replace(final.avatar, local=local.map(lambda t: t.cpu()), binding=run.binding.to("cpu"))
     out_avatar.meta = dict(source.meta) | {"refined_iterations": final.iteration, "refine_config": config.to_dict()} | faint_meta
     gains = None if final.exposure is None else frame_gains(final.exposure).cpu()
     return RefineResult(out_avatar, tuned.to("cpu"), history, run.timings, stopped, notes, gains)
 
 
-def _settle_faint(run: _Run, head: HeadModel, subject: Subject, local: LocalGaussians, start: LocalGaussians) -> tuple[LocalGaussians, dict]:
+def _settle_faint(run: _Run, head: HeadModel, subject: Subject, tuned: FlameParams, local: LocalGaussians, start: LocalGaussians) -> tuple[LocalGaussians, dict]:
     """``local`` with the colours of its faint Gaussians (``RefineConfig.faint``) back at
-    ``start``'s, and the share of them for the avatar's meta."""
+    ``start``'s, and the share of them for the avatar's meta. ``tuned``: the training frames'
+    parameters as the run ended (posed once more only when they were fine-tuned)."""
     with torch.no_grad():
-        verts = run.fixed[0] if run.fixed is not None else head(replace(run.params, **{k: v.detach() for k, v in run.flame.items()}), check=False).vertices
+        verts = run.fixed[0] if run.fixed is not None else head(tuned, check=False).vertices
     known_px, total_px = coverage(verts, head.faces, run.binding, local, subject, subject.split["train"])
     rows = faint_rows(known_px, total_px, run.config.faint)
     return restore_colours(local, start, rows), {"faint_share": float(rows.float().mean())}

@@ -32,16 +32,23 @@ PARTS = ("face", "above", "below", "beside")
 
 
 def part_errors(avatar: Avatar, head: HeadModel, subject: Subject) -> dict[str, tuple[float, int]]:
-    """Summed squared error (mean over RGB) and pixel count of each part over the held-out frames."""
+    """Summed squared error (mean over RGB) and pixel count of each part over the held-out
+    frames (frames whose face hull is empty are left out)."""
     bg = subject.background()
     acc = {part: (0.0, 0) for part in PARTS}
     for t in subject.split["test"]:
+        hull = subject.face_mask(t)
+        if hull is None:
+            raise SystemExit(f"{subject.root}: no tracked landmarks, so no face region (track the clip with bench_real.py track)")
+        face = hull[..., 0] > 0.5
+        rows = torch.nonzero(face.any(1))[:, 0]
+        if len(rows) == 0:
+            continue
         rgb = render_frame(avatar, head, subject.params.index([t]), subject.cameras(t), bg).rgb[0]
         m = subject.mask(t)
         target = subject.image(t) * m + bg * (1 - m)
         err = ((rgb - target) ** 2).mean(-1)
-        person, face = m[..., 0] > 0.5, subject.face_mask(t)[..., 0] > 0.5
-        rows = torch.nonzero(face.any(1))[:, 0]
+        person = m[..., 0] > 0.5
         row = torch.arange(person.shape[0])[:, None].expand_as(person)
         rest = person & ~face
         parts = {"face": face & person, "above": rest & (row < rows.min()), "below": rest & (row > rows.max())}
@@ -52,18 +59,24 @@ def part_errors(avatar: Avatar, head: HeadModel, subject: Subject) -> dict[str, 
     return acc
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, str | None]]:
+    """The arguments, and the generators to compare by name (the shipped weights first, None)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("data/real"), help="the real benchmark's folder (bench_real.py)")
     ap.add_argument("--clips", nargs="+", required=True, help="tracked clips to score")
     ap.add_argument("--generator", action="append", default=[], metavar="NAME=PATH", help="another generator file to compare (repeatable)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     generators: dict[str, str | None] = {"shipped": None}
     for item in args.generator:
         name, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            raise SystemExit(f"--generator {item!r}: give NAME=PATH of a generator file")
+        if not sep or not name or not Path(path).is_file() or name in generators:
+            ap.error(f"--generator {item!r}: give NAME=PATH of a generator file, one name each ({', '.join(generators)} taken)")
         generators[name] = path
+    return args, generators
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, generators = parse_args(argv)
     head = load_head_model()
     models = {name: load_generator(path, head)[0] for name, path in generators.items()}
     print("| clip | part | share of the mask | " + " | ".join(generators) + " |")
