@@ -490,8 +490,7 @@ def _settle_faint(run: _Run, head: HeadModel, subject: Subject, tuned: FlamePara
     parameters as the run ended (posed once more only when they were fine-tuned)."""
     with torch.no_grad():
         verts = run.fixed[0] if run.fixed is not None else head(tuned, check=False).vertices
-    known_px, total_px = coverage(verts, head.faces, run.binding, local, subject, subject.split["train"])
-    rows = faint_rows(known_px, total_px, run.config.faint)
+    rows = faint_rows(coverage(verts, head.faces, run.binding, local, subject, subject.split["train"]), run.config.faint)
     return restore_colours(local, start, rows), {"faint_share": float(rows.float().mean())}
 
 
