@@ -283,3 +283,17 @@ def test_generator_regions_split_the_person_mask_into_four_parts(head: HeadModel
     for bad in ("mine", f"mine={tmp_path / 'missing.pt'}", f"shipped={weights}", f"={weights}"):
         with pytest.raises(SystemExit):
             parse_args(["--clips", "lp_d3", "--generator", bad])
+
+
+def test_faint_sweep_reads_rules_and_refuses_bad_ones() -> None:
+    from backend.refine.config import FaintColours
+    from tests.benchmarks.real.faint_sweep import parse_rule, rule_label
+
+    assert parse_rule("off") is None
+    rule = parse_rule("min_known_share=0.5,min_known_px=0.1")
+    assert rule == {"min_known_share": 0.5, "min_known_px": 0.1, "min_facing": 0.0}
+    FaintColours(**rule)  # the names are the config's own
+    assert rule_label("min_known_share=0.5,min_known_px=0.1") == "known_share0.5_known_px0.1"
+    for bad in ("enabled=1", "min_known_px", "min_known_px=", "min_known_px=abc", "share=0.5"):
+        with pytest.raises(SystemExit):
+            parse_rule(bad)

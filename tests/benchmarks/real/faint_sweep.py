@@ -52,9 +52,12 @@ def parse_rule(text: str) -> dict[str, float] | None:
     rule = dict.fromkeys(sorted(names), 0.0)
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name not in names or not value:
-            raise SystemExit(f"bad rule {text!r}: expected off or NAME=VALUE,... with NAME in {sorted(names)}")
-        rule[name] = float(value)
+        try:
+            if name not in names:
+                raise ValueError(name)
+            rule[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"bad rule {text!r}: expected off or NAME=VALUE,... with NAME in {sorted(names)}") from None
     return rule
 
 
