@@ -9,7 +9,9 @@ configured), so everything keyed against the avatar in Blender still fits.
 from __future__ import annotations
 
 import copy
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -131,15 +133,17 @@ class _Targets:
         h, w = subject.info.height, subject.info.width
         self.num_cameras = subject.num_cameras
         self.views = len(frames) * self.num_cameras
-        imgs, uncovered, known, boxes = [], [], [], []
-        for t in frames:
-            for c in range(subject.num_cameras):
-                m = subject.mask(t, c)
-                imgs.append(subject.image(t, c) * m)
-                uncovered.append(1 - m)
-                known.append(subject.known(t, c))
-                ys, xs = torch.nonzero(m[..., 0] > 0.5, as_tuple=True)
-                boxes.append((int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1))
+
+        def view(t: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+            m = subject.mask(t, c)
+            ys, xs = torch.nonzero(m[..., 0] > 0.5, as_tuple=True)
+            box = (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())) if len(ys) else (0, h - 1, 0, w - 1)
+            return subject.image(t, c) * m, 1 - m, subject.known(t, c), box
+
+        # PNG decoding releases the GIL: a clip's frames decode side by side.
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            loaded = list(pool.map(view, *zip(*[(t, c) for t in frames for c in range(subject.num_cameras)])))
+        imgs, uncovered, known, boxes = (list(x) for x in zip(*loaded))
         self.crop_h = min(h, _round_up(max(b[1] - b[0] + 1 for b in boxes) + 2 * margin, 16))
         self.crop_w = min(w, _round_up(max(b[3] - b[2] + 1 for b in boxes) + 2 * margin, 16))
         windows = []  # (y0, x0) of each view's crop, centred on its mask
