@@ -9,6 +9,7 @@ of the repositories states a licence for its media: they are for evaluation only
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -53,6 +54,14 @@ class Layout:
     @property
     def results(self) -> Path:
         return self.root / f"results{self._suffix}"
+
+
+def clip_script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every per-clip script of the benchmark shares: ``--data`` and ``--clips``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("data/real"), help="benchmark data folder (ignored by git)")
+    ap.add_argument("--clips", nargs="+", required=True, help="subject names in DATA/subjects or DATA/packs")
+    return ap
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Writes ``results/<clip>/faint_sweep.json`` and, per rule, ``heldout_faint_<rule>
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ from tests.benchmarks.real.clips import (
     score,
     turntable_tiles,
 )
-from tests.benchmarks.real.data import Layout
+from tests.benchmarks.real.data import Layout, clip_script_parser
 from tests.benchmarks.real.protocol import Protocol
 
 METHOD = "ours-generator+dense+no-faint+photo-lr3+tuned"  # the refinement every rule settles
@@ -111,9 +110,7 @@ def sweep(name: str, layout: Layout, protocol: Protocol, rules: list[str]) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("data/real"), help="benchmark data folder (ignored by git)")
-    ap.add_argument("--clips", nargs="+", required=True, help="subject names in DATA/subjects or DATA/packs")
+    ap = clip_script_parser(__doc__)
     ap.add_argument(
         "--rules",
         nargs="+",

@@ -8,7 +8,6 @@ Writes ``results/<clip>/personalize_sweep.json`` and ``heldout_personalized_hold
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from tests.benchmarks.real.clips import _sync, heldout_tiles, open_subject, picture_frames, save_row  # noqa: E402
-from tests.benchmarks.real.data import Layout  # noqa: E402
+from tests.benchmarks.real.data import Layout, clip_script_parser  # noqa: E402
 
 SCORES = ("psnr", "psnr_mask", "psnr_face")
 
@@ -56,9 +55,7 @@ def sweep(name: str, layout: Layout, holds: list[float], iterations: int | None 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("data/real"), help="benchmark data folder (ignored by git)")
-    ap.add_argument("--clips", nargs="+", required=True, help="subject names in DATA/subjects or DATA/packs")
+    ap = clip_script_parser(__doc__)
     ap.add_argument("--holds", nargs="+", type=float, default=[0.0, 1e-5, 1e-4], help="RefineConfig.hold values to compare")
     ap.add_argument("--iterations", type=int, help="personalization steps (default: Personalization's)")
     args = ap.parse_args()
