@@ -16,7 +16,8 @@ that are not the person's that way:
 
 Together they are confetti wherever the head turns further than the views did. So after
 the last step such Gaussians take their starting colours back (the generator's, or the
-surface start's fill); their geometry and opacity stay as refined.
+surface start's fill); their geometry and opacity stay as refined. The edge-on rule is off
+by default: those Gaussians also draw the silhouettes that views like the training ones see.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from backend.head.model import HeadModel
 from backend.head.registry import load_head_model
 from backend.refine.evaluate import render_frame
 from tests.benchmarks.real.clips import open_subject
-from tests.benchmarks.real.data import Layout
+from tests.benchmarks.real.data import Layout, clip_script_parser
 
 PARTS = ("face", "above", "below", "beside")
 
@@ -61,9 +61,7 @@ def part_errors(avatar: Avatar, head: HeadModel, subject: Subject) -> dict[str, 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, str | None]]:
     """The arguments, and the generators to compare by name (the shipped weights first, None)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path("data/real"), help="the real benchmark's folder (bench_real.py)")
-    ap.add_argument("--clips", nargs="+", required=True, help="tracked clips to score")
+    ap = clip_script_parser(__doc__)
     ap.add_argument("--generator", action="append", default=[], metavar="NAME=PATH", help="another generator file to compare (repeatable)")
     args = ap.parse_args(argv)
     generators: dict[str, str | None] = {"shipped": None}
