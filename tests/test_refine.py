@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ from backend.refine.config import FaintColours, LearningRates, RefineConfig, pre
 from backend.refine.evaluate import evaluate, orbit_holes, render_view
 from backend.refine.initialize import InitConfig, initialize_on_subject
 from backend.refine.losses import psnr, ssim_map
-from backend.refine.refine import RefineState, _add_seen_sparsity, refine
+from backend.refine.refine import RefineState, _add_seen_sparsity, _Tuned, refine
 from backend.refine.regularizers import (
     AntiSpike,
     SurfaceHinge,
@@ -33,6 +36,8 @@ from backend.refine.regularizers import (
     spike_terms,
     surface_depth,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def hand_built(log_scales: list[list[float]], offsets: list[list[float]]) -> LocalGaussians:
@@ -156,6 +161,69 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(head: HeadModel, setup
     for name, t in full.avatar.local.tensors().items():
         assert torch.equal(resumed.avatar.local.tensors()[name], t), name
     assert full.exposure is not None and resumed.exposure is not None and torch.equal(resumed.exposure, full.exposure)
+
+
+def test_a_resumed_flame_fine_tuning_continues_where_it_stopped(head: HeadModel, setup) -> None:  # type: ignore[no-untyped-def]
+    subject, avatar = setup
+    config = RefineConfig(iterations=10, log_every=5, checkpoint_every=0, anti_spike=AntiSpike(max_scale=3.0), finetune_flame=True, exposure=True)
+    full = refine(avatar, head, subject, config)
+    calls = {"n": 0}
+
+    def stop_after_4() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    saved: list[RefineState] = []
+    refine(avatar, head, subject, config, should_stop=stop_after_4, checkpoint=saved.append)
+    resumed = refine(avatar, head, subject, config, resume=saved[-1])
+    train = subject.split["train"]
+    assert float((full.train_params.expr - subject.params.expr[train]).abs().max()) > 1e-3  # FLAME was tuned
+    # Posing's backward sums in a thread-dependent order on the CPU: two whole runs already
+    # differ by ~1e-8. A resume that lost FLAME's Adam moments would differ by ~1e-4.
+    for name in ("expr", "rotation", "neck_pose", "eyes_pose", "translation"):
+        torch.testing.assert_close(getattr(resumed.train_params, name), getattr(full.train_params, name), atol=1e-6, rtol=0, msg=name)
+
+
+def test_small_parameters_step_as_torch_adam_with_a_rate_per_field(rng: torch.Generator) -> None:
+    fields = {"expr": torch.randn(6, 5, generator=rng), "translation": torch.randn(6, 3, generator=rng)}
+    rate = {"expr": 1e-2, "translation": 3e-4}
+    tuned = _Tuned.of(fields, rate)
+    reference = {k: v.clone().requires_grad_(True) for k, v in fields.items()}
+    adam = torch.optim.Adam([{"params": [reference[k]], "lr": rate[k]} for k in fields])
+    for _ in range(5):
+        grads = {k: torch.randn(v.shape, generator=rng) for k, v in fields.items()}
+        tuned.optimizer.zero_grad()
+        sum((v * grads[k]).sum() for k, v in tuned.fields().items()).backward()
+        tuned.step()
+        adam.zero_grad()
+        sum((v * grads[k]).sum() for k, v in reference.items()).backward()
+        adam.step()
+    for k, v in tuned.fields().items():
+        # float32 bias corrections against torch's float64 ones: ~1e-7 apart after steps of ~rate.
+        torch.testing.assert_close(v.detach(), reference[k].detach(), atol=2e-6, rtol=0)
+        assert not torch.equal(v.detach(), fields[k])
+
+
+def test_refining_with_flame_and_exposure_tuned_never_imports_torch_dynamo(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Importing torch._dynamo costs a fresh command over a second; torch.optim's optimizers do.
+    script = f"""
+import sys
+from backend.data.subject import Subject
+from backend.data.synthetic import SynthConfig, synthesize
+from backend.head.registry import load_head_model
+from backend.refine.config import RefineConfig
+from backend.refine.initialize import InitConfig, initialize_on_subject
+from backend.refine.refine import refine
+from backend.refine.regularizers import AntiSpike
+head = load_head_model(None)
+subject = Subject.load(synthesize(head, {str(tmp_path)!r}, SynthConfig(frames=4, size=64, seed=3, reference_gaussians=5_000)))
+avatar = initialize_on_subject(head, subject, InitConfig(gaussians=2_000))
+refine(avatar, head, subject, RefineConfig(iterations=3, finetune_flame=True, exposure=True, anti_spike=AntiSpike(max_scale=3.0)))
+print("torch._dynamo" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_tracked_subjects_default_to_real_tuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -44,10 +44,10 @@ EAGER = {"compile": False, "cuda_graph": False, "fused": False}
         ({"compile": True}, True),
         ({"compile": False}, False),
         ({"compile": False, "fused": False}, False),
-        ({"compile": False, "finetune_flame": True}, True),
+        ({"compile": False, "finetune_flame": True, "exposure": True}, True),
         ({"compile": True, "cuda_graph": False}, False),
     ],
-    ids=["graph+compiled", "graph+compiled-random-bg", "graph+fused", "graph-unfused", "graph-flame-random-bg", "compiled-regions"],
+    ids=["graph+compiled", "graph+compiled-random-bg", "graph+fused", "graph-unfused", "graph-flame-exposure-random-bg", "compiled-regions"],
 )
 def test_fast_refinement_matches_eager_and_keeps_layout(case, fast: dict, random_background: bool) -> None:  # type: ignore[no-untyped-def]
     gpu, subject, avatar, before = case

@@ -50,6 +50,7 @@ CheckpointFn = Callable[["RefineState"], None]
 MAX_START_SHARE_OVER_SCALE = 0.25
 TILE_HEADROOM = 1.5  # tile budget over the most intersections seen; grown when a render nears it
 _FLAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
+_TORCH_ADAM_EPS = 1e-8  # FLAME's and the exposure's Adam as torch's default (the Gaussians' is smaller)
 
 
 @dataclass
@@ -310,6 +311,37 @@ def _kernels(config: RefineConfig, device: torch.device, layout: PackLayout) -> 
     return _Kernels(photometric, place_with_hinges if fused_placement else None, compiled_ahead)
 
 
+@dataclass(frozen=True)
+class _Tuned:
+    """Small per-frame parameters fine-tuned beside the Gaussians (FLAME's, the exposure's):
+    fields [T, d_i] side by side in one leaf [T, D], with one Adam and a rate per column.
+
+    ``RowAdam`` rather than ``torch.optim.Adam``: the first torch optimizer of a process
+    imports ``torch._dynamo``, more than a second of a fresh command's start.
+    """
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    packed: torch.Tensor  # [T, D] the optimized leaf
+    optimizer: RowAdam
+    rates: torch.Tensor  # [D] on the device
+
+    @classmethod
+    def of(cls, fields: dict[str, torch.Tensor], rate: dict[str, float]) -> _Tuned:
+        """``fields`` [T, d_i] packed (a copy), each column at its field's ``rate``."""
+        widths = tuple(int(v.shape[1]) for v in fields.values())
+        packed = torch.cat(list(fields.values()), dim=1).detach().requires_grad_(True)
+        rates = torch.cat([torch.full((w,), rate[k]) for k, w in zip(fields, widths)]).to(packed.device)
+        return cls(tuple(fields), widths, packed, RowAdam(packed, eps=_TORCH_ADAM_EPS), rates)
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Views of ``packed`` by field name (gradients through them reach it)."""
+        return dict(zip(self.names, self.packed.split(self.widths, dim=1)))
+
+    def step(self) -> None:
+        self.optimizer.step(self.rates)
+
+
 @dataclass
 class _Run:
     """One refinement run's state: what its step reads, and what its loop moves on.
@@ -323,8 +355,11 @@ class _Run:
         params: the subject's FLAME parameters with the avatar's shape, on the device.
         layout, packed: the local parameters packed [N, D], the optimized leaf.
         held: [N, D] the input avatar's packed parameters that ``config.hold`` pulls toward.
-        flame: the training frames' FLAME parameters [T, ...] (optimized when fine-tuned).
-        exposure: [T, 3] the training frames' log-gains (``config.exposure``), or None.
+        flame: the training frames' FLAME parameters [T, ...] that stay fixed (all of them
+            unless fine-tuned).
+        tuned: the fine-tuned ones with their optimizer (None unless fine-tuned).
+        exposure: the training frames' log-gains [T, 3] (``config.exposure``) with their
+            optimizer, or None.
         fixed: posed vertices [T, V, 3] and triangle frames of every training frame,
             computed once when FLAME is not fine-tuned (a step then only gathers them).
         graphed: the step is captured in a CUDA graph (CUDA and a frozen layout).
@@ -342,10 +377,9 @@ class _Run:
     held: torch.Tensor | None
     binding: Binding
     flame: dict[str, torch.Tensor]
+    tuned: _Tuned | None
     optimizer: RowAdam
-    flame_opt: torch.optim.Adam | None
-    exposure: torch.Tensor | None
-    exposure_opt: torch.optim.Adam | None
+    exposure: _Tuned | None
     targets: _Targets
     draws: _Draws
     rates: torch.Tensor  # [iterations, D] learning rates
@@ -374,28 +408,30 @@ class _Run:
         flame = {k: getattr(params, k)[frames].clone() for k in _FLAME_FIELDS}
         if resume:
             flame = {k: v.to(device) for k, v in resume.flame.items()}
-        # On a head whose jawOpen carries the jaw, the joint stays at rest here too.
-        tuned = [k for k in _FLAME_FIELDS if not (k == "jaw_pose" and head.data.jaw_expression is not None)]
-        for k, v in flame.items():
-            v.requires_grad_(config.finetune_flame and k in tuned)
+        tuned = None
+        if config.finetune_flame:
+            # On a head whose jawOpen carries the jaw, the joint stays at rest here too.
+            names = tuple(k for k in _FLAME_FIELDS if not (k == "jaw_pose" and head.data.jaw_expression is not None))
+            lr = config.lr
+            rate = {"expr": lr.flame_expr, "translation": lr.flame_translation} | {k: lr.flame_pose for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")}
+            tuned = _Tuned.of({k: flame.pop(k) for k in names}, rate)
         targets = _Targets(subject, frames, device, config.loss_margin)
         draws = _draw(config, len(frames), subject, device)
         density = DensityControl(config.densify, binding, subject) if config.densify else None
         graphed = config.cuda_graph and device.type == "cuda" and density is None
         optimizer = RowAdam(packed)
         rates = learning_rates(config, layout).to(device)
-        flame_opt = _flame_optimizer(config, {k: flame[k] for k in tuned}, graphed, device) if config.finetune_flame else None
-        exposure, exposure_opt = None, None
+        exposure = None
         if config.exposure:
-            exposure = (resume.exposure.to(device) if resume and resume.exposure is not None else torch.zeros(len(frames), 3, device=device)).requires_grad_(True)
-            exposure_opt = torch.optim.Adam([exposure], lr=config.lr.exposure, capturable=graphed, fused=device.type == "cuda")
+            gains = resume.exposure.to(device) if resume and resume.exposure is not None else torch.zeros(len(frames), 3, device=device)
+            exposure = _Tuned.of({"exposure": gains}, {"exposure": config.lr.exposure})
         if resume:
             optimizer.load_state_dict(resume.optimizer["gaussians"])
-            for name, opt in (("flame", flame_opt), ("exposure", exposure_opt)):
-                if opt is not None and name in resume.optimizer:
-                    opt.load_state_dict(resume.optimizer[name])
+            for name, small in (("flame", tuned), ("exposure", exposure)):
+                if small is not None and name in resume.optimizer:
+                    small.optimizer.load_state_dict(resume.optimizer[name])
         fixed = None
-        if not config.finetune_flame:
+        if tuned is None:
             with torch.no_grad():
                 verts_all = head(replace(params, **flame), check=False).vertices
                 fixed = (verts_all, triangle_frames(verts_all, head.faces))
@@ -404,36 +440,30 @@ class _Run:
         counter = torch.full((1,), start, dtype=torch.int64, device=device)
         return cls(
             config=config, source=source, params=params, layout=layout, packed=packed, held=held, binding=binding, flame=flame,
-            optimizer=optimizer, flame_opt=flame_opt, exposure=exposure, exposure_opt=exposure_opt, targets=targets, draws=draws, rates=rates, fixed=fixed, density=density,
+            tuned=tuned, optimizer=optimizer, exposure=exposure, targets=targets, draws=draws, rates=rates, fixed=fixed, density=density,
             graphed=graphed, start=start, counter=counter, timings=timings, clock=_StageClock(device, profile, timings),
         )
 
     @property
-    def optimizers(self) -> list[RowAdam | torch.optim.Optimizer]:
+    def optimizers(self) -> list[RowAdam]:
         """Every optimizer of the step, the Gaussians' first."""
-        return [self.optimizer] + [opt for opt in (self.flame_opt, self.exposure_opt) if opt is not None]
+        return [self.optimizer] + [small.optimizer for small in (self.tuned, self.exposure) if small is not None]
+
+    def flame_fields(self) -> dict[str, torch.Tensor]:
+        """The training frames' FLAME parameters by field name, [T, ...]; fine-tuned ones are
+        views of their packed tensor (gradients through them reach it)."""
+        return self.flame | (self.tuned.fields() if self.tuned is not None else {})
 
     def state(self, step: int) -> RefineState:
         """A copy of the run after ``step`` steps, for a checkpoint or the result."""
         # state_dict() holds the live moment tensors, which the next steps update in place.
-        named = {"gaussians": self.optimizer, "flame": self.flame_opt, "exposure": self.exposure_opt}
-        opt = copy.deepcopy({name: o.state_dict() for name, o in named.items() if o is not None})
+        named = {"gaussians": self.optimizer} | {name: small.optimizer for name, small in (("flame", self.tuned), ("exposure", self.exposure)) if small is not None}
+        opt = copy.deepcopy({name: o.state_dict() for name, o in named.items()})
         current = replace(self.source, binding=self.binding, local=unpacked_copy(self.packed, self.layout))
-        flame = {k: v.detach().clone() for k, v in self.flame.items()}
-        exposure = None if self.exposure is None else self.exposure.detach().clone()
+        flame = {k: v.detach().clone() for k, v in self.flame_fields().items()}
+        exposure = None if self.exposure is None else self.exposure.packed.detach().clone()
         return RefineState(step, current, opt, flame, self.config.to_dict(), dict(self.timings), exposure)
 
-
-def _flame_optimizer(config: RefineConfig, flame: dict[str, torch.Tensor], capturable: bool, device: torch.device) -> torch.optim.Adam:
-    """Adam over the training frames' FLAME parameters in ``flame`` (those fine-tuned), one
-    rate per kind of parameter."""
-    lr = config.lr
-    return torch.optim.Adam(
-        [{"params": [flame["expr"]], "lr": lr.flame_expr}, {"params": [flame["translation"]], "lr": lr.flame_translation}]
-        + [{"params": [flame[k]], "lr": lr.flame_pose} for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose") if k in flame],
-        capturable=capturable,
-        fused=device.type == "cuda",  # one kernel per group: the per-tensor loop costs more than these small tensors' math
-    )
 
 
 def refine(
@@ -476,7 +506,7 @@ def refine(
     run = _Run.begin(avatar, head, subject, config, resume, profile)
     train_step = _build_step(run, head, kernels, lpips)
     final, history, stopped = _run_steps(run, train_step, kernels, progress, should_stop, checkpoint)
-    tuned = replace(run.params, **{k: v.detach().clone() for k, v in run.flame.items()})
+    tuned = replace(run.params, **{k: v.detach().clone() for k, v in run.flame_fields().items()})
     if run.binding.count != source.binding.count and run.density is None:
         raise RuntimeError("refinement changed the Gaussian count with a frozen layout")
     local, faint_meta = final.avatar.local, {}
@@ -539,7 +569,7 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         index); with ``through_compiled``, through the compiled functions when compiling."""
         if run.fixed is not None:
             return run.fixed[0].index_select(0, frame), TriangleFrames(*(t.index_select(0, frame) for t in run.fixed[1]))
-        verts = head(replace(run.params, **{k: v.index_select(0, frame) for k, v in run.flame.items()}), check=False).vertices
+        verts = head(replace(run.params, **{k: v.index_select(0, frame) for k, v in run.flame_fields().items()}), check=False).vertices
         return verts, (frames_of if through_compiled else triangle_frames)(verts, head.faces)
 
     def posed(frame: torch.Tensor, local: LocalGaussians, through_compiled: bool = True) -> Splats:
@@ -580,7 +610,7 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         out = render(splats, view, background, budget=run.budget, depth=False)
         rgb = out.rgb[:, 0]
         if run.exposure is not None:
-            rgb = exposed(rgb, out.alpha[:, 0], background, frame_gains(run.exposure).index_select(0, frame))
+            rgb = exposed(rgb, out.alpha[:, 0], background, frame_gains(run.exposure.packed).index_select(0, frame))
         target = run.targets.get(view_idx, background, rgb)
         clock.lap("render")
         if kernels.place_with_hinges is not None:
@@ -599,9 +629,9 @@ def _build_step(run: _Run, head: HeadModel, kernels: _Kernels, lpips: Lpips | No
         run.optimizer.step(run.rates.index_select(0, counter)[0])
         if config.bound_colours:
             bound_base_colours_(packed, layout)
-        for opt in (run.flame_opt, run.exposure_opt):
-            if opt is not None:
-                opt.step()
+        for small in (run.tuned, run.exposure):
+            if small is not None:
+                small.step()
         counter.add_(1)
         clock.lap("optimizer")
         return loss, rgb, target
