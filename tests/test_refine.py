@@ -204,10 +204,12 @@ def test_small_parameters_step_as_torch_adam_with_a_rate_per_field(rng: torch.Ge
         assert not torch.equal(v.detach(), fields[k])
 
 
-def test_refining_with_flame_and_exposure_tuned_never_imports_torch_dynamo(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # Importing torch._dynamo costs a fresh command over a second; torch.optim's optimizers do.
+def test_a_refine_command_imports_neither_torch_dynamo_nor_cv2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Each costs a fresh command about half a second to over a second: torch.optim's
+    # optimizers import torch._dynamo, and only tracking needs OpenCV.
     script = f"""
 import sys
+import backend.cli
 from backend.data.subject import Subject
 from backend.data.synthetic import SynthConfig, synthesize
 from backend.head.registry import load_head_model
@@ -219,11 +221,11 @@ head = load_head_model(None)
 subject = Subject.load(synthesize(head, {str(tmp_path)!r}, SynthConfig(frames=4, size=64, seed=3, reference_gaussians=5_000)))
 avatar = initialize_on_subject(head, subject, InitConfig(gaussians=2_000))
 refine(avatar, head, subject, RefineConfig(iterations=3, finetune_flame=True, exposure=True, anti_spike=AntiSpike(max_scale=3.0)))
-print("torch._dynamo" in sys.modules)
+print(sorted(m for m in ("torch._dynamo", "cv2") if m in sys.modules))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_tracked_subjects_default_to_real_tuning_random_backgrounds_and_no_depth_hinge(head: HeadModel, setup, tmp_path) -> None:  # type: ignore[no-untyped-def]

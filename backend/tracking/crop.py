@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -114,6 +113,8 @@ def to_crop(points: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
 
 def mesh_silhouette(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray, world_to_cam: np.ndarray, size: int) -> np.ndarray:
     """[size, size] bool: where the mesh's triangles project (no depth test needed for a silhouette)."""
+    import cv2  # half a second to import: only tracking draws masks, so commands that do not track skip it
+
     cam = vertices @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
     z = cam[:, 2]
     uv = cam[:, :2] / np.maximum(z, 1e-6)[:, None] @ K[:2, :2].T + K[:2, 2]
@@ -136,6 +137,8 @@ def head_mask(
     below it only what lies near the fitted mesh's silhouette (jaw, neck) when it is given;
     and everything fades out a little below the chin (``config.neck``).
     """
+    import cv2  # imported here, as in mesh_silhouette
+
     size = person.shape[0]
     m = np.clip(person.astype(np.float32), 0.0, 1.0)
     hull = cv2.convexHull(np.round(points_crop[:, :2] * 16).astype(np.int32))
