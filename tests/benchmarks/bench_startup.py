@@ -47,13 +47,19 @@ class Marks:
         return "\n".join(lines)
 
 
-def refine_stages(args: argparse.Namespace, mark: Marks) -> None:
+def start_torch(mark: Marks) -> str:
+    """Import torch and start its device (CUDA where present); returns the device's name."""
     import torch
 
     mark("import torch")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.zeros(1, device=device)
     mark(f"start {device}")
+    return device
+
+
+def refine_stages(args: argparse.Namespace, mark: Marks) -> None:
+    device = start_torch(mark)
     from backend.data.subject import Subject
     from backend.gaussians.files import load_avatar, save_avatar
     from backend.head.registry import load_head_model
@@ -77,12 +83,7 @@ def refine_stages(args: argparse.Namespace, mark: Marks) -> None:
 
 
 def generate_stages(args: argparse.Namespace, mark: Marks) -> None:
-    import torch
-
-    mark("import torch")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.zeros(1, device=device)
-    mark(f"start {device}")
+    device = start_torch(mark)
     from backend.data.subject import Subject
     from backend.gaussians.files import save_avatar
     from backend.generate.checkpoint import load_generator
