@@ -4,7 +4,9 @@ One tensor instead of five makes Adam's update a handful of element-wise kernels
 parameters at once. torch's fused Adam runs one multi-tensor kernel per parameter group,
 and gives each 64K-element chunk of a tensor one thread block. With five groups of
 100K-row tensors that is about 200 us per step on an H100, most of it latency. Rows are
-Gaussians, so densification gathers parameters and moments with one row index.
+Gaussians, so densification gathers parameters and moments with one row index. The small
+per-frame parameters refinement may tune beside them (FLAME's, the exposure's) are packed
+the same way, one row per frame (``PackedFields``).
 """
 
 from __future__ import annotations
@@ -125,3 +127,37 @@ class RowAdam:
             raise InputError("the checkpoint's optimizer state does not match this avatar (written by another version?)")
         for name, value in state.items():
             getattr(self, name).copy_(value)
+
+
+TORCH_ADAM_EPS = 1e-8  # torch.optim.Adam's default; the Gaussians' RowAdam uses a smaller one
+
+
+@dataclass(frozen=True)
+class PackedFields:
+    """Small per-frame parameters fine-tuned beside the Gaussians (FLAME's, the exposure's):
+    fields [T, d_i] side by side in one leaf [T, D], with one Adam and a rate per column.
+
+    ``RowAdam`` rather than ``torch.optim.Adam``: the first torch optimizer of a process
+    imports ``torch._dynamo``, more than a second of a fresh command's start.
+    """
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    packed: torch.Tensor  # [T, D] the optimized leaf
+    optimizer: RowAdam
+    rates: torch.Tensor  # [D] on the device
+
+    @classmethod
+    def of(cls, fields: dict[str, torch.Tensor], rate: dict[str, float]) -> PackedFields:
+        """``fields`` [T, d_i] packed (a copy), each column at its field's ``rate``."""
+        widths = tuple(int(v.shape[1]) for v in fields.values())
+        packed = torch.cat(list(fields.values()), dim=1).detach().requires_grad_(True)
+        rates = torch.cat([torch.full((w,), rate[k]) for k, w in zip(fields, widths)]).to(packed.device)
+        return cls(tuple(fields), widths, packed, RowAdam(packed, eps=TORCH_ADAM_EPS), rates)
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Views of ``packed`` by field name (gradients through them reach it)."""
+        return dict(zip(self.names, self.packed.split(self.widths, dim=1)))
+
+    def step(self) -> None:
+        self.optimizer.step(self.rates)

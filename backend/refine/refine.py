@@ -34,7 +34,7 @@ from backend.refine.exposure import exposed, frame_gains
 from backend.refine.faint import coverage, faint_rows, restore_colours
 from backend.refine.fused import usable as fused_kernels_usable
 from backend.refine.losses import photometric_loss, psnr
-from backend.refine.packed import PackLayout, RowAdam, pack, unpack, unpacked_copy
+from backend.refine.packed import PackedFields, PackLayout, RowAdam, pack, unpack, unpacked_copy
 from backend.refine.perceptual import Lpips, load_lpips
 from backend.refine.regularizers import depth_loss, spike_loss
 from backend.render.camera import Cameras
@@ -50,7 +50,6 @@ CheckpointFn = Callable[["RefineState"], None]
 MAX_START_SHARE_OVER_SCALE = 0.25
 TILE_HEADROOM = 1.5  # tile budget over the most intersections seen; grown when a render nears it
 _FLAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
-_TORCH_ADAM_EPS = 1e-8  # FLAME's and the exposure's Adam as torch's default (the Gaussians' is smaller)
 
 
 @dataclass
@@ -311,37 +310,6 @@ def _kernels(config: RefineConfig, device: torch.device, layout: PackLayout) -> 
     return _Kernels(photometric, place_with_hinges if fused_placement else None, compiled_ahead)
 
 
-@dataclass(frozen=True)
-class _Tuned:
-    """Small per-frame parameters fine-tuned beside the Gaussians (FLAME's, the exposure's):
-    fields [T, d_i] side by side in one leaf [T, D], with one Adam and a rate per column.
-
-    ``RowAdam`` rather than ``torch.optim.Adam``: the first torch optimizer of a process
-    imports ``torch._dynamo``, more than a second of a fresh command's start.
-    """
-
-    names: tuple[str, ...]
-    widths: tuple[int, ...]
-    packed: torch.Tensor  # [T, D] the optimized leaf
-    optimizer: RowAdam
-    rates: torch.Tensor  # [D] on the device
-
-    @classmethod
-    def of(cls, fields: dict[str, torch.Tensor], rate: dict[str, float]) -> _Tuned:
-        """``fields`` [T, d_i] packed (a copy), each column at its field's ``rate``."""
-        widths = tuple(int(v.shape[1]) for v in fields.values())
-        packed = torch.cat(list(fields.values()), dim=1).detach().requires_grad_(True)
-        rates = torch.cat([torch.full((w,), rate[k]) for k, w in zip(fields, widths)]).to(packed.device)
-        return cls(tuple(fields), widths, packed, RowAdam(packed, eps=_TORCH_ADAM_EPS), rates)
-
-    def fields(self) -> dict[str, torch.Tensor]:
-        """Views of ``packed`` by field name (gradients through them reach it)."""
-        return dict(zip(self.names, self.packed.split(self.widths, dim=1)))
-
-    def step(self) -> None:
-        self.optimizer.step(self.rates)
-
-
 @dataclass
 class _Run:
     """One refinement run's state: what its step reads, and what its loop moves on.
@@ -377,9 +345,9 @@ class _Run:
     held: torch.Tensor | None
     binding: Binding
     flame: dict[str, torch.Tensor]
-    tuned: _Tuned | None
+    tuned: PackedFields | None
     optimizer: RowAdam
-    exposure: _Tuned | None
+    exposure: PackedFields | None
     targets: _Targets
     draws: _Draws
     rates: torch.Tensor  # [iterations, D] learning rates
@@ -414,7 +382,7 @@ class _Run:
             names = tuple(k for k in _FLAME_FIELDS if not (k == "jaw_pose" and head.data.jaw_expression is not None))
             lr = config.lr
             rate = {"expr": lr.flame_expr, "translation": lr.flame_translation} | {k: lr.flame_pose for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")}
-            tuned = _Tuned.of({k: flame.pop(k) for k in names}, rate)
+            tuned = PackedFields.of({k: flame.pop(k) for k in names}, rate)
         targets = _Targets(subject, frames, device, config.loss_margin)
         draws = _draw(config, len(frames), subject, device)
         density = DensityControl(config.densify, binding, subject) if config.densify else None
@@ -424,7 +392,7 @@ class _Run:
         exposure = None
         if config.exposure:
             gains = resume.exposure.to(device) if resume and resume.exposure is not None else torch.zeros(len(frames), 3, device=device)
-            exposure = _Tuned.of({"exposure": gains}, {"exposure": config.lr.exposure})
+            exposure = PackedFields.of({"exposure": gains}, {"exposure": config.lr.exposure})
         if resume:
             optimizer.load_state_dict(resume.optimizer["gaussians"])
             for name, small in (("flame", tuned), ("exposure", exposure)):
