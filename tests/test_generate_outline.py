@@ -21,7 +21,7 @@ from backend.gaussians.frames import surface_points, triangle_frames
 from backend.gaussians.layout import sample_layout
 from backend.gaussians.surface import SurfaceInit, surface_local
 from backend.generate.model import Generator, SourceViews, preset
-from backend.generate.outline import OutlineFit, fit_outline, hair_weight, measure_lift
+from backend.generate.outline import OutlineFit, fit_outline, hair_weight, measure_lift, part_weight
 from backend.head.params import FlameParams
 from backend.head.registry import load_head_model
 from backend.render.camera import Cameras, HeadShot, project
@@ -62,7 +62,8 @@ def _render_local(head, binding, local: LocalGaussians, cams: Cameras, static_of
 def _fit(generator: Generator, head, sources: SourceViews, config: OutlineFit = OutlineFit(), local: LocalGaussians | None = None):  # type: ignore[no-untyped-def]
     """(local [1, N, ...], template offset [V, 3], summary) of the outline step on the surface head."""
     hair = hair_weight(head.data, generator.binding, config.hairline_ramp)
-    local, lift, summary = fit_outline(generator, sources, generator.base_local(1) if local is None else local, hair, _rest(head), config)
+    scalp = part_weight(head.data, generator.binding, "scalp")
+    local, lift, summary = fit_outline(generator, sources, generator.base_local(1) if local is None else local, hair, scalp, _rest(head), config)
     return local, lift[0], summary
 
 
@@ -179,11 +180,53 @@ def test_the_lifted_shell_takes_the_colour_where_it_lands(head, generator: Gener
     after, lift, _ = _fit(generator, head, sources, local=grey)
     corners = generator.faces[generator.face_idx]
     lifted = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) > 0.008  # [N]: more than 8 mm out
+    template = torch.as_tensor(np.asarray(head.data.v_template), dtype=torch.float32)
+    front = (template[corners] * generator.bary[..., None]).sum(1)[:, 2] > float(template[:, 2].mean())  # the source's side
     changed = (after.sh[0, :, 0] - grey.sh[0, :, 0]).abs().amax(-1) > 1e-3
-    assert int((lifted & changed).sum()) > 10
-    rgb = 0.5 + SH_C0 * after.sh[0, lifted & changed, 0]
+    assert int((lifted & front & changed).sum()) > 10
+    rgb = 0.5 + SH_C0 * after.sh[0, lifted & front & changed, 0]
     # Green hair, not skin: the lifted Gaussians that were recoloured landed on the hair.
     assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
+
+
+def test_hair_no_source_shows_takes_the_colour_of_the_hair_they_show(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
+    """One frontal source: the back of the head is lifted (the measurements spread over the
+    hair's region) but seen by nothing; its scalp must be hair-coloured, not the network's grey."""
+    sources = sources_of(head, _cameras([0.0]), HAIR_MM)
+    base = generator.base_local(1)
+    grey = LocalGaussians(base.offset, base.rotation, base.log_scale, base.opacity_logit, torch.zeros_like(base.sh))
+    after, lift, _ = _fit(generator, head, sources, local=grey)
+    corners = generator.faces[generator.face_idx]
+    template = torch.as_tensor(np.asarray(head.data.v_template), dtype=torch.float32)
+    point = (template[corners] * generator.bary[..., None]).sum(1)
+    lifted = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) > 0.008
+    back = lifted & (point[:, 2] < float(template[:, 2].min()) + 0.04)  # the back of the head and neck
+    scalp = part_weight(head.data, generator.binding, "scalp")
+    assert int((back & (scalp == 1)).sum()) > 20 and int((back & (scalp == 0)).sum()) > 20
+    rgb = 0.5 + SH_C0 * after.sh[0, back & (scalp == 1), 0]
+    assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
+    # Below the hairline (the back of the neck) short hair would leave skin: left as the network made it.
+    assert torch.equal(after.sh[0, back & (scalp == 0)], grey.sh[0, back & (scalp == 0)])
+
+
+def test_the_shell_reads_its_colour_inside_the_mask_not_at_its_soft_edge(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
+    """Over a red background, the mask's soft edge mixes red into the pixels: with no margin
+    some lifted Gaussians turn red, with the default margin none does."""
+    sources = sources_of(head, _cameras([0.0, 60.0]), HAIR_MM)
+    sources.images = sources.images - (1 - sources.masks) * torch.tensor([0.0, 1.0, 1.0])
+    base = generator.base_local(1)
+    # The network's colour is skin: any blend with it stays between skin and hair.
+    skin_coloured = LocalGaussians(base.offset, base.rotation, base.log_scale, base.opacity_logit, torch.zeros_like(base.sh) + (torch.tensor(SKIN) - 0.5) / SH_C0)
+    redness = {}
+    for margin in (0.0, OutlineFit().colour_margin):
+        after, lift, _ = _fit(generator, head, sources, OutlineFit(colour_margin=margin), local=skin_coloured)
+        lifted = (lift.norm(dim=-1)[generator.faces[generator.face_idx]] * generator.bary).sum(-1) > 0.004
+        rgb = 0.5 + SH_C0 * after.sh[0, lifted, 0]
+        # Mixes of skin and hair lie on the segment between them; the background pulls off it.
+        skin, hair = torch.tensor(SKIN), torch.tensor(HAIR)
+        along = (((rgb - hair) @ (skin - hair)) / (skin - hair).square().sum()).clamp(0, 1)
+        redness[margin] = float((rgb - hair - along[:, None] * (skin - hair)).norm(dim=-1).max())
+    assert redness[0.0] > 0.05 and redness[OutlineFit().colour_margin] < 0.02, redness
 
 
 def test_outline_does_not_depend_on_source_order(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from backend.data.subject import Subject
 from backend.gaussians.avatar import Avatar
 from backend.gaussians.resample import resample_avatar
 from backend.generate.model import MAX_SOURCES, Generator, PoolMode, SourceViews
-from backend.generate.outline import OutlineFit, fit_outline, hair_weight
+from backend.generate.outline import OutlineFit, fit_outline, hair_weight, part_weight
 from backend.head.model import HeadModel
 from backend.head.params import FlameParams
 from backend.wire.errors import InputError
@@ -131,7 +131,8 @@ def generate_avatar(
         rest = head(replace(neutral, shape=params.shape.to(model.device), static_offset=own)).vertices
         hair = hair_weight(head.data, model.binding, outline.hairline_ramp)
         seen_as = sources.with_gains(out.gains) if match_colours else sources
-        local, lift, fitted = fit_outline(model, seen_as, local, hair, rest, outline)
+        scalp = part_weight(head.data, model.binding, "scalp")
+        local, lift, fitted = fit_outline(model, seen_as, local, hair, scalp, rest, outline)
         _sync(model.device)
         if bool(lift.any()):
             static_offset = lift[0].cpu() if static_offset is None else static_offset + lift[0].cpu()

@@ -15,7 +15,8 @@ this step reads them from the masks directly, after the network, in one pass:
    of the template, the avatar's ``static_offset``): the Gaussians keep their place on
    their triangles and grow with them, so the shell stays closed and the refinement's
    hinges, which keep Gaussians near their triangles, hold them on the hair.
-   The lifted Gaussians take their colour from where they now land in the sources.
+   The lifted Gaussians take their colour from where they now land in the sources; lifted
+   scalp that no source shows, from the hair the sources show around the outline.
 2. **Carve.** A Gaussian that lands where a source's person mask fades out (the neck below
    the mask's fade; the far side of the neck behind it) gets no more opacity than the mask
    there, as the source image was composited with that mask: the visual hull of the masks,
@@ -61,6 +62,8 @@ class OutlineFit(Config):
     carve_margin: the masks are widened by this share of the image side before carving.
     recolour_lift: metres of lift at which a Gaussian's colour is wholly the one its new
         place shows in the sources (less lift, a blend with the network's colour).
+    colour_margin: the shell reads its colour only where the mask, eroded by this share of
+        the image side, still holds the person (the soft edge mixes in the background).
     """
 
     enabled: bool = True
@@ -72,6 +75,7 @@ class OutlineFit(Config):
     smooth: int = 5
     carve_margin: float = 0.015
     recolour_lift: float = 0.004
+    colour_margin: float = 0.01
 
     def check(self) -> None:
         above("max_lift", self.max_lift, 0.0)
@@ -82,12 +86,36 @@ class OutlineFit(Config):
         at_least("smooth", self.smooth, 1)
         at_least("carve_margin", self.carve_margin, 0.0)
         above("recolour_lift", self.recolour_lift, 0.0)
+        at_least("colour_margin", self.colour_margin, 0.0)
 
 
 def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """[V, 3] unit normals of ``vertices`` (any device; ``mesh_preview.vertex_normals``)."""
     normals = vertex_normals(vertices.detach().cpu().double().numpy(), faces.cpu().numpy())
     return torch.from_numpy(normals).to(vertices)
+
+
+def _vertex_part(data: HeadModelData, *names: str) -> torch.Tensor:
+    """[V] bool: the union of the named part masks the head has."""
+    masks = data.part_masks or {}
+    union = np.zeros(len(np.asarray(data.v_template)), bool)
+    for name in names:
+        if name in masks:
+            union |= np.asarray(masks[name], bool)
+    return torch.from_numpy(union)
+
+
+def _per_gaussian(values: torch.Tensor, data: HeadModelData, binding: Binding) -> torch.Tensor:
+    """[V] per-vertex values -> [N] barycentric per Gaussian (made on the CPU, whatever device
+    the layout lives on)."""
+    corners = torch.as_tensor(np.asarray(data.faces), dtype=torch.long)[binding.face_idx.cpu()]
+    return (values.float()[corners] * binding.bary.float().cpu()).sum(-1)
+
+
+def part_weight(data: HeadModelData, binding: Binding, *names: str) -> torch.Tensor:
+    """[N] how much of each Gaussian lies on the named part masks, in [0, 1] (zeros for parts
+    the head does not have)."""
+    return _per_gaussian(_vertex_part(data, *names), data, binding)
 
 
 def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Tensor:
@@ -104,19 +132,10 @@ def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Ten
         return torch.zeros(binding.count)
     verts = torch.as_tensor(np.asarray(data.v_template), dtype=torch.float32)
     faces = torch.as_tensor(np.asarray(data.faces), dtype=torch.long)
-
-    def part(*names: str) -> torch.Tensor:
-        """[V] bool: the union of the named masks the head has."""
-        union = np.zeros(len(verts), bool)
-        for name in names:
-            if name in masks:
-                union |= np.asarray(masks[name], bool)
-        return torch.from_numpy(union)
-
-    weight = part("scalp").float()
-    ears = part("ears", "left_ear", "right_ear")
+    weight = _vertex_part(data, "scalp").float()
+    ears = _vertex_part(data, "ears", "left_ear", "right_ear")
     # The skin the hair may cover: all of it where the head says, else the neck.
-    skin = part("skin") if "skin" in masks else part("neck")
+    skin = _vertex_part(data, "skin" if "skin" in masks else "neck")
     if ears.any():
         skin &= verts[:, 2] <= verts[ears, 2].max()  # behind the front of the ears, not the cheeks
         weight = torch.maximum(weight, ears.float())
@@ -127,8 +146,7 @@ def hair_weight(data: HeadModelData, binding: Binding, ramp: float) -> torch.Ten
         inside, outside = weight > 0, verts[weight <= 0]
         edge = torch.cat([torch.cdist(chunk, outside).amin(1) for chunk in verts[inside].split(2048)])
         weight[inside] *= (edge / ramp).clamp(0, 1)
-    # The weights are made on the CPU, whatever device the layout lives on.
-    return (weight[faces[binding.face_idx.cpu()]] * binding.bary.float().cpu()).sum(-1)
+    return _per_gaussian(weight, data, binding)
 
 
 class _Posed(NamedTuple):
@@ -215,13 +233,15 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
 
 @torch.no_grad()
 def fit_outline(
-    model: Generator, sources: SourceViews, local: LocalGaussians, hair: torch.Tensor, rest_vertices: torch.Tensor, config: OutlineFit
+    model: Generator, sources: SourceViews, local: LocalGaussians, hair: torch.Tensor, scalp: torch.Tensor, rest_vertices: torch.Tensor, config: OutlineFit
 ) -> tuple[LocalGaussians, torch.Tensor, dict]:
     """The generated Gaussians with the sources' hair volume and outline.
 
     Args:
         local: [B, N, ...] the network's output for ``sources``.
         hair: [N] ``hair_weight`` of the model's layout.
+        scalp: [N] ``part_weight(..., "scalp")``: where hair no source shows takes the colour
+            of the hair they do.
         rest_vertices: [B, V, 3] each identity's head at rest (zero pose and expression).
     Returns:
         The local Gaussians recoloured and carved; the lift as a per-vertex offset of the
@@ -233,7 +253,7 @@ def fit_outline(
     config.check()
     b, k, h, w = sources.images.shape[:4]
     m = b * k
-    hair = hair.to(model.device)
+    hair, scalp = hair.to(model.device), scalp.to(model.device)
     posed = _posed(model, sources)
     lift, measured = measure_lift(model, sources, hair, config, posed)
     count = measured.float().sum(1)  # [B, N]
@@ -272,20 +292,34 @@ def fit_outline(
     ceiling = logit(outside.clamp(1e-3, 1 - 1e-3))
     opacity_logit = torch.where(outside < 1.0, torch.minimum(local.opacity_logit, ceiling), local.opacity_logit)
 
-    # Recolour the lifted shell from where it now lands (the network coloured it on the head).
+    # Recolour the lifted shell from where it now lands (the network coloured it on the head),
+    # reading only pixels well inside the mask: at its soft edge they mix in the background.
     cos = (F.normalize(cams.centers[:, 0, None] - lifted, dim=-1) * normal).sum(-1)
-    inside = sample_maps(masks, xy_norm)[..., 0] > 0.5
+    e = round(config.colour_margin * max(h, w))
+    held = -F.max_pool2d(-masks, 2 * e + 1, 1, e) if e > 0 else masks
+    inside = sample_maps(held, xy_norm)[..., 0] > 0.5
     facing = ((cos > -config.grazing_cos) & in_image & inside).float() * (cos + config.grazing_cos)
     facing = facing.reshape(b, k, -1)
     rgb = sample_maps(sources.images.reshape(m, h, w, 3).permute(0, 3, 1, 2).float(), xy_norm).reshape(b, k, -1, 3)
     seen = facing.sum(1)
     colour = (facing[..., None] * rgb).sum(1) / seen.clamp_min(1e-6)[..., None]
-    blend = ((lift_n / config.recolour_lift).clamp(0, 1) * (seen > 0))[..., None]
+    # Scalp no source shows (the back, the far side) takes the colour of the hair they do
+    # show standing off the scalp (the outline's ring, where a source can show only hair, not
+    # a forehead's skin), spread in UV space, rather than the network's guess for a bald
+    # head. Below the hairline (the back of the neck, the ears) short hair leaves skin, and
+    # the ring there may show a collar: that stays as the network made it.
+    region = hair > 0
+    ring = (measured & (lift > 0)).any(1)  # [B, N]
+    shown = ((seen > 0) & (scalp > 0.5) & ring).float()[..., None]
+    shown_grid = model.to_grid(shown)
+    hair_colour = model.from_grid(push_pull_fill(model.to_grid(colour * shown) / shown_grid.clamp_min(1e-6), shown_grid))
+    colour = torch.where(seen[..., None] > 0, colour, hair_colour)
+    reach = torch.where(seen > 0, 1.0, scalp * (shown.sum(1) > 0))
+    blend = ((lift_n / config.recolour_lift).clamp(0, 1) * region * reach)[..., None]
     dc = local.sh[..., 0, :]
     sh = local.sh.clone()
     sh[..., 0, :] = dc + blend * (rgb_to_sh_dc(colour) - dc)
 
-    region = hair > 0
     summary = {
         "outline_lift_mm": round(float(lift_n[:, region].mean()) * 1000, 2) if region.any() else 0.0,
         "outline_carved_share": round(float((outside < 0.5).float().mean()), 4),
