@@ -272,3 +272,5 @@ def test_bad_settings_are_named() -> None:
         OutlineFit().with_overrides({"max_lift": 0.0})
     with pytest.raises(SettingError, match="smooth"):
         OutlineFit().with_overrides({"smooth": 0})
+    with pytest.raises(SettingError, match="colour_margin"):
+        OutlineFit().with_overrides({"colour_margin": -0.01})
