@@ -64,7 +64,7 @@ def test_loads_by_name_and_validates(head: HeadModelData) -> None:
     np.testing.assert_allclose(head.weights.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(head.j_regressor.sum(1), 1.0, atol=1e-5)
     assert (head.j_regressor >= 0).all()
-    for name in ("left_eyeball", "right_eyeball", "teeth", "mouth", "mouth_interior", "neck", "face", "skin"):
+    for name in ("left_eyeball", "right_eyeball", "teeth", "mouth", "mouth_interior", "neck", "face", "skin", "scalp", "ears"):
         assert head.part_masks[name].shape == (head.num_vertices,) and head.part_masks[name].any(), name
 
 
@@ -78,6 +78,33 @@ def test_frame_matches_the_builtin_head(head: HeadModelData) -> None:
     left = v[head.part_masks["left_eyeball"]].mean(0)
     right = v[head.part_masks["right_eyeball"]].mean(0)
     assert left[0] > 0.02 and right[0] < -0.02  # the subject's left is +x
+
+
+def test_scalp_and_ears_are_where_hair_grows_and_ears_stand(model: HeadModel, head: HeadModelData) -> None:
+    """ICT marks neither: the scalp covers the crown and the back of the head above the
+    brows, the ears sit at the sides, mirrored, and the outline step gets a hair region."""
+    from backend.gaussians.layout import sample_layout
+    from backend.generate.outline import hair_weight
+
+    v, m = head.v_template, head.part_masks
+    skin = m["skin"]
+    _, lmk = _pose(model)
+    top = np.argmax(np.where(skin, v[:, 1], -np.inf))
+    back = np.argmin(np.where(skin & (np.abs(v[:, 1]) < 0.01), v[:, 2], np.inf))
+    assert m["scalp"][top] and m["scalp"][back]
+    front = m["scalp"] & (v[:, 2] > 0.06)
+    assert front.any() and v[front, 1].min() > lmk[17:27, 1].max() + 0.02  # the hairline is above the brows
+    assert not (m["scalp"] & (m["ears"] | m["neck"] | ~skin)).any()
+    ears = v[m["ears"]]
+    left, right = ears[ears[:, 0] > 0], ears[ears[:, 0] < 0]
+    assert len(left) == len(right) and np.abs(ears[:, 0]).min() > 0.06
+    np.testing.assert_allclose(left[:, 1:].mean(0), right[:, 1:].mean(0), atol=1e-3)
+    assert np.abs(ears[:, 1] - lmk[27:31, 1].mean()).max() < 0.07  # at the nose's height
+    layout = sample_layout(head.uv_coords, head.uv_faces, 20_000)
+    weight = hair_weight(head, layout, 0.02)
+    corners = torch.as_tensor(head.faces)[layout.face_idx]  # [N, 3]
+    cheeks_and_brow = torch.as_tensor(m["face"] & ~m["ears"] & ~m["scalp"])[corners].all(1) & (torch.as_tensor(v)[corners][:, :, 2].mean(1) > 0.05)
+    assert weight.max() > 0.99 and weight[cheeks_and_brow].max() == 0.0
 
 
 def test_landmarks_lie_on_the_face(model: HeadModel) -> None:

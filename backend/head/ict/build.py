@@ -41,6 +41,14 @@ SCLERA_VERTICES = 770
 SCLERA_POLYGONS = 800
 # Share of an eye socket's old UV spot each eye chart may fill (a margin between charts).
 EYE_CHART_FILL = 0.9
+# ICT marks no ears (its "face" part runs over their fronts): an ear is the skin around the
+# ear canal, measured on the neutral head in the shipped frame (metres): centre of the left
+# canal (the right one mirrored), half-height and half-depth of the ear, and how far out from
+# the mid-plane the ear starts.
+EAR_CANAL = np.array([0.076, -0.025, -0.018])
+EAR_HALF_HEIGHT = 0.036
+EAR_HALF_DEPTH = 0.026
+EAR_MIN_X = 0.062
 
 
 def arkit_name(ict_name: str) -> str:
@@ -284,7 +292,8 @@ def _part_masks(
     lmk_bary: np.ndarray,
     faces: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """[V] bool masks by name: the parts, plus "neck" (skin below the mandible line, or low).
+    """[V] bool masks by name: the parts, plus "neck" (skin below the mandible line, or low,
+    off the scalp), "scalp" and "ears" (which ICT does not mark).
 
     Args:
         template: [V, 3] metres; skin: [V] bool; mask_of: part names -> [V] bool;
@@ -298,10 +307,14 @@ def _part_masks(
     below = ((z - gz) * (my - gy) - (y - gy) * (mz - gz)) / np.hypot(my - gy, mz - gz)
     mouth = mask_of("mouth_socket", "gums_and_tongue")
     teeth = mask_of("teeth")
+    ears = _ears(template, skin)
+    scalp = _scalp(template, skin, lmk) & ~ears
     return {
         "face": mask_of("face"),
+        "scalp": scalp,
+        "ears": ears,
         "skin": skin,
-        "neck": skin & ((below > 0.004) | (y < -0.13)),
+        "neck": skin & ((below > 0.004) | (y < -0.13)) & ~scalp,
         "mouth": mouth,
         "teeth": teeth,
         # What the rest of the code treats as the inside of the mouth (albedo, face regions).
@@ -309,6 +322,36 @@ def _part_masks(
         "left_eyeball": mask_of("eyeball_left"),
         "right_eyeball": mask_of("eyeball_right"),
     }
+
+
+def _ears(template: np.ndarray, skin: np.ndarray) -> np.ndarray:
+    """[V] bool: the skin of both ears (an ellipse around each canal, away from the mid-plane)."""
+    d = template - EAR_CANAL
+    inside = (d[:, 1] / EAR_HALF_HEIGHT) ** 2 + (d[:, 2] / EAR_HALF_DEPTH) ** 2 < 1.0
+    return skin & inside & (np.abs(template[:, 0]) > EAR_MIN_X)
+
+
+def _scalp(template: np.ndarray, skin: np.ndarray, lmk: np.ndarray) -> np.ndarray:
+    """[V] bool: the skin above the hairline the built-in head draws, carried over.
+
+    The built-in head's hairline was drawn by hand; the two heads' 68 landmarks give an
+    affine map of this head onto it, and each skin vertex takes the label of the built-in
+    skin vertex nearest its image (a median 4 mm away on the neutral heads).
+
+    Args:
+        template: [V, 3] metres; skin: [V] bool; lmk: [68, 3] this head's landmarks, metres.
+    """
+    from scipy.spatial import cKDTree
+
+    from backend.head.registry import load_head_data
+
+    builtin = load_head_data("builtin")
+    b_verts, b_faces = np.asarray(builtin.v_template, np.float64), np.asarray(builtin.faces)
+    b_lmk = (b_verts[b_faces[np.asarray(builtin.lmk_faces)]] * np.asarray(builtin.lmk_bary)[:, :, None]).sum(1)
+    to_builtin, *_ = np.linalg.lstsq(np.c_[lmk, np.ones(len(lmk))], b_lmk, rcond=None)
+    b_skin = builtin.part_masks["skin"]
+    _, nearest = cKDTree(b_verts[b_skin]).query(np.c_[template, np.ones(len(template))] @ to_builtin)
+    return skin & builtin.part_masks["scalp"][b_skin][nearest]
 
 
 def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, object]]:
