@@ -111,6 +111,27 @@ def test_lift_measures_the_hair_thickness_on_the_outline(head, generator: Genera
     assert abs(medians[HAIR_MM] - HAIR_MM) <= 3.0, medians
 
 
+def test_hair_beside_the_face_lifts_what_the_jaw_hides(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
+    """In a frontal source the sides of the neck hang behind the jaw's outline. A bald head's
+    mask stops at that outline, and nothing hidden is measured; hair falling beside the face
+    (the mask widened sideways below the eyes) lifts the hidden hair region out to it."""
+    hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
+    bald = sources_of(head, _cameras([0.0]), 0.0)
+    hidden = {}
+    masks = bald.masks[0].permute(0, 3, 1, 2)  # [C, 1, S, S]
+    sideways = torch.nn.functional.max_pool2d(masks, (1, 25), 1, (0, 12))  # 12 px more on each side
+    long_hair = masks.clone()
+    long_hair[..., SIZE // 2 :, :] = sideways[..., SIZE // 2 :, :]
+    for name, sources in (("bald", bald), ("long", replace(bald, masks=long_hair.permute(0, 2, 3, 1)[None]))):
+        on_lift, on = measure_lift(generator, sources, hair, OutlineFit())
+        _, off = measure_lift(generator, sources, hair, OutlineFit(behind_outline=False))
+        hidden[name] = (on & ~off, on_lift)
+    assert int(hidden["bald"][0].sum()) == 0
+    chosen, lift = hidden["long"]
+    assert int(chosen.sum()) > 10
+    assert float(lift[chosen].median()) > 0.01  # out past the jaw, not the mask's soft edge
+
+
 def test_fitted_outline_fills_the_mask_in_the_source_and_in_a_view_it_did_not_see(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     source_cams, other_cams = _cameras([0.0]), _cameras([100.0])
     sources = sources_of(head, source_cams, HAIR_MM)
@@ -183,10 +204,18 @@ def test_the_lifted_shell_takes_the_colour_where_it_lands(head, generator: Gener
     template = torch.as_tensor(np.asarray(head.data.v_template), dtype=torch.float32)
     front = (template[corners] * generator.bary[..., None]).sum(1)[:, 2] > float(template[:, 2].mean())  # the source's side
     changed = (after.sh[0, :, 0] - grey.sh[0, :, 0]).abs().amax(-1) > 1e-3
-    assert int((lifted & front & changed).sum()) > 10
-    rgb = 0.5 + SH_C0 * after.sh[0, lifted & front & changed, 0]
-    # Green hair, not skin: the lifted Gaussians that were recoloured landed on the hair.
-    assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
+    # Where each lands in the source: on the hair (green), or on the face's skin (a lifted
+    # hairline over the forehead).
+    landed = surface_points(_rest(head, lift), head.faces, generator.face_idx, generator.bary)[0]
+    xy, _ = project(landed, _cameras([0.0]))
+    col, row = xy[0].long().clamp(0, SIZE - 1).unbind(-1)
+    pixel = sources.images[0, 0, row, col]  # [N, 3]
+    on_hair, on_skin = pixel[:, 1] - pixel[:, 0] > 0.3, pixel[:, 0] - pixel[:, 1] > 0.1
+    rgb = 0.5 + SH_C0 * after.sh[0, :, 0]
+    for landed_on, sign in ((on_hair, 1.0), (on_skin, -1.0)):
+        chosen = lifted & front & changed & landed_on
+        assert int(chosen.sum()) > 10
+        assert float(sign * (rgb[chosen, 1] - rgb[chosen, 0]).median()) > 0.15
 
 
 def test_hair_no_source_shows_takes_the_colour_of_the_hair_they_show(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
@@ -205,8 +234,13 @@ def test_hair_no_source_shows_takes_the_colour_of_the_hair_they_show(head, gener
     assert int((back & (scalp == 1)).sum()) > 20 and int((back & (scalp == 0)).sum()) > 20
     rgb = 0.5 + SH_C0 * after.sh[0, back & (scalp == 1), 0]
     assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
-    # Below the hairline (the back of the neck) short hair would leave skin: left as the network made it.
-    assert torch.equal(after.sh[0, back & (scalp == 0)], grey.sh[0, back & (scalp == 0)])
+    # Below the hairline (the back of the neck) only what stands off the head is hair; short
+    # hair leaves skin there, so what stays on the head is left as the network made it.
+    rgb = 0.5 + SH_C0 * after.sh[0, back & (scalp == 0), 0]
+    assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
+    rim = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) < OutlineFit().min_hair
+    flat = rim & (scalp == 0) & (hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp) > 0) & (point[:, 2] < float(template[:, 2].min()) + 0.04)
+    assert int(flat.sum()) > 5 and torch.equal(after.sh[0, flat], grey.sh[0, flat])
 
 
 def test_the_shell_reads_its_colour_inside_the_mask_not_at_its_soft_edge(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
@@ -274,3 +308,5 @@ def test_bad_settings_are_named() -> None:
         OutlineFit().with_overrides({"smooth": 0})
     with pytest.raises(SettingError, match="colour_margin"):
         OutlineFit().with_overrides({"colour_margin": -0.01})
+    with pytest.raises(SettingError, match="min_hair"):
+        OutlineFit().with_overrides({"min_hair": 0.0})

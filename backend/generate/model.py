@@ -277,6 +277,7 @@ def head_depth_render(
     world_to_cam: torch.Tensor,
     image_hw: tuple[int, int],
     vis_size: int,
+    colours: torch.Tensor | None = None,
 ) -> RenderOutput:
     """The posed head's own depth and silhouette in each view, at ``vis_size`` x ``vis_size``.
 
@@ -287,6 +288,7 @@ def head_depth_render(
         vertices: [M, V, 3] posed vertices of M views.
         base_log_scale: [N, 3] the surface initialization's log-scales.
         K, world_to_cam: [M, 3, 3], [M, 4, 4] cameras of the H x W images.
+        colours: [N, 3] what the Gaussians draw (None: black), composited over black.
     Returns:
         The render of M views, one camera each (alpha and depth [M, 1, vis_size, vis_size, 1]).
     """
@@ -297,7 +299,8 @@ def head_depth_render(
     vis_cams = Cameras(scaled_intrinsics(K, vis_size / w, vis_size / h)[:, None], world_to_cam[:, None], vis_size, vis_size)
     widen = torch.tensor([math.log(1.5), math.log(1.5), 0.0], device=vertices.device)
     scales = size * torch.exp(base_log_scale + widen)
-    splats = Splats(anchor, frames.quat[:, binding.face_idx], scales, torch.full(anchor.shape[:2], 0.99, device=anchor.device), torch.zeros_like(anchor))
+    drawn = torch.zeros_like(anchor) if colours is None else colours.to(anchor).expand_as(anchor)
+    splats = Splats(anchor, frames.quat[:, binding.face_idx], scales, torch.full(anchor.shape[:2], 0.99, device=anchor.device), drawn)
     return render(splats, vis_cams, torch.zeros(3, device=anchor.device))
 
 

@@ -9,14 +9,18 @@ this step reads them from the masks directly, after the network, in one pass:
    the skin behind them, the sides and back of the neck) lies on the head's outline in a source (its normal at a grazing angle
    and just outside the posed head's own silhouette), march along its normal and measure
    how much further the projection stays inside the person mask than inside the bare
-   head's own silhouette: the hair's thickness there, in metres. The measurements (a ring around the head per source) are averaged over sources,
+   head's own silhouette: the hair's thickness there, in metres. Where the region hides
+   behind an outline that cannot carry hair (the sides of the neck behind the jaw) and the
+   person goes on past that outline, hair falls beside the face: the hidden Gaussians are
+   measured out to the person's outline. The measurements (a ring around the head per source) are averaged over sources,
    spread over the rest of the region in UV space (push-pull) and faded in from the face,
    and the region's vertices move out along their normals by that much (a per-vertex offset
    of the template, the avatar's ``static_offset``): the Gaussians keep their place on
    their triangles and grow with them, so the shell stays closed and the refinement's
    hinges, which keep Gaussians near their triangles, hold them on the hair.
    The lifted Gaussians take their colour from where they now land in the sources; lifted
-   scalp that no source shows, from the hair the sources show around the outline.
+   scalp that no source shows, and any of the region standing off the head, from the hair
+   the sources show around the outline.
 2. **Carve.** A Gaussian that lands where a source's person mask fades out (the neck below
    the mask's fade; the far side of the neck behind it) gets no more opacity than the mask
    there, as the source image was composited with that mask: the visual hull of the masks,
@@ -64,6 +68,12 @@ class OutlineFit(Config):
         place shows in the sources (less lift, a blend with the network's colour).
     colour_margin: the shell reads its colour only where the mask, eroded by this share of
         the image side, still holds the person (the soft edge mixes in the background).
+    behind_outline: also measure the hair region where another part of the head hides it
+        from a source (the sides of the neck behind the jaw in a frontal view): where the
+        person mask goes on past the head's outline there, hair falls beside the face, and
+        the region is lifted until it reaches the mask's outline.
+    min_hair: metres the person mask must go on past the head's outline for a hidden
+        Gaussian to count it as hair (less is the mask's soft edge).
     """
 
     enabled: bool = True
@@ -76,6 +86,8 @@ class OutlineFit(Config):
     carve_margin: float = 0.015
     recolour_lift: float = 0.004
     colour_margin: float = 0.01
+    behind_outline: bool = True
+    min_hair: float = 0.006
 
     def check(self) -> None:
         above("max_lift", self.max_lift, 0.0)
@@ -87,6 +99,7 @@ class OutlineFit(Config):
         at_least("carve_margin", self.carve_margin, 0.0)
         above("recolour_lift", self.recolour_lift, 0.0)
         at_least("colour_margin", self.colour_margin, 0.0)
+        above("min_hair", self.min_hair, 0.0)
 
 
 def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -205,12 +218,17 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
     probe_xy, probe_in = in_image(anchor + (config.probe + 2 * vis_pixel)[..., None] * normal)
     leaves_head = sample_maps(head.alpha[:, 0].permute(0, 3, 1, 2), probe_xy)[..., 0] < 0.5
     _, anchor_in = in_image(anchor)
-    measured = (hair > 0) & (cos.abs() < config.grazing_cos) & leaves_head & probe_in & anchor_in
+    grazing = (hair > 0) & (cos.abs() < config.grazing_cos) & probe_in & anchor_in
+    # On the outline, or (``behind_outline``) hidden behind another part of the head's
+    # outline, as the sides of the neck are behind the jaw in a frontal source.
+    measured = grazing & (leaves_head | config.behind_outline)
     masks = sources.masks.reshape(m, h, w, 1).permute(0, 3, 1, 2).float()
     # The bare head's own outline at the image's resolution: a Gaussian on the grazing band
     # but in front of the outline reaches it only some way out along its normal, and that
-    # stretch is head, not hair.
-    bare = head_depth_render(vertices, model.faces, model.binding, model.base_log_scale, K, world_to_cam, (h, w), max(h, w)).alpha[:, 0].permute(0, 3, 1, 2)
+    # stretch is head, not hair. Its colour is the hair region's weight of what is in front.
+    bare_render = head_depth_render(vertices, model.faces, model.binding, model.base_log_scale, K, world_to_cam, (h, w), max(h, w), hair[:, None].expand(-1, 3))
+    bare = bare_render.alpha[:, 0].permute(0, 3, 1, 2)
+    bare_hair = bare_render.rgb[:, 0, ..., :1].permute(0, 3, 1, 2) / bare.clamp_min(1e-6)
     steps = torch.arange(0, config.max_lift + 1e-9, config.step, device=anchor.device)  # [J], 0 first
     lift = torch.zeros(m, anchor.shape[1], device=anchor.device)
     for i in range(m):
@@ -227,7 +245,21 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
         # Samples stay inside up to the first one that leaves: the person's outline minus the head's.
         person_run = person.reshape(len(idx), len(steps)).int().cumprod(dim=1).sum(1)
         head_run = head_only.reshape(len(idx), len(steps)).int().cumprod(dim=1).sum(1)
-        lift[i, idx] = config.step * (person_run - head_run).clamp_min(0).float()
+        beyond = config.step * (person_run - head_run).clamp_min(0).float()
+        # A Gaussian hidden behind the head's outline (the side of the neck behind the jaw)
+        # counts where the person goes on past an outline that cannot carry hair (the face):
+        # hair falls there, beside the face, and only the hidden region can hold it, lifted all
+        # the way out to the person's outline. Past an outline that can carry hair, that
+        # outline's own Gaussians measure it; and where the person stops at the outline,
+        # whatever the hidden region wears is out of sight.
+        hidden = ~leaves_head[i, idx]
+        exit_at = points[torch.arange(len(idx)), (head_run - 1).clamp(0, len(steps) - 1)]  # [n, 3] last sample on the head
+        exit_xy = grid_coords(project(exit_at, one)[0], (h, w))
+        outline_hair = sample_maps(bare_hair[i : i + 1], exit_xy)[0, :, 0] > 0.5
+        counts = (head_run < len(steps)) & ~outline_hair & (beyond >= config.min_hair)
+        to_outline = config.step * (person_run - 1).clamp_min(0).float()  # the last sample inside the person
+        lift[i, idx] = torch.where(hidden, to_outline, beyond)
+        measured[i, idx] &= ~hidden | counts
     return lift.reshape(b, k, -1), measured.reshape(b, k, -1)
 
 
@@ -306,15 +338,19 @@ def fit_outline(
     # Scalp no source shows (the back, the far side) takes the colour of the hair they do
     # show standing off the scalp (the outline's ring, where a source can show only hair, not
     # a forehead's skin), spread in UV space, rather than the network's guess for a bald
-    # head. Below the hairline (the back of the neck, the ears) short hair leaves skin, and
-    # the ring there may show a collar: that stays as the network made it.
+    # head; so does any of the region standing off the head by ``min_hair`` or more (only hair
+    # stands there: the sides of the neck lifted to hair that falls beside the face, whose
+    # shell lies at the mask's outline, where nothing is read). The rest below the hairline
+    # (the back of the neck, the ears) short hair leaves skin, and the ring there may show a
+    # collar: that stays as the network made it.
     region = hair > 0
     ring = (measured & (lift > 0)).any(1)  # [B, N]
     shown = ((seen > 0) & (scalp > 0.5) & ring).float()[..., None]
     shown_grid = model.to_grid(shown)
     hair_colour = model.from_grid(push_pull_fill(model.to_grid(colour * shown) / shown_grid.clamp_min(1e-6), shown_grid))
     colour = torch.where(seen[..., None] > 0, colour, hair_colour)
-    reach = torch.where(seen > 0, 1.0, scalp * (shown.sum(1) > 0))
+    standing = torch.maximum(scalp, (lift_n >= config.min_hair).float())
+    reach = torch.where(seen > 0, 1.0, standing * (shown.sum(1) > 0))
     blend = ((lift_n / config.recolour_lift).clamp(0, 1) * region * reach)[..., None]
     dc = local.sh[..., 0, :]
     sh = local.sh.clone()
