@@ -113,8 +113,8 @@ def test_lift_measures_the_hair_thickness_on_the_outline(head, generator: Genera
 
 def test_hair_beside_the_face_lifts_what_the_jaw_hides(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
     """In a frontal source the sides of the neck hang behind the jaw's outline. A bald head's
-    mask stops at that outline, and nothing hidden is measured; hair falling beside the face
-    (the mask widened sideways below the eyes) lifts the hidden hair region out to it."""
+    mask stops at that outline: what hides there is measured as bare; hair falling beside the
+    face (the mask widened sideways below the eyes) lifts the hidden hair region out to it."""
     hair = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp)
     bald = sources_of(head, _cameras([0.0]), 0.0)
     hidden = {}
@@ -126,10 +126,12 @@ def test_hair_beside_the_face_lifts_what_the_jaw_hides(head, generator: Generato
         on_lift, on = measure_lift(generator, sources, hair, OutlineFit())
         _, off = measure_lift(generator, sources, hair, OutlineFit(behind_outline=False))
         hidden[name] = (on & ~off, on_lift)
-    assert int(hidden["bald"][0].sum()) == 0
+    chosen, lift = hidden["bald"]
+    assert int(chosen.sum()) > 10 and float(lift[chosen].abs().max()) == 0.0
     chosen, lift = hidden["long"]
-    assert int(chosen.sum()) > 10
-    assert float(lift[chosen].median()) > 0.01  # out past the jaw, not the mask's soft edge
+    out = chosen & (lift > 0)
+    assert int(out.sum()) > 10
+    assert float(lift[out].median()) > 0.01  # out past the jaw, not the mask's soft edge
 
 
 def test_fitted_outline_fills_the_mask_in_the_source_and_in_a_view_it_did_not_see(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]
@@ -231,16 +233,18 @@ def test_hair_no_source_shows_takes_the_colour_of_the_hair_they_show(head, gener
     lifted = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) > 0.008
     back = lifted & (point[:, 2] < float(template[:, 2].min()) + 0.04)  # the back of the head and neck
     scalp = part_weight(head.data, generator.binding, "scalp")
-    assert int((back & (scalp == 1)).sum()) > 20 and int((back & (scalp == 0)).sum()) > 20
+    assert int((back & (scalp == 1)).sum()) > 20
     rgb = 0.5 + SH_C0 * after.sh[0, back & (scalp == 1), 0]
     assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
     # Below the hairline (the back of the neck) only what stands off the head is hair; short
     # hair leaves skin there, so what stays on the head is left as the network made it.
-    rgb = 0.5 + SH_C0 * after.sh[0, back & (scalp == 0), 0]
-    assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
-    rim = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) < OutlineFit().min_hair
-    flat = rim & (scalp == 0) & (hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp) > 0) & (point[:, 2] < float(template[:, 2].min()) + 0.04)
-    assert int(flat.sum()) > 5 and torch.equal(after.sh[0, flat], grey.sh[0, flat])
+    standing = (lift.norm(dim=-1)[corners] * generator.bary).sum(-1) >= OutlineFit().min_hair
+    region = hair_weight(head.data, generator.binding, OutlineFit().hairline_ramp) > 0
+    nape = region & (scalp == 0) & (point[:, 2] < float(template[:, 2].min()) + 0.04)
+    assert int((nape & ~standing).sum()) > 5 and torch.equal(after.sh[0, nape & ~standing], grey.sh[0, nape & ~standing])
+    if (nape & standing).any():
+        rgb = 0.5 + SH_C0 * after.sh[0, nape & standing, 0]
+        assert float((rgb[:, 1] - rgb[:, 0]).median()) > 0.2
 
 
 def test_the_shell_reads_its_colour_inside_the_mask_not_at_its_soft_edge(head, generator: Generator) -> None:  # type: ignore[no-untyped-def]

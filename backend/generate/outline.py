@@ -12,7 +12,7 @@ this step reads them from the masks directly, after the network, in one pass:
    head's own silhouette: the hair's thickness there, in metres. Where the region hides
    behind an outline that cannot carry hair (the sides of the neck behind the jaw) and the
    person goes on past that outline, hair falls beside the face: the hidden Gaussians are
-   measured out to the person's outline. The measurements (a ring around the head per source) are averaged over sources,
+   measured out to the person's outline (and as bare where the person stops there). The measurements (a ring around the head per source) are averaged over sources,
    spread over the rest of the region in UV space (push-pull) and faded in from the face,
    and the region's vertices move out along their normals by that much (a per-vertex offset
    of the template, the avatar's ``static_offset``): the Gaussians keep their place on
@@ -247,19 +247,20 @@ def measure_lift(model: Generator, sources: SourceViews, hair: torch.Tensor, con
         head_run = head_only.reshape(len(idx), len(steps)).int().cumprod(dim=1).sum(1)
         beyond = config.step * (person_run - head_run).clamp_min(0).float()
         # A Gaussian hidden behind the head's outline (the side of the neck behind the jaw)
-        # counts where the person goes on past an outline that cannot carry hair (the face):
-        # hair falls there, beside the face, and only the hidden region can hold it, lifted all
-        # the way out to the person's outline. Past an outline that can carry hair, that
-        # outline's own Gaussians measure it; and where the person stops at the outline,
-        # whatever the hidden region wears is out of sight.
+        # measures where its march leaves the head at an outline that cannot carry hair (the
+        # face): if the person goes on past it, hair falls there, beside the face, and only
+        # the hidden region can hold it, lifted all the way out to the person's outline; if
+        # the person stops there, this source shows no hair beside the face (0), as a bald
+        # outline does. Past an outline that can carry hair, that outline's own Gaussians
+        # measure it.
         hidden = ~leaves_head[i, idx]
         exit_at = points[torch.arange(len(idx)), (head_run - 1).clamp(0, len(steps) - 1)]  # [n, 3] last sample on the head
         exit_xy = grid_coords(project(exit_at, one)[0], (h, w))
         outline_hair = sample_maps(bare_hair[i : i + 1], exit_xy)[0, :, 0] > 0.5
-        counts = (head_run < len(steps)) & ~outline_hair & (beyond >= config.min_hair)
         to_outline = config.step * (person_run - 1).clamp_min(0).float()  # the last sample inside the person
-        lift[i, idx] = torch.where(hidden, to_outline, beyond)
-        measured[i, idx] &= ~hidden | counts
+        beside_face = torch.where(beyond >= config.min_hair, to_outline, 0.0)
+        lift[i, idx] = torch.where(hidden, beside_face, beyond)
+        measured[i, idx] &= ~hidden | ((head_run < len(steps)) & ~outline_hair)
     return lift.reshape(b, k, -1), measured.reshape(b, k, -1)
 
 
