@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import nnls
+from scipy.spatial import cKDTree
 
 from backend.head.ict import ARRAYS_FILE, CHECKSUMS_FILE, DELTA_STEP_M, LICENSE_FILE, NAME
 from backend.head.ict import rig
 from backend.head.ict.source import LANDMARK_VERTICES, NUM_IDENTITIES, PARTS, IctMesh, IctPart, Snapshot
+from backend.head.registry import load_head_model
 from backend.wire.errors import InputError, SpatialAvatarError
 
 # The parts a Gaussian head needs; eye sockets (hidden behind the eyeballs), tear film, eye
@@ -341,17 +343,13 @@ def _scalp(template: np.ndarray, skin: np.ndarray, lmk: np.ndarray) -> np.ndarra
     Args:
         template: [V, 3] metres; skin: [V] bool; lmk: [68, 3] this head's landmarks, metres.
     """
-    from scipy.spatial import cKDTree
-
-    from backend.head.registry import load_head_data
-
-    builtin = load_head_data("builtin")
-    b_verts, b_faces = np.asarray(builtin.v_template, np.float64), np.asarray(builtin.faces)
-    b_lmk = (b_verts[b_faces[np.asarray(builtin.lmk_faces)]] * np.asarray(builtin.lmk_bary)[:, :, None]).sum(1)
+    builtin = load_head_model("builtin")
+    b_verts = builtin.v_template.double()
+    b_lmk = builtin.landmarks(b_verts[None])[0].numpy()
     to_builtin, *_ = np.linalg.lstsq(np.c_[lmk, np.ones(len(lmk))], b_lmk, rcond=None)
-    b_skin = builtin.part_masks["skin"]
-    _, nearest = cKDTree(b_verts[b_skin]).query(np.c_[template, np.ones(len(template))] @ to_builtin)
-    return skin & builtin.part_masks["scalp"][b_skin][nearest]
+    b_skin = builtin.data.part_masks["skin"]
+    _, nearest = cKDTree(b_verts.numpy()[b_skin]).query(np.c_[template, np.ones(len(template))] @ to_builtin)
+    return skin & builtin.data.part_masks["scalp"][b_skin][nearest]
 
 
 def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, object]]:
