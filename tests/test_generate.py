@@ -203,6 +203,25 @@ def test_corpus_batch_shapes(head, corpus_dirs) -> None:  # type: ignore[no-unty
     assert half.size == 1 and torch.equal(half.target_rgb, batch.target_rgb[2:])
 
 
+def test_a_subject_whose_images_do_not_show_its_head_is_refused(head, corpus_dirs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A corpus rendered with other cameras than it records (or another head or pose) is named
+    before training, which would otherwise learn to draw nothing."""
+    import shutil
+
+    from backend.generate.data import landmarks_in_mask
+
+    good = corpus_dirs[0][0]
+    assert landmarks_in_mask(load_subject(good, head), head) == 1.0
+    astray = tmp_path / "astray"
+    shutil.copytree(good, astray)
+    cams = dict(np.load(astray / "cameras.npz"))
+    cams["world_to_cam"][..., 0, 3] += 0.3  # the recorded cameras 30 cm off the ones that rendered
+    np.savez(astray / "cameras.npz", **cams)
+    assert landmarks_in_mask(load_subject(astray, head), head) < 0.2
+    with pytest.raises(InputError, match=r"1 of 3 subjects do not show the head .*astray"):
+        Corpus([good, corpus_dirs[0][1], astray], head)
+
+
 def test_corpus_batch_gathers_each_views_own_data(head, corpus_dirs) -> None:  # type: ignore[no-untyped-def]
     """The flat gathers agree with each subject read on its own and posed by the head model,
     across subjects with different frame and camera counts."""

@@ -29,6 +29,7 @@ from backend.data.subject import Subject, frame_name
 from backend.generate.model import MAX_SOURCES, SourceViews
 from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
+from backend.render.camera import Cameras, project
 from backend.wire.errors import InputError
 
 Progress = Callable[[int, int], None]
@@ -127,6 +128,34 @@ def load_subject(root: Path, head: HeadModel, device: torch.device | str = "cpu"
     pixels = torch.from_numpy(np.stack(frames).reshape(t_n, c_n, h, w, 4))
     params = subject.params.conformed(head.n_shape, head.n_expr)
     return LoadedSubject(subject.info.name, root, pixels.to(device), params.to(device), subject.K.to(device), subject.world_to_cam.to(device))
+
+
+# A subject whose landmarks fall outside its own person mask more often than this, in the
+# frames checked, shows a head other than the one its parameters and cameras place.
+MIN_LANDMARKS_IN_MASK = 0.8
+
+
+@torch.no_grad()
+def landmarks_in_mask(subject: LoadedSubject, head: HeadModel, frames: int = 4) -> float:
+    """Share of the head's 68 landmarks that land inside the subject's own person mask (> 0.5),
+    over up to ``frames`` frames spread through the clip and every camera.
+
+    The subject's images and its parameters must agree: a corpus whose renders were made
+    with another pose, camera or head trains a generator that matches nothing, and the
+    network learns to draw nothing at all. About 1 for a sound subject.
+    """
+    device = head.v_template.device
+    t = torch.linspace(0, subject.frames - 1, min(frames, subject.frames)).round().long().unique()
+    lmk = head.landmarks(head(subject.params.index(t.tolist()).to(device)).vertices).cpu()  # [T, 68, 3]
+    h, w = subject.pixels.shape[2:4]
+    uv, depth = project(lmk, Cameras(subject.K[t].cpu(), subject.world_to_cam[t].cpu(), w, h))  # [T, C, 68, 2]
+    x, y = uv[..., 0].floor().long(), uv[..., 1].floor().long()
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h) & (depth > 0)
+    mask = subject.pixels[t][..., 3].cpu()  # [T, C, H, W]
+    ti = torch.arange(len(t))[:, None, None].expand_as(x)
+    ci = torch.arange(subject.cameras)[None, :, None].expand_as(x)
+    hit = mask[ti, ci, y.clamp(0, h - 1), x.clamp(0, w - 1)] > 127
+    return float((inside & hit).float().mean())
 
 
 def pose_rows(head: HeadModel, shapes: torch.Tensor, rows: dict[str, torch.Tensor], static_offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,6 +263,15 @@ class Corpus:
             subjects.append(load_subject(Path(root), head, "cpu", threads))
             if progress:
                 progress(i + 1, len(roots))
+        agreement = {str(s.root): landmarks_in_mask(s, head) for s in subjects}
+        astray = sorted((share, name) for name, share in agreement.items() if share < MIN_LANDMARKS_IN_MASK)
+        if astray:
+            listed = ", ".join(f"{name} {share:.0%}" for share, name in astray[:5])
+            raise InputError(
+                f"{len(astray)} of {len(subjects)} subjects do not show the head their parameters and cameras place "
+                f"(landmarks inside the person mask: {listed}{', ...' if len(astray) > 5 else ''}); "
+                "regenerate or re-track them, or leave them out"
+            )
         sizes = {tuple(s.pixels.shape[2:4]) for s in subjects}
         if len(sizes) != 1:
             raise InputError(f"corpus subjects have different image sizes {sorted(sizes)}; regenerate them at one size")
