@@ -218,6 +218,12 @@ def test_a_subject_whose_images_do_not_show_its_head_is_refused(head, corpus_dir
     cams["world_to_cam"][..., 0, 3] += 0.3  # the recorded cameras 30 cm off the ones that rendered
     np.savez(astray / "cameras.npz", **cams)
     assert landmarks_in_mask(load_subject(astray, head), head) < 0.2
+    # One frame of five off (a bad track) is not enough to refuse a clip; three are.
+    cams["world_to_cam"][1:, ..., 0, 3] -= 0.3
+    np.savez(astray / "cameras.npz", **cams)
+    assert landmarks_in_mask(load_subject(astray, head), head) == 1.0
+    cams["world_to_cam"][:3, ..., 0, 3] += 0.3
+    np.savez(astray / "cameras.npz", **cams)
     with pytest.raises(InputError, match=r"1 of 3 subjects do not show the head .*astray"):
         Corpus([good, corpus_dirs[0][1], astray], head)
 

@@ -136,9 +136,10 @@ MIN_LANDMARKS_IN_MASK = 0.8
 
 
 @torch.no_grad()
-def landmarks_in_mask(subject: LoadedSubject, head: HeadModel, frames: int = 4) -> float:
-    """Share of the head's 68 landmarks that land inside the subject's own person mask (> 0.5),
-    over up to ``frames`` frames spread through the clip and every camera.
+def landmarks_in_mask(subject: LoadedSubject, head: HeadModel, frames: int = 5) -> float:
+    """Share of the head's 68 landmarks that land inside the subject's own person mask (> 0.5)
+    over every camera, the median over up to ``frames`` frames spread through the clip (so
+    one badly tracked frame does not condemn a clip).
 
     The subject's images and its parameters must agree: a corpus whose renders were made
     with another pose, camera or head trains a generator that matches nothing, and the
@@ -155,7 +156,7 @@ def landmarks_in_mask(subject: LoadedSubject, head: HeadModel, frames: int = 4) 
     ti = torch.arange(len(t))[:, None, None].expand_as(x)
     ci = torch.arange(subject.cameras)[None, :, None].expand_as(x)
     hit = mask[ti, ci, y.clamp(0, h - 1), x.clamp(0, w - 1)] > 127
-    return float((inside & hit).float().mean())
+    return float((inside & hit).float().mean((1, 2)).median())
 
 
 def pose_rows(head: HeadModel, shapes: torch.Tensor, rows: dict[str, torch.Tensor], static_offsets: torch.Tensor | None = None) -> torch.Tensor:
