@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from backend.data.subject import Subject, frame_name
-from backend.generate.model import MAX_SOURCES, SourceViews
+from backend.generate.model import MAX_SOURCES, SourceViews, grid_coords, sample_maps
 from backend.head.model import HeadModel
 from backend.head.params import POSE_FIELDS, FlameParams
 from backend.render.camera import Cameras, project
@@ -150,13 +150,10 @@ def landmarks_in_mask(subject: LoadedSubject, head: HeadModel, frames: int = 5) 
     lmk = head.landmarks(head(subject.params.index(t.tolist()).to(device)).vertices).cpu()  # [T, 68, 3]
     h, w = subject.pixels.shape[2:4]
     uv, depth = project(lmk, Cameras(subject.K[t].cpu(), subject.world_to_cam[t].cpu(), w, h))  # [T, C, 68, 2]
-    x, y = uv[..., 0].floor().long(), uv[..., 1].floor().long()
-    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h) & (depth > 0)
-    mask = subject.pixels[t][..., 3].cpu()  # [T, C, H, W]
-    ti = torch.arange(len(t))[:, None, None].expand_as(x)
-    ci = torch.arange(subject.cameras)[None, :, None].expand_as(x)
-    hit = mask[ti, ci, y.clamp(0, h - 1), x.clamp(0, w - 1)] > 127
-    return float((inside & hit).float().mean((1, 2)).median())
+    xy_norm = grid_coords(uv, (h, w)).flatten(0, 1)  # [T * C, 68, 2]
+    mask = subject.pixels[t][..., 3].cpu().flatten(0, 1)[:, None].float() / 255.0  # [T * C, 1, H, W]
+    hit = (sample_maps(mask, xy_norm)[..., 0] > 0.5) & (xy_norm.abs() <= 1).all(-1) & (depth.flatten(0, 1) > 0)
+    return float(hit.reshape(len(t), -1).float().mean(1).median())
 
 
 def pose_rows(head: HeadModel, shapes: torch.Tensor, rows: dict[str, torch.Tensor], static_offsets: torch.Tensor | None = None) -> torch.Tensor:
