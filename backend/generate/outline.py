@@ -6,19 +6,20 @@ the person mask goes on to the top of the hair. Both are geometric facts of the 
 this step reads them from the masks directly, after the network, in one pass:
 
 1. **Lift.** Where a Gaussian that may carry hair (``hair_weight``: the scalp, the ears and
-   the skin behind them, the sides and back of the neck) lies on the head's outline in a source (its normal at a grazing angle
-   and just outside the posed head's own silhouette), march along its normal and measure
-   how much further the projection stays inside the person mask than inside the bare
-   head's own silhouette: the hair's thickness there, in metres. Where the region hides
-   behind an outline that cannot carry hair (the sides of the neck behind the jaw) and the
-   person goes on past that outline, hair falls beside the face: the hidden Gaussians are
-   measured out to the person's outline (and as bare where the person stops there). The measurements (a ring around the head per source) are averaged over sources,
-   spread over the rest of the region in UV space (push-pull) and faded in from the face,
-   and the region's vertices move out along their normals by that much (a per-vertex offset
-   of the template, the avatar's ``static_offset``): the Gaussians keep their place on
-   their triangles and grow with them, so the shell stays closed and the refinement's
-   hinges, which keep Gaussians near their triangles, hold them on the hair.
-   The lifted Gaussians take their colour from where they now land in the sources; lifted
+   the skin behind them, the sides and back of the neck) lies on the head's outline in a
+   source (its normal at a grazing angle and just outside the posed head's own
+   silhouette), march along its normal and measure how much further the projection stays
+   inside the person mask than inside the bare head's own silhouette: the hair's thickness
+   there, in metres. Where the region hides behind an outline that cannot carry hair (the
+   sides of the neck behind the jaw) and the person goes on past that outline, hair falls
+   beside the face: the hidden Gaussians are measured out to the person's outline (and as
+   bare where the person stops there). The measurements (a ring around the head per
+   source) are averaged over sources, spread over the rest of the region in UV space
+   (push-pull) and faded in from the face, and the region's vertices move out along their
+   normals by that much (a per-vertex offset of the template, the avatar's
+   ``static_offset``): the Gaussians keep their place on their triangles and grow with
+   them, so the shell stays closed and the refinement's hinges, which keep Gaussians near
+   their triangles, hold them on the hair. The lifted Gaussians take their colour from where they now land in the sources; lifted
    scalp that no source shows, and any of the region standing off the head, from the hair
    the sources show around the outline.
 2. **Carve.** A Gaussian that lands where a source's person mask fades out (the neck below
